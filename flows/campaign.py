@@ -1,0 +1,62 @@
+"""The campaign: extract -> validate -> segment -> render -> send -> reconcile -> report.
+
+Each step is its own flow (runnable alone from the UI); this one composes them. Rerunning a
+campaign by name resumes it: the outbox makes every step idempotent.
+"""
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, Field
+
+from blocks.registry import load_crm, load_gateway
+from flows.crm_extract import crm_extract
+from flows.reconcile import reconcile
+from flows.render import render
+from flows.report import report
+from flows.segment import segment as segment_flow
+from flows.send import send
+from flows.validate_and_dedup import validate_and_dedup
+from store.db import get_engine
+from tasks.accounting import campaign_accounting, finish_campaign
+
+
+class CampaignParams(BaseModel):
+    name: str = Field(description="Campaign name; rerunning the same name resumes it.", min_length=1, max_length=200)
+    source_block: str = Field(default="demo-crm", description="CRM source Block name.")
+    template: str = Field(description="Template file (YAML with language variants, or a Jinja2 file).")
+    segment: str = Field(default="all")
+    segments_file: str | None = Field(default=None, description="YAML file with segment definitions.")
+    gateway_block: str = Field(default="sandbox", description="SMS gateway Block name.")
+    rate: float | None = Field(default=None, gt=0, description="Messages per second (default: the gateway's).")
+    dry_run: bool = Field(default=False, description="Plan and price the messages, send nothing.")
+    wait_for_receipts_s: float = Field(default=30.0, ge=0, description="How long to wait for final receipts.")
+    full_refresh: bool = Field(default=False, description="Ignore the extract watermark.")
+
+
+@flow(name="campaign")
+def campaign(params: CampaignParams, database_url: str | None = None) -> dict:
+    log = get_run_logger()
+    source = load_crm(params.source_block).source_name
+    gw = load_gateway(params.gateway_block)
+    crm_extract(params.source_block, params.full_refresh, database_url)
+    validate_and_dedup(source, database_url=database_url)
+    segment_flow(source, params.segment, params.segments_file, database_url)
+    rendered = render(params.name, params.template, source, params.segment, gw.price_per_segment,
+                      params.gateway_block, database_url)
+    engine = get_engine(database_url)
+    cid = rendered["campaign_id"]
+    result: dict = {}
+    if not params.dry_run:
+        result["send"] = send(params.name, params.gateway_block, params.rate, database_url)
+        result["reconcile"] = reconcile(params.gateway_block, params.name, params.wait_for_receipts_s, None, database_url)
+        result["report"] = report(params.name, None, database_url)["html"]
+    summary = campaign_accounting(engine, cid)
+    finish_campaign(engine, cid, "planned" if params.dry_run else "sent")
+    log.info("campaign %s: %s", params.name, summary)
+    return {"summary": summary, **result}
+
+
+if __name__ == "__main__":
+    import sys
+
+    campaign(CampaignParams(name=sys.argv[1], template=sys.argv[2]))

@@ -1,0 +1,41 @@
+"""Flow: planned messages -> the gateway, throttled, at most once per idempotency key."""
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from sqlalchemy import text
+
+from blocks.registry import load_gateway
+from store.db import get_engine
+from tasks.send import SendStats, send_task
+
+SEND_CHUNK = 50_000  # messages per task run: task runs grow with volume / SEND_CHUNK, never per message
+
+
+@flow(name="send")
+def send(campaign: str, gateway_block: str = "sandbox", rate: float | None = None, database_url: str | None = None) -> dict:
+    """Send a campaign's planned messages; rerunning resumes and never submits a message twice."""
+    gw = load_gateway(gateway_block)
+    engine = get_engine(database_url)
+    with engine.begin() as conn:
+        cid = conn.execute(text("SELECT id FROM campaigns WHERE name = :n"), {"n": campaign}).scalar()
+    if cid is None:
+        raise ValueError(f"no campaign named '{campaign}': render it first")
+    total = SendStats()
+    while True:
+        s = send_task(int(cid), gw, rate or gw.rate_per_second, SEND_CHUNK, database_url)
+        for f in ("claimed", "submitted", "rejected", "policy_blocked", "retry_later", "failed",
+                  "recovered_submitted", "recovered_replanned"):
+            setattr(total, f, getattr(total, f) + getattr(s, f))
+        for k, v in s.errors.items():
+            total.errors[k] = total.errors.get(k, 0) + v
+        if s.claimed == 0 or (s.submitted == 0 and s.retry_later and s.rejected == 0):
+            break
+    get_run_logger().info("send %s via %s: %d submitted, %d rejected, %d blocked by policy, %d to retry",
+                          campaign, gw.gateway_name, total.submitted, total.rejected, total.policy_blocked, total.retry_later)
+    return {"campaign": campaign, **{k: v for k, v in vars(total).items()}}
+
+
+if __name__ == "__main__":
+    import sys
+
+    send(sys.argv[1])

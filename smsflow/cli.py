@@ -1,0 +1,175 @@
+"""``smsflow``: the command line for data teams (and for tools that drive the project).
+
+Output contracts: ``sms-info`` prints one JSON object; ``campaign`` prints one JSON object
+as its last stdout line; ``validate`` writes a CSV and exits 0 even when rows are bad.
+Logs go to stderr.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="CRM-to-SMS campaign pipelines on Prefect 3.")
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command("sms-info")
+def sms_info_cmd(text: str = typer.Argument(..., help="Message text")) -> None:
+    """Encoding, characters, units and segments of a message, as one JSON object."""
+    from tasks.sms_encoding import sms_info
+
+    typer.echo(json.dumps(sms_info(text).to_dict(), ensure_ascii=False))
+
+
+@app.command("validate")
+def validate_cmd(
+    in_path: Path = typer.Argument(..., help="Input CSV"),
+    out: Path = typer.Option(..., "--out", help="Output CSV"),
+    default_region: str = typer.Option("RU", "--default-region"),
+    phone_column: str = typer.Option("phone", "--phone-column"),
+) -> None:
+    """Normalize phones to E.164 and mark bad rows and duplicates; every input row is kept in order."""
+    from tasks.validate import ValidationInputError, validate_csv
+
+    try:
+        counts = validate_csv(in_path, out, default_region=default_region, phone_column=phone_column)
+    except (ValidationInputError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(counts, ensure_ascii=False), err=True)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:40] or "x"
+
+
+def _quiet_prefect_to_stderr() -> None:
+    """Prefect's console logs must not mix with the JSON on stdout."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def _save_gateway_if_missing(name: str) -> None:
+    from blocks.gateway import SandboxGateway
+    from blocks.registry import load_gateway
+
+    try:
+        load_gateway(name)
+    except ValueError:
+        if name != "sandbox":
+            _fail(f"no gateway block named '{name}'")
+        SandboxGateway().save(name, overwrite=True)
+
+
+@app.command("campaign")
+def campaign_cmd(
+    source_csv: Path = typer.Option(..., "--source-csv", help="CRM export (CSV) with id, phone, ... columns"),
+    template: Path = typer.Option(..., "--template", help="Jinja2 template file or YAML template with language variants"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Plan and price into the outbox, send nothing"),
+    name: Optional[str] = typer.Option(None, "--name", help="Campaign name (rerun the same name to resume)"),
+    gateway_block: str = typer.Option("sandbox", "--gateway-block", help="SMS gateway Block name"),
+    segment: str = typer.Option("all", "--segment"),
+    segments_file: Optional[Path] = typer.Option(None, "--segments-file"),
+    rate: Optional[float] = typer.Option(None, "--rate", help="Messages per second"),
+    wait: float = typer.Option(30.0, "--wait", help="Seconds to wait for final receipts"),
+) -> None:
+    """Run the campaign flow on a CSV export; prints one JSON object (the accounting) last."""
+    if not source_csv.is_file():
+        _fail(f"source CSV not found: {source_csv}")
+    if not template.is_file():
+        _fail(f"template not found: {template}")
+    _quiet_prefect_to_stderr()
+    from blocks.crm import CsvCrm
+    from flows.campaign import CampaignParams, campaign
+    from tasks.render import TemplateError, load_template
+
+    try:
+        load_template(template)
+    except TemplateError as exc:
+        _fail(f"template {template}: {exc}")
+    path = source_csv.resolve()
+    block_name = f"csv-{_slug(path.stem)}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    CsvCrm(path=str(path), source_name=block_name).save(block_name, overwrite=True)
+    _save_gateway_if_missing(gateway_block)
+    params = CampaignParams(
+        name=name or f"{_slug(path.stem)}-{_slug(template.stem)}",
+        source_block=block_name,
+        template=str(template.resolve()),
+        segment=segment,
+        segments_file=str(segments_file.resolve()) if segments_file else None,
+        gateway_block=gateway_block,
+        rate=rate,
+        dry_run=dry_run,
+        wait_for_receipts_s=wait,
+    )
+    try:
+        result = campaign(params)
+    except Exception as exc:  # noqa: BLE001 - one clear line, the traceback is in the Prefect logs
+        _fail(f"campaign failed: {type(exc).__name__}: {exc}", 1)
+    if result.get("report"):
+        typer.echo(f"report: {result['report']}", err=True)
+    typer.echo(json.dumps(result["summary"], ensure_ascii=False))
+
+
+@app.command("demo")
+def demo_cmd(
+    contacts: int = typer.Option(2000, "--contacts", min=10, max=1_000_000, help="Demo CRM size"),
+    seed: int = typer.Option(42, "--seed"),
+    wait: float = typer.Option(20.0, "--wait", help="Seconds to wait for final receipts"),
+) -> None:
+    """Generate the demo CRM, run the campaign end to end on the embedded defaults, print a summary."""
+    _quiet_prefect_to_stderr()
+    from datetime import datetime
+
+    from blocks.crm import SqlCrm
+    from blocks.gateway import SandboxGateway
+    from flows.campaign import CampaignParams, campaign
+    from smsflow.demo_crm import write_crm_sqlite
+    from smsflow.settings import PROJECT_ROOT, get_settings
+
+    settings = get_settings()
+    crm_path = settings.data_dir / "demo_crm.sqlite"
+    typer.echo(f"generating a demo CRM with {contacts} contacts -> {crm_path}", err=True)
+    write_crm_sqlite(crm_path, contacts, seed=seed)
+    SqlCrm(url=f"sqlite:///{crm_path.resolve()}", source_name="demo-crm").save("demo-crm", overwrite=True)
+    SandboxGateway(min_delay_s=0.1, max_delay_s=2.0).save("sandbox", overwrite=True)
+    name = f"demo-{datetime.now():%Y%m%d-%H%M%S}"
+    params = CampaignParams(
+        name=name,
+        source_block="demo-crm",
+        template=str(PROJECT_ROOT / "templates" / "demo_promo.yaml"),
+        segment="all",
+        gateway_block="sandbox",
+        wait_for_receipts_s=wait,
+        full_refresh=True,
+    )
+    result = campaign(params)
+    s = result["summary"]
+    send = result.get("send", {})
+    rec = result.get("reconcile", {})
+    typer.echo(
+        f"campaign {name}: {s['contacts']} contacts -> {s['planned']} planned, {s['quarantined']} quarantined, "
+        f"{s['duplicates']} duplicates, {s['no_consent']} without consent; {send.get('submitted', 0)} submitted; "
+        f"final states: {json.dumps(rec.get('by_status', {}))}; {s['segments']} segments, cost {s['cost']:.2f}"
+    )
+    typer.echo(f"report: {result.get('report')}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,45 @@
+"""Process-level settings (environment variables ``SMSFLOW_*``).
+
+Per-integration options and credentials live in Prefect Blocks (``blocks/``);
+this module holds only what a process needs before it can talk to anything.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SMSFLOW_", extra="ignore")
+
+    data_dir: Path = Field(default=PROJECT_ROOT / "data", description="Embedded store, reports and demo files.")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL of the store; default: SQLite under data_dir.")
+    default_region: str = Field(default="RU", description="Region for phone numbers written without a country code.")
+    batch_size: int = Field(default=50_000, ge=100, description="Rows per batch task (task runs never grow per contact).")
+    workers: int = Field(default=2, ge=1, description="Processes for CPU-heavy batch steps (phone parsing, rendering).")
+    receipt_ttl_seconds: int = Field(default=72 * 3600, description="Submitted messages without a final receipt expire after this.")
+
+    @property
+    def store_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'smsflow.sqlite').resolve()}"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.data_dir / "reports"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget cached settings (tests change the environment)."""
+    get_settings.cache_clear()

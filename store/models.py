@@ -1,0 +1,248 @@
+"""The store: SQLAlchemy 2 typed models.
+
+All datetimes are naive UTC. The outbox is the source of truth for every message:
+one row per idempotency key, states only move forward (see ``OutboxState``).
+"""
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+JsonType = JSON().with_variant(JSONB(), "postgresql")
+# BigInteger ids on PostgreSQL, INTEGER PRIMARY KEY (rowid alias) on SQLite.
+IdType = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ContactStatus(str, enum.Enum):
+    new = "new"  # extracted, not validated yet
+    valid = "valid"  # E.164 number that can receive SMS
+    quarantined = "quarantined"  # bad phone; reason in phone_reason
+    duplicate = "duplicate"  # merged into duplicate_of
+
+
+class OutboxState(str, enum.Enum):
+    planned = "planned"
+    queued = "queued"
+    submitted = "submitted"
+    delivered = "delivered"
+    undelivered = "undelivered"
+    expired = "expired"
+    rejected = "rejected"
+    failed = "failed"
+
+
+FINAL_STATES = frozenset(
+    {OutboxState.delivered, OutboxState.undelivered, OutboxState.expired, OutboxState.rejected, OutboxState.failed}
+)
+STATE_RANK = {
+    OutboxState.planned: 0,
+    OutboxState.queued: 1,
+    OutboxState.submitted: 2,
+    **{s: 3 for s in FINAL_STATES},
+}
+
+
+class Contact(Base):
+    __tablename__ = "contacts"
+    __table_args__ = (
+        UniqueConstraint("source", "crm_id", name="uq_contacts_source_crm_id"),
+        Index("ix_contacts_source_status", "source", "status"),
+        Index("ix_contacts_phone_e164", "phone_e164"),
+    )
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(String(100))
+    crm_id: Mapped[str] = mapped_column(String(100))
+    first_name: Mapped[str | None] = mapped_column(String(200))
+    last_name: Mapped[str | None] = mapped_column(String(200))
+    email: Mapped[str | None] = mapped_column(String(320))
+    phone_raw: Mapped[str | None] = mapped_column(String(100))
+    phone_e164: Mapped[str | None] = mapped_column(String(20))
+    phone_region: Mapped[str | None] = mapped_column(String(4))
+    language: Mapped[str | None] = mapped_column(String(8))
+    timezone: Mapped[str | None] = mapped_column(String(64))
+    sms_consent: Mapped[bool] = mapped_column(Boolean, default=False)
+    consent_at: Mapped[datetime | None] = mapped_column(DateTime)
+    consent_method: Mapped[str | None] = mapped_column(String(40))
+    consent_source: Mapped[str | None] = mapped_column(String(100))
+    opted_out_at: Mapped[datetime | None] = mapped_column(DateTime)
+    attributes: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    crm_updated_at: Mapped[datetime | None] = mapped_column(DateTime)
+    status: Mapped[str] = mapped_column(String(16), default=ContactStatus.new.value)
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    duplicate_of: Mapped[int | None] = mapped_column(IdType, ForeignKey("contacts.id", ondelete="SET NULL"))
+    validated_at: Mapped[datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+
+
+class Quarantine(Base):
+    """A row a step could not use, kept with the reason (never silently dropped)."""
+
+    __tablename__ = "quarantine"
+    __table_args__ = (UniqueConstraint("step", "source", "row_key", name="uq_quarantine_step_source_key"),)
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    step: Mapped[str] = mapped_column(String(40))
+    source: Mapped[str] = mapped_column(String(100))
+    row_key: Mapped[str] = mapped_column(String(200))
+    campaign_id: Mapped[int | None] = mapped_column(IdType, ForeignKey("campaigns.id", ondelete="CASCADE"))
+    contact_id: Mapped[int | None] = mapped_column(IdType, ForeignKey("contacts.id", ondelete="SET NULL"))
+    reason_code: Mapped[str] = mapped_column(String(40))
+    reason: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+
+
+class Watermark(Base):
+    """Incremental extract position per CRM source."""
+
+    __tablename__ = "watermarks"
+
+    source: Mapped[str] = mapped_column(String(100), primary_key=True)
+    mark: Mapped[str | None] = mapped_column(String(64))  # max updated-at seen, in the source's own format
+    rows_seen: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+
+
+class Campaign(Base):
+    __tablename__ = "campaigns"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    source: Mapped[str] = mapped_column(String(100))
+    segment: Mapped[str] = mapped_column(String(100))
+    template_name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(20), default="marketing")
+    gateway: Mapped[str | None] = mapped_column(String(100))
+    price_per_segment: Mapped[float] = mapped_column(Float, default=0.0)
+    status: Mapped[str] = mapped_column(String(20), default="created")
+    params: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class Segment(Base):
+    __tablename__ = "segments"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    definition: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    size: Mapped[int] = mapped_column(BigInteger, default=0)
+    computed_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class SegmentMembership(Base):
+    __tablename__ = "segment_memberships"
+
+    segment: Mapped[str] = mapped_column(String(100), ForeignKey("segments.name", ondelete="CASCADE"), primary_key=True)
+    contact_id: Mapped[int] = mapped_column(IdType, ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True)
+    rfm_score: Mapped[str | None] = mapped_column(String(3))
+
+
+class Outbox(Base):
+    __tablename__ = "outbox"
+    __table_args__ = (
+        Index("ix_outbox_campaign_state", "campaign_id", "state"),
+        Index("ix_outbox_campaign_contact", "campaign_id", "contact_id"),
+        Index("ix_outbox_gateway_message_id", "gateway_message_id"),
+    )
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    campaign_id: Mapped[int] = mapped_column(IdType, ForeignKey("campaigns.id", ondelete="CASCADE"))
+    contact_id: Mapped[int | None] = mapped_column(IdType, ForeignKey("contacts.id", ondelete="SET NULL"))
+    step: Mapped[str] = mapped_column(String(60), default="main")
+    segment: Mapped[str | None] = mapped_column(String(100))
+    phone_e164: Mapped[str | None] = mapped_column(String(20))
+    language: Mapped[str | None] = mapped_column(String(8))
+    text: Mapped[str | None] = mapped_column(Text)
+    encoding: Mapped[str] = mapped_column(String(8))
+    segments: Mapped[int] = mapped_column(Integer)
+    cost: Mapped[float] = mapped_column(Float, default=0.0)
+    state: Mapped[str] = mapped_column(String(12), default=OutboxState.planned.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    gateway: Mapped[str | None] = mapped_column(String(100))
+    gateway_message_id: Mapped[str | None] = mapped_column(String(100))
+    error_code: Mapped[str | None] = mapped_column(String(40))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    claim_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    planned_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime)
+    submitted_at: Mapped[datetime | None] = mapped_column(DateTime)
+    final_at: Mapped[datetime | None] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+
+
+class DeliveryReceipt(Base):
+    """A delivery receipt exactly as received; applied to the outbox by reconcile."""
+
+    __tablename__ = "delivery_receipts"
+    __table_args__ = (
+        Index("ix_receipts_unapplied", "applied_at"),
+        Index("ix_receipts_gateway_msg", "gateway", "gateway_message_id"),
+    )
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    gateway: Mapped[str] = mapped_column(String(100))
+    gateway_message_id: Mapped[str | None] = mapped_column(String(100))
+    reference: Mapped[str | None] = mapped_column(String(200))  # our idempotency key, when the gateway echoes it
+    status: Mapped[str] = mapped_column(String(20))  # normalized: accepted|enroute|delivered|undelivered|expired|rejected|unknown
+    error_code: Mapped[str | None] = mapped_column(String(40))
+    raw: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    event_at: Mapped[datetime | None] = mapped_column(DateTime)
+    received_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+    outbox_id: Mapped[int | None] = mapped_column(IdType, ForeignKey("outbox.id", ondelete="SET NULL"))
+    applied_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class InboundMessage(Base):
+    __tablename__ = "inbound_messages"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    gateway: Mapped[str] = mapped_column(String(100))
+    gateway_message_id: Mapped[str | None] = mapped_column(String(100), unique=True)
+    from_e164: Mapped[str | None] = mapped_column(String(20))
+    to_address: Mapped[str | None] = mapped_column(String(40))
+    text: Mapped[str | None] = mapped_column(Text)
+    kind: Mapped[str | None] = mapped_column(String(12))  # stop|start|help|reply
+    contact_id: Mapped[int | None] = mapped_column(IdType, ForeignKey("contacts.id", ondelete="SET NULL"))
+    raw: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    received_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+    processed_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class EventLog(Base):
+    __tablename__ = "event_log"
+    __table_args__ = (Index("ix_event_log_kind_ts", "kind", "ts"),)
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    ts: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+    kind: Mapped[str] = mapped_column(String(60))
+    campaign_id: Mapped[int | None] = mapped_column(IdType, ForeignKey("campaigns.id", ondelete="CASCADE"))
+    contact_id: Mapped[int | None] = mapped_column(IdType, ForeignKey("contacts.id", ondelete="SET NULL"))
+    flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JsonType)

@@ -1,0 +1,85 @@
+"""Campaign records and the accounting of every source row: planned, quarantined with a
+reason, merged as a duplicate, or excluded by consent; exactly once each."""
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import text
+
+from store.db import utcnow
+
+
+def ensure_campaign(engine, *, name: str, source: str, segment: str, template_name: str, kind: str,
+                    gateway: str | None, price_per_segment: float, params: dict[str, Any] | None = None) -> int:
+    """The campaign's id; created on first run, reused when a campaign of that name is rerun."""
+    import json
+
+    with engine.begin() as conn:
+        row = conn.execute(text("SELECT id, source FROM campaigns WHERE name = :n"), {"n": name}).first()
+        if row is not None:
+            if row[1] != source:
+                raise ValueError(f"campaign '{name}' already exists for source '{row[1]}', not '{source}'; pick another name")
+            conn.execute(text("UPDATE campaigns SET status = 'running', gateway = COALESCE(:g, gateway) WHERE id = :i"),
+                         {"g": gateway, "i": row[0]})
+            return int(row[0])
+        conn.execute(
+            text("INSERT INTO campaigns (name, source, segment, template_name, kind, gateway, price_per_segment, status, "
+                 "params, created_at, started_at) VALUES (:n, :s, :g, :t, :k, :gw, :p, 'running', :params, :now, :now)"),
+            {"n": name, "s": source, "g": segment, "t": template_name, "k": kind, "gw": gateway, "p": price_per_segment,
+             "params": json.dumps(params or {}, default=str), "now": utcnow()},
+        )
+        return int(conn.execute(text("SELECT id FROM campaigns WHERE name = :n"), {"n": name}).scalar())
+
+
+def finish_campaign(engine, campaign_id: int, status: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE campaigns SET status = :s, finished_at = :now WHERE id = :i"),
+                     {"s": status, "now": utcnow(), "i": campaign_id})
+
+
+def campaign_accounting(engine, campaign_id: int) -> dict[str, Any]:
+    """{"contacts", "quarantined", "duplicates", "no_consent", "planned", "segments", "cost"}
+    where contacts = quarantined + duplicates + no_consent + planned (+ not_in_segment when a
+    segment narrows the audience)."""
+    q = text(
+        """
+        WITH camp AS (SELECT id, source, segment FROM campaigns WHERE id = :c),
+        src AS (SELECT ct.id, ct.status, ct.sms_consent, ct.opted_out_at FROM contacts ct, camp WHERE ct.source = camp.source),
+        member AS (SELECT m.contact_id FROM segment_memberships m, camp WHERE m.segment = camp.segment),
+        planned AS (SELECT contact_id FROM outbox WHERE campaign_id = :c AND contact_id IS NOT NULL),
+        rq AS (SELECT contact_id FROM quarantine WHERE step = 'render' AND campaign_id = :c AND contact_id IS NOT NULL)
+        SELECT
+          (SELECT COUNT(*) FROM src) AS contacts_in_store,
+          (SELECT COUNT(*) FROM quarantine q, camp WHERE q.step = 'extract' AND q.source = camp.source
+             AND q.reason_code <> 'duplicate_crm_id') AS extract_bad,
+          (SELECT COUNT(*) FROM quarantine q, camp WHERE q.step = 'extract' AND q.source = camp.source
+             AND q.reason_code = 'duplicate_crm_id') AS extract_dup,
+          (SELECT COUNT(*) FROM src WHERE status IN ('quarantined', 'new') AND id NOT IN (SELECT contact_id FROM planned)) AS bad_phone,
+          (SELECT COUNT(*) FROM src WHERE status = 'duplicate' AND id NOT IN (SELECT contact_id FROM planned)) AS dup,
+          (SELECT COUNT(*) FROM src WHERE status = 'valid' AND id IN (SELECT contact_id FROM rq)
+             AND id NOT IN (SELECT contact_id FROM planned)) AS render_bad,
+          (SELECT COUNT(*) FROM src WHERE status = 'valid' AND id NOT IN (SELECT contact_id FROM planned)
+             AND id NOT IN (SELECT contact_id FROM rq) AND id IN (SELECT contact_id FROM member)
+             AND (NOT sms_consent OR opted_out_at IS NOT NULL)) AS no_consent,
+          (SELECT COUNT(*) FROM src WHERE status = 'valid' AND id NOT IN (SELECT contact_id FROM planned)
+             AND id NOT IN (SELECT contact_id FROM rq) AND id NOT IN (SELECT contact_id FROM member)) AS not_in_segment,
+          (SELECT COUNT(*) FROM outbox WHERE campaign_id = :c) AS planned,
+          (SELECT COALESCE(SUM(segments), 0) FROM outbox WHERE campaign_id = :c) AS segments,
+          (SELECT COALESCE(SUM(cost), 0) FROM outbox WHERE campaign_id = :c) AS cost
+        """
+    )
+    with engine.begin() as conn:
+        r = conn.execute(q, {"c": campaign_id}).mappings().one()
+    # A contact with a message counts once, as planned, whatever happened to it after planning.
+    out = {
+        "contacts": int(r["contacts_in_store"] + r["extract_bad"] + r["extract_dup"]),
+        "quarantined": int(r["extract_bad"] + r["bad_phone"] + r["render_bad"]),
+        "duplicates": int(r["extract_dup"] + r["dup"]),
+        "no_consent": int(r["no_consent"]),
+        "planned": int(r["planned"]),
+        "segments": int(r["segments"]),
+        "cost": round(float(r["cost"]), 4),
+    }
+    if r["not_in_segment"]:
+        out["not_in_segment"] = int(r["not_in_segment"])
+    return out

@@ -1,0 +1,168 @@
+"""Delivery reconciliation: receipts (as received) -> final outbox states.
+
+Receipts arrive out of order, twice, and sometimes before the submit is recorded. A rank
+on states makes applying them idempotent and monotonic: a late 'accepted' never
+overwrites 'delivered'. A receipt whose message is not known yet stays unapplied and is
+tried again on the next run. Messages with no final receipt after a TTL expire; a real
+final receipt arriving later still wins over that TTL expiry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import pandas as pd
+from sqlalchemy import text
+
+from blocks.gateway import Receipt
+from store.db import bulk_insert, bulk_update, read_frame, utcnow
+
+RECEIPT_RANK = {"accepted": 2, "enroute": 2, "unknown": 2, "delivered": 3, "undelivered": 3, "expired": 3, "rejected": 3}
+STATE_RANK = {"planned": 0, "queued": 1, "submitted": 2, "delivered": 3, "undelivered": 3, "expired": 3, "rejected": 3, "failed": 3}
+TTL_CODE = "TTL"
+
+
+@dataclass
+class ReconcileStats:
+    received: int = 0
+    applied: int = 0
+    ignored: int = 0
+    pending: int = 0
+    expired: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+
+
+def store_receipts(engine, gateway_name: str, receipts: list[Receipt]) -> int:
+    """Write receipts exactly as received, before anything is applied."""
+    if not receipts:
+        return 0
+    now = utcnow()
+    with engine.begin() as conn:
+        return bulk_insert(
+            conn,
+            "delivery_receipts",
+            ("gateway", "gateway_message_id", "reference", "status", "error_code", "raw", "event_at", "received_at"),
+            ((gateway_name, r.gateway_message_id, r.reference, r.status, r.error_code, r.raw, r.event_at, now) for r in receipts),
+        )
+
+
+def decide(current_state: str, current_code: str | None, receipt_status: str) -> str | None:
+    """The new outbox state for a receipt, or None to leave the message as it is."""
+    r_rank = RECEIPT_RANK.get(receipt_status, 2)
+    c_rank = STATE_RANK.get(current_state, 0)
+    if r_rank == 3:
+        if c_rank < 3:
+            return receipt_status
+        if current_state == "expired" and current_code == TTL_CODE:
+            return receipt_status  # a real receipt beats our own TTL guess
+        return None
+    # intermediate receipt: proves the gateway has the message
+    if c_rank < 2:
+        return "submitted"
+    return None
+
+
+def apply_receipts(engine, limit: int = 500_000) -> ReconcileStats:
+    """Apply unapplied receipts in one pass (set-based: a join, a sort, two bulk updates)."""
+    stats = ReconcileStats()
+    now = utcnow()
+    with engine.begin() as conn:
+        by_ref = read_frame(
+            conn,
+            "SELECT r.id AS rid, r.status, r.error_code AS rcode, r.event_at, r.gateway_message_id AS gmid, "
+            "o.id AS oid, o.state, o.error_code AS ocode, o.gateway_message_id AS ogmid "
+            "FROM delivery_receipts r JOIN outbox o ON o.idempotency_key = r.reference "
+            "WHERE r.applied_at IS NULL AND r.reference IS NOT NULL LIMIT :n",
+            {"n": limit},
+        )
+        by_gid = read_frame(
+            conn,
+            "SELECT r.id AS rid, r.status, r.error_code AS rcode, r.event_at, r.gateway_message_id AS gmid, "
+            "o.id AS oid, o.state, o.error_code AS ocode, o.gateway_message_id AS ogmid "
+            "FROM delivery_receipts r JOIN outbox o ON o.gateway_message_id = r.gateway_message_id "
+            "WHERE r.applied_at IS NULL AND r.reference IS NULL LIMIT :n",
+            {"n": limit},
+        )
+        df = pd.concat([by_ref, by_gid], ignore_index=True) if len(by_gid) else by_ref
+        stats.pending = int(
+            conn.execute(text("SELECT COUNT(*) FROM delivery_receipts WHERE applied_at IS NULL")).scalar() or 0
+        ) - len(df)
+        if df.empty:
+            return stats
+        df["rank"] = df["status"].map(RECEIPT_RANK).fillna(2)
+        df["event_at"] = pd.to_datetime(df["event_at"], errors="coerce", format="mixed")
+        # the best receipt per message: a final one beats an intermediate one; the earliest final wins
+        best = df.sort_values(["oid", "rank", "event_at"], ascending=[True, False, True]).drop_duplicates("oid")
+        updates = []
+        for oid, state, ocode, ogmid, status, rcode, ev, gmid in zip(
+            best["oid"], best["state"], best["ocode"], best["ogmid"], best["status"], best["rcode"], best["event_at"], best["gmid"]
+        ):
+            new = decide(state, ocode, status)
+            if new is None:
+                continue
+            final_at = (ev.to_pydatetime() if not pd.isna(ev) else now) if RECEIPT_RANK.get(status, 2) == 3 else None
+            code = None if status == "delivered" else (rcode if new != "submitted" else ocode)
+            updates.append((new, code, final_at, ogmid if isinstance(ogmid, str) and ogmid else gmid, now, int(oid)))
+            stats.by_status[new] = stats.by_status.get(new, 0) + 1
+        bulk_update(conn, "outbox", "id", ("state", "error_code", "final_at", "gateway_message_id", "updated_at"), updates)
+        bulk_update(conn, "delivery_receipts", "id", ("applied_at", "outbox_id"),
+                    zip([now] * len(df), df["oid"].astype(int), df["rid"].astype(int)))
+        stats.applied = len(updates)
+        stats.ignored = len(df) - len(updates)
+    return stats
+
+
+def expire_stale(engine, ttl: timedelta, now: datetime | None = None, campaign_id: int | None = None) -> int:
+    """Submitted messages with no final receipt after ``ttl`` become 'expired' (code TTL)."""
+    now = now or utcnow()
+    q = ("UPDATE outbox SET state = 'expired', error_code = :code, last_error = :why, final_at = :now, updated_at = :now "
+         "WHERE state = 'submitted' AND submitted_at < :cut")
+    params = {"code": TTL_CODE, "why": f"no final receipt within {ttl}", "now": now, "cut": now - ttl}
+    if campaign_id is not None:
+        q += " AND campaign_id = :c"
+        params["c"] = campaign_id
+    with engine.begin() as conn:
+        return int(conn.execute(text(q), params).rowcount or 0)
+
+
+def outstanding(engine, campaign_id: int | None = None) -> int:
+    """Messages still waiting for a final state (queued or submitted)."""
+    q = "SELECT COUNT(*) FROM outbox WHERE state IN ('queued', 'submitted')"
+    params = {}
+    if campaign_id is not None:
+        q += " AND campaign_id = :c"
+        params["c"] = campaign_id
+    with engine.begin() as conn:
+        return int(conn.execute(text(q), params).scalar() or 0)
+
+
+# --------------------------------------------------------------------------- Prefect task
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+
+@task(name="reconcile-receipts", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def reconcile_task(gateway, ttl_seconds: float, wait_seconds: float, campaign_id: int | None,
+                   database_url: str | None) -> ReconcileStats:
+    """Pull receipts from the gateway, apply them, expire the stale; optionally wait for the
+    campaign's outstanding messages (polling inside one task run)."""
+    import time
+
+    from store.db import get_engine
+
+    engine = get_engine(database_url)
+    total = ReconcileStats()
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        if gateway is not None:
+            total.received += store_receipts(engine, gateway.gateway_name, gateway.fetch_receipts())
+        s = apply_receipts(engine)
+        total.applied += s.applied
+        total.ignored += s.ignored
+        total.pending = s.pending
+        for k, v in s.by_status.items():
+            total.by_status[k] = total.by_status.get(k, 0) + v
+        total.expired += expire_stale(engine, timedelta(seconds=ttl_seconds))
+        if time.monotonic() >= deadline or outstanding(engine, campaign_id) == 0:
+            return total
+        time.sleep(0.5)

@@ -1,0 +1,256 @@
+"""Throttled sending from the outbox.
+
+claim (planned -> queued, with a lease) -> policy check at send time (consent, opt-out)
+-> token bucket -> gateway.submit -> record (queued -> submitted | rejected | planned again).
+
+At most one submit per idempotency key: a message is only ever submitted from 'queued',
+which only one claimer holds; a message left 'queued' by a crash (lease expired, or an
+earlier attempt of the same run) is resolved by asking the gateway whether it already
+has our reference (``lookup``) before it can go back to 'planned'.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import pandas as pd
+from sqlalchemy import text
+
+from blocks.gateway import GatewayUnavailable, OutgoingMessage, SmsGateway, SubmitResult
+from store.db import bulk_update, is_postgres, read_frame, utcnow
+
+
+class TokenBucket:
+    """Token bucket: ``rate`` tokens per second, at most ``capacity`` banked."""
+
+    def __init__(self, rate: float, capacity: float | None = None, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = float(rate)
+        self.capacity = float(capacity if capacity is not None else max(1.0, rate / 10))
+        self._clock = clock
+        self._sleep = sleep
+        self._tokens = self.capacity
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    def acquire(self, n: int = 1) -> float:
+        """Block until ``n`` tokens are available; returns seconds waited."""
+        waited = 0.0
+        need = float(n)
+        with self._lock:
+            while True:
+                now = self._clock()
+                self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
+                self._last = now
+                take = min(need, self._tokens)
+                self._tokens -= take
+                need -= take
+                if need <= 1e-9:
+                    return waited
+                delay = min(need, self.capacity) / self.rate
+                self._sleep(delay)
+                waited += delay
+
+
+@dataclass
+class SendStats:
+    claimed: int = 0
+    submitted: int = 0
+    rejected: int = 0
+    policy_blocked: int = 0
+    retry_later: int = 0
+    failed: int = 0
+    recovered_submitted: int = 0
+    recovered_replanned: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+def recover_in_flight(engine, campaign_id: int, gateway: SmsGateway, run_id: str | None) -> tuple[int, int]:
+    """Resolve messages left 'queued' by a crashed or retried sender: submitted if the gateway
+    has our reference, planned again if it provably never got it."""
+    now = utcnow()
+    with engine.begin() as conn:
+        df = read_frame(
+            conn,
+            "SELECT id, idempotency_key FROM outbox WHERE campaign_id = :c AND state = 'queued' "
+            "AND (claim_expires_at < :now OR claimed_by = :run)",
+            {"c": campaign_id, "now": now, "run": run_id or ""},
+        )
+    if df.empty:
+        return 0, 0
+    known = gateway.lookup(df["idempotency_key"].tolist())
+    sub = df[df["idempotency_key"].isin(known.keys())]
+    back = df[~df["idempotency_key"].isin(known.keys())]
+    with engine.begin() as conn:
+        update_if_queued(
+            conn,
+            [("submitted", known[k], now, None, now, int(i)) for i, k in zip(sub["id"], sub["idempotency_key"])],
+            "state = ?, gateway_message_id = ?, submitted_at = ?, claimed_by = ?, updated_at = ?",
+        )
+        update_if_queued(
+            conn,
+            [("planned", None, None, now, int(i)) for i in back["id"]],
+            "state = ?, claimed_by = ?, claim_expires_at = ?, updated_at = ?",
+        )
+    return len(sub), len(back)
+
+
+def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = 300) -> pd.DataFrame:
+    """Atomically take up to ``limit`` planned messages (FOR UPDATE SKIP LOCKED on PostgreSQL;
+    SQLite's single writer with BEGIN IMMEDIATE), then drop those whose contact has no
+    consent or has opted out since planning (they end 'rejected' with a policy code)."""
+    now = utcnow()
+    expires = now + timedelta(seconds=lease_s)
+    with engine.begin() as conn:
+        lock = " FOR UPDATE SKIP LOCKED" if is_postgres(conn) else ""
+        claimed = read_frame(
+            conn,
+            "UPDATE outbox SET state = 'queued', queued_at = :now, claimed_by = :who, claim_expires_at = :exp, "
+            "attempts = attempts + 1, updated_at = :now "
+            f"WHERE id IN (SELECT id FROM outbox WHERE campaign_id = :c AND state = 'planned' ORDER BY id LIMIT :n{lock}) "
+            "RETURNING id, idempotency_key, contact_id, phone_e164, text, encoding, segments, attempts",
+            {"now": now, "who": claimer, "exp": expires, "c": campaign_id, "n": int(limit)},
+        )
+        if claimed.empty:
+            return claimed
+        ids = claimed["id"].astype(int).tolist()
+        blocked = set()
+        for i in range(0, len(ids), 900):
+            chunk = ids[i : i + 900]
+            rows = conn.execute(
+                text(
+                    "SELECT o.id, CASE WHEN c.id IS NULL THEN 'POLICY_NO_CONTACT' WHEN c.opted_out_at IS NOT NULL "
+                    "THEN 'POLICY_OPTED_OUT' ELSE 'POLICY_NO_CONSENT' END "
+                    "FROM outbox o LEFT JOIN contacts c ON c.id = o.contact_id "
+                    f"WHERE o.id IN ({','.join(str(x) for x in chunk)}) "
+                    "AND (c.id IS NULL OR c.opted_out_at IS NOT NULL OR NOT c.sms_consent)"
+                )
+            ).fetchall()
+            if rows:
+                bulk_update(
+                    conn, "outbox", "id", ("state", "error_code", "last_error", "final_at", "claimed_by", "updated_at"),
+                    (("rejected", code, "blocked at send time by contact policy", now, None, now, int(oid)) for oid, code in rows),
+                )
+                blocked.update(int(r[0]) for r in rows)
+    claimed.attrs["policy_blocked"] = len(blocked)
+    return claimed[~claimed["id"].astype(int).isin(blocked)].reset_index(drop=True)
+
+
+def record_results(engine, ids_by_ref: dict[str, int], results: list[SubmitResult], max_attempts: int,
+                   attempts_by_ref: dict[str, int], stats: SendStats) -> None:
+    now = utcnow()
+    sub, rej, again, failed = [], [], [], []
+    for r in results:
+        oid = ids_by_ref[r.reference]
+        if r.accepted:
+            sub.append(("submitted", r.gateway_message_id, now, None, now, oid))
+        elif r.transient:
+            if attempts_by_ref.get(r.reference, 0) >= max_attempts:
+                failed.append(("failed", r.error_code, r.error, now, None, now, oid))
+            else:
+                again.append(("planned", r.error_code, r.error, None, now, oid))
+            stats.errors[r.error_code or "transient"] = stats.errors.get(r.error_code or "transient", 0) + 1
+        else:
+            rej.append(("rejected", r.error_code, r.error, now, None, now, oid))
+            stats.errors[r.error_code or "rejected"] = stats.errors.get(r.error_code or "rejected", 0) + 1
+    with engine.begin() as conn:
+        # every transition is guarded on the current state: a receipt that arrived first wins
+        update_if_queued(conn, sub, "state = ?, gateway_message_id = ?, submitted_at = ?, claimed_by = ?, updated_at = ?")
+        update_if_queued(conn, rej, "state = ?, error_code = ?, last_error = ?, final_at = ?, claimed_by = ?, updated_at = ?")
+        update_if_queued(conn, failed, "state = ?, error_code = ?, last_error = ?, final_at = ?, claimed_by = ?, updated_at = ?")
+        update_if_queued(conn, again, "state = ?, error_code = ?, last_error = ?, claimed_by = ?, updated_at = ?")
+    stats.submitted += len(sub)
+    stats.rejected += len(rej)
+    stats.failed += len(failed)
+    stats.retry_later += len(again)
+
+
+def update_if_queued(conn, rows: list[tuple], set_clause: str) -> None:
+    """Apply ``SET set_clause`` (qmark style) to each row's id, only while it is still 'queued':
+    states only move forward, and a receipt that arrived first is never overwritten."""
+    if not rows:
+        return
+    from store.db import _sqlite_value
+
+    if is_postgres(conn):
+        sql = f"UPDATE outbox SET {set_clause.replace('?', '%s')} WHERE id = %s AND state = 'queued'"
+        with conn.connection.driver_connection.cursor() as cur:
+            cur.executemany(sql, rows)
+    else:
+        cur = conn.connection.driver_connection.cursor()
+        cur.executemany(f"UPDATE outbox SET {set_clause} WHERE id = ? AND state = 'queued'",
+                        [tuple(_sqlite_value(v) for v in r) for r in rows])
+        cur.close()
+
+
+def send_messages(
+    engine,
+    *,
+    campaign_id: int,
+    gateway: SmsGateway,
+    bucket: TokenBucket,
+    claimer: str,
+    max_messages: int,
+    max_attempts: int = 5,
+    lease_s: float = 300,
+    stats: SendStats | None = None,
+) -> SendStats:
+    """Send up to ``max_messages`` planned messages of a campaign. Returns counts."""
+    stats = stats or SendStats()
+    sent = 0
+    while sent < max_messages:
+        batch = claim(engine, campaign_id, min(gateway.batch_size, max_messages - sent), claimer, lease_s)
+        stats.policy_blocked += batch.attrs.get("policy_blocked", 0)
+        if batch.empty and not batch.attrs.get("policy_blocked"):
+            break
+        stats.claimed += len(batch) + batch.attrs.get("policy_blocked", 0)
+        sent += len(batch) + batch.attrs.get("policy_blocked", 0)
+        if batch.empty:
+            continue
+        msgs = [
+            OutgoingMessage(k, p, t, e, int(s))
+            for k, p, t, e, s in zip(batch["idempotency_key"], batch["phone_e164"], batch["text"], batch["encoding"], batch["segments"])
+        ]
+        ids_by_ref = dict(zip(batch["idempotency_key"], batch["id"].astype(int)))
+        attempts = dict(zip(batch["idempotency_key"], batch["attempts"].astype(int)))
+        step = max(1, int(bucket.rate // 10) or 1)
+        for i in range(0, len(msgs), step):
+            part = msgs[i : i + step]
+            bucket.acquire(len(part))
+            try:
+                results = gateway.submit(part)
+            except GatewayUnavailable:
+                # nothing in this part reached the gateway: the claims stay 'queued' with their lease;
+                # recovery (lookup) resolves them on the retry, so nothing is lost or doubled
+                raise
+            record_results(engine, ids_by_ref, results, max_attempts, attempts, stats)
+    return stats
+
+
+# --------------------------------------------------------------------------- Prefect task
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+
+@task(name="send-batch", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+def send_task(campaign_id: int, gateway: SmsGateway, rate: float, max_messages: int, database_url: str | None) -> SendStats:
+    """Send up to ``max_messages``; a retry first resolves what the failed attempt left in flight."""
+    from prefect.concurrency.sync import concurrency
+    from prefect.context import get_run_context
+
+    from store.db import get_engine
+
+    engine = get_engine(database_url)
+    ctx = get_run_context()
+    claimer = str(ctx.task_run.id)
+    stats = SendStats()
+    stats.recovered_submitted, stats.recovered_replanned = recover_in_flight(engine, campaign_id, gateway, claimer)
+    # one global concurrency limit per gateway, if the operator created it (`prefect gcl create gateway-NAME`)
+    with concurrency(f"gateway-{gateway.gateway_name}", occupy=1, strict=False):
+        return send_messages(engine, campaign_id=campaign_id, gateway=gateway, bucket=TokenBucket(rate), claimer=claimer,
+                             max_messages=max_messages, stats=stats)

@@ -1,0 +1,920 @@
+"""Validate-and-dedup step: phone normalisation, duplicate detection, extract checks.
+
+Plain functions only (no Prefect imports) so they can be used from flows, the
+CLI and tests alike.
+
+Public API
+----------
+normalize_phones(raw, default_region="RU") -> DataFrame
+normalize_phones_parallel(raw, default_region="RU", processes=None, min_parallel=50_000) -> DataFrame
+find_duplicates(e164, updated_at=None) -> Series[Int64]
+check_extract(df, phone_column="phone", id_column="id", ...) -> ExtractCheckResult
+validate_csv(in_path, out_path, default_region="RU", phone_column="phone") -> dict[str, int]
+
+Speed
+-----
+``phonenumbers`` parses ~19k numbers/s.  To handle millions of contacts,
+:func:`normalize_phones` runs an *exact* vectorised fast path for the dominant
+case (Russian mobile numbers written as ``+7XXXXXXXXXX``, ``8XXXXXXXXXX``,
+``7XXXXXXXXXX`` or bare ``XXXXXXXXXX``, with any spaces, NBSPs, dots, dashes and
+parentheses).  The fast path is built at import time from phonenumbers' own RU
+metadata and replicates every decision phonenumbers makes for such strings
+(see :func:`_build_fast_path`); if any structural precondition does not hold
+for the installed metadata the fast path is disabled and everything goes
+through phonenumbers.  Everything else goes through phonenumbers, called once
+per distinct (cleaned) string.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import tempfile
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import phonenumbers
+from phonenumbers import NumberParseException, PhoneNumberFormat, PhoneNumberType
+
+__all__ = [
+    "PHONE_STATUSES",
+    "CSV_STATUSES",
+    "SMS_CAPABLE_TYPES",
+    "ExtractCheckResult",
+    "ExtractSchemaError",
+    "ValidationInputError",
+    "check_extract",
+    "find_duplicates",
+    "normalize_phones",
+    "normalize_phones_parallel",
+    "validate_csv",
+]
+
+#: Statuses produced by :func:`normalize_phones`.
+PHONE_STATUSES: tuple[str, ...] = ("ok", "invalid", "not_mobile", "missing")
+#: Statuses written by :func:`validate_csv` (adds ``duplicate``).
+CSV_STATUSES: tuple[str, ...] = ("ok", "invalid", "not_mobile", "duplicate", "missing")
+
+#: Number types that can receive SMS.
+SMS_CAPABLE_TYPES = frozenset({PhoneNumberType.MOBILE, PhoneNumberType.FIXED_LINE_OR_MOBILE})
+
+NORMALIZED_COLUMNS: tuple[str, ...] = ("phone_e164", "phone_status", "reason", "number_type", "region")
+#: Columns appended by :func:`validate_csv`.
+CSV_OUTPUT_COLUMNS: tuple[str, ...] = ("phone_e164", "phone_status", "reason", "duplicate_of")
+
+_TYPE_NAMES: dict[int, str] = {
+    value: name for name, value in vars(PhoneNumberType).items() if name.isupper() and isinstance(value, int)
+}
+
+_NOT_MOBILE_REASONS: dict[int, str] = {
+    PhoneNumberType.FIXED_LINE: "fixed-line number cannot receive SMS",
+    PhoneNumberType.TOLL_FREE: "toll-free number cannot receive SMS",
+    PhoneNumberType.PREMIUM_RATE: "premium-rate number cannot receive SMS",
+    PhoneNumberType.SHARED_COST: "shared-cost number cannot receive SMS",
+    PhoneNumberType.VOIP: "VoIP number cannot receive SMS",
+    PhoneNumberType.PERSONAL_NUMBER: "personal (forwarding) number cannot receive SMS",
+    PhoneNumberType.PAGER: "pager number cannot receive SMS",
+    PhoneNumberType.UAN: "UAN (company) number cannot receive SMS",
+    PhoneNumberType.VOICEMAIL: "voicemail number cannot receive SMS",
+    PhoneNumberType.UNKNOWN: "number of unknown type cannot receive SMS",
+}
+
+_MISSING_REASON = "no phone number"
+
+# phonenumbers refuses inputs longer than this (checked on the raw string).
+_MAX_INPUT_LEN = 250
+
+# Separators removed by the pre-clean.  All of them are in phonenumbers'
+# _VALID_PUNCTUATION, i.e. phonenumbers itself ignores them between digits.
+# (Tabs/newlines are deliberately NOT removed in the middle of a string:
+# phonenumbers rejects them there.)
+_SEPARATORS: tuple[str, ...] = (" ", "\u00a0", "-", ".", "(", ")")
+
+# A cleaned string of this shape is "simple": phonenumbers gives the same
+# result for it as for the raw string it came from (>= 3 digits: phonenumbers'
+# viability regex treats punctuation between digits identically; with fewer
+# digits punctuation changes the parse error, so such strings keep raw keys).
+_SIMPLE_RE = r"\+?[0-9]{3,}"
+
+
+# ---------------------------------------------------------------------------
+# Slow path: phonenumbers itself
+# ---------------------------------------------------------------------------
+
+Row = tuple[Any, str, str, str, str]  # (e164 | None, status, reason, number_type, region)
+
+
+def _classify(text: str, default_region: str | None) -> Row:
+    """Classify one non-missing phone string with phonenumbers (reference semantics)."""
+    try:
+        num = phonenumbers.parse(text, default_region)
+    except NumberParseException as exc:
+        msg = getattr(exc, "_msg", None) or str(exc)
+        return None, "invalid", f"could not parse: {msg}", "", ""
+    if not phonenumbers.is_valid_number(num):
+        cc = num.country_code
+        region = phonenumbers.region_code_for_number(num) or phonenumbers.region_code_for_country_code(cc)
+        if region in (None, "ZZ", "001"):
+            reason = f"not a valid number (country code +{cc})"
+        else:
+            reason = f"not a valid number for region {region}"
+        possible = phonenumbers.is_possible_number_with_reason(num)
+        if possible == phonenumbers.ValidationResult.TOO_SHORT:
+            reason += " (too short)"
+        elif possible == phonenumbers.ValidationResult.TOO_LONG:
+            reason += " (too long)"
+        return None, "invalid", reason, "", ""
+    ntype = phonenumbers.number_type(num)
+    e164 = phonenumbers.format_number(num, PhoneNumberFormat.E164)
+    region = phonenumbers.region_code_for_number(num) or ""
+    type_name = _TYPE_NAMES.get(ntype, str(ntype))
+    if ntype in SMS_CAPABLE_TYPES:
+        return e164, "ok", "", type_name, region
+    reason = _NOT_MOBILE_REASONS.get(ntype, f"{type_name.lower()} number cannot receive SMS")
+    return e164, "not_mobile", reason, type_name, region
+
+
+def _classify_many(texts: Sequence[str], default_region: str | None) -> list[Row]:
+    """Worker entry point (module level so it pickles under spawn)."""
+    return [_classify(t, default_region) for t in texts]
+
+
+# ---------------------------------------------------------------------------
+# Fast path: exact vectorised RU-mobile recogniser built from phonenumbers metadata
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _FastPath:
+    region: str  # "RU"
+    country_code: str  # "7"
+    national_prefix: str  # "8"
+    mobile: str  # RU mobile national_number_pattern
+    general: str  # RU general_desc pattern
+    leading_digits: str  # RU leading_digits (region resolution for +7)
+    national_prefix_for_parsing: str
+    international_prefix: str | None
+    excluded: tuple[str, ...]  # patterns of types phonenumbers checks before MOBILE
+    nsn_length: int = 10
+
+
+def _build_fast_path() -> tuple[_FastPath | None, str]:
+    """Derive the fast-path spec from phonenumbers' RU metadata and verify its preconditions.
+
+    A string takes the fast path only if phonenumbers provably returns
+    ``(+7<nsn>, MOBILE, region RU, valid)`` for it.  For a national
+    significant number ``nsn`` (10 ASCII digits) that needs, per
+    phonenumbers' algorithm:
+
+    * region resolution for +7 picks RU: RU is the first region for calling
+      code 7 and ``nsn`` matches RU ``leading_digits`` (KZ shares +7);
+    * ``_number_type_helper`` says MOBILE: ``nsn`` matches general_desc and
+      mobile, and none of the types tested before mobile (premium rate, toll
+      free, shared cost, VoIP, personal, pager, UAN, voicemail, fixed line);
+      possible lengths of general_desc and mobile allow 10 digits;
+      mobile and fixed-line patterns are not declared identical;
+    * parsing does not strip anything off ``nsn``: it does not start with the
+      national prefix for parsing, nor (for strings without '+') with the
+      international dialling prefix or the country code; for ``7<nsn>`` the
+      11-digit string itself is not a valid RU national number, so
+      phonenumbers strips the leading 7 as the country code;
+    * the national prefix for parsing is a literal equal to the national
+      prefix with no transform rule, so ``8<nsn>`` strips exactly the '8'.
+
+    The per-number conditions are evaluated vectorised in
+    :func:`_fast_path`; the structural ones are checked here.
+    Returns ``(spec, "")`` or ``(None, why_disabled)``.
+    """
+    region = "RU"
+    md = phonenumbers.PhoneMetadata.metadata_for_region(region, None)
+    if md is None:
+        return None, "no RU metadata"
+    cc = md.country_code
+    regions = phonenumbers.region_codes_for_country_code(cc)
+    if not regions or regions[0] != region:
+        return None, f"RU is not the first region for +{cc}: {regions}"
+    mobile = md.mobile
+    general = md.general_desc
+    if mobile is None or not mobile.national_number_pattern or general is None or not general.national_number_pattern:
+        return None, "RU metadata has no mobile/general pattern"
+    for desc in (mobile, general):
+        if desc.possible_length and 10 not in desc.possible_length:
+            return None, "10-digit numbers are not possible for RU mobile"
+    if md.same_mobile_and_fixed_line_pattern:
+        return None, "RU mobile and fixed-line patterns are identical"
+    if not md.leading_digits:
+        return None, "RU metadata has no leading_digits"
+    npfp = md.national_prefix_for_parsing
+    nprefix = md.national_prefix
+    if not nprefix or not nprefix.isdigit() or npfp not in (nprefix, re.escape(nprefix)):
+        return None, f"national prefix for parsing {npfp!r} is not the literal national prefix {nprefix!r}"
+    if md.national_prefix_transform_rule:
+        return None, "RU has a national prefix transform rule"
+    if nprefix.startswith(str(cc)) or str(cc).startswith(nprefix):
+        return None, "national prefix and country code overlap"
+    excluded = tuple(
+        d.national_number_pattern
+        for d in (
+            md.premium_rate,
+            md.toll_free,
+            md.shared_cost,
+            md.voip,
+            md.personal_number,
+            md.pager,
+            md.uan,
+            md.voicemail,
+            md.fixed_line,
+        )
+        if d is not None and d.national_number_pattern
+    )
+    patterns = (mobile.national_number_pattern, general.national_number_pattern, md.leading_digits, npfp, *excluded)
+    if md.international_prefix:
+        patterns += (md.international_prefix,)
+    for pat in patterns:
+        try:
+            re.compile(pat)
+        except re.error as exc:  # pragma: no cover - metadata is always valid
+            return None, f"unusable pattern {pat!r}: {exc}"
+    spec = _FastPath(
+        region=region,
+        country_code=str(cc),
+        national_prefix=nprefix,
+        mobile=mobile.national_number_pattern,
+        general=general.national_number_pattern,
+        leading_digits=md.leading_digits,
+        national_prefix_for_parsing=npfp,
+        international_prefix=md.international_prefix or None,
+        excluded=excluded,
+    )
+    # Self-check on a known-good sample: the fast path must agree with phonenumbers.
+    sample = f"+{spec.country_code}9161234567"
+    if _classify(sample, region) != (sample, "ok", "", "MOBILE", region):
+        return None, "self-check failed"
+    return spec, ""
+
+
+_FAST, FAST_PATH_DISABLED_REASON = _build_fast_path()
+#: True when the vectorised RU-mobile fast path is active.
+FAST_PATH_ENABLED: bool = _FAST is not None
+
+
+def _as_text(raw: pd.Series) -> pd.Series:
+    """Return the values as a pandas ``str`` Series (NaN for missing), preserving positions."""
+    if isinstance(raw.dtype, pd.StringDtype):
+        return raw.astype("str")
+    if pd.api.types.is_bool_dtype(raw.dtype):
+        return raw.astype(object).map(lambda v: None if pd.isna(v) else str(v)).astype("str")
+    if pd.api.types.is_integer_dtype(raw.dtype) or pd.api.types.is_float_dtype(raw.dtype):
+        return raw.astype(object).map(_to_text).astype("str")
+    if pd.api.types.infer_dtype(raw, skipna=True) in ("string", "empty"):
+        return raw.astype("str")
+    return raw.astype(object).map(_to_text).astype("str")
+
+
+def _to_text(v: Any) -> str | None:
+    if v is None or v is pd.NA or v is pd.NaT:
+        return None
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (float, np.floating)):
+        if math.isnan(v):
+            return None
+        if float(v).is_integer():
+            return str(int(v))  # 79161234567.0 from a numeric column
+        return str(v)
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    try:
+        if pd.isna(v):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return str(v)
+
+
+def _clean(stripped: pd.Series) -> pd.Series:
+    cleaned = stripped
+    for ch in _SEPARATORS:
+        cleaned = cleaned.str.replace(ch, "", regex=False)
+    return cleaned
+
+
+def _fast_path(cleaned: pd.Series, default_region: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Vectorised: which cleaned strings are RU mobiles that phonenumbers accepts as they are.
+
+    ``cleaned`` must be a ``str`` Series of ``\\+?[0-9]{3,}`` strings whose raw
+    form is at most 250 characters.  Returns the positions (into ``cleaned``)
+    that take the fast path and their 10-digit national numbers.
+    """
+    spec = _FAST
+    n = len(cleaned)
+    none = (np.empty(0, dtype=np.int64), np.empty(0, dtype=object))
+    if spec is None or n == 0:
+        return none
+    cc, np_, L = spec.country_code, spec.national_prefix, spec.nsn_length
+    length = cleaned.str.len().to_numpy(dtype="float64", na_value=np.nan)
+    first = cleaned.str.slice(0, 1)
+    plus = (first == "+").to_numpy(dtype=bool, na_value=False)
+    # +7XXXXXXXXXX: works for any default region.
+    form_plus = plus & (length == 1 + len(cc) + L) & cleaned.str.startswith("+" + cc).to_numpy(dtype=bool, na_value=False)
+    national = np.zeros(n, dtype=bool)
+    if default_region == spec.region:
+        form_np = ~plus & (length == len(np_) + L) & cleaned.str.startswith(np_).to_numpy(dtype=bool, na_value=False)
+        form_cc = ~plus & (length == len(cc) + L) & cleaned.str.startswith(cc).to_numpy(dtype=bool, na_value=False)
+        form_bare = ~plus & (length == L)
+        national = form_np | form_cc | form_bare
+        # 7XXXXXXXXXX: phonenumbers strips the 7 only if the 11 digits are not
+        # themselves a viable RU national number.
+        if form_cc.any():
+            idx = np.flatnonzero(form_cc)
+            viable = cleaned.iloc[idx].str.fullmatch(spec.general).to_numpy(dtype=bool, na_value=True)
+            form_cc[idx[viable]] = False
+            national = form_np | form_cc | form_bare
+        # Never let phonenumbers see an international dialling prefix (810...).
+        if spec.international_prefix and national.any():
+            idx = np.flatnonzero(national)
+            idd = cleaned.iloc[idx].str.match(spec.international_prefix).to_numpy(dtype=bool, na_value=True)
+            national[idx[idd]] = False
+    cand = form_plus | national
+    if not cand.any():
+        return none
+    idx = np.flatnonzero(cand)
+    sub = cleaned.iloc[idx].str.slice(-L)
+    ok = sub.str.fullmatch(spec.mobile).to_numpy(dtype=bool, na_value=False).copy()
+
+    def narrow(pattern: str, *, full: bool, want: bool) -> None:
+        nonlocal ok
+        live = np.flatnonzero(ok)
+        if live.size == 0:
+            return
+        s = sub.iloc[live]
+        hit = (s.str.fullmatch(pattern) if full else s.str.match(pattern)).to_numpy(dtype=bool, na_value=not want)
+        ok[live[hit != want]] = False
+
+    narrow(spec.general, full=True, want=True)
+    narrow(spec.leading_digits, full=False, want=True)
+    narrow(spec.national_prefix_for_parsing, full=False, want=False)
+    narrow(re.escape(cc), full=False, want=False)  # conservative: no country-code-looking nsn
+    for pat in spec.excluded:
+        narrow(pat, full=True, want=False)
+    return idx[ok], sub.to_numpy(dtype=object)[ok]
+
+
+# ---------------------------------------------------------------------------
+# normalize_phones
+# ---------------------------------------------------------------------------
+
+
+def _prepare(raw: pd.Series, default_region: str | None) -> dict[str, Any]:
+    """Missing detection, fast path, and the distinct slow-path keys."""
+    if not isinstance(raw, pd.Series):
+        raw = pd.Series(raw)
+    n = len(raw)
+    text = _as_text(raw.reset_index(drop=True))
+    stripped = text.str.strip()
+    missing = (stripped.isna() | (stripped == "")).to_numpy(dtype=bool, na_value=True)
+    cleaned = _clean(stripped)
+    short = (text.str.len() <= _MAX_INPUT_LEN).to_numpy(dtype=bool, na_value=False)
+    simple = (cleaned.str.fullmatch(_SIMPLE_RE).to_numpy(dtype=bool, na_value=False)) & short & ~missing
+    fast = np.zeros(n, dtype=bool)
+    nsn = None
+    if _FAST is not None and simple.any():
+        idx = np.flatnonzero(simple)
+        sub_pos, sub_nsn = _fast_path(cleaned.iloc[idx].reset_index(drop=True), default_region)
+        fast[idx[sub_pos]] = True
+        nsn = (idx[sub_pos], sub_nsn)
+    slow_clean = simple & ~fast
+    slow_raw = ~missing & ~simple
+    pos_c = np.flatnonzero(slow_clean)
+    pos_r = np.flatnonzero(slow_raw)
+    codes_c, uniq_c = pd.factorize(cleaned.iloc[pos_c].to_numpy(dtype=object))
+    codes_r, uniq_r = pd.factorize(text.iloc[pos_r].to_numpy(dtype=object))
+    return {
+        "n": n,
+        "index": raw.index,
+        "missing": missing,
+        "fast_nsn": nsn,
+        "pos_c": pos_c,
+        "codes_c": codes_c,
+        "pos_r": pos_r,
+        "codes_r": codes_r,
+        "keys": [*uniq_c.tolist(), *uniq_r.tolist()],
+        "n_uniq_c": len(uniq_c),
+    }
+
+
+def _assemble(prep: dict[str, Any], results: list[Row]) -> pd.DataFrame:
+    n = prep["n"]
+    e164 = np.full(n, None, dtype=object)
+    status = np.full(n, "missing", dtype=object)
+    reason = np.full(n, _MISSING_REASON, dtype=object)
+    ntype = np.full(n, "", dtype=object)
+    region = np.full(n, "", dtype=object)
+    fast_rows = 0
+    if prep["fast_nsn"] is not None:
+        pos, nsn = prep["fast_nsn"]
+        fast_rows = len(pos)
+        if fast_rows:
+            e164[pos] = (("+" + _FAST.country_code) + pd.Series(nsn, dtype="str")).to_numpy(dtype=object)
+            status[pos] = "ok"
+            reason[pos] = ""
+            ntype[pos] = "MOBILE"
+            region[pos] = _FAST.region
+    if results:
+        cols = [np.array(col, dtype=object) for col in zip(*results)]
+        for pos, codes in ((prep["pos_c"], prep["codes_c"]), (prep["pos_r"], prep["codes_r"] + prep["n_uniq_c"])):
+            if len(pos):
+                for out, col in zip((e164, status, reason, ntype, region), cols):
+                    out[pos] = col[codes]
+    df = pd.DataFrame(
+        {
+            "phone_e164": pd.Series(e164, dtype=object),
+            "phone_status": pd.Series(status, dtype="str"),
+            "reason": pd.Series(reason, dtype="str"),
+            "number_type": pd.Series(ntype, dtype="str"),
+            "region": pd.Series(region, dtype="str"),
+        }
+    )
+    df.index = prep["index"]
+    df.attrs["fast_path_rows"] = int(fast_rows)
+    df.attrs["phonenumbers_calls"] = len(prep["keys"])
+    return df
+
+
+def normalize_phones(raw: pd.Series, default_region: str = "RU") -> pd.DataFrame:
+    """Normalise phone strings to E.164 and classify them for SMS.
+
+    Returns a DataFrame with the same index as ``raw`` and columns
+
+    * ``phone_e164`` - ``"+79161234567"`` for valid numbers (also for
+      ``not_mobile`` ones), else ``None``;
+    * ``phone_status`` - ``ok`` | ``invalid`` | ``not_mobile`` | ``missing``;
+    * ``reason`` - human-readable explanation, ``""`` for ``ok``;
+    * ``number_type`` - phonenumbers type name (``MOBILE``, ``FIXED_LINE``,
+      ``FIXED_LINE_OR_MOBILE``, ``TOLL_FREE`` ...) or ``""`` if invalid/missing;
+    * ``region`` - region of the number (``RU``, ``KZ``, ``GB`` ...) or ``""``.
+
+    Only ``MOBILE`` and ``FIXED_LINE_OR_MOBILE`` are ``ok``.  None, NaN, empty
+    and whitespace-only values are ``missing``.  The result is identical to
+    calling phonenumbers on every value; RU mobiles take an exact vectorised
+    fast path and phonenumbers runs once per distinct remaining string.
+    ``df.attrs`` reports ``fast_path_rows`` and ``phonenumbers_calls``.
+    """
+    prep = _prepare(raw, default_region)
+    results = _classify_many(prep["keys"], default_region) if prep["keys"] else []
+    return _assemble(prep, results)
+
+
+def normalize_phones_parallel(
+    raw: pd.Series,
+    default_region: str = "RU",
+    processes: int | None = None,
+    min_parallel: int = 50_000,
+) -> pd.DataFrame:
+    """Like :func:`normalize_phones`, parsing the slow-path remainder in worker processes.
+
+    Workers are only started when more than ``min_parallel`` distinct strings
+    need phonenumbers (otherwise process start-up costs more than it saves)
+    and ``processes`` (default: CPU count) is > 1.  Workers use the ``spawn``
+    start method, so this is safe from threaded callers (Prefect); call it
+    from code guarded by ``if __name__ == "__main__"`` when used in a script.
+    If the pool cannot be started, it falls back to in-process parsing.
+    """
+    prep = _prepare(raw, default_region)
+    keys = prep["keys"]
+    procs = processes if processes is not None else (os.cpu_count() or 1)
+    if procs > 1 and len(keys) > min_parallel:
+        results = _classify_parallel(keys, default_region, procs)
+    else:
+        results = _classify_many(keys, default_region) if keys else []
+    return _assemble(prep, results)
+
+
+def _classify_parallel(keys: list[str], default_region: str | None, procs: int) -> list[Row]:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    n_chunks = procs * 4
+    size = max(1, -(-len(keys) // n_chunks))
+    chunks = [keys[i : i + size] for i in range(0, len(keys), size)]
+    try:
+        with ProcessPoolExecutor(max_workers=procs, mp_context=mp.get_context("spawn")) as pool:
+            parts = list(pool.map(_classify_many, chunks, [default_region] * len(chunks)))
+    except (OSError, RuntimeError, ImportError):
+        # e.g. BrokenProcessPool (a RuntimeError) or no fork/spawn allowed here.
+        return _classify_many(keys, default_region)
+    return [row for part in parts for row in part]
+
+
+# ---------------------------------------------------------------------------
+# find_duplicates
+# ---------------------------------------------------------------------------
+
+
+def _to_utc(values: pd.Series) -> pd.Series:
+    if isinstance(values.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_dtype(values.dtype):
+        return pd.to_datetime(values, utc=True)
+    ts = pd.to_datetime(values, utc=True, errors="coerce", format="ISO8601")
+    # Retry non-ISO leftovers (e.g. "25.11.2025 10:00") per element.
+    present = values.notna().to_numpy()
+    if values.dtype == object or isinstance(values.dtype, pd.StringDtype):
+        present &= (values.astype("str").str.strip() != "").to_numpy(dtype=bool, na_value=False)
+    retry = present & ts.isna().to_numpy()
+    if retry.any():
+        sub = values[retry]
+        ts = ts.copy()
+        ts[retry] = pd.to_datetime(sub, utc=True, errors="coerce", format="mixed", dayfirst=True).to_numpy()
+    return ts
+
+
+def find_duplicates(e164: pd.Series, updated_at: pd.Series | None = None) -> pd.Series:
+    """Mark rows whose E.164 number already occurs in another, preferred row.
+
+    Rows with the same non-null (and non-empty) ``e164`` form a group; the
+    kept row of a group is the one with the latest ``updated_at`` (parsed
+    with ``utc=True``; unparseable or missing timestamps count as oldest),
+    ties broken by the first row in order; without ``updated_at`` the first
+    row is kept.  ``updated_at`` is aligned by position and must have the
+    same length.
+
+    Returns a Series with ``e164``'s index: for each duplicate row the index
+    label of the kept row, ``<NA>`` otherwise (kept rows, unique numbers,
+    nulls).  The dtype is nullable ``Int64`` for integer indexes, ``object``
+    otherwise.
+    """
+    n = len(e164)
+    index = e164.index
+    values = e164.to_numpy(dtype=object)
+    valid = ~pd.isna(values)
+    if valid.any():
+        valid &= values != ""
+    pos = np.flatnonzero(valid)
+    keeper = np.full(n, -1, dtype=np.int64)
+    if pos.size:
+        codes, _ = pd.factorize(values[pos])
+        if updated_at is not None:
+            if len(updated_at) != n:
+                raise ValueError(f"updated_at has {len(updated_at)} rows, e164 has {n}")
+            upd = updated_at if isinstance(updated_at, pd.Series) else pd.Series(updated_at)
+            ts = _to_utc(upd.reset_index(drop=True).iloc[pos])
+            ts_int = ts.to_numpy(dtype="datetime64[ns]").view(np.int64)  # NaT -> int64 min
+            nat = ts.isna().to_numpy()
+            # ascending sort key: latest first, NaT last
+            ts_key = np.where(nat, np.iinfo(np.int64).max, -ts_int)
+            order = np.lexsort((pos, ts_key, codes))
+        else:
+            order = np.lexsort((pos, codes))
+        sorted_codes = codes[order]
+        first = np.ones(order.size, dtype=bool)
+        first[1:] = sorted_codes[1:] != sorted_codes[:-1]
+        keeper_for_code = np.empty(int(codes.max()) + 1, dtype=np.int64)
+        keeper_for_code[sorted_codes[first]] = pos[order[first]]
+        k = keeper_for_code[codes]
+        dup = k != pos
+        keeper[pos[dup]] = k[dup]
+    is_dup = keeper >= 0
+    if pd.api.types.is_integer_dtype(index.dtype):
+        labels = np.zeros(n, dtype=np.int64)
+        labels[is_dup] = index.to_numpy()[keeper[is_dup]]
+        return pd.Series(pd.arrays.IntegerArray(labels, ~is_dup), index=index, name="duplicate_of")
+    out = np.full(n, pd.NA, dtype=object)
+    out[is_dup] = index.to_numpy(dtype=object)[keeper[is_dup]]
+    return pd.Series(out, index=index, dtype=object, name="duplicate_of")
+
+
+# ---------------------------------------------------------------------------
+# Great Expectations check of the raw extract
+# ---------------------------------------------------------------------------
+
+
+class ExtractSchemaError(ValueError):
+    """A required column is missing from the extract (the run must stop)."""
+
+
+@dataclass
+class ExtractCheckResult:
+    """Outcome of :func:`check_extract`.
+
+    ``success`` is False when any *critical* expectation failed (broken
+    extract: caller should stop the run).  ``warning`` expectations (e.g.
+    duplicate CRM ids, unknown languages) are reported but never fail.
+    Each entry of ``results``: ``expectation``, ``column``, ``success``,
+    ``unexpected_count``, ``unexpected_percent`` plus ``severity``
+    (``critical``/``warning``), ``description``, ``mostly`` and ``error``.
+    """
+
+    success: bool
+    results: list[dict] = field(default_factory=list)
+    row_count: int = 0
+
+    @property
+    def failures(self) -> list[dict]:
+        return [r for r in self.results if not r["success"] and r["severity"] == "critical"]
+
+    @property
+    def warnings(self) -> list[dict]:
+        return [r for r in self.results if not r["success"] and r["severity"] != "critical"]
+
+    def summary(self) -> str:
+        """One-line message, e.g. for stopping a run."""
+        if self.success and not self.warnings:
+            return f"extract check passed ({self.row_count} rows)"
+        parts = []
+        for r in self.failures + self.warnings:
+            txt = f"{r['description']}"
+            if r.get("unexpected_percent") is not None:
+                txt += f" ({r['unexpected_count']} rows, {r['unexpected_percent']:.1f}% unexpected)"
+            if r.get("error"):
+                txt += f" (error: {r['error']})"
+            parts.append(("FAILED: " if r["severity"] == "critical" else "warning: ") + txt)
+        head = "extract check failed" if not self.success else "extract check passed with warnings"
+        return f"{head} ({self.row_count} rows): " + "; ".join(parts)
+
+    def markdown(self) -> str:
+        """Markdown table (for a Prefect artifact)."""
+        head = "**Extract check: {}** ({} rows)\n\n".format("passed" if self.success else "FAILED", self.row_count)
+        lines = [
+            "| result | severity | check | column | unexpected | unexpected % |",
+            "|---|---|---|---|---:|---:|",
+        ]
+        for r in self.results:
+            mark = "pass" if r["success"] else ("FAIL" if r["severity"] == "critical" else "warn")
+            cnt = "" if r.get("unexpected_count") is None else str(r["unexpected_count"])
+            pct = "" if r.get("unexpected_percent") is None else f"{r['unexpected_percent']:.2f}"
+            desc = r["description"] + (f" (error: {r['error']})" if r.get("error") else "")
+            desc = desc.replace("|", "\\|")
+            lines.append(f"| {mark} | {r['severity']} | {desc} | {r['column'] or ''} | {cnt} | {pct} |")
+        return head + "\n".join(lines) + "\n"
+
+
+DEFAULT_LANGUAGES: tuple[str, ...] = ("ru", "en")
+
+
+def _blank_to_null(s: pd.Series) -> pd.Series:
+    """Empty / whitespace-only strings count as null (CSV extracts read with keep_default_na=False)."""
+    if pd.api.types.is_string_dtype(s.dtype) or s.dtype == object:
+        stripped = s.astype("str").str.strip()
+        blank = (stripped == "").to_numpy(dtype=bool, na_value=False)
+        if blank.any():
+            s = s.astype(object).where(~blank, None)
+    return s
+
+
+def check_extract(
+    df: pd.DataFrame,
+    phone_column: str = "phone",
+    id_column: str = "id",
+    *,
+    language_column: str = "language",
+    languages: Collection[str] = DEFAULT_LANGUAGES,
+    min_phone_filled: float = 0.5,
+    min_id_filled: float = 0.99,
+) -> ExtractCheckResult:
+    """Great Expectations check of a raw CRM extract (or one chunk of it).
+
+    Raises :class:`ExtractSchemaError` (before touching GE) if ``id_column``
+    or ``phone_column`` is missing.  Expectations (critical ones decide
+    ``success``):
+
+    * critical: id and phone columns exist; id not null (``mostly=min_id_filled``);
+      phone not null (``mostly=min_phone_filled`` - a mostly-empty phone
+      column means a broken extract); phone values contain >= 5 digits
+      (``mostly=0.5`` - catches shifted/garbage columns);
+    * warning: ids unique (CRM duplicates are reported, not fatal); language
+      in ``languages`` (``mostly=0.95``, only if ``language_column`` exists);
+      at least one row.
+
+    Empty/whitespace strings count as null.  Stateless, so it can be run per
+    chunk (note: id uniqueness is then only checked within each chunk).
+    ``great_expectations`` is imported lazily (it takes seconds to import).
+    """
+    missing_cols = [c for c in (id_column, phone_column) if c not in df.columns]
+    if missing_cols:
+        present = ", ".join(map(str, df.columns)) or "(none)"
+        which = " and ".join(f"'{c}'" for c in missing_cols)
+        noun = "column" if len(missing_cols) == 1 else "columns"
+        raise ExtractSchemaError(f"required {noun} {which} not found in extract; columns: {present}")
+
+    checked = [id_column, phone_column]
+    has_lang = language_column in df.columns and language_column not in checked
+    if has_lang:
+        checked.append(language_column)
+    data = pd.DataFrame({c: _blank_to_null(df[c]) for c in checked})
+    data.index = pd.RangeIndex(len(data))
+
+    gx = _import_gx()
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    batch_def = (
+        ctx.data_sources.add_pandas(name="crm")
+        .add_dataframe_asset(name="contacts")
+        .add_batch_definition_whole_dataframe("all_rows")
+    )
+    suite = ctx.suites.add(gx.ExpectationSuite(name="contacts_suite"))
+    E = gx.expectations
+
+    def add(exp: Any, severity: str, description: str) -> None:
+        exp.meta = {"severity": severity, "description": description}
+        suite.add_expectation(exp)
+
+    add(E.ExpectColumnToExist(column=id_column), "critical", f"column '{id_column}' exists")
+    add(E.ExpectColumnToExist(column=phone_column), "critical", f"column '{phone_column}' exists")
+    add(
+        E.ExpectColumnValuesToNotBeNull(column=id_column, mostly=min_id_filled),
+        "critical",
+        f"'{id_column}' filled in >= {min_id_filled:.0%} of rows",
+    )
+    add(E.ExpectColumnValuesToBeUnique(column=id_column), "warning", f"'{id_column}' values unique")
+    add(
+        E.ExpectColumnValuesToNotBeNull(column=phone_column, mostly=min_phone_filled),
+        "critical",
+        f"'{phone_column}' filled in >= {min_phone_filled:.0%} of rows",
+    )
+    add(
+        E.ExpectColumnValuesToMatchRegex(column=phone_column, regex=r"^\D*(?:\d\D*){5,}$", mostly=0.5),
+        "critical",
+        f"'{phone_column}' values contain >= 5 digits (>= 50% of filled rows)",
+    )
+    if has_lang:
+        add(
+            E.ExpectColumnValuesToBeInSet(column=language_column, value_set=sorted(languages), mostly=0.95),
+            "warning",
+            f"'{language_column}' in {{{', '.join(sorted(languages))}}} (>= 95% of filled rows)",
+        )
+    add(E.ExpectTableRowCountToBeBetween(min_value=1), "warning", "extract has at least one row")
+
+    res = batch_def.get_batch(batch_parameters={"dataframe": data}).validate(suite)
+
+    results: list[dict] = []
+    for r in res.results:
+        cfg = r.expectation_config
+        meta = cfg.meta or {}
+        info = r.exception_info or {}
+        error = None
+        if info.get("raised_exception"):
+            error = info.get("exception_message")
+        else:  # multiple metric errors are keyed by metric id
+            for v in info.values():
+                if isinstance(v, dict) and v.get("raised_exception"):
+                    error = v.get("exception_message")
+                    break
+        result = r.result or {}
+        pct = result.get("unexpected_percent")
+        results.append(
+            {
+                "expectation": cfg.type,
+                "column": cfg.kwargs.get("column"),
+                "success": bool(r.success) and error is None,
+                "unexpected_count": result.get("unexpected_count"),
+                "unexpected_percent": None if pct is None else float(pct),
+                "severity": meta.get("severity", "critical"),
+                "description": meta.get("description", cfg.type),
+                "mostly": cfg.kwargs.get("mostly"),
+                "error": error,
+            }
+        )
+    success = all(r["success"] for r in results if r["severity"] == "critical")
+    return ExtractCheckResult(success=success, results=results, row_count=len(df))
+
+
+def _import_gx():
+    import logging
+
+    # Keep GE quiet: no usage statistics, no INFO chatter.
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    return gx
+
+
+# ---------------------------------------------------------------------------
+# validate_csv
+# ---------------------------------------------------------------------------
+
+
+class ValidationInputError(ValueError):
+    """Bad input for validate_csv; the message is meant to be shown to the user as is."""
+
+
+def _read_header(path: Path, shown: str) -> list[str]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            header = next(csv.reader(fh), None)
+    except FileNotFoundError:
+        raise ValidationInputError(f"input file not found: {shown}") from None
+    except IsADirectoryError:
+        raise ValidationInputError(f"input path is a directory, not a CSV file: {shown}") from None
+    except UnicodeDecodeError as exc:
+        raise ValidationInputError(f"{shown} is not UTF-8 encoded ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise ValidationInputError(f"could not read CSV header of {shown}: {exc}") from None
+    if not header:
+        raise ValidationInputError(f"{shown} is empty (no header row)")
+    return header
+
+
+def validate_csv(
+    in_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    default_region: str = "RU",
+    phone_column: str = "phone",
+) -> dict[str, int]:
+    """Validate and deduplicate the phone numbers of a CRM CSV export.
+
+    Reads ``in_path`` (UTF-8, optional BOM) with every column as text and
+    writes ``out_path`` with every input row in order and every input column
+    unchanged, plus ``phone_e164``, ``phone_status`` (``ok``, ``invalid``,
+    ``not_mobile``, ``duplicate``, ``missing``), ``reason`` and
+    ``duplicate_of``.  Among ``ok`` rows with the same number, one row is
+    kept (latest ``updated_at`` if that column exists, else the first); the
+    others become ``duplicate`` with ``duplicate_of`` = 0-based data-row index
+    of the kept row and reason ``"same number as row N"`` (same 0-based N).
+
+    If the input already contains all four output columns (a previous
+    output), they are replaced; a partial clash raises
+    :class:`ValidationInputError`.  Returns ``{status: count}`` for all five
+    statuses.  Raises :class:`ValidationInputError` with a user-facing
+    message for a missing/unreadable file or a missing phone column.
+    """
+    src = Path(in_path)
+    shown = str(in_path)
+    header = _read_header(src, shown)
+    if phone_column not in header:
+        raise ValidationInputError(f"column '{phone_column}' not found in {shown}; columns: {', '.join(header)}")
+    clash = [c for c in CSV_OUTPUT_COLUMNS if c in header]
+    if clash and len(clash) != len(CSV_OUTPUT_COLUMNS):
+        raise ValidationInputError(
+            f"{shown} already has column(s) {', '.join(clash)} which validate would overwrite; rename them first"
+        )
+    try:
+        df = pd.read_csv(
+            src,
+            dtype=str,
+            keep_default_na=False,
+            na_filter=False,
+            encoding="utf-8-sig",
+            index_col=False,
+        )
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise ValidationInputError(f"could not read {shown}: {exc}") from None
+    if df.shape[1] != len(header):  # pragma: no cover - csv and pandas disagree on the header
+        raise ValidationInputError(f"could not read {shown}: header has {len(header)} fields, parsed {df.shape[1]}")
+    df.columns = pd.RangeIndex(len(header))  # positional; restores duplicate header names on write
+    if clash:  # re-validating a previous output: drop the old derived columns
+        keep = [i for i, h in enumerate(header) if h not in CSV_OUTPUT_COLUMNS]
+        df = df[keep]
+        header = [header[i] for i in keep]
+        df.columns = pd.RangeIndex(len(header))
+    df = df.reset_index(drop=True)
+
+    phone_pos = header.index(phone_column)
+    norm = normalize_phones_parallel(df[phone_pos], default_region)
+    status = norm["phone_status"].to_numpy(dtype=object).copy()
+    reason = norm["reason"].to_numpy(dtype=object).copy()
+    e164 = norm["phone_e164"]
+
+    updated = df[header.index("updated_at")] if "updated_at" in header else None
+    dup = find_duplicates(e164.where(norm["phone_status"] == "ok"), updated)
+    dup_mask = dup.notna().to_numpy()
+    duplicate_of = np.full(len(df), "", dtype=object)
+    if dup_mask.any():
+        kept = dup[dup_mask].astype("int64").astype("str").to_numpy(dtype=object)
+        status[dup_mask] = "duplicate"
+        reason[dup_mask] = ("same number as row " + pd.Series(kept, dtype="str")).to_numpy(dtype=object)
+        duplicate_of[dup_mask] = kept
+
+    n_in = len(header)
+    df[n_in] = e164.fillna("").to_numpy(dtype=object)
+    df[n_in + 1] = status
+    df[n_in + 2] = reason
+    df[n_in + 3] = duplicate_of
+    out_header = [*header, *CSV_OUTPUT_COLUMNS]
+
+    dst = Path(out_path)
+    if not dst.parent.exists():
+        raise ValidationInputError(f"output directory does not exist: {dst.parent}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            df.to_csv(fh, index=False, header=out_header, lineterminator="\n")
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+    counts = pd.Series(status).value_counts()
+    return {s: int(counts.get(s, 0)) for s in CSV_STATUSES}

@@ -11,6 +11,20 @@ from tasks.send import SendStats, send_task
 SEND_CHUNK = 50_000  # messages per task run: task runs grow with volume / SEND_CHUNK, never per message
 
 
+def ensure_gateway_limit(gateway_name: str) -> str:
+    """One sender at a time per gateway (the provider's rate limit is shared by all campaigns):
+    a Prefect global concurrency limit ``gateway-<name>``, created with limit 1 if missing."""
+    from prefect.client.orchestration import get_client
+
+    name = f"gateway-{gateway_name}"
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except Exception:  # noqa: BLE001 - ObjectNotFound: create it
+            client.upsert_global_concurrency_limit_by_name(name, 1)
+    return name
+
+
 @flow(name="send")
 def send(campaign: str, gateway_block: str = "sandbox", rate: float | None = None, database_url: str | None = None) -> dict:
     """Send a campaign's planned messages; rerunning resumes and never submits a message twice."""
@@ -20,6 +34,7 @@ def send(campaign: str, gateway_block: str = "sandbox", rate: float | None = Non
         cid = conn.execute(text("SELECT id FROM campaigns WHERE name = :n"), {"n": campaign}).scalar()
     if cid is None:
         raise ValueError(f"no campaign named '{campaign}': render it first")
+    ensure_gateway_limit(gw.gateway_name)
     total = SendStats()
     while True:
         s = send_task(int(cid), gw, rate or gw.rate_per_second, SEND_CHUNK, database_url)

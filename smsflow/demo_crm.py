@@ -39,6 +39,7 @@ Data conventions (pandas 3)
 
 from __future__ import annotations
 
+import csv
 import functools
 import math
 import os
@@ -242,7 +243,7 @@ _PHONE_TEMPLATES = {
         ("+44NNNNNNNNNN", 0.20),
     ),
     _F_GARBAGE: (  # national digits for garbage look like a Russian mobile
-        ("abc", 0.08),
+        ("abc", 0.12),
         ("12345", 0.06),
         ("NNNNN", 0.10),
         ("+7 NNN NN", 0.15),
@@ -329,7 +330,7 @@ _FIELDS = (
     "created", "stage", "orders_base", "orders_whale", "orders_whale_n",
     "avg_order", "spent_factor", "last_order", "consent", "consent_at",
     "activity", "activity_missing", "updated_delta", "birthday",
-    "birthday_missing", "expat_city_en",
+    "birthday_missing", "expat_city_en", "updated_late", "manual_edit",
 )
 _FIELD_ID = {name: i for i, name in enumerate(_FIELDS)}
 
@@ -576,8 +577,12 @@ def _to_dt(seconds: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 
-def _contacts_range(seed: int, start: int, stop: int) -> pd.DataFrame:
-    """Rows ``[start, stop)`` of the contact base for ``seed``."""
+def _contacts_range(seed: int, start: int, stop: int) -> dict[str, np.ndarray]:
+    """Rows ``[start, stop)`` of the contact base for ``seed`` as raw arrays.
+
+    Text columns are object arrays (None = missing), timestamps int64 epoch
+    seconds (``_NAT`` = missing).
+    """
     b_start = (start // BLOCK_SIZE) * BLOCK_SIZE
     d = _Draws(seed, b_start, stop)
     m = stop - b_start
@@ -747,7 +752,8 @@ def _contacts_range(seed: int, start: int, stop: int) -> pd.DataFrame:
         email[dup[~keep]] = None
 
     # --- lifecycle timestamps ----------------------------------------------
-    created = _REF_S - 3600 - (6 * _YEAR * d.u("created") ** 1.5).astype(np.int64)
+    # steadily growing base: sign-up age density falls linearly over 6 years
+    created = _REF_S - 3600 - (6 * _YEAR * (1 - np.sqrt(d.u("created")))).astype(np.int64)
     stage = d.choice("stage", _STAGE_P)
     if len(dup):
         stage[dup] = _pick(d.u("stage")[dup], _DUP_STAGE_P)
@@ -776,55 +782,79 @@ def _contacts_range(seed: int, start: int, stop: int) -> pd.DataFrame:
     u_lo = d.u("last_order")
     last_order = np.full(m, _NAT, dtype=np.int64)
     span = _REF_S - 60 - created
-    last_order[customer] = _REF_S - 60 - (span[customer] * u_lo[customer] ** 1.5).astype(np.int64)
+    last_order[customer] = _REF_S - 60 - (span[customer] * (1 - np.sqrt(u_lo[customer]))).astype(np.int64)
     last_order[churned] = created[churned] + ((_REF_S - 180 * _DAY - created[churned]) * u_lo[churned]).astype(np.int64)
     last_order[prospect_order] = created[prospect_order] + (span[prospect_order] * u_lo[prospect_order]).astype(np.int64)
 
     consent = d.u("consent") < _CONSENT_P[stage]
     consent_at = np.where(consent, created + ((_REF_S - created) * d.u("consent_at") ** 3).astype(np.int64), _NAT)
 
-    activity = created + ((_REF_S - created) * d.u("activity") ** 0.5).astype(np.int64)
+    activity = created + ((_REF_S - created) * d.u("activity")).astype(np.int64)
     has_order = orders > 0
     activity[has_order] = np.maximum(activity[has_order], last_order[has_order])
     never_active = (stage == 0) & (d.u("activity_missing") < 0.3)
     activity[never_active] = _NAT
 
-    latest = np.maximum.reduce([created, np.where(consent, consent_at, 0), np.where(has_order, last_order, 0), np.where(never_active, 0, activity)])
-    # ~15 days after the latest event, smoothly saturating before "now"
-    room = np.maximum(_REF_S - 1 - latest, 0).astype(np.float64)
-    delta = 15 * _DAY * d.exp("updated_delta")
-    updated = latest + (room * -np.expm1(-delta / np.maximum(room, 1.0))).astype(np.int64)
+    # The record changes on sign-up, consent, orders and occasional manual
+    # edits (web activity alone does not touch it), then settles a few days
+    # later; a delay that would pass "now" lands anywhere in the remaining
+    # window instead (no pile-up of identical timestamps at "now").
+    u_edit = d.u("manual_edit")
+    edit = np.where(u_edit < 0.4, created + ((_REF_S - created) * u_edit / 0.4).astype(np.int64), 0)
+    latest = np.maximum.reduce(
+        [created, np.where(consent, consent_at, 0), np.where(has_order, last_order, 0), edit]
+    )
+    room = np.maximum(_REF_S - 1 - latest, 0)
+    delta = (3 * _DAY * d.exp("updated_delta")).astype(np.int64)
+    late = delta > room
+    delta[late] = (room[late] * d.u("updated_late")[late]).astype(np.int64)
+    updated = latest + delta
     if len(dup):  # a re-entered person always has its own modification time
         same = updated[dup] == updated[src]
         updated[dup[same]] -= 1
 
     # --- assemble ------------------------------------------------------------
     keep = slice(start - b_start, m)
-    n_out = stop - start
-    frame = pd.DataFrame(
-        {
-            "id": pd.array(_make_ids("C", gidx[keep] + 1), dtype="str"),
-            "first_name": pd.array(first_name[keep], dtype="str"),
-            "last_name": pd.array(last_name[keep], dtype="str"),
-            "phone": pd.array(phone[keep], dtype="str"),
-            "email": pd.array(email[keep], dtype="str"),
-            "language": pd.array(np.where(english[keep], "en", "ru").astype(object), dtype="str"),
-            "timezone": pd.array(timezone[keep], dtype="str"),
-            "city": pd.array(city[keep], dtype="str"),
-            "sms_consent": consent[keep],
-            "consent_at": _to_dt(consent_at[keep]),
-            "updated_at": _to_dt(updated[keep]),
-            "funnel_stage": pd.array(np.asarray(FUNNEL_STAGES, dtype=object)[stage[keep]], dtype="str"),
-            "last_activity_at": _to_dt(activity[keep]),
-            "orders_count": orders[keep],
-            "total_spent": total_spent[keep],
-            "last_order_at": _to_dt(last_order[keep]),
-            "birthday": _to_dt(bday_s[keep]),
-        },
-        index=pd.RangeIndex(start, stop),
-    )
-    assert len(frame) == n_out
-    return frame
+    return {
+        "id": _make_ids("C", gidx[keep] + 1),
+        "first_name": first_name[keep],
+        "last_name": last_name[keep],
+        "phone": phone[keep],
+        "email": email[keep],
+        "language": np.where(english[keep], "en", "ru").astype(object),
+        "timezone": timezone[keep],
+        "city": city[keep],
+        "sms_consent": consent[keep],
+        "consent_at": consent_at[keep],
+        "updated_at": updated[keep],
+        "funnel_stage": np.asarray(FUNNEL_STAGES, dtype=object)[stage[keep]],
+        "last_activity_at": activity[keep],
+        "orders_count": orders[keep],
+        "total_spent": total_spent[keep],
+        "last_order_at": last_order[keep],
+        "birthday": bday_s[keep],
+    }
+
+
+_TEXT_COLUMNS = (
+    "id", "first_name", "last_name", "phone", "email", "language",
+    "timezone", "city", "funnel_stage",
+)
+_DATETIME_COLUMNS = ("consent_at", "updated_at", "last_activity_at", "last_order_at")
+_DATE_COLUMNS = ("birthday",)
+
+
+def _contacts_frame(cols: dict, start: int) -> pd.DataFrame:
+    data = {}
+    for name in CONTACT_COLUMNS:
+        v = cols[name]
+        if name in _TEXT_COLUMNS:
+            data[name] = pd.array(v, dtype="str")
+        elif name in _DATETIME_COLUMNS or name in _DATE_COLUMNS:
+            data[name] = _to_dt(v)
+        else:
+            data[name] = v
+    return pd.DataFrame(data, index=pd.RangeIndex(start, start + len(cols["id"])))
 
 
 def _pick_cdf(u: np.ndarray, cdf: np.ndarray) -> np.ndarray:
@@ -852,7 +882,7 @@ def generate_contacts(n: int, seed: int = 42) -> pd.DataFrame:
     differently; ~5 % lack a first name.
     """
     _check_args(n, seed)
-    return _contacts_range(int(seed), 0, int(n))
+    return _contacts_frame(_contacts_range(int(seed), 0, int(n)), 0)
 
 
 # --------------------------------------------------------------------------
@@ -914,6 +944,20 @@ def generate_orders(contacts: pd.DataFrame, seed: int = 42) -> pd.DataFrame:
         raise ValueError("contacts with total_spent > 0 need orders_count > 0")
     last_s = np.where(np.isnat(last), 0, last.astype(np.int64))
 
+    cols = _orders_arrays(ids, k, total_kop, last_s, int(seed))
+    return pd.DataFrame(
+        {
+            "id": pd.array(cols["id"], dtype="str"),
+            "contact_id": pd.array(cols["contact_id"], dtype="str"),
+            "status": pd.array(cols["status"], dtype="str"),
+            "amount": cols["amount"],
+            "created_at": _to_dt(cols["created_at"]),
+        }
+    )
+
+
+def _orders_arrays(ids: np.ndarray, k: np.ndarray, total_kop: np.ndarray, last_s: np.ndarray, seed: int) -> dict:
+    """Core of :func:`generate_orders` on raw arrays (ids: object array)."""
     m = len(ids)
     key = _mix64(pd.util.hash_array(ids) ^ _mix64(np.full(m, seed, dtype=np.uint64)))
     total = int(k.sum())
@@ -979,23 +1023,18 @@ def generate_orders(contacts: pd.DataFrame, seed: int = 42) -> pd.DataFrame:
     maxk = int(k.max()) if m else 0
     suffix = np.array([f"-{s:02d}" for s in range(maxk + 1)], dtype=object)
     order_ids = ids[out_c] + suffix[out_seq] if total else np.empty(0, dtype=object)
-    return pd.DataFrame(
-        {
-            "id": pd.array(order_ids, dtype="str"),
-            "contact_id": pd.array(ids[out_c], dtype="str"),
-            "status": pd.array(np.asarray(ORDER_STATUSES, dtype=object)[out_status], dtype="str"),
-            "amount": out_amount / 100.0,
-            "created_at": _to_dt(out_created),
-        }
-    )
+    return {
+        "id": order_ids,
+        "contact_id": ids[out_c],
+        "status": np.asarray(ORDER_STATUSES, dtype=object)[out_status],
+        "amount": out_amount / 100.0,
+        "created_at": out_created,
+    }
 
 
 # --------------------------------------------------------------------------
 # Writers
 # --------------------------------------------------------------------------
-
-_DATETIME_COLUMNS = ("consent_at", "updated_at", "last_activity_at", "last_order_at")
-_DATE_COLUMNS = ("birthday",)
 
 _CONTACTS_DDL = """
 CREATE TABLE contacts (
@@ -1027,27 +1066,20 @@ CREATE TABLE orders (
 )"""
 
 
-def _text_list(s: pd.Series) -> list:
-    """str Series -> list of Python str with None for missing."""
-    arr = s.to_numpy(dtype=object, na_value=None)
-    return arr.tolist()
-
-
-def _contact_columns_for_export(frame: pd.DataFrame) -> list[list]:
-    cols = []
+def _export_columns(cols: dict) -> list[list]:
+    """Raw contact arrays -> per-column Python lists for sqlite3/CSV."""
+    out = []
     for name in CONTACT_COLUMNS:
-        s = frame[name]
+        v = cols[name]
         if name in _DATETIME_COLUMNS:
-            cols.append(_iso(s.to_numpy(), "s").tolist())
+            out.append(_iso(_to_dt(v), "s").tolist())
         elif name in _DATE_COLUMNS:
-            cols.append(_iso(s.to_numpy(), "D").tolist())
+            out.append(_iso(_to_dt(v), "D").tolist())
         elif name == "sms_consent":
-            cols.append(s.to_numpy(dtype=np.int64).tolist())
-        elif name in ("orders_count", "total_spent"):
-            cols.append(s.to_numpy().tolist())
+            out.append(v.astype(np.int64).tolist())
         else:
-            cols.append(_text_list(s))
-    return cols
+            out.append(v.tolist())
+    return out
 
 
 def _chunk_rows(chunk: int) -> int:
@@ -1095,18 +1127,24 @@ def write_crm_sqlite(path: str | os.PathLike, n: int, seed: int = 42, chunk: int
         o_sql = f"INSERT INTO orders VALUES ({','.join('?' * len(ORDER_COLUMNS))})"
         conn.execute("BEGIN")
         for lo in range(0, int(n), step):
-            contacts = _contacts_range(int(seed), lo, min(int(n), lo + step))
-            conn.executemany(c_sql, zip(*_contact_columns_for_export(contacts)))
-            orders = generate_orders(contacts, seed)
-            del contacts
+            cols = _contacts_range(int(seed), lo, min(int(n), lo + step))
+            conn.executemany(c_sql, zip(*_export_columns(cols)))
+            orders = _orders_arrays(
+                cols["id"],
+                cols["orders_count"],
+                np.rint(cols["total_spent"] * 100).astype(np.int64),
+                np.where(cols["last_order_at"] == _NAT, 0, cols["last_order_at"]),
+                int(seed),
+            )
+            del cols
             conn.executemany(
                 o_sql,
                 zip(
-                    _text_list(orders["id"]),
-                    _text_list(orders["contact_id"]),
-                    _text_list(orders["status"]),
-                    orders["amount"].to_numpy().tolist(),
-                    _iso(orders["created_at"].to_numpy(), "s").tolist(),
+                    orders["id"].tolist(),
+                    orders["contact_id"].tolist(),
+                    orders["status"].tolist(),
+                    orders["amount"].tolist(),
+                    _iso(_to_dt(orders["created_at"]), "s").tolist(),
                 ),
             )
             del orders
@@ -1119,25 +1157,23 @@ def write_crm_sqlite(path: str | os.PathLike, n: int, seed: int = 42, chunk: int
 
 
 def write_crm_csv(path: str | os.PathLike, n: int, seed: int = 42) -> Path:
-    """Write ``generate_contacts(n, seed)`` as UTF-8 CSV (header, comma).
+    """Write ``generate_contacts(n, seed)`` as UTF-8 CSV (header, comma, LF).
 
-    Timestamps are ISO-8601 ``YYYY-MM-DDTHH:MM:SS`` (naive UTC), birthdays
-    ``YYYY-MM-DD``; missing values and empty strings are both empty fields.
-    Generated in whole blocks to bound memory.
+    Readable with ``pd.read_csv``.  Timestamps are ISO-8601
+    ``YYYY-MM-DDTHH:MM:SS`` (naive UTC), birthdays ``YYYY-MM-DD``,
+    ``sms_consent`` is ``True``/``False``; missing values and empty strings
+    are both empty fields.  Generated in whole blocks to bound memory.
     """
     _check_args(n, seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     step = _chunk_rows(200_000)
     with open(path, "w", encoding="utf-8", newline="") as fh:
-        if n == 0:
-            pd.DataFrame(columns=list(CONTACT_COLUMNS)).to_csv(fh, index=False)
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(CONTACT_COLUMNS)
         for lo in range(0, int(n), step):
-            frame = _contacts_range(int(seed), lo, min(int(n), lo + step))
-            out = frame.copy()
-            for name in _DATETIME_COLUMNS:
-                out[name] = _iso(frame[name].to_numpy(), "s")
-            for name in _DATE_COLUMNS:
-                out[name] = _iso(frame[name].to_numpy(), "D")
-            out.to_csv(fh, index=False, header=(lo == 0))
+            cols = _contacts_range(int(seed), lo, min(int(n), lo + step))
+            out = _export_columns(cols)
+            out[CONTACT_COLUMNS.index("sms_consent")] = cols["sms_consent"].tolist()
+            writer.writerows(zip(*out))
     return path

@@ -113,7 +113,7 @@ def _py(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, (dict, list)):
-        return json.dumps(value, ensure_ascii=False, default=str)
+        return json.dumps(_json_clean(value), ensure_ascii=False, default=str, allow_nan=False)
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalar
         try:
             value = value.item()
@@ -135,6 +135,30 @@ def _py(value: Any) -> Any:
             value = value.astimezone(timezone.utc).replace(tzinfo=None)
         return value
     return value
+
+
+def _json_clean(obj: Any) -> Any:
+    """JSON-safe: NaN/NaT/NA -> null (PostgreSQL rejects NaN in json), datetimes -> ISO text."""
+    if isinstance(obj, dict):
+        return {str(k): _json_clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_clean(v) for v in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, (datetime, date)):
+        return obj.isoformat()
+    if obj is None or isinstance(obj, (str, int, bool, float)):
+        return obj
+    try:
+        import pandas as pd
+
+        if pd.isna(obj):
+            return None
+    except (TypeError, ValueError):
+        pass
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
 
 
 def _sqlite_value(value: Any) -> Any:

@@ -102,8 +102,7 @@ def prepare_contacts(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, list[
     check_columns(df, source)
     now = utcnow()
     df = df.reset_index(drop=True)
-    raw_ids = df["id"].map(_clean)
-    ids = raw_ids.map(lambda v: None if v is None else str(v))
+    ids = pd.Series([None if (c := _clean(v)) is None else str(c) for v in df["id"]], index=df.index, dtype=object)
     updated = _to_utc_naive(df["updated_at"]) if "updated_at" in df.columns else pd.Series(pd.NaT, index=df.index)
     quarantine: list[dict[str, Any]] = []
 
@@ -131,14 +130,20 @@ def prepare_contacts(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, list[
     d = df.loc[winners.index.sort_values()]
     upd = updated.loc[d.index]
 
+    def obj(values) -> pd.Series:  # object dtype: None stays None (pandas 3 would turn it into NaN)
+        return pd.Series(list(values), index=d.index, dtype=object)
+
     def col(name: str) -> pd.Series:
         if name in d.columns:
-            return d[name].map(_clean)
-        return pd.Series([None] * len(d), index=d.index, dtype=object)
+            return obj(_clean(v) for v in d[name])
+        return obj([None] * len(d))
 
-    consent = col("sms_consent").map(lambda v: v if isinstance(v, bool) else (str(v).strip().lower() in TRUTHY if v is not None else False))
+    consent = obj(
+        v if isinstance(v, bool) else (str(v).strip().lower() in TRUTHY if v is not None else False)
+        for v in col("sms_consent")
+    ).astype(bool)
     consent_at = _to_utc_naive(col("consent_at")) if "consent_at" in d.columns else pd.Series(pd.NaT, index=d.index)
-    lang = col("language").map(lambda v: None if v is None else str(v).strip().lower()[:8])
+    lang = obj(None if v is None else str(v).strip().lower()[:8] for v in col("language"))
     extra_cols = [c for c in d.columns if c not in CONTACT_COLUMNS and c not in ("consent_method",)]
     if extra_cols:
         extras = d[extra_cols]
@@ -148,7 +153,7 @@ def prepare_contacts(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, list[
         ]
     else:
         attributes = [{} for _ in range(len(d))]
-    method = col("consent_method").map(lambda v: v or "import")
+    method = obj(v or "import" for v in col("consent_method"))
 
     rows = pd.DataFrame(
         {
@@ -157,13 +162,13 @@ def prepare_contacts(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, list[
             "first_name": col("first_name"),
             "last_name": col("last_name"),
             "email": col("email"),
-            "phone_raw": col("phone").map(lambda v: None if v is None else str(v)),
+            "phone_raw": obj(None if v is None else str(v) for v in col("phone")),
             "language": lang,
             "timezone": col("timezone"),
             "sms_consent": consent,
             "consent_at": consent_at.astype(object).where(consent_at.notna(), None),
-            "consent_method": method.where(consent, None),
-            "consent_source": pd.Series([source] * len(d), index=d.index).where(consent, None),
+            "consent_method": obj(m if c else None for m, c in zip(method, consent)),
+            "consent_source": obj(source if c else None for c in consent),
             "attributes": attributes,
             "crm_updated_at": upd.astype(object).where(upd.notna(), None),
             "status": "new",

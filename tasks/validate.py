@@ -520,18 +520,21 @@ def _classify_parallel(keys: list[str], default_region: str | None, procs: int) 
 
 
 def _to_utc(values: pd.Series) -> pd.Series:
+    """Parse timestamps to UTC; unparseable/missing -> NaT.  ISO 8601 is vectorised,
+    anything else (e.g. "25.11.2025 10:00", day first) is retried per element."""
     if isinstance(values.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_dtype(values.dtype):
         return pd.to_datetime(values, utc=True)
+    values = values.reset_index(drop=True)
     ts = pd.to_datetime(values, utc=True, errors="coerce", format="ISO8601")
-    # Retry non-ISO leftovers (e.g. "25.11.2025 10:00") per element.
-    present = values.notna().to_numpy()
-    if values.dtype == object or isinstance(values.dtype, pd.StringDtype):
-        present &= (values.astype("str").str.strip() != "").to_numpy(dtype=bool, na_value=False)
-    retry = present & ts.isna().to_numpy()
+    present = np.array(values.notna(), dtype=bool)
+    if values.dtype == object or pd.api.types.is_string_dtype(values.dtype):
+        text = values.astype("str").str.strip()
+        present &= np.array((text != "").fillna(False), dtype=bool)
+    retry = present & np.array(ts.isna(), dtype=bool)
     if retry.any():
-        sub = values[retry]
+        again = pd.to_datetime(values[retry], utc=True, errors="coerce", format="mixed", dayfirst=True)
         ts = ts.copy()
-        ts[retry] = pd.to_datetime(sub, utc=True, errors="coerce", format="mixed", dayfirst=True).to_numpy()
+        ts[retry] = again
     return ts
 
 
@@ -794,7 +797,9 @@ def _import_gx():
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
 
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    gx_logger = logging.getLogger("great_expectations")
+    if gx_logger.level == logging.NOTSET:  # don't override an explicit logging config
+        gx_logger.setLevel(logging.WARNING)
     return gx
 
 

@@ -1,0 +1,695 @@
+"""Benchmark: CRM -> outbox throughput of the smsflow pipeline vs a naive per-row script.
+
+This is a benchmark, not a test: it prints numbers.
+
+    . .venv/bin/activate
+    python bench/campaign.py                      # sizes 10000 100000 1000000
+    python bench/campaign.py --sizes 10000        # quick run
+    python bench/campaign.py --sizes 100000 --profile   # cProfile every step (timings then inflated)
+
+For every size N it, in a fresh temp dir:
+
+1. writes a demo CRM (``smsflow.demo_crm.write_crm_sqlite(path, N, seed=42)``), timed on its own;
+2. runs extract -> validate -> segment -> render-into-outbox on a fresh SQLite store with the same
+   plain functions the Prefect tasks call (no Prefect server), timing every step;
+3. runs a NAIVE per-row script on the same CRM (sqlite3 cursor loop; phonenumbers
+   parse/is_valid/number_type/format per row; Jinja2 SandboxedEnvironment render per row;
+   ``session.add(Contact(...))`` / ``session.add(Outbox(...))`` one by one, one commit at the end)
+   on min(N, --naive-max) rows, extrapolated linearly to N when capped;
+4. times the bare library calls (phonenumbers parse+validate+format; Jinja2 render) per row;
+5. optionally (sizes <= --flow-max, default 10000) runs the real ``flows.campaign.campaign`` under
+   ``prefect_test_harness`` and counts the task runs it created via the Prefect client.
+
+Each phase runs in its own child process (this same file with ``--_phase``), so the peak RSS reported
+for a phase belongs to that phase and size only.  Peak RSS is measured three ways: the process'
+own high-water mark (getrusage RUSAGE_SELF ru_maxrss, reset per step through /proc/self/clear_refs),
+the largest worker process (RUSAGE_CHILDREN ru_maxrss: the biggest single reaped child, e.g. a
+spawn worker of the phone-parsing / rendering pools), and a sampled sum of VmRSS over the live
+process tree (every 50 ms from /proc; psutil is not installed in this venv).
+
+At the end a Markdown table (one row per size) is printed, plus linearity and the project targets.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "templates" / "demo_promo.yaml"
+SOURCE = "bench"
+SEED = 42
+BATCH = 50_000
+PROCESSES = 2
+PRICE = 2.5
+STEPS = ("extract", "validate", "segment", "render")
+
+# targets the project aims for
+TARGET_1M_SECONDS = 60.0
+TARGET_SPEEDUP = 3.0
+TARGET_RSS_MIB = 2048.0
+LINEAR_TOLERANCE = 1.25  # s/100k at the largest size at most 25 % above s/100k at 100k
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _status_kib(pid: int | str, key: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and all its live descendants (Linux /proc/<pid>/task/<tid>/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                try:
+                    with open(f"/proc/{p}/task/{tid}/children") as fh:
+                        todo.extend(int(c) for c in fh.read().split())
+                except OSError:
+                    pass
+        except OSError:
+            pass
+    return out
+
+
+class TreeRss(threading.Thread):
+    """Samples the summed VmRSS of this process and its descendants; keeps the peak."""
+
+    def __init__(self, interval: float = 0.05):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.peak_kib = 0
+        self.peak_procs = 0
+        self._halt = threading.Event()
+        self.step_peak_kib = 0
+
+    def run(self) -> None:
+        me = os.getpid()
+        while not self._halt.is_set():
+            pids = _tree(me)
+            total = sum(_status_kib(p, "VmRSS") or 0 for p in pids)
+            if total > self.peak_kib:
+                self.peak_kib, self.peak_procs = total, len(pids)
+            self.step_peak_kib = max(self.step_peak_kib, total)
+            self._halt.wait(self.interval)
+
+    def take_step_peak(self) -> float:
+        v, self.step_peak_kib = self.step_peak_kib, 0
+        return v / 1024
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(1)
+
+
+def reset_hwm() -> bool:
+    """Reset this process' peak RSS (VmHWM and ru_maxrss) so the next step's peak is its own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def self_hwm_mib() -> float:
+    v = _status_kib("self", "VmHWM")
+    if v is None:
+        v = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return v / 1024
+
+
+def rusage_mib() -> dict[str, float]:
+    return {
+        "self_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "children_maxrss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
+
+
+# --------------------------------------------------------------------------- child phases
+
+
+def phase_gen(n: int, d: Path, _args) -> dict:
+    from smsflow.demo_crm import write_crm_sqlite
+
+    crm = d / "crm.sqlite"
+    t0 = time.perf_counter()
+    write_crm_sqlite(crm, n, seed=SEED)
+    dt = time.perf_counter() - t0
+    import sqlite3
+
+    with sqlite3.connect(crm) as c:
+        rows = c.execute("SELECT COUNT(*) FROM contacts").fetchone()[0]
+    return {"seconds": dt, "rows": rows, "size_mib": crm.stat().st_size / 2**20, **rusage_mib()}
+
+
+def _profiled(enabled: bool, d: Path, name: str, fn):
+    if not enabled:
+        return fn()
+    import cProfile
+    import io
+    import pstats
+
+    pr = cProfile.Profile()
+    try:
+        return pr.runcall(fn)
+    finally:
+        pr.dump_stats(str(d / f"profile-{name}.prof"))
+        buf = io.StringIO()
+        st = pstats.Stats(pr, stream=buf).strip_dirs()
+        st.sort_stats("cumulative").print_stats(30)
+        st.sort_stats("tottime").print_stats(25)
+        (d / f"profile-{name}.txt").write_text(buf.getvalue())
+
+
+def phase_pipeline(n: int, d: Path, args) -> dict:
+    sampler = TreeRss()
+    sampler.start()
+    t_imp = time.perf_counter()
+    from sqlalchemy import text
+
+    from blocks.crm import SqlCrm
+    from store.db import get_engine, utcnow
+    from tasks.accounting import ensure_campaign
+    from tasks.extract import extract_source
+    from tasks.plan import plan_messages
+    from tasks.render import load_template
+    from tasks.segment import ALL, build_membership
+    from tasks.validate_store import validate_new_contacts
+
+    imports = time.perf_counter() - t_imp
+    crm = d / "crm.sqlite"
+    t0 = time.perf_counter()
+    engine = get_engine(f"sqlite:///{d}/store.sqlite")  # creates + migrates the schema
+    init = time.perf_counter() - t0
+    tpl = load_template(TEMPLATE)
+    source = SqlCrm(url=f"sqlite:///{crm}", source_name=SOURCE)
+    res: dict = {}
+
+    def extract():
+        s = extract_source(engine, source, batch_size=BATCH)
+        res["extract"] = {"rows": s.rows, "upserted": s.upserted, "quarantined": s.quarantined,
+                          "duplicate_ids": s.duplicate_ids}
+
+    def validate():
+        s = validate_new_contacts(engine, SOURCE, "RU", processes=PROCESSES)
+        res["validate"] = {"checked": s.checked, "valid": s.valid, "quarantined": s.quarantined,
+                           "duplicates": s.duplicates, "by_status": s.by_status,
+                           "expectations_success": s.expectations_success}
+
+    def segment():
+        res["segment"] = {"members": build_membership(engine, SOURCE, ALL, utcnow())}
+
+    def render():
+        cid = ensure_campaign(engine, name="bench", source=SOURCE, segment="all", template_name=tpl.name, kind=tpl.kind,
+                              gateway="sandbox", price_per_segment=PRICE)
+        s = plan_messages(engine, campaign_id=cid, source=SOURCE, segment="all", template=tpl, price_per_segment=PRICE,
+                          gateway="sandbox", batch_size=BATCH, processes=PROCESSES)
+        res["render"] = {"campaign_id": cid, "candidates": s.candidates, "no_consent": s.no_consent,
+                         "planned": s.planned, "render_failed": s.render_failed, "segments": s.segments,
+                         "cost": round(s.cost, 2)}
+
+    steps: dict[str, dict] = {}
+    hwm_reset_ok = True
+    t_all = time.perf_counter()
+    for name, fn in zip(STEPS, (extract, validate, segment, render)):
+        hwm_reset_ok &= reset_hwm()
+        sampler.take_step_peak()
+        log(f"pipeline n={n}: {name} ...")
+        t = time.perf_counter()
+        _profiled(args.profile, d, name, fn)
+        dt = time.perf_counter() - t
+        steps[name] = {"seconds": dt, "self_hwm_mib": self_hwm_mib(), "tree_peak_mib": sampler.take_step_peak(),
+                       **res.get(name, {})}
+        log(f"pipeline n={n}: {name} {dt:.2f}s  ({n / dt:,.0f} contacts/s)")
+    e2e = time.perf_counter() - t_all
+    time.sleep(2 * sampler.interval)
+    sampler.stop()
+    with engine.begin() as conn:
+        counts = {
+            "contacts": conn.execute(text("SELECT COUNT(*) FROM contacts")).scalar(),
+            "outbox": conn.execute(text("SELECT COUNT(*) FROM outbox")).scalar(),
+            "quarantine": dict(conn.execute(text("SELECT step || ':' || reason_code, COUNT(*) FROM quarantine GROUP BY 1")).all()),
+            "status": dict(conn.execute(text("SELECT status, COUNT(*) FROM contacts GROUP BY status")).all()),
+        }
+    store_mib = sum(p.stat().st_size for p in d.glob("store.sqlite*")) / 2**20
+    from flows.send import SEND_CHUNK
+
+    planned = res["render"]["planned"]
+    send_tasks = math.ceil(planned / SEND_CHUNK) + 1  # the send loop stops on a task that claims 0
+    return {
+        "imports_seconds": imports,
+        "store_init_seconds": init,
+        "steps": steps,
+        "e2e_seconds": e2e,
+        "counts": counts,
+        "store_mib": store_mib,
+        "tree_peak_mib": sampler.peak_kib / 1024,
+        "tree_peak_procs": sampler.peak_procs,
+        "hwm_reset_ok": hwm_reset_ok,
+        "send_chunk": SEND_CHUNK,
+        "task_runs": {
+            # campaign flow: one task per step in each sub-flow (extract, validate, segment, render,
+            # reconcile, report) + the send flow's loop of send-batch tasks, each claiming <= SEND_CHUNK
+            "dry_run": 4,
+            "send_tasks": send_tasks,
+            "full": 4 + send_tasks + 2,
+        },
+        "profiled": bool(args.profile),
+        **rusage_mib(),
+    }
+
+
+def phase_naive(n: int, d: Path, args) -> dict:
+    """Per-row script: what the pipeline replaces.  Same CRM, same rules (RU default region, mobile only,
+    consent, de-dup on E.164, template variant by language + opt-out footer, segments/cost)."""
+    import sqlite3
+    from datetime import datetime
+
+    import phonenumbers
+    import yaml
+    from jinja2.sandbox import SandboxedEnvironment
+    from phonenumbers import NumberParseException, PhoneNumberFormat, PhoneNumberType
+    from sqlalchemy.orm import Session
+
+    from store.db import get_engine
+    from store.models import Campaign, Contact, Outbox
+    from tasks.render import DEFAULT_FOOTERS
+    from tasks.sms_encoding import sms_info
+
+    m = min(n, args.naive_max)
+    engine = get_engine(f"sqlite:///{d}/naive.sqlite")  # schema creation not timed
+    spec = yaml.safe_load(TEMPLATE.read_text(encoding="utf-8"))
+    env = SandboxedEnvironment()
+    compiled = {lang: env.from_string(src) for lang, src in spec["variants"].items()}
+    default_lang = spec.get("default_language", "ru")
+    mobile = (PhoneNumberType.MOBILE, PhoneNumberType.FIXED_LINE_OR_MOBILE)
+    base_cols = {"id", "first_name", "last_name", "phone", "email", "language", "timezone", "sms_consent",
+                 "consent_at", "updated_at"}
+
+    def ts(v):
+        return datetime.fromisoformat(v) if v else None
+
+    def blank(v):
+        return v.strip() or None if isinstance(v, str) else v
+
+    reset_hwm()
+    log(f"naive n={n}: per-row loop over {m:,} rows ...")
+    t0 = time.perf_counter()
+    crm = sqlite3.connect(d / "crm.sqlite")
+    cur = crm.execute("SELECT * FROM contacts ORDER BY updated_at LIMIT ?", (m,))
+    cols = [c[0] for c in cur.description]
+    session = Session(engine)
+    camp = Campaign(name="naive", source="naive", segment="all", template_name=spec["name"], kind=spec["kind"],
+                    gateway="sandbox", price_per_segment=PRICE, status="running")
+    session.add(camp)
+    session.flush()
+    seen: set[str] = set()
+    rows = planned = 0
+    for i, row in enumerate(cur, 1):
+        rows += 1
+        r = dict(zip(cols, row))
+        phone = r["phone"]
+        e164 = reason = None
+        status = "quarantined"
+        if phone and phone.strip():
+            try:
+                num = phonenumbers.parse(phone, "RU")
+                if phonenumbers.is_valid_number(num):
+                    ntype = phonenumbers.number_type(num)
+                    e = phonenumbers.format_number(num, PhoneNumberFormat.E164)
+                    if ntype in mobile:
+                        e164, status = e, "valid"
+                    else:
+                        reason = "not_mobile"
+                else:
+                    reason = "invalid"
+            except NumberParseException as exc:
+                reason = f"invalid: {exc}"
+        else:
+            reason = "missing"
+        if status == "valid":
+            if e164 in seen:
+                status, reason = "duplicate", "same number"
+            else:
+                seen.add(e164)
+        consent = bool(r["sms_consent"])
+        lang = (blank(r["language"]) or default_lang).lower()[:8]
+        session.add(Contact(
+            id=i, source="naive", crm_id=str(r["id"]), first_name=blank(r["first_name"]), last_name=blank(r["last_name"]),
+            email=blank(r["email"]), phone_raw=phone, phone_e164=e164, language=lang, timezone=r["timezone"],
+            sms_consent=consent, consent_at=ts(r["consent_at"]), attributes={k: v for k, v in r.items() if k not in base_cols and v is not None},
+            crm_updated_at=ts(r["updated_at"]), status=status, status_reason=reason,
+        ))
+        if status == "valid" and consent:
+            variant = lang if lang in compiled else lang.split("-")[0] if lang.split("-")[0] in compiled else default_lang
+            ctx = {}
+            if blank(r["first_name"]):
+                ctx["first_name"] = r["first_name"].strip()
+            body = compiled[variant].render(**ctx).strip() + "\n" + DEFAULT_FOOTERS[variant]
+            info = sms_info(body)
+            session.add(Outbox(
+                idempotency_key=f"c{camp.id}:{i}:{spec['name']}", campaign_id=camp.id, contact_id=i, step=spec["name"],
+                segment="all", phone_e164=e164, language=variant, text=body, encoding=info.encoding,
+                segments=info.segments, cost=round(info.segments * PRICE, 4), state="planned", attempts=0,
+                gateway="sandbox",
+            ))
+            planned += 1
+    t_loop = time.perf_counter() - t0
+    session.commit()
+    session.close()
+    crm.close()
+    total = time.perf_counter() - t0
+    naive_hwm = self_hwm_mib()
+    log(f"naive n={n}: {total:.2f}s for {rows:,} rows (loop {t_loop:.2f}s, commit {total - t_loop:.2f}s)")
+
+    # bare library calls on the same rows
+    with sqlite3.connect(d / "crm.sqlite") as c:
+        data = c.execute("SELECT phone, first_name, language FROM contacts ORDER BY updated_at LIMIT ?", (m,)).fetchall()
+    phones = [p for p, _, _ in data if p and p.strip()]
+    t = time.perf_counter()
+    ok = 0
+    for p in phones:
+        try:
+            num = phonenumbers.parse(p, "RU")
+            if phonenumbers.is_valid_number(num):
+                phonenumbers.number_type(num)
+                phonenumbers.format_number(num, PhoneNumberFormat.E164)
+                ok += 1
+        except NumberParseException:
+            pass
+    t_phone = time.perf_counter() - t
+    tmpl_ru = compiled[default_lang]
+    names = [(f.strip() if isinstance(f, str) and f.strip() else None) for _, f, _ in data]
+    t = time.perf_counter()
+    for f in names:
+        tmpl_ru.render(first_name=f) if f else tmpl_ru.render()
+    t_jinja = time.perf_counter() - t
+    scale = n / rows if rows else float("nan")
+    return {
+        "rows": rows,
+        "planned": planned,
+        "seconds": total,
+        "loop_seconds": t_loop,
+        "commit_seconds": total - t_loop,
+        "extrapolated": rows < n,
+        "seconds_at_n": total * scale,
+        "self_hwm_mib": naive_hwm,
+        "phonenumbers_rows": len(phones),
+        "phonenumbers_per_s": len(phones) / t_phone if t_phone else float("nan"),
+        "jinja_rows": len(names),
+        "jinja_per_s": len(names) / t_jinja if t_jinja else float("nan"),
+        **rusage_mib(),
+    }
+
+
+def phase_flow(n: int, d: Path, args) -> dict:
+    """The real campaign flow under a throw-away Prefect server; task runs counted via the client."""
+    os.environ["SMSFLOW_DATA_DIR"] = str(d / "flowdata")
+    from prefect import get_client
+    from prefect.testing.utilities import prefect_test_harness
+
+    from blocks.crm import SqlCrm
+    from blocks.gateway import SandboxGateway
+    from flows.campaign import CampaignParams, campaign
+    from smsflow.settings import reset_settings
+    from store.db import dispose_engines
+
+    reset_settings()
+    url = f"sqlite:///{d}/flowstore.sqlite"
+
+    def task_runs(client) -> list:
+        out, off = [], 0
+        while True:
+            page = client.read_task_runs(limit=200, offset=off)
+            out.extend(page)
+            if len(page) < 200:
+                return out
+            off += 200
+
+    out: dict = {}
+    t = time.perf_counter()
+    with prefect_test_harness(server_startup_timeout=120):
+        out["harness_start_seconds"] = time.perf_counter() - t
+        SqlCrm(url=f"sqlite:///{d}/crm.sqlite", source_name=SOURCE).save("bench-crm", overwrite=True)
+        SandboxGateway(state_path=str(d / "sandbox.sqlite"), min_delay_s=0.0, max_delay_s=0.5).save("bench-sandbox", overwrite=True)
+        runs = [("dry_run", True)] + ([("full", False)] if args.flow_send else [])
+        with get_client(sync_client=True) as client:
+            for label, dry in runs:
+                before = {tr.id for tr in task_runs(client)}
+                log(f"flow n={n}: campaign ({label}) under prefect_test_harness ...")
+                t = time.perf_counter()
+                result = campaign(CampaignParams(name=f"bench-{label}", source_block="bench-crm", template=str(TEMPLATE),
+                                                 gateway_block="bench-sandbox", dry_run=dry, wait_for_receipts_s=5.0),
+                                  database_url=url)
+                dt = time.perf_counter() - t
+                new = [tr for tr in task_runs(client) if tr.id not in before]
+                by_name: dict[str, int] = {}
+                for tr in new:
+                    key = tr.name.rsplit("-", 1)[0]  # "<task name>-<random suffix>"
+                    by_name[key] = by_name.get(key, 0) + 1
+                out[label] = {"seconds": dt, "task_runs": len(new), "by_task": by_name,
+                              "planned": result["summary"].get("planned")}
+                log(f"flow n={n}: {label} {dt:.1f}s, {len(new)} task runs {by_name}")
+    dispose_engines()
+    return out
+
+
+PHASES = {"gen": phase_gen, "pipeline": phase_pipeline, "naive": phase_naive, "flow": phase_flow}
+
+
+def child_main(args) -> None:
+    d = Path(args.dir)
+    out = PHASES[args._phase](args.n, d, args)
+    (d / f"{args._phase}.json").write_text(json.dumps(out, default=str, indent=1))
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def run_child(phase: str, n: int, d: Path, args) -> dict | None:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_phase", phase, "--n", str(n), "--dir", str(d),
+           "--naive-max", str(args.naive_max)]
+    if args.profile:
+        cmd.append("--profile")
+    if args.flow_send:
+        cmd.append("--flow-send")
+    out = d / f"{phase}.json"
+    out.unlink(missing_ok=True)
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        log(f"{phase} n={n}: TIMEOUT after {args.timeout}s, stopping it")
+        os.killpg(proc.pid, signal.SIGTERM)  # the child's own process group (it and its workers)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return {"error": f"timeout after {args.timeout}s"}
+    if rc != 0 or not out.exists():
+        return {"error": f"exit code {rc}", "wall": time.perf_counter() - t}
+    return json.loads(out.read_text())
+
+
+def fmt(v, spec=".1f", dash="—"):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return dash
+    return format(v, spec)
+
+
+def report_size(n: int, r: dict) -> None:
+    g, p, nv, fl = r.get("gen") or {}, r.get("pipeline") or {}, r.get("naive"), r.get("flow")
+    print(f"\n## {n:,} contacts")
+    if "error" in g:
+        print(f"demo CRM generation FAILED: {g['error']}")
+        return
+    print(f"demo CRM (write_crm_sqlite, not part of the pipeline): {g['seconds']:.2f} s, {g['rows']:,} rows, "
+          f"{g['size_mib']:.0f} MiB")
+    if "error" in p:
+        print(f"pipeline FAILED: {p['error']}")
+    else:
+        print(f"store init (create + migrate, not timed as a step): {p['store_init_seconds']:.2f} s; "
+              f"imports {p['imports_seconds']:.2f} s" + ("   [cProfile ON: timings inflated]" if p["profiled"] else ""))
+        for s in STEPS:
+            st = p["steps"][s]
+            extra = {k: v for k, v in st.items() if k not in ("seconds", "self_hwm_mib", "tree_peak_mib")}
+            print(f"  {s:<9} {st['seconds']:8.2f} s  {n / st['seconds']:>11,.0f} contacts/s  "
+                  f"main peak {st['self_hwm_mib']:6.0f} MiB  tree peak {st['tree_peak_mib']:6.0f} MiB  {extra}")
+        print(f"  {'extract->outbox':<9} {p['e2e_seconds']:.2f} s  {n / p['e2e_seconds']:,.0f} contacts/s")
+        print(f"  peak RSS: main process {p['self_maxrss_mib']:.0f} MiB (ru_maxrss, last step), largest worker "
+              f"{p['children_maxrss_mib']:.0f} MiB (RUSAGE_CHILDREN), whole tree sampled {p['tree_peak_mib']:.0f} MiB "
+              f"({p['tree_peak_procs']} processes)")
+        print(f"  store: {p['counts']['contacts']:,} contacts {p['counts']['status']}, {p['counts']['outbox']:,} outbox rows, "
+              f"quarantine {p['counts']['quarantine']}, {p['store_mib']:.0f} MiB on disk")
+        tr = p["task_runs"]
+        print(f"  task runs (COMPUTED from the flow code, SEND_CHUNK={p['send_chunk']:,}): dry-run campaign "
+              f"{tr['dry_run']}; full campaign {tr['full']} = 4 steps + {tr['send_tasks']} send-batch "
+              f"(ceil({p['steps']['render']['planned']:,}/{p['send_chunk']:,}) + 1 final empty claim) + reconcile + report")
+    if fl:
+        if "error" in fl:
+            print(f"  real campaign flow under prefect_test_harness FAILED: {fl['error']}")
+        else:
+            for label in ("dry_run", "full"):
+                if label in fl:
+                    f = fl[label]
+                    print(f"  task runs COUNTED via Prefect client, real flows.campaign ({label}): {f['task_runs']} "
+                          f"{f['by_task']} in {f['seconds']:.1f} s (harness start {fl['harness_start_seconds']:.1f} s)")
+    if nv:
+        if "error" in nv:
+            print(f"naive FAILED: {nv['error']}")
+        else:
+            lab = f"EXTRAPOLATED from {nv['rows']:,} rows" if nv["extrapolated"] else "measured"
+            print(f"naive per-row script: {nv['seconds']:.2f} s for {nv['rows']:,} rows (loop {nv['loop_seconds']:.2f} s, "
+                  f"commit {nv['commit_seconds']:.2f} s), {nv['rows'] / nv['seconds']:,.0f} rows/s; "
+                  f"{nv['seconds_at_n']:.1f} s at {n:,} ({lab}); {nv['planned']:,} outbox rows; peak {nv['self_hwm_mib']:.0f} MiB")
+            print(f"bare library calls on {nv['phonenumbers_rows']:,} rows: phonenumbers parse+is_valid+type+E164 "
+                  f"{nv['phonenumbers_per_s']:,.0f}/s; Jinja2 Sandboxed render {nv['jinja_per_s']:,.0f}/s")
+
+
+def table(results: dict[int, dict]) -> str:
+    head = ("| contacts | extract s | validate s | segment s | render s | extract→outbox s | contacts/s | peak RSS MiB "
+            "| task runs | naive s | speed-up |")
+    lines = [head, "|" + "---:|" * 11]
+    for n, r in results.items():
+        p, nv = r.get("pipeline") or {}, r.get("naive") or {}
+        if not p or "error" in p:
+            lines.append(f"| {n:,} | " + " | ".join(["failed"] * 10) + " |")
+            continue
+        st = p["steps"]
+        rss = max(p["tree_peak_mib"], p["self_maxrss_mib"])
+        naive_s = nv.get("seconds_at_n") if nv and "error" not in nv else None
+        naive_txt = "—" if naive_s is None else f"{naive_s:,.1f}" + (" (extrap.)" if nv.get("extrapolated") else "")
+        speed = "—" if naive_s is None else f"{naive_s / p['e2e_seconds']:.1f}×"
+        lines.append(
+            f"| {n:,} | {st['extract']['seconds']:.2f} | {st['validate']['seconds']:.2f} | {st['segment']['seconds']:.2f} "
+            f"| {st['render']['seconds']:.2f} | {p['e2e_seconds']:.2f} | {n / p['e2e_seconds']:,.0f} | {rss:,.0f} "
+            f"| {p['task_runs']['full']} | {naive_txt} | {speed} |"
+        )
+    return "\n".join(lines)
+
+
+def summary(results: dict[int, dict]) -> None:
+    ok = {n: r["pipeline"] for n, r in results.items() if r.get("pipeline") and "error" not in r["pipeline"]}
+    print("\n## Table (Markdown)\n")
+    print(table(results))
+    print("\nSteps use the plain task functions on SQLite, 2 worker processes, batch 50,000. Peak RSS = max(sampled sum "
+          "of the process tree, main-process ru_maxrss). Task runs = a full (non-dry-run) campaign, computed from the flow "
+          "code: 4 step tasks + ceil(planned/SEND_CHUNK)+1 send-batch + reconcile + report; a dry run creates 4. "
+          "Naive = per-row phonenumbers + Jinja2 + ORM session.add, capped at 100,000 rows and extrapolated linearly "
+          "(marked). Speed-up = naive s / extract→outbox s.")
+    if ok:
+        print("\n## Linearity (seconds per 100k contacts)\n")
+        print("| contacts | " + " | ".join(STEPS) + " | extract→outbox |")
+        print("|" + "---:|" * (len(STEPS) + 2))
+        for n, p in ok.items():
+            per = [p["steps"][s]["seconds"] * 1e5 / n for s in STEPS] + [p["e2e_seconds"] * 1e5 / n]
+            print(f"| {n:,} | " + " | ".join(f"{v:.2f}" for v in per) + " |")
+    print("\n## Targets\n")
+    big = max(ok) if ok else None
+    if big is None:
+        print("no successful pipeline run")
+        return
+    p = ok[big]
+    note = "" if big >= 1_000_000 else f" (NOT MEASURED at 1M: largest size run is {big:,})"
+    e2e_1m = p["e2e_seconds"] if big == 1_000_000 else None
+    print(f"- 1M extract→outbox <= {TARGET_1M_SECONDS:.0f} s: "
+          + (f"{'MET' if e2e_1m <= TARGET_1M_SECONDS else 'NOT MET'} ({e2e_1m:.1f} s)" if e2e_1m is not None else "unknown" + note))
+    nv = results[big].get("naive")
+    if nv and "error" not in nv:
+        sp = nv["seconds_at_n"] / p["e2e_seconds"]
+        print(f"- >= {TARGET_SPEEDUP:.0f}x faster than naive at {big:,}: {'MET' if sp >= TARGET_SPEEDUP else 'NOT MET'} "
+              f"({sp:.1f}x{', naive extrapolated' if nv['extrapolated'] else ''})")
+    rss = max(max(q["tree_peak_mib"], q["self_maxrss_mib"]) for q in ok.values())
+    print(f"- peak RSS < {TARGET_RSS_MIB:.0f} MiB: {'MET' if rss < TARGET_RSS_MIB else 'NOT MET'} (max {rss:,.0f} MiB over sizes run)"
+          + note)
+    base = 100_000 if 100_000 in ok else min(ok)
+    if big > base:
+        a = ok[base]["e2e_seconds"] / base
+        b = p["e2e_seconds"] / big
+        print(f"- linear cost: s/100k at {big:,} is {b / a:.2f}x the value at {base:,} "
+              f"({'MET' if b / a <= LINEAR_TOLERANCE else 'NOT MET'}, tolerance {LINEAR_TOLERANCE}x; 10k is dominated by "
+              f"fixed costs such as worker spawn and Great Expectations set-up)")
+        worst = max(STEPS, key=lambda s: (p["steps"][s]["seconds"] / big) / max(ok[base]["steps"][s]["seconds"] / base, 1e-9))
+        w = (p["steps"][worst]["seconds"] / big) / (ok[base]["steps"][worst]["seconds"] / base)
+        print(f"  least linear step: {worst} ({w:.2f}x per contact at {big:,} vs {base:,})")
+    else:
+        print("- linear cost: needs at least two sizes >= 100k")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--naive-max", type=int, default=100_000, help="rows for the naive script (extrapolated above)")
+    ap.add_argument("--no-naive", action="store_true")
+    ap.add_argument("--flow-max", type=int, default=10_000,
+                    help="run the real campaign flow under prefect_test_harness for sizes <= this (0 = never)")
+    ap.add_argument("--flow-send", action="store_true", help="also run a non-dry-run campaign (sends to the sandbox)")
+    ap.add_argument("--profile", action="store_true", help="cProfile each pipeline step (profile-*.txt in the temp dir)")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per phase")
+    ap.add_argument("--workdir", default=None, help="parent of the temp dirs (default: system temp)")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dirs")
+    ap.add_argument("--json", default=None, help="also write all raw results to this file")
+    ap.add_argument("--_phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._phase:
+        child_main(args)
+        return
+    print(f"# smsflow campaign benchmark  (python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+          f"sizes {', '.join(f'{s:,}' for s in args.sizes)})")
+    results: dict[int, dict] = {}
+    for n in args.sizes:
+        d = Path(tempfile.mkdtemp(prefix=f"smsflow-bench-{n}-", dir=args.workdir))
+        log(f"n={n:,}: working in {d}")
+        r: dict = {}
+        r["gen"] = run_child("gen", n, d, args)
+        if "error" not in r["gen"]:
+            log(f"n={n:,}: demo CRM written in {r['gen']['seconds']:.1f}s")
+            r["pipeline"] = run_child("pipeline", n, d, args)
+            if not args.no_naive:
+                r["naive"] = run_child("naive", n, d, args)
+            if n <= args.flow_max:
+                r["flow"] = run_child("flow", n, d, args)
+        results[n] = r
+        report_size(n, r)
+        sys.stdout.flush()
+        if args.keep or args.profile:
+            print(f"(kept {d})")
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+    summary(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, default=str, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Small builders shared by tests."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+HEADER = ["id", "first_name", "last_name", "phone", "email", "language", "timezone", "sms_consent", "consent_at",
+          "updated_at", "city", "funnel_stage", "orders_count", "total_spent", "last_order_at", "last_activity_at"]
+
+
+def contact(i: int, **over) -> dict:
+    row = {
+        "id": f"C{i:05d}",
+        "first_name": ["Анна", "Иван", "Ольга", "John"][i % 4],
+        "last_name": "Петрова",
+        "phone": f"+7 916 {1000000 + i:07d}",
+        "email": f"u{i}@example.ru",
+        "language": "en" if i % 4 == 3 else "ru",
+        "timezone": "Europe/Moscow",
+        "sms_consent": "true",
+        "consent_at": "2025-01-01T10:00:00Z",
+        "updated_at": f"2026-01-01T10:{i % 60:02d}:00Z",
+        "city": "Москва",
+        "funnel_stage": "customer",
+        "orders_count": str(i % 7),
+        "total_spent": str(100 * (i % 13)),
+        "last_order_at": "2026-10-01T00:00:00Z",
+        "last_activity_at": "2026-11-01T00:00:00Z",
+    }
+    row.update(over)
+    return row
+
+
+def write_csv(path: Path, rows: list[dict], header: list[str] | None = None) -> Path:
+    header = header or list(rows[0].keys()) if rows else (header or HEADER)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    return path
+
+
+def load_csv(engine, path: Path, source: str = "test"):
+    """Extract + validate a CSV into the store (plain functions, no Prefect)."""
+    from blocks.crm import CsvCrm
+    from tasks.extract import extract_source
+    from tasks.validate_store import validate_new_contacts
+
+    ex = extract_source(engine, CsvCrm(path=str(path), source_name=source))
+    va = validate_new_contacts(engine, source, "RU")
+    return ex, va

@@ -1,0 +1,106 @@
+"""CRM extract into the store: mapping, quarantine, watermark, re-import rules."""
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import text
+
+from blocks.crm import CrmSourceError, CsvCrm, SqlCrm
+from tasks.extract import extract_source
+from tasks.validate import ExtractSchemaError
+from tests.helpers import contact, write_csv
+
+
+def _count(engine, sql: str, **p) -> int:
+    with engine.begin() as c:
+        return int(c.execute(text(sql), p).scalar())
+
+
+def test_csv_extract_maps_columns_and_keeps_everything(engine, tmp_path):
+    rows = [contact(i) for i in range(20)]
+    rows.append(contact(99, id=""))  # no CRM id
+    rows.append(contact(5, updated_at="2026-02-01T00:00:00Z", first_name="Новое имя"))  # same CRM id, newer
+    rows.append(contact(6, updated_at="2025-02-01T00:00:00Z", first_name="Старое"))  # same CRM id, older
+    path = write_csv(tmp_path / "crm.csv", rows)
+    stats = extract_source(engine, CsvCrm(path=str(path), source_name="t"))
+    assert stats.rows == 23
+    assert stats.quarantined == 1 and stats.duplicate_ids == 2
+    assert _count(engine, "SELECT COUNT(*) FROM contacts WHERE source='t'") == 20
+    assert _count(engine, "SELECT COUNT(*) FROM quarantine WHERE step='extract' AND source='t'") == 3
+    with engine.begin() as c:
+        r = c.execute(text("SELECT first_name, sms_consent, language, attributes, crm_updated_at, consent_method "
+                           "FROM contacts WHERE crm_id='C00005'")).one()
+        old = c.execute(text("SELECT first_name FROM contacts WHERE crm_id='C00006'")).scalar()
+    assert r.first_name == "Новое имя"  # the latest row of a repeated CRM id wins
+    assert old == "Иван" or old == "Ольга"  # the older duplicate did not overwrite
+    assert bool(r.sms_consent) is True and r.consent_method == "import"
+    attrs = r.attributes if isinstance(r.attributes, dict) else __import__("json").loads(r.attributes)
+    assert attrs["city"] == "Москва" and attrs["funnel_stage"] == "customer"
+    assert "phone" not in attrs and "first_name" not in attrs
+
+
+def test_rerun_is_idempotent_and_incremental(engine, tmp_path):
+    path = write_csv(tmp_path / "crm.csv", [contact(i) for i in range(10)])
+    src = CsvCrm(path=str(path), source_name="t")
+    first = extract_source(engine, src)
+    again = extract_source(engine, src)
+    assert first.rows == 10
+    assert again.rows < 10  # only rows at the watermark are read again
+    assert _count(engine, "SELECT COUNT(*) FROM contacts") == 10
+    rows = [contact(i) for i in range(10)] + [contact(50, updated_at="2026-05-01T00:00:00Z")]
+    write_csv(path, rows)
+    third = extract_source(engine, src)
+    assert 1 <= third.rows <= 2  # the new row (+ the row sitting on the old watermark)
+    assert _count(engine, "SELECT COUNT(*) FROM contacts") == 11
+    full = extract_source(engine, src, full_refresh=True)
+    assert full.rows == 11
+
+
+def test_reimport_never_clears_an_sms_opt_out(engine, tmp_path):
+    path = write_csv(tmp_path / "crm.csv", [contact(1)])
+    extract_source(engine, CsvCrm(path=str(path), source_name="t"))
+    with engine.begin() as c:
+        c.execute(text("UPDATE contacts SET opted_out_at = CURRENT_TIMESTAMP"))
+    write_csv(path, [contact(1, updated_at="2027-01-01T00:00:00Z")])
+    extract_source(engine, CsvCrm(path=str(path), source_name="t"))
+    assert _count(engine, "SELECT COUNT(*) FROM contacts WHERE opted_out_at IS NOT NULL") == 1
+
+
+def test_missing_phone_column_stops_with_a_clear_error(engine, tmp_path):
+    path = write_csv(tmp_path / "crm.csv", [{"id": "1", "name": "x", "tel": "+79161234567"}])
+    with pytest.raises(ExtractSchemaError, match=r"'phone'.*columns present: id, name, tel"):
+        extract_source(engine, CsvCrm(path=str(path), source_name="t"))
+    assert _count(engine, "SELECT COUNT(*) FROM contacts") == 0
+
+
+def test_column_map_renames(engine, tmp_path):
+    path = write_csv(tmp_path / "crm.csv", [{"ID": "7", "mobile": "89161234567", "updated": "2026-01-01"}])
+    src = CsvCrm(path=str(path), source_name="t", column_map={"id": "ID", "phone": "mobile", "updated_at": "updated"})
+    assert extract_source(engine, src).rows == 1
+    with engine.begin() as c:
+        assert c.execute(text("SELECT phone_raw FROM contacts WHERE crm_id='7'")).scalar() == "89161234567"
+
+
+def test_sql_crm_incremental(engine, tmp_path):
+    import sqlite3
+
+    crm = tmp_path / "crm.sqlite"
+    db = sqlite3.connect(crm)
+    db.execute("CREATE TABLE people (id TEXT, phone TEXT, first_name TEXT, updated_at TEXT, vip INTEGER)")
+    db.executemany("INSERT INTO people VALUES (?,?,?,?,?)",
+                   [(str(i), f"8916{i:07d}", "Анна", f"2026-01-01 10:{i:02d}:00", i % 2) for i in range(30)])
+    db.commit()
+    src = SqlCrm(url=f"sqlite:///{crm}", query="SELECT * FROM people", source_name="sql")
+    assert extract_source(engine, src, batch_size=7).rows == 30
+    db.execute("INSERT INTO people VALUES ('100', '89160000100', 'Иван', '2026-02-01 00:00:00', 1)")
+    db.commit()
+    db.close()
+    again = extract_source(engine, src)
+    assert again.rows <= 2  # the new row (+ rows sitting exactly on the watermark)
+    assert _count(engine, "SELECT COUNT(*) FROM contacts WHERE source='sql'") == 31
+
+
+def test_broken_sql_source_error_hides_the_url(tmp_path, engine):
+    src = SqlCrm(url="sqlite:////nonexistent/dir/secret-pass.sqlite", source_name="bad")
+    with pytest.raises(CrmSourceError) as err:
+        extract_source(engine, src)
+    assert "secret-pass" not in str(err.value)

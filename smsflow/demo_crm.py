@@ -861,6 +861,9 @@ def _pick_cdf(u: np.ndarray, cdf: np.ndarray) -> np.ndarray:
     return np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1)
 
 
+_FRAME_CHUNK = 4 * BLOCK_SIZE
+
+
 def _check_args(n: int, seed: int) -> None:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n must be a non-negative integer, got {n!r}")
@@ -882,7 +885,13 @@ def generate_contacts(n: int, seed: int = 42) -> pd.DataFrame:
     differently; ~5 % lack a first name.
     """
     _check_args(n, seed)
-    return _contacts_frame(_contacts_range(int(seed), 0, int(n)), 0)
+    n, seed = int(n), int(seed)
+    step = _chunk_rows(_FRAME_CHUNK)
+    if n <= step:
+        return _contacts_frame(_contacts_range(seed, 0, n), 0)
+    # build in chunks to keep the Python-object temporaries small
+    parts = [_contacts_frame(_contacts_range(seed, lo, min(n, lo + step)), lo) for lo in range(0, n, step)]
+    return pd.concat(parts, copy=False)
 
 
 # --------------------------------------------------------------------------
@@ -935,7 +944,10 @@ def generate_orders(contacts: pd.DataFrame, seed: int = 42) -> pd.DataFrame:
     ids = ids_s.astype(str).to_numpy(dtype=object)
     k = contacts["orders_count"].fillna(0).to_numpy(dtype=np.int64)
     total_kop = np.rint(contacts["total_spent"].fillna(0).to_numpy(dtype=np.float64) * 100).astype(np.int64)
-    last = pd.to_datetime(contacts["last_order_at"]).to_numpy().astype("datetime64[s]")
+    last_col = pd.to_datetime(contacts["last_order_at"])
+    if last_col.dt.tz is not None:
+        last_col = last_col.dt.tz_convert("UTC").dt.tz_localize(None)
+    last = last_col.to_numpy().astype("datetime64[s]")
     if (k < 0).any():
         raise ValueError("orders_count must be non-negative")
     if (np.isnat(last) & (k > 0)).any():

@@ -117,6 +117,8 @@ def _classify(text: str, default_region: str | None) -> Row:
     except NumberParseException as exc:
         msg = getattr(exc, "_msg", None) or str(exc)
         return None, "invalid", f"could not parse: {msg}", "", ""
+    except Exception as exc:  # never let one odd CRM value kill a million-row run
+        return None, "invalid", f"could not parse: {type(exc).__name__}: {exc}", "", ""
     if not phonenumbers.is_valid_number(num):
         cc = num.country_code
         region = phonenumbers.region_code_for_number(num) or phonenumbers.region_code_for_country_code(cc)
@@ -568,8 +570,9 @@ def find_duplicates(e164: pd.Series, updated_at: pd.Series | None = None) -> pd.
                 raise ValueError(f"updated_at has {len(updated_at)} rows, e164 has {n}")
             upd = updated_at if isinstance(updated_at, pd.Series) else pd.Series(updated_at)
             ts = _to_utc(upd.reset_index(drop=True).iloc[pos])
-            ts_int = ts.to_numpy(dtype="datetime64[ns]").view(np.int64)  # NaT -> int64 min
-            nat = ts.isna().to_numpy()
+            # native resolution (pandas 3 may use us/s): no overflow for years < 1677 or > 2262
+            ts_int = np.asarray(ts.dt.tz_convert(None).to_numpy()).view(np.int64)
+            nat = np.array(ts.isna(), dtype=bool)
             # ascending sort key: latest first, NaT last
             ts_key = np.where(nat, np.iinfo(np.int64).max, -ts_int)
             order = np.lexsort((pos, ts_key, codes))

@@ -113,10 +113,14 @@ def test_prefix_does_not_depend_on_n(contacts):
     pd.testing.assert_frame_equal(generate_contacts(300, seed=42), contacts.iloc[:300])
 
 
-def test_prefix_stable_across_block_boundary():
+def test_prefix_and_chunking_across_block_boundary(monkeypatch):
+    import smsflow.demo_crm as demo_crm
+
     small = generate_contacts(BLOCK_SIZE + 10, seed=3)
-    big = generate_contacts(BLOCK_SIZE + 400, seed=3)
+    big = generate_contacts(BLOCK_SIZE + 400, seed=3)  # built in one piece
     pd.testing.assert_frame_equal(small, big.iloc[: len(small)])
+    monkeypatch.setattr(demo_crm, "_FRAME_CHUNK", 1)  # -> one block per piece
+    pd.testing.assert_frame_equal(generate_contacts(BLOCK_SIZE + 400, seed=3), big)
 
 
 def test_invalid_arguments():
@@ -297,6 +301,13 @@ def test_orders_do_not_depend_on_other_contacts(orders, contacts):
     expected = orders[orders["contact_id"].isin(part["id"])].reset_index(drop=True)
     pd.testing.assert_frame_equal(sub, expected)
     assert not generate_orders(part, seed=43).equals(sub)
+
+
+def test_orders_accept_tz_aware_last_order(contacts, orders):
+    part = contacts.iloc[:200].copy()
+    part["last_order_at"] = part["last_order_at"].dt.tz_localize("UTC").dt.tz_convert("Europe/Moscow")
+    expected = orders[orders["contact_id"].isin(part["id"])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(generate_orders(part, seed=42), expected)
 
 
 def test_orders_reject_inconsistent_input(contacts):

@@ -323,6 +323,12 @@ def test_find_duplicates_non_iso_and_datetime_input():
     assert find_duplicates(pd.Series(["A"] * 4), ts).tolist() == [2, 2, pd.NA, 2]
 
 
+def test_find_duplicates_out_of_ns_range_dates():
+    e = pd.Series(["A"] * 4)
+    upd = pd.Series(["2025-01-01", "9999-12-31", "0001-01-01", "25.12.2024 10:00"])
+    assert find_duplicates(e, upd).tolist() == [1, pd.NA, 1, 1]
+
+
 def test_find_duplicates_string_index():
     e = pd.Series(["A", "A"], index=["x", "y"])
     assert find_duplicates(e).tolist() == [pd.NA, "x"]

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# THE test command (README): sets everything up and runs the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+bash scripts/services.sh
+export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

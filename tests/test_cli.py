@@ -1,0 +1,64 @@
+"""CLI contracts, driven as other tools drive them: a subprocess, stdout parsed."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import write_csv
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "smsflow.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("Hello", {"encoding": "GSM-7", "characters": 5, "units": 5, "segments": 1}),
+        ("a" * 161, {"encoding": "GSM-7", "characters": 161, "units": 161, "segments": 2}),
+        ("€" * 80, {"encoding": "GSM-7", "characters": 80, "units": 160, "segments": 1}),
+        ("Привет", {"encoding": "UCS-2", "characters": 6, "units": 6, "segments": 1}),
+        ("я" * 71, {"encoding": "UCS-2", "characters": 71, "units": 71, "segments": 2}),
+        ("😀" * 35, {"encoding": "UCS-2", "characters": 35, "units": 70, "segments": 1}),
+    ],
+)
+def test_sms_info_prints_one_json_object(text, expected):
+    res = run("sms-info", text)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == expected
+    assert res.stdout.count("\n") == 1
+
+
+def test_validate_keeps_every_row_in_order(tmp_path):
+    rows = [
+        {"id": "1", "phone": "8 (916) 123-45-67", "updated_at": "2026-01-01"},
+        {"id": "2", "phone": "+7 495 123-45-67", "updated_at": "2026-01-01"},
+        {"id": "3", "phone": "", "updated_at": "2026-01-01"},
+        {"id": "4", "phone": "не телефон", "updated_at": "2026-01-01"},
+        {"id": "5", "phone": "+7 916 1234567", "updated_at": "2026-06-01"},
+    ]
+    src = write_csv(tmp_path / "in.csv", rows)
+    out = tmp_path / "out.csv"
+    res = run("validate", str(src), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    with open(out, encoding="utf-8") as f:
+        got = list(csv.DictReader(f))
+    assert [r["id"] for r in got] == ["1", "2", "3", "4", "5"]
+    assert [r["phone_status"] for r in got] == ["duplicate", "not_mobile", "missing", "invalid", "ok"]
+    assert got[0]["duplicate_of"] == "4" and got[4]["duplicate_of"] == ""
+    assert got[4]["phone_e164"] == "+79161234567"
+    assert all(r["reason"] for r in got[:4]) and got[4]["reason"] == ""
+
+
+def test_validate_errors_are_clear_and_nonzero(tmp_path):
+    res = run("validate", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o.csv"))
+    assert res.returncode != 0 and "missing.csv" in res.stderr
+    src = write_csv(tmp_path / "in.csv", [{"id": "1", "tel": "89161234567"}])
+    res = run("validate", str(src), "--out", str(tmp_path / "o.csv"))
+    assert res.returncode != 0 and "phone" in res.stderr and "tel" in res.stderr
+    res = run("validate", str(src), "--out", str(tmp_path / "o.csv"), "--phone-column", "tel")
+    assert res.returncode == 0, res.stderr

@@ -1,0 +1,153 @@
+"""Flows under one session-scoped prefect_test_harness; the demo campaign end to end."""
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+from sqlalchemy import text
+
+from blocks.crm import CsvCrm, SqlCrm
+from blocks.gateway import SandboxGateway
+from smsflow.settings import PROJECT_ROOT, get_settings
+from store.db import get_engine
+from tests.helpers import contact, write_csv
+
+pytestmark = pytest.mark.usefixtures("prefect")
+
+
+def _scalar(engine, sql, **p):
+    with engine.begin() as c:
+        return c.execute(text(sql), p).scalar()
+
+
+def test_demo_campaign_accounts_for_every_contact(tmp_path):
+    """2,000 demo contacts: each is sent, quarantined with a reason, merged as a duplicate,
+    or excluded by consent; exactly once."""
+    from flows.campaign import CampaignParams, campaign
+    from smsflow.demo_crm import write_crm_sqlite
+
+    crm = write_crm_sqlite(tmp_path / "crm.sqlite", 2000, seed=11)
+    SqlCrm(url=f"sqlite:///{crm}", source_name="demo-e2e").save("demo-e2e", overwrite=True)
+    SandboxGateway(min_delay_s=0.0, max_delay_s=0.5, state_path=str(tmp_path / "gw.sqlite")).save("sandbox-e2e", overwrite=True)
+    result = campaign(CampaignParams(name="e2e", source_block="demo-e2e", gateway_block="sandbox-e2e",
+                                     template=str(PROJECT_ROOT / "templates" / "demo_promo.yaml"), wait_for_receipts_s=30))
+    s = result["summary"]
+    assert s["contacts"] == 2000
+    assert s["quarantined"] + s["duplicates"] + s["no_consent"] + s["planned"] == 2000
+    assert min(s["quarantined"], s["duplicates"], s["no_consent"], s["planned"]) > 0  # the demo data exercises every path
+
+    engine = get_engine()
+    db = sqlite3.connect(crm)
+    crm_ids = {r[0] for r in db.execute("SELECT id FROM contacts")}
+    db.close()
+    with engine.begin() as c:
+        planned = {r[0] for r in c.execute(text(
+            "SELECT ct.crm_id FROM outbox o JOIN contacts ct ON ct.id = o.contact_id JOIN campaigns k ON k.id = o.campaign_id "
+            "WHERE k.name = 'e2e'"))}
+        quarantined = {r[0] for r in c.execute(text(
+            "SELECT crm_id FROM contacts WHERE source='demo-e2e' AND status='quarantined'"))}
+        quarantine_reasons = dict(c.execute(text(
+            "SELECT row_key, reason FROM quarantine WHERE source='demo-e2e' AND step='validate'")).fetchall())
+        dups = {r[0] for r in c.execute(text("SELECT crm_id FROM contacts WHERE source='demo-e2e' AND status='duplicate'"))}
+        no_consent = {r[0] for r in c.execute(text(
+            "SELECT crm_id FROM contacts WHERE source='demo-e2e' AND status='valid' AND NOT sms_consent"))}
+        states = dict(c.execute(text("SELECT state, COUNT(*) FROM outbox GROUP BY state")).fetchall())
+    groups = [planned, quarantined, dups, no_consent]
+    assert sum(map(len, groups)) == 2000
+    assert set().union(*groups) == crm_ids  # every CRM contact, once
+    assert all(quarantine_reasons.get(i) for i in quarantined)  # each with a reason
+    assert len(planned) == s["planned"] and len(quarantined) == s["quarantined"] and len(dups) == s["duplicates"]
+    # everything that was sent reached a final state; nothing is left in flight
+    assert states.get("planned", 0) == 0 and states.get("queued", 0) == 0 and states.get("submitted", 0) == 0
+    assert states.get("delivered", 0) > 0.8 * s["planned"]
+    counts = SandboxGateway(state_path=str(tmp_path / "gw.sqlite")).sent_count_by_reference()
+    assert set(counts.values()) == {1}
+    assert result["report"].endswith(".html")
+
+
+def test_rerun_of_a_campaign_sends_nothing_twice(tmp_path):
+    from flows.campaign import CampaignParams, campaign
+
+    rows = [contact(i) for i in range(60)]
+    path = write_csv(tmp_path / "crm.csv", rows)
+    CsvCrm(path=str(path), source_name="rerun").save("rerun-src", overwrite=True)
+    gw_path = str(tmp_path / "gw.sqlite")
+    SandboxGateway(min_delay_s=0, max_delay_s=0, state_path=gw_path, rejected_rate=0).save("gw-rerun", overwrite=True)
+    params = CampaignParams(name="rerun", source_block="rerun-src", gateway_block="gw-rerun",
+                            template=str(PROJECT_ROOT / "templates" / "demo_promo.yaml"), wait_for_receipts_s=5)
+    first = campaign(params)
+    second = campaign(params)
+    assert first["send"]["submitted"] == 60
+    assert second["send"]["submitted"] == 0
+    assert second["summary"]["planned"] == 60
+    counts = SandboxGateway(state_path=gw_path).sent_count_by_reference()
+    assert len(counts) == 60 and set(counts.values()) == {1}
+
+
+def test_each_step_flow_runs_alone(tmp_path):
+    from flows.crm_extract import crm_extract
+    from flows.reconcile import reconcile
+    from flows.render import render
+    from flows.report import report
+    from flows.segment import segment
+    from flows.send import send
+    from flows.validate_and_dedup import validate_and_dedup
+
+    path = write_csv(tmp_path / "crm.csv", [contact(i) for i in range(15)] + [contact(99, phone="garbage")])
+    CsvCrm(path=str(path), source_name="alone").save("alone", overwrite=True)
+    SandboxGateway(min_delay_s=0, max_delay_s=0, state_path=str(tmp_path / "gw.sqlite")).save("gw-alone", overwrite=True)
+    assert crm_extract("alone")["rows"] == 16
+    v = validate_and_dedup("alone")
+    assert v["valid"] == 15 and v["quarantined"] == 1
+    segs = tmp_path / "segments.yaml"
+    segs.write_text("- name: english\n  filters: [{field: language, value: en}]\n", encoding="utf-8")
+    assert segment("alone", "english", str(segs))["members"] == 3  # C00003, C00007, C00011 (C00099 has no valid phone)
+    r = render("alone-camp", str(PROJECT_ROOT / "templates" / "demo_promo.yaml"), "alone", "english", 1.0, "gw-alone")
+    assert r["planned"] == 3
+    sent = send("alone-camp", "gw-alone")
+    assert sent["submitted"] + sent["rejected"] == 3
+    rec = reconcile("gw-alone", "alone-camp", wait_seconds=5)
+    assert sum(rec["by_status"].values()) == sent["submitted"]
+    rep = report("alone-camp")
+    assert rep["rows"][0]["planned"] == 3
+    with open(rep["html"], encoding="utf-8") as f:
+        assert "alone-camp" in f.read()
+    with pytest.raises(ValueError, match="not defined"):
+        segment("alone", "nope", str(segs))
+
+
+def test_broken_template_stops_before_anything_is_planned(tmp_path):
+    from flows.render import render
+    from tasks.render import TemplateError
+
+    bad = tmp_path / "bad.j2"
+    bad.write_text("Привет, {{ first_name ", encoding="utf-8")
+    with pytest.raises(TemplateError, match="bad"):
+        render("bad-camp", str(bad), "nosource")
+    assert _scalar(get_engine(), "SELECT COUNT(*) FROM outbox") == 0
+
+
+def test_cli_campaign_dry_run_prints_the_accounting(tmp_path):
+    from typer.testing import CliRunner
+
+    from smsflow.cli import app
+
+    rows = [contact(i) for i in range(30)]
+    rows[0]["phone"] = "+7 495 123-45-67"
+    rows[1]["sms_consent"] = "0"
+    rows[2]["phone"] = rows[3]["phone"]
+    rows[2]["updated_at"] = "2020-01-01T00:00:00Z"
+    csv_path = write_csv(tmp_path / "in.csv", rows)
+    tpl = tmp_path / "t.j2"
+    tpl.write_text("{{ first_name | default('клиент') }}, у нас новинки!", encoding="utf-8")
+    res = CliRunner().invoke(app, ["campaign", "--source-csv", str(csv_path), "--template", str(tpl), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(out) == {"contacts", "quarantined", "duplicates", "no_consent", "planned", "segments", "cost"}
+    assert out["contacts"] == 30
+    assert (out["quarantined"], out["duplicates"], out["no_consent"], out["planned"]) == (1, 1, 1, 27)
+    assert out["segments"] >= 27 and out["cost"] == pytest.approx(out["segments"] * SandboxGateway().price_per_segment)
+    assert _scalar(get_engine(), "SELECT COUNT(*) FROM outbox WHERE state <> 'planned'") == 0  # nothing sent
+    assert not (get_settings().data_dir / "sandbox_gateway.sqlite").exists() or \
+        SandboxGateway().sent_count_by_reference() == {}

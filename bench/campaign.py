@@ -144,6 +144,12 @@ def self_hwm_mib() -> float:
     return v / 1024
 
 
+def cpu_seconds() -> float:
+    """user+sys CPU of this process and its reaped children (worker pools are reaped when a step ends)."""
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
 def rusage_mib() -> dict[str, float]:
     return {
         "self_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -236,18 +242,19 @@ def phase_pipeline(n: int, d: Path, args) -> dict:
 
     steps: dict[str, dict] = {}
     hwm_reset_ok = True
-    t_all = time.perf_counter()
+    t_all, c_all = time.perf_counter(), cpu_seconds()
     for name, fn in zip(STEPS, (extract, validate, segment, render)):
         hwm_reset_ok &= reset_hwm()
         sampler.take_step_peak()
         log(f"pipeline n={n}: {name} ...")
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_seconds()
         _profiled(args.profile, d, name, fn)
         dt = time.perf_counter() - t
-        steps[name] = {"seconds": dt, "self_hwm_mib": self_hwm_mib(), "tree_peak_mib": sampler.take_step_peak(),
-                       **res.get(name, {})}
+        steps[name] = {"seconds": dt, "cpu_seconds": cpu_seconds() - c, "self_hwm_mib": self_hwm_mib(),
+                       "tree_peak_mib": sampler.take_step_peak(), **res.get(name, {})}
         log(f"pipeline n={n}: {name} {dt:.2f}s  ({n / dt:,.0f} contacts/s)")
     e2e = time.perf_counter() - t_all
+    e2e_cpu = cpu_seconds() - c_all
     time.sleep(2 * sampler.interval)
     sampler.stop()
     with engine.begin() as conn:
@@ -267,6 +274,7 @@ def phase_pipeline(n: int, d: Path, args) -> dict:
         "store_init_seconds": init,
         "steps": steps,
         "e2e_seconds": e2e,
+        "e2e_cpu_seconds": e2e_cpu,
         "counts": counts,
         "store_mib": store_mib,
         "tree_peak_mib": sampler.peak_kib / 1024,
@@ -323,7 +331,7 @@ def phase_naive(n: int, d: Path, args) -> dict:
 
     reset_hwm()
     log(f"naive n={n}: per-row loop over {m:,} rows ...")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     crm = sqlite3.connect(d / "crm.sqlite")
     cur = crm.execute("SELECT * FROM contacts ORDER BY updated_at LIMIT ?", (m,))
     cols = [c[0] for c in cur.description]
@@ -388,6 +396,7 @@ def phase_naive(n: int, d: Path, args) -> dict:
     session.close()
     crm.close()
     total = time.perf_counter() - t0
+    total_cpu = cpu_seconds() - c0
     naive_hwm = self_hwm_mib()
     log(f"naive n={n}: {total:.2f}s for {rows:,} rows (loop {t_loop:.2f}s, commit {total - t_loop:.2f}s)")
 
@@ -418,6 +427,7 @@ def phase_naive(n: int, d: Path, args) -> dict:
         "rows": rows,
         "planned": planned,
         "seconds": total,
+        "cpu_seconds": total_cpu,
         "loop_seconds": t_loop,
         "commit_seconds": total - t_loop,
         "extrapolated": rows < n,
@@ -510,6 +520,7 @@ def run_child(phase: str, n: int, d: Path, args) -> dict | None:
     out = d / f"{phase}.json"
     out.unlink(missing_ok=True)
     t = time.perf_counter()
+    load0 = os.getloadavg()[0]
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
     try:
         rc = proc.wait(timeout=args.timeout)
@@ -524,7 +535,9 @@ def run_child(phase: str, n: int, d: Path, args) -> dict | None:
         return {"error": f"timeout after {args.timeout}s"}
     if rc != 0 or not out.exists():
         return {"error": f"exit code {rc}", "wall": time.perf_counter() - t}
-    return json.loads(out.read_text())
+    res = json.loads(out.read_text())
+    res["loadavg_1m"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+    return res
 
 
 def fmt(v, spec=".1f", dash="—"):
@@ -548,10 +561,11 @@ def report_size(n: int, r: dict) -> None:
               f"imports {p['imports_seconds']:.2f} s" + ("   [cProfile ON: timings inflated]" if p["profiled"] else ""))
         for s in STEPS:
             st = p["steps"][s]
-            extra = {k: v for k, v in st.items() if k not in ("seconds", "self_hwm_mib", "tree_peak_mib")}
-            print(f"  {s:<9} {st['seconds']:8.2f} s  {n / st['seconds']:>11,.0f} contacts/s  "
+            extra = {k: v for k, v in st.items() if k not in ("seconds", "cpu_seconds", "self_hwm_mib", "tree_peak_mib")}
+            print(f"  {s:<9} {st['seconds']:8.2f} s (cpu {st['cpu_seconds']:6.2f} s) {n / st['seconds']:>11,.0f} contacts/s  "
                   f"main peak {st['self_hwm_mib']:6.0f} MiB  tree peak {st['tree_peak_mib']:6.0f} MiB  {extra}")
-        print(f"  {'extract->outbox':<9} {p['e2e_seconds']:.2f} s  {n / p['e2e_seconds']:,.0f} contacts/s")
+        print(f"  {'extract->outbox':<9} {p['e2e_seconds']:.2f} s (cpu {p['e2e_cpu_seconds']:.2f} s, incl. workers)  "
+              f"{n / p['e2e_seconds']:,.0f} contacts/s   [1-min load avg before/after: {p['loadavg_1m']}]")
         print(f"  peak RSS: main process {p['self_maxrss_mib']:.0f} MiB (ru_maxrss, last step), largest worker "
               f"{p['children_maxrss_mib']:.0f} MiB (RUSAGE_CHILDREN), whole tree sampled {p['tree_peak_mib']:.0f} MiB "
               f"({p['tree_peak_procs']} processes)")
@@ -580,7 +594,8 @@ def report_size(n: int, r: dict) -> None:
             lab = f"EXTRAPOLATED from {nv['rows']:,} rows" if nv["extrapolated"] else "measured"
             print(f"naive per-row script: {nv['seconds']:.2f} s for {nv['rows']:,} rows (loop {nv['loop_seconds']:.2f} s, "
                   f"commit {nv['commit_seconds']:.2f} s), {nv['rows'] / nv['seconds']:,.0f} rows/s; "
-                  f"{nv['seconds_at_n']:.1f} s at {n:,} ({lab}); {nv['planned']:,} outbox rows; peak {nv['self_hwm_mib']:.0f} MiB")
+                  f"{nv['seconds_at_n']:.1f} s at {n:,} ({lab}); cpu {nv['cpu_seconds']:.2f} s; {nv['planned']:,} outbox rows; "
+                  f"peak {nv['self_hwm_mib']:.0f} MiB   [load avg {nv['loadavg_1m']}]")
             print(f"bare library calls on {nv['phonenumbers_rows']:,} rows: phonenumbers parse+is_valid+type+E164 "
                   f"{nv['phonenumbers_per_s']:,.0f}/s; Jinja2 Sandboxed render {nv['jinja_per_s']:,.0f}/s")
 

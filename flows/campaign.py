@@ -17,7 +17,7 @@ from flows.segment import segment as segment_flow
 from flows.send import send
 from flows.validate_and_dedup import validate_and_dedup
 from store.db import get_engine
-from tasks.accounting import campaign_accounting, finish_campaign
+from tasks.accounting import campaign_accounting, finish_campaign, log_event
 
 
 class CampaignParams(BaseModel):
@@ -45,6 +45,7 @@ def campaign(params: CampaignParams, database_url: str | None = None) -> dict:
                       params.gateway_block, database_url)
     engine = get_engine(database_url)
     cid = rendered["campaign_id"]
+    log_event(engine, "campaign.planned", campaign_id=cid, payload={k: rendered[k] for k in ("planned", "segments", "cost")})
     result: dict = {}
     if not params.dry_run:
         result["send"] = send(params.name, params.gateway_block, params.rate, database_url)
@@ -52,6 +53,7 @@ def campaign(params: CampaignParams, database_url: str | None = None) -> dict:
         result["report"] = report(params.name, None, database_url)["html"]
     summary = campaign_accounting(engine, cid)
     finish_campaign(engine, cid, "planned" if params.dry_run else "sent")
+    log_event(engine, "campaign.dry_run" if params.dry_run else "campaign.sent", campaign_id=cid, payload=summary)
     log.info("campaign %s: %s", params.name, summary)
     return {"summary": summary, **result}
 

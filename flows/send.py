@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from sqlalchemy import text
 
 from blocks.registry import load_gateway
@@ -35,6 +36,10 @@ def send(campaign: str, gateway_block: str = "sandbox", rate: float | None = Non
     if cid is None:
         raise ValueError(f"no campaign named '{campaign}': render it first")
     ensure_gateway_limit(gw.gateway_name)
+    with engine.begin() as conn:
+        todo = conn.execute(text("SELECT COUNT(*) FROM outbox WHERE campaign_id = :c AND state IN ('planned', 'queued')"),
+                            {"c": cid}).scalar() or 0
+    progress = create_progress_artifact(0.0, description=f"send {campaign}: {todo} to go")
     total = SendStats()
     while True:
         s = send_task(int(cid), gw, rate or gw.rate_per_second, SEND_CHUNK, database_url)
@@ -43,8 +48,11 @@ def send(campaign: str, gateway_block: str = "sandbox", rate: float | None = Non
             setattr(total, f, getattr(total, f) + getattr(s, f))
         for k, v in s.errors.items():
             total.errors[k] = total.errors.get(k, 0) + v
+        done = total.submitted + total.rejected + total.policy_blocked + total.failed
+        update_progress_artifact(progress, min(100.0, 100.0 * done / max(1, todo)), description=f"{done} of {todo} sent")
         if s.claimed == 0 or (s.submitted == 0 and s.retry_later and s.rejected == 0):
             break
+    update_progress_artifact(progress, 100.0, description=f"{total.submitted} submitted")
     get_run_logger().info("send %s via %s: %d submitted, %d rejected, %d blocked by policy, %d to retry",
                           campaign, gw.gateway_name, total.submitted, total.rejected, total.policy_blocked, total.retry_later)
     return {"campaign": campaign, **{k: v for k, v in vars(total).items()}}

@@ -83,3 +83,32 @@ def campaign_accounting(engine, campaign_id: int) -> dict[str, Any]:
     if r["not_in_segment"]:
         out["not_in_segment"] = int(r["not_in_segment"])
     return out
+
+
+def log_event(engine, kind: str, *, campaign_id: int | None = None, payload: dict[str, Any] | None = None,
+              emit: bool = True) -> None:
+    """Append to the store's event log and emit the same as a Prefect event (``smsflow.<kind>``),
+    so automations and deployment triggers can react to it."""
+    import json
+
+    flow_run_id = None
+    try:
+        from prefect.runtime import flow_run
+
+        flow_run_id = flow_run.id
+    except Exception:  # noqa: BLE001 - outside a flow run
+        pass
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO event_log (ts, kind, campaign_id, flow_run_id, payload) VALUES (:ts, :k, :c, :f, :p)"),
+            {"ts": utcnow(), "k": kind, "c": campaign_id, "f": flow_run_id,
+             "p": json.dumps(payload or {}, ensure_ascii=False, default=str)},
+        )
+    if emit:
+        from prefect.events import emit_event
+
+        emit_event(
+            event=f"smsflow.{kind}",
+            resource={"prefect.resource.id": f"smsflow.campaign.{campaign_id}" if campaign_id else "smsflow"},
+            payload=payload or {},
+        )

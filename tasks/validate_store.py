@@ -47,10 +47,8 @@ def validate_new_contacts(engine, source: str, default_region: str = "RU", proce
         stats.expectations_markdown = check.markdown()
         stats.expectations_success = check.success
         if not check.success:
-            failed = [r for r in check.results if not r.get("success")]
-            what = "; ".join(f"{r.get('expectation')}({r.get('column')}): {r.get('unexpected_percent', 0):.1f}% unexpected" for r in failed)
             raise ExtractCheckFailed(
-                f"extract of '{source}' failed its checks, nothing was validated or sent: {what}. "
+                f"extract of '{source}' failed its checks, nothing was validated or sent: {check.summary()}. "
                 "Fix the CRM query/export and rerun; the contacts stay in the store as 'new'."
             )
         norm = normalize_phones_parallel(new["phone_raw"], default_region=default_region, processes=processes)

@@ -151,3 +151,42 @@ def test_cli_campaign_dry_run_prints_the_accounting(tmp_path):
     assert _scalar(get_engine(), "SELECT COUNT(*) FROM outbox WHERE state <> 'planned'") == 0  # nothing sent
     assert not (get_settings().data_dir / "sandbox_gateway.sqlite").exists() or \
         SandboxGateway().sent_count_by_reference() == {}
+
+
+def test_logs_never_contain_a_full_phone_number(tmp_path):
+    """Run a campaign (with a bad number in it) and read every log line the flows emitted."""
+    import logging
+    import re
+
+    from flows.campaign import CampaignParams, campaign
+
+    records: list[str] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Grab(level=logging.DEBUG)
+    loggers = [logging.getLogger(n) for n in ("prefect", "prefect.flow_runs", "prefect.task_runs")]
+    old = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.INFO)
+    loggers[0].addHandler(handler)
+    try:
+        rows = [contact(i) for i in range(20)] + [contact(50, phone="+7 916 12")]
+        path = write_csv(tmp_path / "crm.csv", rows)
+        CsvCrm(path=str(path), source_name="logs").save("logs-src", overwrite=True)
+        SandboxGateway(min_delay_s=0, max_delay_s=0, state_path=str(tmp_path / "gw.sqlite")).save("gw-logs", overwrite=True)
+        state = campaign(CampaignParams(name="logs", source_block="logs-src", gateway_block="gw-logs", wait_for_receipts_s=3,
+                                        template=str(PROJECT_ROOT / "templates" / "demo_promo.yaml")), return_state=True)
+    finally:
+        loggers[0].removeHandler(handler)
+        for lg, lvl in zip(loggers, old):
+            lg.setLevel(lvl)
+    assert state.is_completed()
+    joined = "\n".join(records)
+    assert "send logs via gw-logs" in joined  # the flows did log
+    assert not re.search(r"\+?7\s?9\d{2}\D?\d{3}\D?\d{2}\D?\d{2}", joined)
+    with get_engine().begin() as c:
+        kinds = {r[0] for r in c.execute(text("SELECT kind FROM event_log"))}
+    assert {"campaign.planned", "campaign.sent"} <= kinds

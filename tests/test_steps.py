@@ -348,3 +348,42 @@ def test_report_counts_and_html(engine, tmp_path):
     html = path.read_text(encoding="utf-8")
     assert "data:image/png;base64," in html and "camp" in html
     assert "| camp | all | 20 | 20 |" in rep.markdown()
+
+
+def test_gateway_outage_mid_campaign_loses_nothing_and_doubles_nothing(engine, tmp_path, monkeypatch):
+    """The gateway goes down after two batches: the failed batch stays in flight, is resolved by
+    lookup on the retry and sent once; nothing is marked failed that was never tried."""
+    from blocks.gateway import GatewayUnavailable
+
+    cid, _ = _planned(engine, tmp_path, 50)
+    gw = _gw(tmp_path, rejected_rate=0.0, batch_size=10)
+    real_submit = SandboxGateway.submit
+    state = {"calls": 0, "down": True}
+
+    def flaky(self, messages):
+        state["calls"] += 1
+        if state["down"] and state["calls"] == 3:
+            raise GatewayUnavailable("connection refused")
+        return real_submit(self, messages)
+
+    monkeypatch.setattr(SandboxGateway, "submit", flaky)
+    with pytest.raises(GatewayUnavailable):
+        send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="task-1", max_messages=100)
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state='submitted'") == 20
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state='queued'") == 10
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state IN ('failed','rejected')") == 0
+    state["down"] = False
+    # the task's retry (same claimer): resolve what is in flight, then carry on
+    assert recover_in_flight(engine, cid, gw, "task-1") == (0, 10)
+    send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="task-1", max_messages=100)
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state='submitted'") == 50
+    counts = gw.sent_count_by_reference()
+    assert len(counts) == 50 and set(counts.values()) == {1}
+
+
+def test_event_log_and_masking():
+    from smsflow.privacy import mask_phone, mask_phones_in
+
+    assert mask_phone("+79161234567") == "+7916***4567"
+    assert mask_phones_in("bad number +7 916 123-45-67 here") == "bad number +7916***4567 here"
+    assert "1234567" not in mask_phones_in("call 89161234567")

@@ -204,23 +204,7 @@ def bulk_insert(
     if is_postgres(conn):
         return _pg_copy_insert(conn, table, columns, rows, conflict, json_columns)
     sql = f"INSERT INTO {table} ({cols}) VALUES ({', '.join('?' for _ in columns)}){conflict}"
-    n = 0
-    batch: list[tuple] = []
-    raw = conn.connection.driver_connection
-    cur = raw.cursor()
-    try:
-        for row in rows:
-            batch.append(tuple(_sqlite_value(v) for v in row))
-            if len(batch) >= 50_000:
-                cur.executemany(sql, batch)
-                n += len(batch)
-                batch.clear()
-        if batch:
-            cur.executemany(sql, batch)
-            n += len(batch)
-    finally:
-        cur.close()
-    return n
+    return executemany(conn, sql, rows)
 
 
 def _pg_copy_insert(conn, table, columns, rows, conflict, json_columns) -> int:
@@ -266,15 +250,22 @@ def bulk_update(
             cur.execute(f"TRUNCATE {tmp}")
         return n
     sets = ", ".join(f"{c} = ?" for c in columns)
-    sql = f"UPDATE {table} SET {sets} WHERE {key} = ?"
-    raw = conn.connection.driver_connection
-    cur = raw.cursor()
+    return executemany(conn, f"UPDATE {table} SET {sets} WHERE {key} = ?", rows)
+
+
+def executemany(conn: Connection, sql: str, rows: Iterable[Sequence[Any]], chunk: int = 50_000) -> int:
+    """Run a qmark-style statement for many rows through the driver's executemany, in chunks."""
+    pg = is_postgres(conn)
+    if pg:
+        sql = sql.replace("?", "%s")
+    convert = _copy_value if pg else _sqlite_value
+    cur = conn.connection.driver_connection.cursor()
     n = 0
     batch: list[tuple] = []
     try:
         for row in rows:
-            batch.append(tuple(_sqlite_value(v) for v in row))
-            if len(batch) >= 50_000:
+            batch.append(tuple(convert(v) for v in row))
+            if len(batch) >= chunk:
                 cur.executemany(sql, batch)
                 n += len(batch)
                 batch.clear()

@@ -20,7 +20,7 @@ import pandas as pd
 from sqlalchemy import text
 
 from blocks.gateway import GatewayUnavailable, OutgoingMessage, SmsGateway, SubmitResult
-from store.db import bulk_update, is_postgres, read_frame, utcnow
+from store.db import bulk_update, executemany, is_postgres, read_frame, utcnow
 
 
 class TokenBucket:
@@ -173,19 +173,8 @@ def record_results(engine, ids_by_ref: dict[str, int], results: list[SubmitResul
 def update_if_queued(conn, rows: list[tuple], set_clause: str) -> None:
     """Apply ``SET set_clause`` (qmark style) to each row's id, only while it is still 'queued':
     states only move forward, and a receipt that arrived first is never overwritten."""
-    if not rows:
-        return
-    from store.db import _sqlite_value
-
-    if is_postgres(conn):
-        sql = f"UPDATE outbox SET {set_clause.replace('?', '%s')} WHERE id = %s AND state = 'queued'"
-        with conn.connection.driver_connection.cursor() as cur:
-            cur.executemany(sql, rows)
-    else:
-        cur = conn.connection.driver_connection.cursor()
-        cur.executemany(f"UPDATE outbox SET {set_clause} WHERE id = ? AND state = 'queued'",
-                        [tuple(_sqlite_value(v) for v in r) for r in rows])
-        cur.close()
+    if rows:
+        executemany(conn, f"UPDATE outbox SET {set_clause} WHERE id = ? AND state = 'queued'", rows)
 
 
 def send_messages(

@@ -167,6 +167,17 @@ def demo_cmd(
     typer.echo(f"report: {result.get('report')}")
 
 
+@app.command("serve")
+def serve_cmd(
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8787, "--port"),
+) -> None:
+    """Start the callback/inbound service (receipts and replies are stored before the 2xx)."""
+    from service.app import run
+
+    run(host=host, port=port)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -1,0 +1,124 @@
+"""ASGI service (FastAPI) for delivery-receipt callbacks and inbound messages.
+
+Rules: every call is written to the store and committed BEFORE the 2xx answer (a gateway
+that gets no 2xx retries); a duplicate delivery is recognised and harmless; after the
+commit a Prefect event is emitted so `reconcile` can run on demand. Nothing depends on
+this service being up to keep messages safe: receipts that never arrive end in TTL expiry.
+Logs never carry a full phone number.
+
+    smsflow serve --host 127.0.0.1 --port 8787
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from smsflow.privacy import mask_phone
+
+log = logging.getLogger("smsflow.service")
+
+
+def _emit(event: str, resource_id: str, payload: dict[str, Any]) -> None:
+    """Best effort: the store is the record; an event only speeds reconcile up."""
+    try:
+        from prefect.events import emit_event
+
+        emit_event(event=event, resource={"prefect.resource.id": resource_id}, payload=payload)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not emit %s: %s", event, type(exc).__name__)
+
+
+async def _params(request: Request) -> dict[str, str]:
+    """Query parameters plus form fields (Kannel uses GET, others POST forms)."""
+    params = dict(request.query_params)
+    if request.method == "POST":
+        ctype = request.headers.get("content-type", "")
+        if "application/x-www-form-urlencoded" in ctype:
+            from urllib.parse import parse_qsl
+
+            body = (await request.body()).decode("utf-8", errors="replace")
+            params.update(dict(parse_qsl(body, keep_blank_values=True)))
+        elif "json" in ctype:
+            body = await request.json()
+            if isinstance(body, dict):
+                params.update({k: str(v) for k, v in body.items()})
+    return params
+
+
+def create_app(database_url: str | None = None, *, emit_events: bool = True) -> FastAPI:
+    from store.db import get_engine
+
+    app = FastAPI(title="smsflow callbacks", version="1")
+    engine = get_engine(database_url)  # migrates on start
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        return {"status": "ok"}
+
+    @app.api_route("/callbacks/kannel/dlr", methods=["GET", "POST"])
+    async def kannel_dlr(request: Request):
+        from blocks.kannel import KannelGateway
+        from tasks.reconcile import store_receipts
+
+        params = await _params(request)
+        try:
+            receipt = KannelGateway.parse_dlr(params)
+        except (ValueError, KeyError) as exc:
+            log.warning("kannel dlr rejected: %s", exc)
+            return JSONResponse({"error": str(exc)}, status_code=422)
+        gw = params.get("gw", "kannel")
+        await _in_thread(store_receipts, engine, gw, [receipt])
+        log.info("kannel dlr ref=%s status=%s err=%s", receipt.reference, receipt.status, receipt.error_code)
+        if emit_events:
+            _emit("smsflow.receipt.received", f"smsflow.gateway.{gw}", {"status": receipt.status})
+        return PlainTextResponse("OK")
+
+    @app.api_route("/inbound/kannel", methods=["GET", "POST"])
+    async def kannel_inbound(request: Request):
+        params = await _params(request)
+        return await _inbound(params.get("gw", "kannel"), params.get("id") or None, params.get("from"), params.get("to"),
+                              params.get("text"), params)
+
+    async def _inbound(gateway: str, gid: str | None, sender: str | None, to: str | None, body: str | None,
+                       raw: dict[str, Any]):
+        from tasks.inbound import store_and_apply
+        from tasks.validate import normalize_phones
+
+        if not sender:
+            return JSONResponse({"error": "missing sender ('from')"}, status_code=422)
+        import pandas as pd
+
+        e164 = normalize_phones(pd.Series([sender]))["phone_e164"].iloc[0] or sender
+
+        def work():
+            with engine.begin() as conn:
+                return store_and_apply(conn, gateway=gateway, gateway_message_id=gid, from_e164=e164, to=to, body=body,
+                                       raw=raw)
+
+        res = await _in_thread(work)
+        log.info("inbound %s from %s: kind=%s contacts=%d%s", gateway, mask_phone(e164), res.kind, res.contacts,
+                 "" if res.stored else " (duplicate, ignored)")
+        if emit_events and res.stored:
+            _emit(f"smsflow.inbound.{res.kind}", f"smsflow.gateway.{gateway}", {"kind": res.kind, "contacts": res.contacts})
+        # Kannel sends the body back as a reply when max-messages > 0; we keep it at 0 and answer empty
+        return PlainTextResponse("", status_code=200)
+
+    return app
+
+
+async def _in_thread(fn, *args):
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(fn, *args)
+
+
+def run(host: str = "127.0.0.1", port: int = 8787, database_url: str | None = None) -> None:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvicorn.run(create_app(database_url), host=host, port=port, log_level="info", access_log=False)

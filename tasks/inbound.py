@@ -1,0 +1,106 @@
+"""Inbound replies: STOP / START / HELP keywords (Russian and English) and plain replies.
+
+A STOP opts the contact out at once (before the next send: the sender re-checks opt-out
+when it claims a message); START opts back in; HELP gets the configured auto-reply;
+anything else is stored on the contact for the CRM.
+"""
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import text
+
+from store.db import utcnow
+
+STOP_WORDS = frozenset(
+    {"STOP", "STOPALL", "UNSUBSCRIBE", "END", "QUIT", "CANCEL", "OPTOUT", "OPT-OUT", "OPT OUT", "REVOKE",
+     "СТОП", "ОТПИСАТЬСЯ", "ОТПИСКА", "ОТПИШИТЕ", "ОТМЕНА"}
+)
+START_WORDS = frozenset({"START", "UNSTOP", "СТАРТ", "ПОДПИСАТЬСЯ"})
+HELP_WORDS = frozenset({"HELP", "INFO", "ПОМОЩЬ", "ИНФО"})
+
+_EDGE = re.compile(r"^[\W_]+|[\W_]+$", re.UNICODE)
+_SPACES = re.compile(r"\s+")
+
+
+def normalize_keyword(body: str | None) -> str:
+    """' Стоп! ' -> 'СТОП'; case, surrounding spaces and punctuation do not matter; ё = е."""
+    if not body:
+        return ""
+    s = unicodedata.normalize("NFKC", body).strip()
+    s = _EDGE.sub("", s)
+    s = _SPACES.sub(" ", s).upper().replace("Ё", "Е")
+    return s
+
+
+def classify(body: str | None) -> str:
+    """'stop' | 'start' | 'help' | 'reply' (the whole message must be the keyword)."""
+    k = normalize_keyword(body)
+    if k in STOP_WORDS:
+        return "stop"
+    if k in START_WORDS:
+        return "start"
+    if k in HELP_WORDS:
+        return "help"
+    return "reply"
+
+
+@dataclass
+class InboundResult:
+    stored: bool  # False for a duplicate delivery of the same inbound message
+    kind: str
+    contacts: int = 0
+    auto_reply: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+HELP_REPLY = {
+    "ru": "SmsFlow: рассылка магазина. Для отказа ответьте СТОП. Поддержка: 8-800-000-00-00",
+    "en": "SmsFlow: shop news. Reply STOP to opt out. Support: +7 800 000-00-00",
+}
+
+
+def store_and_apply(conn, *, gateway: str, gateway_message_id: str | None, from_e164: str | None, to: str | None,
+                    body: str | None, raw: dict[str, Any]) -> InboundResult:
+    """Store one inbound message (idempotent by the gateway's id) and apply its keyword,
+    in the caller's transaction: the caller answers 2xx only after the commit."""
+    kind = classify(body)
+    now = utcnow()
+    row = conn.execute(
+        text("INSERT INTO inbound_messages (gateway, gateway_message_id, from_e164, to_address, text, kind, raw, received_at) "
+             "VALUES (:gw, :gid, :frm, :to, :body, :kind, :raw, :now) "
+             "ON CONFLICT (gateway_message_id) DO NOTHING RETURNING id"),
+        {"gw": gateway, "gid": gateway_message_id, "frm": from_e164, "to": to, "body": body, "kind": kind,
+         "raw": json.dumps(raw, ensure_ascii=False, default=str), "now": now},
+    ).first()
+    if row is None:  # the same inbound message delivered again: already applied
+        return InboundResult(stored=False, kind=kind)
+    inbound_id = int(row[0])
+    contacts = [int(r[0]) for r in conn.execute(text("SELECT id FROM contacts WHERE phone_e164 = :p"), {"p": from_e164})] \
+        if from_e164 else []
+    result = InboundResult(stored=True, kind=kind, contacts=len(contacts))
+    if contacts:
+        ids = ",".join(map(str, contacts))
+        if kind == "stop":
+            conn.execute(text(f"UPDATE contacts SET opted_out_at = :now, updated_at = :now WHERE id IN ({ids}) "
+                              "AND opted_out_at IS NULL"), {"now": now})
+        elif kind == "start":
+            conn.execute(text("UPDATE contacts SET opted_out_at = NULL, sms_consent = :t, consent_at = :now, "
+                              f"consent_method = 'sms_keyword', consent_source = :g, updated_at = :now WHERE id IN ({ids})"),
+                         {"now": now, "t": True, "g": gateway})
+        if kind in ("stop", "start"):
+            payload = json.dumps({"method": "sms_keyword", "gateway": gateway, "inbound_id": inbound_id})
+            for cid in contacts:
+                conn.execute(text("INSERT INTO event_log (ts, kind, contact_id, payload) VALUES (:now, :k, :c, :p)"),
+                             {"now": now, "k": "consent.opt_out" if kind == "stop" else "consent.opt_in", "c": cid, "p": payload})
+        conn.execute(text("UPDATE inbound_messages SET contact_id = :c, processed_at = :now WHERE id = :i"),
+                     {"c": contacts[0], "now": now, "i": inbound_id})
+    if kind == "help":
+        lang = conn.execute(text("SELECT language FROM contacts WHERE id = :i"), {"i": contacts[0]}).scalar() if contacts else None
+        result.auto_reply = HELP_REPLY.get(lang or "ru", HELP_REPLY["ru"])
+    result.details["inbound_id"] = inbound_id
+    return result

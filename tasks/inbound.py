@@ -99,8 +99,35 @@ def store_and_apply(conn, *, gateway: str, gateway_message_id: str | None, from_
                              {"now": now, "k": "consent.opt_out" if kind == "stop" else "consent.opt_in", "c": cid, "p": payload})
         conn.execute(text("UPDATE inbound_messages SET contact_id = :c, processed_at = :now WHERE id = :i"),
                      {"c": contacts[0], "now": now, "i": inbound_id})
-    if kind == "help":
+    if kind == "help" and from_e164:
         lang = conn.execute(text("SELECT language FROM contacts WHERE id = :i"), {"i": contacts[0]}).scalar() if contacts else None
         result.auto_reply = HELP_REPLY.get(lang or "ru", HELP_REPLY["ru"])
+        queue_auto_reply(conn, inbound_id, contacts[0] if contacts else None, from_e164, lang, result.auto_reply, gateway)
     result.details["inbound_id"] = inbound_id
     return result
+
+
+AUTO_REPLY_CAMPAIGN = "auto-replies"
+
+
+def queue_auto_reply(conn, inbound_id: int, contact_id: int | None, phone: str, language: str | None, body: str,
+                     gateway: str) -> None:
+    """Plan the auto-reply in the outbox (transactional campaign 'auto-replies'); the send flow
+    delivers it like any message, at most once per inbound message."""
+    from tasks.sms_encoding import sms_info
+
+    now = utcnow()
+    cid = conn.execute(text("SELECT id FROM campaigns WHERE name = :n"), {"n": AUTO_REPLY_CAMPAIGN}).scalar()
+    if cid is None:
+        conn.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, gateway, price_per_segment, "
+                          "status, created_at, started_at) VALUES (:n, 'inbound', '-', 'help', 'transactional', :g, 0, "
+                          "'running', :now, :now)"), {"n": AUTO_REPLY_CAMPAIGN, "g": gateway, "now": now})
+        cid = conn.execute(text("SELECT id FROM campaigns WHERE name = :n"), {"n": AUTO_REPLY_CAMPAIGN}).scalar()
+    info = sms_info(body)
+    conn.execute(
+        text("INSERT INTO outbox (idempotency_key, campaign_id, contact_id, step, phone_e164, language, text, encoding, "
+             "segments, cost, state, attempts, gateway, planned_at, updated_at) VALUES (:k, :c, :ct, 'help', :p, :l, :t, "
+             ":e, :s, 0, 'planned', 0, :g, :now, :now) ON CONFLICT (idempotency_key) DO NOTHING"),
+        {"k": f"inbound:{inbound_id}:help", "c": cid, "ct": contact_id, "p": phone, "l": language or "ru", "t": body,
+         "e": info.encoding, "s": info.segments, "g": gateway, "now": now},
+    )

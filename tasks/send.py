@@ -120,7 +120,10 @@ def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = 3
             return claimed
         ids = claimed["id"].astype(int).tolist()
         blocked = set()
-        for i in range(0, len(ids), 900):
+        kind = conn.execute(text("SELECT kind FROM campaigns WHERE id = :c"), {"c": campaign_id}).scalar()
+        # marketing needs consent and no opt-out at send time; transactional messages (order status,
+        # replies to HELP) are answers the person asked for and are not held back here
+        for i in range(0, len(ids), 900) if kind == "marketing" else ():
             chunk = ids[i : i + 900]
             rows = conn.execute(
                 text(

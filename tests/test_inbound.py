@@ -58,6 +58,12 @@ def test_service_stores_inbound_applies_stop_and_ignores_duplicates(engine):
         row = c.execute(text("SELECT kind, contact_id IS NOT NULL FROM inbound_messages WHERE gateway_message_id='mo-3'")).one()
     assert tuple(row) == ("reply", True)
     assert client.get("/inbound/kannel", params={"text": "x"}).status_code == 422
+    client.get("/inbound/kannel", params={"from": "+79161234567", "text": "помощь", "id": "mo-4"})
+    client.get("/inbound/kannel", params={"from": "+79161234567", "text": "помощь", "id": "mo-4"})  # twice
+    with engine.begin() as c:
+        rows = c.execute(text("SELECT o.text, o.state, k.kind FROM outbox o JOIN campaigns k ON k.id = o.campaign_id "
+                              "WHERE k.name = 'auto-replies'")).fetchall()
+    assert len(rows) == 1 and "СТОП" in rows[0][0] and rows[0][1] == "planned" and rows[0][2] == "transactional"
 
 
 def test_opt_out_mid_campaign_stops_the_next_message(sqlite_engine, tmp_path):

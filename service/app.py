@@ -78,6 +78,33 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
             _emit("smsflow.receipt.received", f"smsflow.gateway.{gw}", {"status": receipt.status})
         return PlainTextResponse("OK")
 
+    @app.post("/callbacks/twilio/status")
+    async def twilio_status(request: Request):
+        import os
+
+        from blocks.http_gateway import HttpGateway, verify_twilio_signature
+        from tasks.reconcile import store_receipts
+
+        token = os.environ.get("SMSFLOW_TWILIO_AUTH_TOKEN", "")
+        form = await _params(request)
+        form_only = {k: v for k, v in form.items() if k not in request.query_params}
+        public = os.environ.get("SMSFLOW_PUBLIC_BASE_URL")
+        url = str(request.url) if not public else public.rstrip("/") + request.url.path + (
+            f"?{request.url.query}" if request.url.query else "")
+        if not token or not verify_twilio_signature(token, url, form_only, request.headers.get("X-Twilio-Signature")):
+            log.warning("twilio status callback with a bad signature rejected")
+            return JSONResponse({"error": "invalid signature"}, status_code=401)
+        try:
+            receipt = HttpGateway.parse_status_callback(form)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=422)
+        gw = form.get("gw", "twilio")
+        await _in_thread(store_receipts, engine, gw, [receipt])
+        log.info("twilio status ref=%s status=%s err=%s", receipt.reference, receipt.status, receipt.error_code)
+        if emit_events:
+            _emit("smsflow.receipt.received", f"smsflow.gateway.{gw}", {"status": receipt.status})
+        return PlainTextResponse("OK")
+
     @app.api_route("/inbound/kannel", methods=["GET", "POST"])
     async def kannel_inbound(request: Request):
         params = await _params(request)

@@ -18,6 +18,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import ClassVar
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -65,6 +66,12 @@ class SmsGateway(Block, ABC):
     batch_size: int = Field(default=500, ge=1, description="Messages per submit call.")
     price_per_segment: float = Field(default=0.0, ge=0, description="Price of one SMS segment, for cost estimates.")
     sender_id: str = Field(default="SMSFLOW", description="Alphanumeric sender name or number.")
+    evidence_grace_s: float = Field(
+        default=120.0, ge=0,
+        description="After a crash, how long a message with no trace at the gateway waits for a late receipt "
+        "before it may be sent again (gateways whose lookup is authoritative do not wait).",
+    )
+    lookup_is_authoritative: ClassVar[bool] = False  # True when lookup() knows every accepted reference
 
     @property
     def gateway_name(self) -> str:
@@ -110,6 +117,7 @@ class SandboxGateway(SmsGateway):
     """A simulated provider: accepts messages, assigns ids, produces receipts later."""
 
     _block_type_name = "Sandbox SMS Gateway"
+    lookup_is_authoritative: ClassVar[bool] = True  # its submit and its record are one transaction
 
     state_path: str | None = Field(default=None, description="SQLite file of the simulated provider (default: data dir).")
     rejected_rate: float = Field(default=0.01, ge=0, le=1, description="Share rejected at submit (invalid destination).")

@@ -71,21 +71,33 @@ class SendStats:
 
 
 def recover_in_flight(engine, campaign_id: int, gateway: SmsGateway, run_id: str | None) -> tuple[int, int]:
-    """Resolve messages left 'queued' by a crashed or retried sender: submitted if the gateway
-    has our reference, planned again if it provably never got it."""
+    """Resolve messages left 'queued' by a crashed or retried sender, before anything is sent again.
+
+    1. Receipts already stored that name our reference settle them (reconcile's rules).
+    2. The gateway is asked which references it has (``lookup``).
+    3. What is still unexplained goes back to 'planned' only when that is provably safe: at once
+       for a gateway whose lookup is authoritative (it would know), otherwise only after
+       ``evidence_grace_s`` since the claim, by when its receipts would have arrived.
+    Returns (settled as submitted or final, planned again)."""
+    from tasks.reconcile import apply_receipts
+
     now = utcnow()
+    query = ("SELECT id, idempotency_key, queued_at FROM outbox WHERE campaign_id = :c AND state = 'queued' "
+             "AND (claim_expires_at < :now OR claimed_by = :run)")
+    params = {"c": campaign_id, "now": now, "run": run_id or ""}
     with engine.begin() as conn:
-        df = read_frame(
-            conn,
-            "SELECT id, idempotency_key FROM outbox WHERE campaign_id = :c AND state = 'queued' "
-            "AND (claim_expires_at < :now OR claimed_by = :run)",
-            {"c": campaign_id, "now": now, "run": run_id or ""},
-        )
+        df = read_frame(conn, query, params, parse_dates=["queued_at"])
     if df.empty:
         return 0, 0
-    known = gateway.lookup(df["idempotency_key"].tolist())
-    sub = df[df["idempotency_key"].isin(known.keys())]
-    back = df[~df["idempotency_key"].isin(known.keys())]
+    apply_receipts(engine)
+    with engine.begin() as conn:
+        still = read_frame(conn, query, params, parse_dates=["queued_at"])
+    known = gateway.lookup(still["idempotency_key"].tolist()) if len(still) else {}
+    sub = still[still["idempotency_key"].isin(known.keys())]
+    rest = still[~still["idempotency_key"].isin(known.keys())]
+    if not gateway.lookup_is_authoritative:
+        cutoff = pd.Timestamp(now - timedelta(seconds=gateway.evidence_grace_s))
+        rest = rest[rest["queued_at"].isna() | (rest["queued_at"] < cutoff)]
     with engine.begin() as conn:
         update_if_queued(
             conn,
@@ -94,10 +106,10 @@ def recover_in_flight(engine, campaign_id: int, gateway: SmsGateway, run_id: str
         )
         update_if_queued(
             conn,
-            [("planned", None, None, now, int(i)) for i in back["id"]],
+            [("planned", None, None, now, int(i)) for i in rest["id"]],
             "state = ?, claimed_by = ?, claim_expires_at = ?, updated_at = ?",
         )
-    return len(sub), len(back)
+    return len(df) - len(still) + len(sub), len(rest)
 
 
 def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = 300) -> pd.DataFrame:

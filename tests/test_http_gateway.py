@@ -75,3 +75,39 @@ def test_status_callback_endpoint_checks_signature_and_stores(engine, monkeypatc
     with engine.begin() as c:
         row = c.execute(text("SELECT gateway_message_id, reference, status, error_code FROM delivery_receipts")).one()
     assert tuple(row) == ("SMabc", "c1:5:main", "undelivered", "30005")
+
+
+def test_crash_window_with_a_provider_that_cannot_be_asked(sqlite_engine, tmp_path):
+    """Twilio accepted two messages, we died before recording them. One status callback came in
+    (it carries our ref): that one is settled, never resent. The other waits for evidence and
+    is only planned again after the grace period."""
+    from datetime import timedelta
+
+    from blocks.gateway import Receipt
+    from store.db import bulk_insert, utcnow
+    from tasks.reconcile import store_receipts
+    from tasks.send import claim, recover_in_flight
+
+    eng = sqlite_engine
+    with eng.begin() as c:
+        bulk_insert(c, "contacts", ("source", "crm_id", "phone_e164", "sms_consent", "status"),
+                    [("s", str(i), f"+7916000000{i}", True, "valid") for i in range(2)])
+        c.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status) "
+                       "VALUES ('c','s','all','t','marketing',0,'running')"))
+        now = utcnow()
+        bulk_insert(c, "outbox", ("idempotency_key", "campaign_id", "contact_id", "step", "phone_e164", "text", "encoding",
+                                  "segments", "cost", "state", "attempts", "planned_at", "updated_at"),
+                    [(f"k{i}", 1, i + 1, "main", f"+7916000000{i}", "hi", "GSM-7", 1, 0, "planned", 0, now, now)
+                     for i in range(2)])
+    fake = FakeTwilio()
+    gw = _gw(fake, evidence_grace_s=3600)
+    claimed = claim(eng, 1, 2, "dead", lease_s=0)
+    gw.submit([OutgoingMessage(k, p, t) for k, p, t in zip(claimed["idempotency_key"], claimed["phone_e164"], claimed["text"])])
+    store_receipts(eng, "twilio", [Receipt(fake.messages[0]["sid"], "k0", "enroute", None, utcnow(), {})])
+    assert recover_in_flight(eng, 1, gw, "new") == (1, 0)
+    with eng.begin() as c:
+        states = dict(c.execute(text("SELECT idempotency_key, state FROM outbox")).fetchall())
+    assert states == {"k0": "submitted", "k1": "queued"}  # k1: no evidence yet, not resent
+    with eng.begin() as c:
+        c.execute(text("UPDATE outbox SET queued_at = :t WHERE idempotency_key = 'k1'"), {"t": utcnow() - timedelta(hours=2)})
+    assert recover_in_flight(eng, 1, gw, "new") == (0, 1)

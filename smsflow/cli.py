@@ -167,6 +167,60 @@ def demo_cmd(
     typer.echo(f"report: {result.get('report')}")
 
 
+gateway_app = typer.Typer(no_args_is_help=True, help="SMS gateway Blocks.")
+app.add_typer(gateway_app, name="gateway")
+
+
+@gateway_app.command("save")
+def gateway_save_cmd(
+    name: str = typer.Argument(..., help="Block name (lowercase letters, digits, dashes)"),
+    kind: str = typer.Option(..., "--kind", help="kannel | smpp | http | sandbox"),
+    url: Optional[str] = typer.Option(None, "--url", help="kannel: sendsms URL; http: API base URL"),
+    host: Optional[str] = typer.Option(None, "--host", help="smpp: SMSC host"),
+    port: Optional[int] = typer.Option(None, "--port", help="smpp: SMSC port"),
+    username: Optional[str] = typer.Option(None, "--username", help="kannel user / smpp system_id / http account SID"),
+    password: Optional[str] = typer.Option(None, "--password", help="stored as a secret; prefer SMSFLOW_GATEWAY_PASSWORD"),
+    dlr_url: Optional[str] = typer.Option(None, "--dlr-url", help="our callback URL for receipts"),
+    rate: Optional[float] = typer.Option(None, "--rate", help="messages per second"),
+) -> None:
+    """Save a gateway Block (credentials go into Secret fields, never into logs)."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
+        _fail("block names use lowercase letters, digits and dashes")
+    password = password or os.environ.get("SMSFLOW_GATEWAY_PASSWORD")
+    common = {"rate_per_second": rate} if rate else {}
+    try:
+        if kind == "sandbox":
+            from blocks.gateway import SandboxGateway
+
+            block = SandboxGateway(**common)
+        elif kind == "http":
+            from blocks.http_gateway import HttpGateway
+
+            block = HttpGateway(**common, **{k: v for k, v in {"base_url": url, "account_sid": username,
+                                                                   "auth_token": password, "status_callback_url": dlr_url}.items() if v})
+        elif kind == "kannel":
+            from blocks.kannel import KannelGateway
+
+            block = KannelGateway(**common, **{k: v for k, v in {"sendsms_url": url, "username": username,
+                                                                     "password": password, "dlr_url": dlr_url}.items() if v})
+        elif kind == "smpp":
+            from blocks.smpp import SmppGateway
+
+            block = SmppGateway(**common, **{k: v for k, v in {"host": host, "port": port, "system_id": username,
+                                                                   "password": password}.items() if v})
+        else:
+            _fail(f"unknown --kind {kind!r}: use kannel, smpp, http or sandbox")
+            return
+    except ImportError as exc:
+        _fail(f"gateway kind {kind!r} is not available: {exc}")
+        return
+    except ValueError as exc:
+        _fail(f"invalid gateway settings: {exc}")
+        return
+    block.save(name, overwrite=True)
+    typer.echo(json.dumps({"saved": name, "kind": kind, "type": type(block).get_block_type_slug()}))
+
+
 @app.command("serve")
 def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host"),

@@ -190,3 +190,20 @@ def test_logs_never_contain_a_full_phone_number(tmp_path):
     with get_engine().begin() as c:
         kinds = {r[0] for r in c.execute(text("SELECT kind FROM event_log"))}
     assert {"campaign.planned", "campaign.sent"} <= kinds
+
+
+def test_cli_gateway_save_stores_secrets_as_secrets():
+    from typer.testing import CliRunner
+
+    from blocks.registry import load_gateway
+    from smsflow.cli import app
+
+    res = CliRunner().invoke(app, ["gateway", "save", "tw-test", "--kind", "http", "--url", "https://api.example",
+                                   "--username", "AC123", "--password", "p4ss-w0rd", "--rate", "25"])
+    assert res.exit_code == 0, res.output
+    assert "p4ss-w0rd" not in res.output
+    gw = load_gateway("tw-test")
+    assert gw.rate_per_second == 25 and gw.auth_token.get_secret_value() == "p4ss-w0rd"
+    assert "p4ss-w0rd" not in repr(gw)
+    bad = CliRunner().invoke(app, ["gateway", "save", "x", "--kind", "pigeon"])
+    assert bad.exit_code != 0

@@ -1,0 +1,276 @@
+"""Contact policy, enforced when a message is claimed for sending (and previewed by dry runs).
+
+- Send windows in the recipient's local time: the CRM's time zone, else the number's when
+  phonenumbers gives exactly one zone, else the campaign's default. Marketing by default
+  10:00-21:00 every day except Russian public holidays; transactional any time except
+  22:00-08:00. Weekends/holidays a window excludes are lifted for contacts who agreed
+  (attribute ``sms_on_holidays``). Outside its window a message is deferred to the next
+  allowed moment, never dropped; past the campaign's end it expires with a reason.
+- Frequency caps per contact per day / week / month (rolling), global or per message type,
+  counted over what was actually submitted; transactional exempt by configuration.
+- Consent: marketing only to consented, not-opted-out contacts; transactional by its own rule.
+Pure functions: the clock is always a parameter.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import date, datetime, time, timedelta, timezone
+from functools import lru_cache
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+UTC = timezone.utc
+PERIOD_DAYS = {"day": 1, "week": 7, "month": 30}
+
+
+class SendWindow(BaseModel):
+    """Allowed local hours [start, end) on the listed weekdays (0 = Monday)."""
+
+    start: time = time(10, 0)
+    end: time = time(21, 0)
+    days: list[int] = Field(default_factory=lambda: list(range(7)))
+    skip_holidays: bool = True
+
+    @field_validator("days")
+    @classmethod
+    def _days(cls, v: list[int]) -> list[int]:
+        if not v or any(d < 0 or d > 6 for d in v):
+            raise ValueError("days must be a non-empty list of weekdays 0 (Monday) .. 6 (Sunday)")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _order(self) -> "SendWindow":
+        if self.start >= self.end:
+            raise ValueError(f"window start {self.start} must be before end {self.end} (no night sends)")
+        return self
+
+
+class FrequencyCap(BaseModel):
+    period: Literal["day", "week", "month"]
+    limit: int = Field(ge=1)
+    message_type: Literal["marketing", "transactional"] | None = None  # None: all messages
+
+    @property
+    def rule(self) -> str:
+        return f"cap_{self.period}" + (f"_{self.message_type}" if self.message_type else "")
+
+
+class ContactPolicy(BaseModel):
+    marketing_window: SendWindow = Field(default_factory=SendWindow)
+    transactional_window: SendWindow = Field(
+        default_factory=lambda: SendWindow(start=time(8, 0), end=time(22, 0), skip_holidays=False)
+    )
+    caps: list[FrequencyCap] = Field(default_factory=list)
+    transactional_exempt_from_caps: bool = True
+    transactional_requires_consent: bool = False
+    transactional_respects_opt_out: bool = True
+    default_timezone: str = "Europe/Moscow"
+    holiday_country: str = "RU"
+    holiday_optin_attribute: str = "sms_on_holidays"
+
+    @field_validator("default_timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        zone(v)
+        return v
+
+    def window_for(self, kind: str) -> SendWindow:
+        return self.transactional_window if kind == "transactional" else self.marketing_window
+
+
+# ----------------------------------------------------------------------------- time zones
+
+
+@lru_cache(maxsize=1024)
+def zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, TypeError) as exc:
+        raise ValueError(f"unknown time zone {name!r}") from exc
+
+
+def valid_zone(name: str | None) -> bool:
+    if not name or not isinstance(name, str):
+        return False
+    try:
+        zone(name.strip())
+        return True
+    except ValueError:
+        return False
+
+
+@lru_cache(maxsize=200_000)
+def zone_from_number(e164: str | None) -> str | None:
+    """The number's zone when phonenumbers gives exactly one (landlines, small countries)."""
+    if not e164:
+        return None
+    import phonenumbers
+    from phonenumbers import timezone as pn_tz
+
+    try:
+        zones = pn_tz.time_zones_for_number(phonenumbers.parse(e164, None))
+    except phonenumbers.NumberParseException:
+        return None
+    zones = [z for z in zones if z != "Etc/Unknown"]
+    return zones[0] if len(zones) == 1 else None
+
+
+def resolve_timezone(crm_tz: str | None, e164: str | None, default: str) -> tuple[str, str]:
+    """(zone, where it came from: crm | number | default)."""
+    if valid_zone(crm_tz):
+        return crm_tz.strip(), "crm"
+    z = zone_from_number(e164)
+    if z and valid_zone(z):
+        return z, "number"
+    return default, "default"
+
+
+# ----------------------------------------------------------------------------- windows
+
+
+@lru_cache(maxsize=64)
+def _holidays(country: str, year: int) -> frozenset[date]:
+    import holidays
+
+    return frozenset(holidays.country_holidays(country, years=year).keys())
+
+
+def is_holiday(d: date, country: str) -> bool:
+    return d in _holidays(country, d.year)
+
+
+def _local_to_utc(d: date, t: time, tz: ZoneInfo) -> datetime:
+    """The first real instant at or after local wall time d+t (a DST gap moves it forward)."""
+    naive = datetime.combine(d, t)
+    utc = naive.replace(tzinfo=tz, fold=0).astimezone(UTC)
+    if utc.astimezone(tz).replace(tzinfo=None) == naive:
+        return utc
+    # spring-forward gap: search between the two readings of the missing wall time
+    lo = naive.replace(tzinfo=tz, fold=1).astimezone(UTC)
+    hi = utc if utc > lo else naive.replace(tzinfo=tz, fold=0).astimezone(UTC) + timedelta(hours=3)
+    while hi - lo > timedelta(seconds=1):
+        mid = lo + (hi - lo) / 2
+        if mid.astimezone(tz).replace(tzinfo=None) >= naive:
+            hi = mid
+        else:
+            lo = mid
+    return hi.replace(microsecond=0) + (timedelta(seconds=1) if hi.microsecond else timedelta(0))
+
+
+def _day_rule(d: date, window: SendWindow, country: str, agreed: bool) -> str:
+    """'' if the day is allowed, else why not ('weekend' for an excluded weekday, 'holiday')."""
+    if agreed:
+        return ""
+    if d.weekday() not in window.days:
+        return "weekend" if d.weekday() >= 5 else "day_off"
+    if window.skip_holidays and is_holiday(d, country):
+        return "holiday"
+    return ""
+
+
+def allowed_now(now: datetime, tz_name: str, window: SendWindow, country: str, agreed: bool = False) -> bool:
+    local = now.astimezone(zone(tz_name))
+    if _day_rule(local.date(), window, country, agreed):
+        return False
+    return window.start <= local.time().replace(tzinfo=None) < window.end
+
+
+def next_allowed(now: datetime, tz_name: str, window: SendWindow, country: str = "RU",
+                 agreed: bool = False) -> tuple[datetime, str]:
+    """(the first allowed UTC instant >= now, the rule that deferred it or '' when now is allowed)."""
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    tz = zone(tz_name)
+    local = now.astimezone(tz)
+    first_rule = ""
+    for offset in range(0, 800):
+        d = local.date() + timedelta(days=offset)
+        rule = _day_rule(d, window, country, agreed)
+        if rule:
+            first_rule = first_rule or rule
+            continue
+        start = _local_to_utc(d, window.start, tz)
+        end = _local_to_utc(d, window.end, tz)
+        if offset == 0 and start <= now < end:
+            return now, ""
+        if start > now:
+            return start, first_rule or "quiet_hours"
+        # today's window already over (or now is inside a gap): look at the next day
+        first_rule = first_rule or "quiet_hours"
+    raise ValueError(f"no allowed send moment within 800 days for window {window} in {tz_name}")
+
+
+# ----------------------------------------------------------------------------- caps
+
+
+def cap_defer(now: datetime, history: Sequence[tuple[datetime, str]], kind: str, policy: ContactPolicy
+              ) -> tuple[datetime | None, str]:
+    """When a capped contact may get its next message of ``kind`` (None: not capped now).
+
+    ``history``: (submitted_at UTC, kind) of what was actually submitted to this contact."""
+    if kind == "transactional" and policy.transactional_exempt_from_caps:
+        return None, ""
+    until: datetime | None = None
+    rule = ""
+    for cap in policy.caps:
+        if cap.message_type and cap.message_type != kind:
+            continue
+        span = timedelta(days=PERIOD_DAYS[cap.period])
+        times = sorted(t for t, k in history if (cap.message_type is None or k == cap.message_type) and now - span < t <= now)
+        if len(times) >= cap.limit:
+            free = times[len(times) - cap.limit] + span
+            if until is None or free > until:
+                until, rule = free, cap.rule
+    return until, rule
+
+
+# ----------------------------------------------------------------------------- one decision
+
+
+class Decision(BaseModel):
+    action: Literal["send", "defer", "hold", "expire"]
+    send_at: datetime | None = None  # UTC
+    rule: str = ""
+    timezone: str = ""
+
+
+def decide(
+    *,
+    now: datetime,
+    kind: str,
+    policy: ContactPolicy,
+    consent: bool,
+    opted_out: bool,
+    suppressed: bool = False,
+    crm_tz: str | None = None,
+    e164: str | None = None,
+    agreed_days_off: bool = False,
+    history: Iterable[tuple[datetime, str]] = (),
+    ends_at: datetime | None = None,
+) -> Decision:
+    """Send now, defer to a later moment, hold back (never for this campaign), or expire."""
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    tz_name, _ = resolve_timezone(crm_tz, e164, policy.default_timezone)
+    if suppressed:
+        return Decision(action="hold", rule="suppressed", timezone=tz_name)
+    if kind == "marketing" or policy.transactional_respects_opt_out:
+        if opted_out:
+            return Decision(action="hold", rule="opted_out", timezone=tz_name)
+    if (kind == "marketing" or policy.transactional_requires_consent) and not consent:
+        return Decision(action="hold", rule="no_consent", timezone=tz_name)
+    at, rule = next_allowed(now, tz_name, policy.window_for(kind), policy.holiday_country, agreed_days_off)
+    hist = list(history)
+    cap_until, cap_rule = cap_defer(at, hist, kind, policy)
+    if cap_until is not None:
+        # a capped contact is held back for this message (the cap protects them from the campaign)
+        return Decision(action="hold", rule=cap_rule, timezone=tz_name)
+    if ends_at is not None:
+        end = ends_at if ends_at.tzinfo else ends_at.replace(tzinfo=UTC)
+        if at > end:
+            return Decision(action="expire", rule="campaign_ended", timezone=tz_name)
+    if at > now:
+        return Decision(action="defer", send_at=at, rule=rule, timezone=tz_name)
+    return Decision(action="send", send_at=now, rule="", timezone=tz_name)

@@ -5,6 +5,8 @@ campaign by name resumes it: the outbox makes every step idempotent.
 """
 from __future__ import annotations
 
+from datetime import datetime
+
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 
@@ -17,6 +19,7 @@ from flows.segment import segment as segment_flow
 from flows.send import send
 from flows.validate_and_dedup import validate_and_dedup
 from store.db import get_engine
+from tasks.policy import ContactPolicy
 from tasks.accounting import campaign_accounting, finish_campaign, log_event
 
 
@@ -31,6 +34,10 @@ class CampaignParams(BaseModel):
     dry_run: bool = Field(default=False, description="Plan and price the messages, send nothing.")
     wait_for_receipts_s: float = Field(default=30.0, ge=0, description="How long to wait for final receipts.")
     full_refresh: bool = Field(default=False, description="Ignore the extract watermark.")
+    policy: ContactPolicy | None = Field(default=None, description="Send windows, caps, consent rules (default: "
+                                         "marketing 10:00-21:00 local, not on Russian public holidays).")
+    ends_at: datetime | None = Field(default=None, description="Messages not sent by then expire.")
+    now: datetime | None = Field(default=None, description="The clock for policy decisions (previews and tests).")
 
 
 @flow(name="campaign")
@@ -42,13 +49,13 @@ def campaign(params: CampaignParams, database_url: str | None = None) -> dict:
     validate_and_dedup(source, database_url=database_url)
     segment_flow(source, params.segment, params.segments_file, database_url)
     rendered = render(params.name, params.template, source, params.segment, gw.price_per_segment,
-                      params.gateway_block, database_url)
+                      params.gateway_block, database_url, params.policy, params.ends_at)
     engine = get_engine(database_url)
     cid = rendered["campaign_id"]
     log_event(engine, "campaign.planned", campaign_id=cid, payload={k: rendered[k] for k in ("planned", "segments", "cost")})
     result: dict = {}
     if not params.dry_run:
-        result["send"] = send(params.name, params.gateway_block, params.rate, database_url)
+        result["send"] = send(params.name, params.gateway_block, params.rate, database_url, params.now)
         result["reconcile"] = reconcile(params.gateway_block, params.name, params.wait_for_receipts_s, None, database_url)
         result["report"] = report(params.name, None, database_url)["html"]
     summary = campaign_accounting(engine, cid)

@@ -1,29 +1,40 @@
 """Flow: a template over a segment -> planned messages in the outbox (text, encoding, segments, cost)."""
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from prefect import flow, get_run_logger
 
 from smsflow.settings import get_settings
 from tasks.accounting import ensure_campaign
 from tasks.plan import plan_task
+from tasks.policy import ContactPolicy
 from tasks.render import load_template
 from store.db import get_engine
 
 
 @flow(name="render")
 def render(campaign: str, template: str, source: str = "demo-crm", segment: str = "all",
-           price_per_segment: float = 0.0, gateway: str | None = None, database_url: str | None = None) -> dict:
+           price_per_segment: float = 0.0, gateway: str | None = None, database_url: str | None = None,
+           policy: ContactPolicy | None = None, ends_at: datetime | None = None) -> dict:
     """Render the campaign's messages; contacts already in the outbox are skipped (idempotent)."""
     s = get_settings()
     tpl = load_template(template)  # a broken template fails here, before any contact is rendered
     cid = ensure_campaign(get_engine(database_url), name=campaign, source=source, segment=segment,
-                          template_name=tpl.name, kind=tpl.kind, gateway=gateway, price_per_segment=price_per_segment)
+                          template_name=tpl.name, kind=tpl.kind, gateway=gateway, price_per_segment=price_per_segment,
+                          policy=policy.model_dump(mode="json") if policy else None, ends_at=_naive_utc(ends_at))
     stats = plan_task(cid, source, segment, tpl, price_per_segment, gateway, s.batch_size, s.workers, database_url,
                       {"campaign": campaign})
     get_run_logger().info("render %s: %d planned, %d no consent, %d quarantined, %d segments, cost %.2f",
                           campaign, stats.planned, stats.no_consent, stats.render_failed, stats.segments, stats.cost)
     return {"campaign": campaign, "campaign_id": cid, "planned": stats.planned, "no_consent": stats.no_consent,
             "render_failed": stats.render_failed, "segments": stats.segments, "cost": round(stats.cost, 4)}
+
+
+def _naive_utc(t: datetime | None) -> datetime | None:
+    if t is None or t.tzinfo is None:
+        return t
+    return t.astimezone(timezone.utc).replace(tzinfo=None)
 
 
 if __name__ == "__main__":

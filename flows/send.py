@@ -1,6 +1,8 @@
 """Flow: planned messages -> the gateway, throttled, at most once per idempotency key."""
 from __future__ import annotations
 
+from datetime import datetime
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from sqlalchemy import text
@@ -27,7 +29,8 @@ def ensure_gateway_limit(gateway_name: str) -> str:
 
 
 @flow(name="send")
-def send(campaign: str, gateway_block: str = "sandbox", rate: float | None = None, database_url: str | None = None) -> dict:
+def send(campaign: str, gateway_block: str = "sandbox", rate: float | None = None, database_url: str | None = None,
+         now: datetime | None = None) -> dict:
     """Send a campaign's planned messages; rerunning resumes and never submits a message twice."""
     gw = load_gateway(gateway_block)
     engine = get_engine(database_url)
@@ -42,19 +45,22 @@ def send(campaign: str, gateway_block: str = "sandbox", rate: float | None = Non
     progress = create_progress_artifact(0.0, description=f"send {campaign}: {todo} to go")
     total = SendStats()
     while True:
-        s = send_task(int(cid), gw, rate or gw.rate_per_second, SEND_CHUNK, database_url)
+        s = send_task(int(cid), gw, rate or gw.rate_per_second, SEND_CHUNK, database_url, now)
         for f in ("claimed", "submitted", "rejected", "policy_blocked", "retry_later", "failed",
                   "recovered_submitted", "recovered_replanned"):
             setattr(total, f, getattr(total, f) + getattr(s, f))
         for k, v in s.errors.items():
             total.errors[k] = total.errors.get(k, 0) + v
+        for k, v in s.held.items():
+            total.held[k] = total.held.get(k, 0) + v
         done = total.submitted + total.rejected + total.policy_blocked + total.failed
         update_progress_artifact(progress, min(100.0, 100.0 * done / max(1, todo)), description=f"{done} of {todo} sent")
         if s.claimed == 0 or (s.submitted == 0 and s.retry_later and s.rejected == 0):
             break
     update_progress_artifact(progress, 100.0, description=f"{total.submitted} submitted")
-    get_run_logger().info("send %s via %s: %d submitted, %d rejected, %d blocked by policy, %d to retry",
-                          campaign, gw.gateway_name, total.submitted, total.rejected, total.policy_blocked, total.retry_later)
+    get_run_logger().info("send %s via %s: %d submitted, %d rejected, %d held/deferred by policy %s, %d to retry",
+                          campaign, gw.gateway_name, total.submitted, total.rejected, total.policy_blocked, total.held,
+                          total.retry_later)
     return {"campaign": campaign, **{k: v for k, v in vars(total).items()}}
 
 

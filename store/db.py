@@ -106,10 +106,16 @@ def is_postgres(conn: Connection) -> bool:
 # --------------------------------------------------------------------------- values
 
 
+_PLAIN = (str, int, bool)
+
+
 def _py(value: Any) -> Any:
     """A driver-friendly Python value (pandas/numpy scalars, NaN -> None, dict -> JSON)."""
-    if value is None:
-        return None
+    t = type(value)
+    if value is None or t in _PLAIN:  # the hot path: most cells
+        return value
+    if t is float:
+        return None if value != value else value
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, (dict, list)):
@@ -162,6 +168,9 @@ def _json_clean(obj: Any) -> Any:
 
 
 def _sqlite_value(value: Any) -> Any:
+    t = type(value)
+    if value is None or t in _PLAIN:
+        return value
     value = _py(value)
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S.%f")

@@ -87,6 +87,7 @@ class Contact(Base):
     consent_at: Mapped[datetime | None] = mapped_column(DateTime)
     consent_method: Mapped[str | None] = mapped_column(String(40))
     consent_source: Mapped[str | None] = mapped_column(String(100))
+    consent_text_version: Mapped[str | None] = mapped_column(String(40))
     opted_out_at: Mapped[datetime | None] = mapped_column(DateTime)
     attributes: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     crm_updated_at: Mapped[datetime | None] = mapped_column(DateTime)
@@ -140,6 +141,8 @@ class Campaign(Base):
     price_per_segment: Mapped[float] = mapped_column(Float, default=0.0)
     status: Mapped[str] = mapped_column(String(20), default="created")
     params: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    policy: Mapped[dict[str, Any] | None] = mapped_column(JsonType)  # tasks.policy.ContactPolicy
+    ends_at: Mapped[datetime | None] = mapped_column(DateTime)  # messages not sent by then expire
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
@@ -188,6 +191,8 @@ class Outbox(Base):
     gateway_message_id: Mapped[str | None] = mapped_column(String(100))
     error_code: Mapped[str | None] = mapped_column(String(40))
     last_error: Mapped[str | None] = mapped_column(Text)
+    send_after: Mapped[datetime | None] = mapped_column(DateTime)  # deferred by a send window or a cap
+    hold_rule: Mapped[str | None] = mapped_column(String(40))  # the rule that deferred or held it
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     claim_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
     planned_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
@@ -246,3 +251,29 @@ class EventLog(Base):
     contact_id: Mapped[int | None] = mapped_column(IdType, ForeignKey("contacts.id", ondelete="SET NULL"))
     flow_run_id: Mapped[str | None] = mapped_column(String(64))
     payload: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+
+
+class ConsentChange(Base):
+    """Audit log of every consent change: who, when, how, from what to what."""
+
+    __tablename__ = "consent_changes"
+    __table_args__ = (Index("ix_consent_changes_contact", "contact_id"),)
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    contact_id: Mapped[int | None] = mapped_column(IdType, ForeignKey("contacts.id", ondelete="SET NULL"))
+    changed_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+    change: Mapped[str] = mapped_column(String(20))  # granted | revoked | opted_out | opted_in | erased
+    method: Mapped[str | None] = mapped_column(String(40))  # web_form | sms_keyword | call_centre | import | erasure
+    source: Mapped[str | None] = mapped_column(String(100))
+    text_version: Mapped[str | None] = mapped_column(String(40))
+    details: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+
+
+class Suppression(Base):
+    """Salted hashes of erased numbers: a later import can never message them."""
+
+    __tablename__ = "suppression_list"
+
+    phone_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(40), default="erased")
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())

@@ -10,7 +10,8 @@ from store.db import utcnow
 
 
 def ensure_campaign(engine, *, name: str, source: str, segment: str, template_name: str, kind: str,
-                    gateway: str | None, price_per_segment: float, params: dict[str, Any] | None = None) -> int:
+                    gateway: str | None, price_per_segment: float, params: dict[str, Any] | None = None,
+                    policy: dict[str, Any] | None = None, ends_at=None) -> int:
     """The campaign's id; created on first run, reused when a campaign of that name is rerun."""
     import json
 
@@ -19,14 +20,17 @@ def ensure_campaign(engine, *, name: str, source: str, segment: str, template_na
         if row is not None:
             if row[1] != source:
                 raise ValueError(f"campaign '{name}' already exists for source '{row[1]}', not '{source}'; pick another name")
-            conn.execute(text("UPDATE campaigns SET status = 'running', gateway = COALESCE(:g, gateway) WHERE id = :i"),
-                         {"g": gateway, "i": row[0]})
+            conn.execute(text("UPDATE campaigns SET status = 'running', gateway = COALESCE(:g, gateway), "
+                              "policy = COALESCE(:pol, policy), ends_at = COALESCE(:end, ends_at) WHERE id = :i"),
+                         {"g": gateway, "i": row[0], "pol": json.dumps(policy) if policy else None, "end": ends_at})
             return int(row[0])
         conn.execute(
             text("INSERT INTO campaigns (name, source, segment, template_name, kind, gateway, price_per_segment, status, "
-                 "params, created_at, started_at) VALUES (:n, :s, :g, :t, :k, :gw, :p, 'running', :params, :now, :now)"),
+                 "params, policy, ends_at, created_at, started_at) "
+                 "VALUES (:n, :s, :g, :t, :k, :gw, :p, 'running', :params, :pol, :end, :now, :now)"),
             {"n": name, "s": source, "g": segment, "t": template_name, "k": kind, "gw": gateway, "p": price_per_segment,
-             "params": json.dumps(params or {}, default=str), "now": utcnow()},
+             "params": json.dumps(params or {}, default=str), "pol": json.dumps(policy) if policy else None,
+             "end": ends_at, "now": utcnow()},
         )
         return int(conn.execute(text("SELECT id FROM campaigns WHERE name = :n"), {"n": name}).scalar())
 

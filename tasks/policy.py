@@ -80,6 +80,13 @@ class ContactPolicy(BaseModel):
         return self.transactional_window if kind == "transactional" else self.marketing_window
 
 
+def always_open() -> ContactPolicy:
+    """No windows and no caps (consent and opt-out still apply): for tests of sending mechanics
+    and for operators who explicitly take responsibility for timing."""
+    w = SendWindow(start=time(0, 0), end=time(23, 59, 59, 999999), skip_holidays=False)
+    return ContactPolicy(marketing_window=w, transactional_window=w)
+
+
 # ----------------------------------------------------------------------------- time zones
 
 
@@ -274,3 +281,100 @@ def decide(
     if at > now:
         return Decision(action="defer", send_at=at, rule=rule, timezone=tz_name)
     return Decision(action="send", send_at=now, rule="", timezone=tz_name)
+
+
+# ----------------------------------------------------------------------------- store side: at claim time
+
+
+def load_policy(raw) -> ContactPolicy:
+    import json
+
+    if raw is None or raw == "":
+        return ContactPolicy()
+    if isinstance(raw, str):
+        raw = json.loads(raw)
+    return ContactPolicy.model_validate(raw)
+
+
+def enforce_at_claim(conn, campaign_id: int, claimed, now: datetime) -> tuple[list[int], dict[str, int]]:
+    """Decide every claimed message against the policy as it is NOW (consent, opt-out, erasure,
+    window in the contact's local time, caps over what was actually submitted, campaign end).
+    Held-back messages end 'rejected' (POLICY_<RULE>), expired ones 'expired' (CAMPAIGN_ENDED),
+    deferred ones go back to 'planned' with ``send_after``. Returns (ids to send, counts by rule)."""
+    import json
+
+    from sqlalchemy import text
+
+    from smsflow.privacy import phone_hash
+    from store.db import executemany
+
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    naive_now = now.astimezone(UTC).replace(tzinfo=None)
+    camp = conn.execute(text("SELECT kind, policy, ends_at FROM campaigns WHERE id = :c"), {"c": campaign_id}).one()
+    kind, policy, ends_at = camp[0], load_policy(camp[1]), camp[2]
+    if isinstance(ends_at, str):
+        ends_at = datetime.fromisoformat(ends_at)
+    ids = [int(i) for i in claimed["id"]]
+    contact_ids = sorted({int(c) for c in claimed["contact_id"].dropna()})
+    contacts: dict[int, tuple] = {}
+    history: dict[int, list[tuple[datetime, str]]] = {}
+    for i in range(0, len(contact_ids), 900):
+        chunk = ",".join(map(str, contact_ids[i : i + 900]))
+        for row in conn.execute(text(f"SELECT id, sms_consent, opted_out_at, timezone, attributes FROM contacts WHERE id IN ({chunk})")):
+            contacts[int(row[0])] = tuple(row[1:])
+        if policy.caps:
+            since = naive_now - timedelta(days=max(PERIOD_DAYS[c.period] for c in policy.caps))
+            for cid, sub_at, k in conn.execute(text(
+                    "SELECT o.contact_id, o.submitted_at, k.kind FROM outbox o JOIN campaigns k ON k.id = o.campaign_id "
+                    f"WHERE o.contact_id IN ({chunk}) AND o.submitted_at IS NOT NULL AND o.submitted_at > :since"),
+                    {"since": since}):
+                t = datetime.fromisoformat(sub_at) if isinstance(sub_at, str) else sub_at
+                history.setdefault(int(cid), []).append((t.replace(tzinfo=UTC), k))
+    phones = [p for p in claimed["phone_e164"] if p]
+    suppressed = set()
+    if phones:
+        hashes = {phone_hash(p): p for p in phones}
+        keys = list(hashes)
+        for i in range(0, len(keys), 900):
+            chunk = keys[i : i + 900]
+            marks = ",".join(f":h{j}" for j in range(len(chunk)))
+            rows = conn.execute(text(f"SELECT phone_hash FROM suppression_list WHERE phone_hash IN ({marks})"),
+                                {f"h{j}": h for j, h in enumerate(chunk)})
+            suppressed.update(hashes[r[0]] for r in rows)
+    send: list[int] = []
+    counts: dict[str, int] = {}
+    held, expired, deferred = [], [], []
+    for oid, cid, phone in zip(ids, claimed["contact_id"], claimed["phone_e164"]):
+        c = contacts.get(int(cid)) if cid is not None and cid == cid else None
+        if c is None and kind == "marketing":
+            d = Decision(action="hold", rule="no_contact")
+        else:
+            consent, opted_out_at, crm_tz, attrs = c if c is not None else (False, None, None, None)
+            if isinstance(attrs, str):
+                attrs = json.loads(attrs) if attrs else {}
+            agreed = bool((attrs or {}).get(policy.holiday_optin_attribute)) and str(
+                (attrs or {}).get(policy.holiday_optin_attribute)).lower() not in ("0", "false", "no", "нет")
+            d = decide(now=now, kind=kind, policy=policy, consent=bool(consent), opted_out=opted_out_at is not None,
+                       suppressed=phone in suppressed, crm_tz=crm_tz, e164=phone, agreed_days_off=agreed,
+                       history=history.get(int(cid), []) if c is not None else [], ends_at=ends_at)
+        if d.action == "send":
+            send.append(oid)
+            if c is not None:
+                history.setdefault(int(cid), []).append((now, kind))  # a second message in this batch counts it
+            continue
+        counts[d.rule] = counts.get(d.rule, 0) + 1
+        if d.action == "hold":
+            held.append(("rejected", f"POLICY_{d.rule.upper()}", d.rule, f"held back by contact policy: {d.rule}",
+                         naive_now, naive_now, oid))
+        elif d.action == "expire":
+            expired.append(("expired", "CAMPAIGN_ENDED", d.rule, "the campaign ended before an allowed send moment",
+                            naive_now, naive_now, oid))
+        else:
+            deferred.append(("planned", d.send_at.astimezone(UTC).replace(tzinfo=None), d.rule, naive_now, oid))
+    guard = " WHERE id = ? AND state = 'queued'"
+    executemany(conn, "UPDATE outbox SET state = ?, error_code = ?, hold_rule = ?, last_error = ?, final_at = ?, "
+                      "claimed_by = NULL, updated_at = ?" + guard, held + expired)
+    executemany(conn, "UPDATE outbox SET state = ?, send_after = ?, hold_rule = ?, claimed_by = NULL, "
+                      "attempts = attempts - 1, updated_at = ?" + guard, deferred)
+    return send, counts

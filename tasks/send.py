@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pandas as pd
 from sqlalchemy import text
@@ -68,6 +68,7 @@ class SendStats:
     recovered_submitted: int = 0
     recovered_replanned: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    held: dict[str, int] = field(default_factory=dict)  # by policy rule: deferred, held back or expired
 
 
 def recover_in_flight(engine, campaign_id: int, gateway: SmsGateway, run_id: str | None) -> tuple[int, int]:
@@ -112,48 +113,35 @@ def recover_in_flight(engine, campaign_id: int, gateway: SmsGateway, run_id: str
     return len(df) - len(still) + len(sub), len(rest)
 
 
-def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = 300) -> pd.DataFrame:
-    """Atomically take up to ``limit`` planned messages (FOR UPDATE SKIP LOCKED on PostgreSQL;
-    SQLite's single writer with BEGIN IMMEDIATE), then drop those whose contact has no
-    consent or has opted out since planning (they end 'rejected' with a policy code)."""
-    now = utcnow()
-    expires = now + timedelta(seconds=lease_s)
+def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = 300,
+          now: datetime | None = None) -> pd.DataFrame:
+    """Atomically take up to ``limit`` due planned messages (FOR UPDATE SKIP LOCKED on PostgreSQL;
+    SQLite's single writer with BEGIN IMMEDIATE), then apply the contact policy as it is now
+    (``tasks.policy.enforce_at_claim``): only messages allowed this moment are returned;
+    ``attrs['policy_blocked']`` counts the others, ``attrs['policy']`` by rule."""
+    from tasks.policy import enforce_at_claim
+
+    clock = now or datetime.now(timezone.utc)
+    naive = clock.astimezone(timezone.utc).replace(tzinfo=None)
+    expires = naive + timedelta(seconds=lease_s)
     with engine.begin() as conn:
         lock = " FOR UPDATE SKIP LOCKED" if is_postgres(conn) else ""
         claimed = read_frame(
             conn,
             "UPDATE outbox SET state = 'queued', queued_at = :now, claimed_by = :who, claim_expires_at = :exp, "
             "attempts = attempts + 1, updated_at = :now "
-            f"WHERE id IN (SELECT id FROM outbox WHERE campaign_id = :c AND state = 'planned' ORDER BY id LIMIT :n{lock}) "
+            "WHERE id IN (SELECT id FROM outbox WHERE campaign_id = :c AND state = 'planned' "
+            f"AND (send_after IS NULL OR send_after <= :now) ORDER BY id LIMIT :n{lock}) "
             "RETURNING id, idempotency_key, contact_id, phone_e164, text, encoding, segments, attempts",
-            {"now": now, "who": claimer, "exp": expires, "c": campaign_id, "n": int(limit)},
+            {"now": naive, "who": claimer, "exp": expires, "c": campaign_id, "n": int(limit)},
         )
         if claimed.empty:
             return claimed
-        ids = claimed["id"].astype(int).tolist()
-        blocked = set()
-        kind = conn.execute(text("SELECT kind FROM campaigns WHERE id = :c"), {"c": campaign_id}).scalar()
-        # marketing needs consent and no opt-out at send time; transactional messages (order status,
-        # replies to HELP) are answers the person asked for and are not held back here
-        for i in range(0, len(ids), 900) if kind == "marketing" else ():
-            chunk = ids[i : i + 900]
-            rows = conn.execute(
-                text(
-                    "SELECT o.id, CASE WHEN c.id IS NULL THEN 'POLICY_NO_CONTACT' WHEN c.opted_out_at IS NOT NULL "
-                    "THEN 'POLICY_OPTED_OUT' ELSE 'POLICY_NO_CONSENT' END "
-                    "FROM outbox o LEFT JOIN contacts c ON c.id = o.contact_id "
-                    f"WHERE o.id IN ({','.join(str(x) for x in chunk)}) "
-                    "AND (c.id IS NULL OR c.opted_out_at IS NOT NULL OR NOT c.sms_consent)"
-                )
-            ).fetchall()
-            if rows:
-                bulk_update(
-                    conn, "outbox", "id", ("state", "error_code", "last_error", "final_at", "claimed_by", "updated_at"),
-                    (("rejected", code, "blocked at send time by contact policy", now, None, now, int(oid)) for oid, code in rows),
-                )
-                blocked.update(int(r[0]) for r in rows)
-    claimed.attrs["policy_blocked"] = len(blocked)
-    return claimed[~claimed["id"].astype(int).isin(blocked)].reset_index(drop=True)
+        send_ids, counts = enforce_at_claim(conn, campaign_id, claimed, clock)
+    out = claimed[claimed["id"].astype(int).isin(set(send_ids))].reset_index(drop=True)
+    out.attrs["policy_blocked"] = len(claimed) - len(out)
+    out.attrs["policy"] = counts
+    return out
 
 
 def record_results(engine, ids_by_ref: dict[str, int], results: list[SubmitResult], max_attempts: int,
@@ -203,13 +191,16 @@ def send_messages(
     max_attempts: int = 5,
     lease_s: float = 300,
     stats: SendStats | None = None,
+    now: datetime | None = None,
 ) -> SendStats:
     """Send up to ``max_messages`` planned messages of a campaign. Returns counts."""
     stats = stats or SendStats()
     sent = 0
     while sent < max_messages:
-        batch = claim(engine, campaign_id, min(gateway.batch_size, max_messages - sent), claimer, lease_s)
+        batch = claim(engine, campaign_id, min(gateway.batch_size, max_messages - sent), claimer, lease_s, now=now)
         stats.policy_blocked += batch.attrs.get("policy_blocked", 0)
+        for rule, n in batch.attrs.get("policy", {}).items():
+            stats.held[rule] = stats.held.get(rule, 0) + n
         if batch.empty and not batch.attrs.get("policy_blocked"):
             break
         stats.claimed += len(batch) + batch.attrs.get("policy_blocked", 0)
@@ -242,7 +233,8 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 
 @task(name="send-batch", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
-def send_task(campaign_id: int, gateway: SmsGateway, rate: float, max_messages: int, database_url: str | None) -> SendStats:
+def send_task(campaign_id: int, gateway: SmsGateway, rate: float, max_messages: int, database_url: str | None,
+              now: datetime | None = None) -> SendStats:
     """Send up to ``max_messages``; a retry first resolves what the failed attempt left in flight."""
     from prefect.concurrency.sync import concurrency
     from prefect.context import get_run_context
@@ -257,4 +249,4 @@ def send_task(campaign_id: int, gateway: SmsGateway, rate: float, max_messages: 
     # one global concurrency limit per gateway, if the operator created it (`prefect gcl create gateway-NAME`)
     with concurrency(f"gateway-{gateway.gateway_name}", occupy=1, strict=False):
         return send_messages(engine, campaign_id=campaign_id, gateway=gateway, bucket=TokenBucket(rate), claimer=claimer,
-                             max_messages=max_messages, stats=stats)
+                             max_messages=max_messages, stats=stats, now=now)

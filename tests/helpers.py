@@ -4,6 +4,11 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from datetime import datetime, timezone
+
+# A clock inside every default send window: Wednesday 25 Nov 2026, 12:00 in Moscow, not a holiday.
+DAYTIME = datetime(2026, 11, 25, 9, 0, tzinfo=timezone.utc)
+
 HEADER = ["id", "first_name", "last_name", "phone", "email", "language", "timezone", "sms_consent", "consent_at",
           "updated_at", "city", "funnel_stage", "orders_count", "total_spent", "last_order_at", "last_activity_at"]
 

@@ -11,7 +11,7 @@ from blocks.crm import CsvCrm, SqlCrm
 from blocks.gateway import SandboxGateway
 from smsflow.settings import PROJECT_ROOT, get_settings
 from store.db import get_engine
-from tests.helpers import contact, write_csv
+from tests.helpers import DAYTIME, contact, write_csv
 
 pytestmark = pytest.mark.usefixtures("prefect")
 
@@ -31,7 +31,8 @@ def test_demo_campaign_accounts_for_every_contact(tmp_path):
     SqlCrm(url=f"sqlite:///{crm}", source_name="demo-e2e").save("demo-e2e", overwrite=True)
     SandboxGateway(min_delay_s=0.0, max_delay_s=0.5, state_path=str(tmp_path / "gw.sqlite")).save("sandbox-e2e", overwrite=True)
     result = campaign(CampaignParams(name="e2e", source_block="demo-e2e", gateway_block="sandbox-e2e",
-                                     template=str(PROJECT_ROOT / "templates" / "demo_promo.yaml"), wait_for_receipts_s=30))
+                                     template=str(PROJECT_ROOT / "templates" / "demo_promo.yaml"), wait_for_receipts_s=30,
+                                     now=DAYTIME))
     s = result["summary"]
     assert s["contacts"] == 2000
     assert s["quarantined"] + s["duplicates"] + s["no_consent"] + s["planned"] == 2000
@@ -53,14 +54,23 @@ def test_demo_campaign_accounts_for_every_contact(tmp_path):
         no_consent = {r[0] for r in c.execute(text(
             "SELECT crm_id FROM contacts WHERE source='demo-e2e' AND status='valid' AND NOT sms_consent"))}
         states = dict(c.execute(text("SELECT state, COUNT(*) FROM outbox GROUP BY state")).fetchall())
+        deferred = c.execute(text("SELECT ct.timezone, o.send_after, o.hold_rule FROM outbox o "
+                                  "JOIN contacts ct ON ct.id = o.contact_id WHERE o.state = 'planned'")).fetchall()
     groups = [planned, quarantined, dups, no_consent]
     assert sum(map(len, groups)) == 2000
     assert set().union(*groups) == crm_ids  # every CRM contact, once
     assert all(quarantine_reasons.get(i) for i in quarantined)  # each with a reason
     assert len(planned) == s["planned"] and len(quarantined) == s["quarantined"] and len(dups) == s["duplicates"]
-    # everything that was sent reached a final state; nothing is left in flight
-    assert states.get("planned", 0) == 0 and states.get("queued", 0) == 0 and states.get("submitted", 0) == 0
-    assert states.get("delivered", 0) > 0.8 * s["planned"]
+    # nothing is left in flight: every message is final, or deferred to its recipient's send window
+    assert states.get("queued", 0) == 0 and states.get("submitted", 0) == 0
+    from tasks.policy import ContactPolicy, allowed_now, resolve_timezone
+
+    window = ContactPolicy().marketing_window
+    assert len(deferred) == states.get("planned", 0)
+    for tz, send_after, rule in deferred:  # deferred only where 12:00 Moscow is outside the local window
+        zone, _ = resolve_timezone(tz, None, "Europe/Moscow")
+        assert not allowed_now(DAYTIME, zone, window, "RU") and send_after is not None and rule == "quiet_hours"
+    assert states.get("delivered", 0) > 0.5 * s["planned"]
     counts = SandboxGateway(state_path=str(tmp_path / "gw.sqlite")).sent_count_by_reference()
     assert set(counts.values()) == {1}
     assert result["report"].endswith(".html")
@@ -75,7 +85,7 @@ def test_rerun_of_a_campaign_sends_nothing_twice(tmp_path):
     gw_path = str(tmp_path / "gw.sqlite")
     SandboxGateway(min_delay_s=0, max_delay_s=0, state_path=gw_path, rejected_rate=0).save("gw-rerun", overwrite=True)
     params = CampaignParams(name="rerun", source_block="rerun-src", gateway_block="gw-rerun",
-                            template=str(PROJECT_ROOT / "templates" / "demo_promo.yaml"), wait_for_receipts_s=5)
+                            template=str(PROJECT_ROOT / "templates" / "demo_promo.yaml"), wait_for_receipts_s=5, now=DAYTIME)
     first = campaign(params)
     second = campaign(params)
     assert first["send"]["submitted"] == 60
@@ -105,7 +115,7 @@ def test_each_step_flow_runs_alone(tmp_path):
     assert segment("alone", "english", str(segs))["members"] == 3  # C00003, C00007, C00011 (C00099 has no valid phone)
     r = render("alone-camp", str(PROJECT_ROOT / "templates" / "demo_promo.yaml"), "alone", "english", 1.0, "gw-alone")
     assert r["planned"] == 3
-    sent = send("alone-camp", "gw-alone")
+    sent = send("alone-camp", "gw-alone", now=DAYTIME)
     assert sent["submitted"] + sent["rejected"] == 3
     rec = reconcile("gw-alone", "alone-camp", wait_seconds=5)
     assert sum(rec["by_status"].values()) == sent["submitted"]
@@ -178,7 +188,8 @@ def test_logs_never_contain_a_full_phone_number(tmp_path):
         CsvCrm(path=str(path), source_name="logs").save("logs-src", overwrite=True)
         SandboxGateway(min_delay_s=0, max_delay_s=0, state_path=str(tmp_path / "gw.sqlite")).save("gw-logs", overwrite=True)
         state = campaign(CampaignParams(name="logs", source_block="logs-src", gateway_block="gw-logs", wait_for_receipts_s=3,
-                                        template=str(PROJECT_ROOT / "templates" / "demo_promo.yaml")), return_state=True)
+                                        template=str(PROJECT_ROOT / "templates" / "demo_promo.yaml"), now=DAYTIME),
+                         return_state=True)
     finally:
         loggers[0].removeHandler(handler)
         for lg, lvl in zip(loggers, old):

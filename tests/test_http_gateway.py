@@ -9,6 +9,7 @@ from sqlalchemy import text
 from blocks.gateway import GatewayUnavailable, OutgoingMessage
 from blocks.http_gateway import HttpGateway, twilio_signature, verify_twilio_signature
 from tests.fakes.twilio import FakeTwilio
+from tests.helpers import DAYTIME
 
 
 def _gw(fake: FakeTwilio, **kw) -> HttpGateway:
@@ -100,8 +101,8 @@ def test_crash_window_with_a_provider_that_cannot_be_asked(sqlite_engine, tmp_pa
                     [(f"k{i}", 1, i + 1, "main", f"+7916000000{i}", "hi", "GSM-7", 1, 0, "planned", 0, now, now)
                      for i in range(2)])
     fake = FakeTwilio()
-    gw = _gw(fake, evidence_grace_s=3600)
-    claimed = claim(eng, 1, 2, "dead", lease_s=0)
+    gw = _gw(fake, evidence_grace_s=7 * 86400)
+    claimed = claim(eng, 1, 2, "dead", lease_s=0, now=DAYTIME)
     gw.submit([OutgoingMessage(k, p, t) for k, p, t in zip(claimed["idempotency_key"], claimed["phone_e164"], claimed["text"])])
     store_receipts(eng, "twilio", [Receipt(fake.messages[0]["sid"], "k0", "enroute", None, utcnow(), {})])
     assert recover_in_flight(eng, 1, gw, "new") == (1, 0)
@@ -109,5 +110,5 @@ def test_crash_window_with_a_provider_that_cannot_be_asked(sqlite_engine, tmp_pa
         states = dict(c.execute(text("SELECT idempotency_key, state FROM outbox")).fetchall())
     assert states == {"k0": "submitted", "k1": "queued"}  # k1: no evidence yet, not resent
     with eng.begin() as c:
-        c.execute(text("UPDATE outbox SET queued_at = :t WHERE idempotency_key = 'k1'"), {"t": utcnow() - timedelta(hours=2)})
+        c.execute(text("UPDATE outbox SET queued_at = :t WHERE idempotency_key = 'k1'"), {"t": utcnow() - timedelta(days=8)})
     assert recover_in_flight(eng, 1, gw, "new") == (0, 1)

@@ -5,6 +5,7 @@ import pytest
 from sqlalchemy import text
 
 from tasks.inbound import classify, normalize_keyword
+from tests.helpers import DAYTIME
 
 
 @pytest.mark.parametrize("body", ["STOP", " stop ", "Stop!", "СТОП", "стоп.", "  Отписаться ", "ОТПИСКА", "unsubscribe",
@@ -84,10 +85,10 @@ def test_opt_out_mid_campaign_stops_the_next_message(sqlite_engine, tmp_path):
                                   "segments", "cost", "state", "attempts", "planned_at", "updated_at"),
                     [(f"k{i}", 1, i + 1, "main", f"+7916{i:07d}", "hi", "GSM-7", 1, 0, "planned", 0, now, now) for i in range(4)])
     gw = SandboxGateway(state_path=str(tmp_path / "gw.sqlite"), rejected_rate=0, batch_size=2)
-    first = send_messages(eng, campaign_id=1, gateway=gw, bucket=TokenBucket(1000), claimer="a", max_messages=2)
+    first = send_messages(eng, campaign_id=1, gateway=gw, bucket=TokenBucket(1000), claimer="a", max_messages=2, now=DAYTIME)
     assert first.submitted == 2
     with eng.begin() as c:
         store_and_apply(c, gateway="kannel", gateway_message_id="mo", from_e164="+79160000003", to=None, body="СТОП", raw={})
-    second = send_messages(eng, campaign_id=1, gateway=gw, bucket=TokenBucket(1000), claimer="a", max_messages=10)
+    second = send_messages(eng, campaign_id=1, gateway=gw, bucket=TokenBucket(1000), claimer="a", max_messages=10, now=DAYTIME)
     assert second.submitted == 1 and second.policy_blocked == 1
     assert "k3" not in gw.sent_count_by_reference()

@@ -10,6 +10,7 @@ from blocks.gateway import SandboxGateway, SubmitResult
 from store.db import utcnow
 from tasks.accounting import campaign_accounting, ensure_campaign
 from tasks.plan import plan_messages
+from tasks.policy import always_open
 from tasks.reconcile import apply_receipts, expire_stale, store_receipts
 from tasks.render import MessageTemplate
 from tasks.segment import ALL, AttributeFilter, Range, RfmRule, SegmentDefinition, build_membership, evaluate
@@ -117,7 +118,8 @@ def _planned(engine, tmp_path, n=30, template=TPL, over=None):
     load_csv(engine, path)
     build_membership(engine, "test", ALL, utcnow())
     cid = ensure_campaign(engine, name="camp", source="test", segment="all", template_name=template.name,
-                          kind=template.kind, gateway="sandbox", price_per_segment=2.0)
+                          kind=template.kind, gateway="sandbox", price_per_segment=2.0,
+                          policy=always_open().model_dump(mode="json"))
     stats = plan_messages(engine, campaign_id=cid, source="test", segment="all", template=template,
                           price_per_segment=2.0, gateway="sandbox")
     return cid, stats

@@ -7,6 +7,7 @@ import pytest
 from sqlalchemy import inspect, text
 
 from store.db import bulk_insert, bulk_update, get_engine, utcnow
+from tests.helpers import DAYTIME
 
 
 def test_migrations_create_every_table(engine):
@@ -24,7 +25,7 @@ def test_migrate_is_idempotent(any_store):
     eng = get_engine(any_store)
     migrate(eng)  # second upgrade to head is a no-op
     with eng.connect() as c:
-        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
     dispose_engines()
 
 
@@ -90,7 +91,7 @@ def test_concurrent_claims_never_overlap(engine):
     def worker(k: int) -> None:
         try:
             while True:
-                df = claim(engine, cid, 37, f"worker-{k}")
+                df = claim(engine, cid, 37, f"worker-{k}", now=DAYTIME)
                 if df.empty:
                     return
                 taken[k].extend(int(i) for i in df["id"])

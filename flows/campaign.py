@@ -62,7 +62,7 @@ def campaign(params: CampaignParams, database_url: str | None = None) -> dict:
     finish_campaign(engine, cid, "planned" if params.dry_run else "sent")
     log_event(engine, "campaign.dry_run" if params.dry_run else "campaign.sent", campaign_id=cid, payload=summary)
     log.info("campaign %s: %s", params.name, summary)
-    return {"summary": summary, **result}
+    return {"summary": summary, "campaign_id": cid, **result}
 
 
 if __name__ == "__main__":

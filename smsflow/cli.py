@@ -84,6 +84,10 @@ def campaign_cmd(
     segments_file: Optional[Path] = typer.Option(None, "--segments-file"),
     rate: Optional[float] = typer.Option(None, "--rate", help="Messages per second"),
     wait: float = typer.Option(30.0, "--wait", help="Seconds to wait for final receipts"),
+    now: Optional[str] = typer.Option(None, "--now", help="ISO-8601 clock for the send plan (default: now)"),
+    plan_out: Optional[Path] = typer.Option(None, "--plan-out", help="With --dry-run: the send plan as CSV"),
+    policy_file: Optional[Path] = typer.Option(None, "--policy", help="YAML contact policy (windows, caps, consent)"),
+    ends_at: Optional[str] = typer.Option(None, "--ends-at", help="ISO-8601: messages not sent by then expire"),
 ) -> None:
     """Run the campaign flow on a CSV export; prints one JSON object (the accounting) last."""
     if not source_csv.is_file():
@@ -93,7 +97,19 @@ def campaign_cmd(
     _quiet_prefect_to_stderr()
     from blocks.crm import CsvCrm
     from flows.campaign import CampaignParams, campaign
+    from tasks.policy import load_policy, preview_plan, write_plan_csv
     from tasks.render import TemplateError, load_template
+
+    clock = _parse_time(now, "--now")
+    end = _parse_time(ends_at, "--ends-at")
+    policy = None
+    if policy_file:
+        import yaml
+
+        try:
+            policy = load_policy(yaml.safe_load(policy_file.read_text(encoding="utf-8")) or {})
+        except (OSError, ValueError) as exc:
+            _fail(f"policy {policy_file}: {exc}")
 
     try:
         load_template(template)
@@ -113,6 +129,9 @@ def campaign_cmd(
         rate=rate,
         dry_run=dry_run,
         wait_for_receipts_s=wait,
+        policy=policy,
+        ends_at=end,
+        now=clock,
     )
     try:
         result = campaign(params)
@@ -120,7 +139,27 @@ def campaign_cmd(
         _fail(f"campaign failed: {type(exc).__name__}: {exc}", 1)
     if result.get("report"):
         typer.echo(f"report: {result['report']}", err=True)
+    if plan_out:
+        from datetime import datetime, timezone
+
+        from store.db import get_engine
+
+        rows = preview_plan(get_engine(), result["campaign_id"], clock or datetime.now(timezone.utc))
+        write_plan_csv(rows, plan_out)
+        typer.echo(f"plan: {len(rows)} rows -> {plan_out}", err=True)
     typer.echo(json.dumps(result["summary"], ensure_ascii=False))
+
+
+def _parse_time(value: Optional[str], option: str):
+    if not value:
+        return None
+    from datetime import datetime, timezone
+
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        _fail(f"{option}: not an ISO-8601 time: {value!r}")
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
 @app.command("demo")

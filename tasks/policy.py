@@ -378,3 +378,77 @@ def enforce_at_claim(conn, campaign_id: int, claimed, now: datetime) -> tuple[li
     executemany(conn, "UPDATE outbox SET state = ?, send_after = ?, hold_rule = ?, claimed_by = NULL, "
                       "attempts = attempts - 1, updated_at = ?" + guard, deferred)
     return send, counts
+
+
+# ----------------------------------------------------------------------------- preview (dry runs)
+
+PLAN_COLUMNS = ("contact_id", "phone_e164", "timezone", "send_at_local", "send_at_utc", "rule")
+
+
+def preview_plan(engine, campaign_id: int, now: datetime) -> list[dict]:
+    """One row per planned message (when it would go out under the policy at ``now``) and one per
+    contact held back (no consent, opted out, capped, erased), with empty times and the rule."""
+    import json
+
+    from sqlalchemy import text
+
+    from smsflow.privacy import phone_hash
+    from store.db import read_frame
+
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    with engine.begin() as conn:
+        camp = conn.execute(text("SELECT kind, policy, ends_at, source, segment FROM campaigns WHERE id = :c"),
+                            {"c": campaign_id}).one()
+        kind, policy, ends_at, source, segment = camp[0], load_policy(camp[1]), camp[2], camp[3], camp[4]
+        if isinstance(ends_at, str):
+            ends_at = datetime.fromisoformat(ends_at)
+        df = read_frame(
+            conn,
+            "SELECT c.id, c.crm_id, c.phone_e164, c.timezone, c.sms_consent, c.opted_out_at, c.attributes, "
+            "o.id AS oid, o.state "
+            "FROM segment_memberships m JOIN contacts c ON c.id = m.contact_id "
+            "LEFT JOIN outbox o ON o.campaign_id = :cid AND o.contact_id = c.id "
+            "WHERE m.segment = :g AND c.source = :s AND c.status = 'valid' ORDER BY c.id",
+            {"cid": campaign_id, "g": segment, "s": source},
+        )
+        history: dict[int, list[tuple[datetime, str]]] = {}
+        if policy.caps and len(df):
+            since = now.astimezone(UTC).replace(tzinfo=None) - timedelta(days=max(PERIOD_DAYS[c.period] for c in policy.caps))
+            hist = read_frame(conn, "SELECT o.contact_id, o.submitted_at, k.kind FROM outbox o JOIN campaigns k "
+                                    "ON k.id = o.campaign_id WHERE o.submitted_at > :since AND o.contact_id IS NOT NULL",
+                              {"since": since}, parse_dates=["submitted_at"])
+            for cid, t, k in zip(hist["contact_id"], hist["submitted_at"], hist["kind"]):
+                history.setdefault(int(cid), []).append((t.to_pydatetime().replace(tzinfo=UTC), k))
+        suppressed = {r[0] for r in conn.execute(text("SELECT phone_hash FROM suppression_list"))}
+    rows = []
+    for r in df.itertuples(index=False):
+        attrs = r.attributes if isinstance(r.attributes, dict) else (json.loads(r.attributes) if r.attributes else {})
+        agreed = str(attrs.get(policy.holiday_optin_attribute, "")).lower() in ("1", "true", "yes", "да")
+        opted_out = r.opted_out_at is not None and r.opted_out_at == r.opted_out_at
+        d = decide(now=now, kind=kind, policy=policy, consent=bool(r.sms_consent), opted_out=opted_out,
+                   suppressed=bool(suppressed) and phone_hash(r.phone_e164) in suppressed, crm_tz=r.timezone,
+                   e164=r.phone_e164, agreed_days_off=agreed, history=history.get(int(r.id), []), ends_at=ends_at)
+        if r.oid is None or r.oid != r.oid:  # not planned: only policy reasons can explain it here
+            if d.action in ("send", "defer"):
+                d = Decision(action="hold", rule="render_error", timezone=d.timezone)
+        elif r.state not in ("planned", "queued"):
+            continue  # already sent or final: not part of the plan
+        if d.action in ("send", "defer"):
+            local = d.send_at.astimezone(zone(d.timezone))
+            rows.append({"contact_id": r.crm_id, "phone_e164": r.phone_e164, "timezone": d.timezone,
+                         "send_at_local": local.isoformat(timespec="seconds"),
+                         "send_at_utc": d.send_at.astimezone(UTC).isoformat(timespec="seconds"), "rule": d.rule})
+        else:
+            rows.append({"contact_id": r.crm_id, "phone_e164": r.phone_e164, "timezone": d.timezone,
+                         "send_at_local": "", "send_at_utc": "", "rule": d.rule})
+    return rows
+
+
+def write_plan_csv(rows: list[dict], path) -> None:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=PLAN_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)

@@ -218,3 +218,38 @@ def test_cli_gateway_save_stores_secrets_as_secrets():
     assert "p4ss-w0rd" not in repr(gw)
     bad = CliRunner().invoke(app, ["gateway", "save", "x", "--kind", "pigeon"])
     assert bad.exit_code != 0
+
+
+def test_cli_dry_run_plan_out_follows_local_time(tmp_path):
+    import csv as csv_mod
+
+    from typer.testing import CliRunner
+
+    from smsflow.cli import app
+
+    rows = [contact(i) for i in range(6)]
+    rows[1]["timezone"] = "Asia/Kamchatka"
+    rows[2]["timezone"] = "Europe/Kaliningrad"
+    rows[3]["sms_consent"] = "no"
+    rows[4]["phone"] = "+7 423 212-34-56"  # Vladivostok landline: not a mobile -> quarantined, not in the plan
+    rows[5]["timezone"] = ""  # mobile number, many zones -> the default (Moscow)
+    csv_path = write_csv(tmp_path / "in.csv", rows)
+    tpl = tmp_path / "t.j2"
+    tpl.write_text("{{ first_name | default('клиент') }}, скидки!", encoding="utf-8")
+    plan = tmp_path / "plan.csv"
+    res = CliRunner().invoke(app, ["campaign", "--source-csv", str(csv_path), "--template", str(tpl), "--dry-run",
+                                   "--now", "2026-11-24T20:30:00Z", "--plan-out", str(plan)])
+    assert res.exit_code == 0, res.output
+    with open(plan, encoding="utf-8") as f:
+        got = {r["contact_id"]: r for r in csv_mod.DictReader(f)}
+    assert list(next(iter(got.values())).keys()) == ["contact_id", "phone_e164", "timezone", "send_at_local",
+                                                     "send_at_utc", "rule"]
+    assert set(got) == {"C00000", "C00001", "C00002", "C00003", "C00005"}
+    assert got["C00000"]["send_at_local"] == "2026-11-25T10:00:00+03:00" and got["C00000"]["rule"] == "quiet_hours"
+    assert got["C00000"]["send_at_utc"] == "2026-11-25T07:00:00+00:00"
+    assert got["C00001"]["send_at_local"] == "2026-11-25T10:00:00+12:00"  # Kamchatka: 08:30 local now
+    assert got["C00002"]["send_at_utc"] == "2026-11-25T08:00:00+00:00"  # Kaliningrad UTC+2
+    assert got["C00003"]["rule"] == "no_consent" and got["C00003"]["send_at_utc"] == ""
+    assert got["C00005"]["timezone"] == "Europe/Moscow"
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["planned"] == 4 and out["no_consent"] == 1 and out["quarantined"] == 1

@@ -260,6 +260,22 @@ def gateway_save_cmd(
     typer.echo(json.dumps({"saved": name, "kind": kind, "type": type(block).get_block_type_slug()}))
 
 
+@app.command("forget")
+def forget_cmd(
+    who: str = typer.Argument(..., help="Phone number (any format) or CRM id"),
+    default_region: str = typer.Option("RU", "--default-region"),
+) -> None:
+    """Erase a person everywhere (outbox texts included); only a salted hash stays, on the suppression list."""
+    from store.db import get_engine
+    from tasks.erasure import forget
+
+    try:
+        res = forget(get_engine(), who, default_region)
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(res.as_dict()))
+
+
 @app.command("serve")
 def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host"),

@@ -52,6 +52,7 @@ def validate_new_contacts(engine, source: str, default_region: str = "RU", proce
                 "Fix the CRM query/export and rerun; the contacts stay in the store as 'new'."
             )
         norm = normalize_phones_parallel(new["phone_raw"], default_region=default_region, processes=processes)
+        _apply_suppression(engine, norm)
         now = utcnow()
         ok = norm["phone_status"] == "ok"
         status = ok.map({True: "valid", False: "quarantined"})
@@ -92,6 +93,21 @@ def validate_new_contacts(engine, source: str, default_region: str = "RU", proce
     with engine.begin() as conn:
         stats.valid = int(conn.execute(text("SELECT COUNT(*) FROM contacts WHERE source=:s AND status='valid'"), {"s": source}).scalar())
     return stats
+
+
+def _apply_suppression(engine, norm: pd.DataFrame) -> None:
+    """Numbers of erased people (salted hashes on the suppression list) are never imported again."""
+    from smsflow.privacy import phone_hash
+    from tasks.erasure import suppressed_hashes
+
+    with engine.begin() as conn:
+        hashes = suppressed_hashes(conn)
+    if not hashes:
+        return
+    ok = norm["phone_status"] == "ok"
+    hit = ok & norm["phone_e164"].map(lambda p: bool(p) and phone_hash(p) in hashes).astype(bool)
+    norm.loc[hit, "phone_status"] = "suppressed"
+    norm.loc[hit, "reason"] = "erased person: the number is on the suppression list"
 
 
 def dedup_source(engine, source: str) -> int:

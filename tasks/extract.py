@@ -29,6 +29,7 @@ _CONTACT_FIELDS = (
     "consent_at",
     "consent_method",
     "consent_source",
+    "consent_text_version",
     "attributes",
     "crm_updated_at",
     "status",
@@ -144,7 +145,7 @@ def prepare_contacts(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, list[
     ).astype(bool)
     consent_at = _to_utc_naive(col("consent_at")) if "consent_at" in d.columns else pd.Series(pd.NaT, index=d.index)
     lang = obj(None if v is None else str(v).strip().lower()[:8] for v in col("language"))
-    extra_cols = [c for c in d.columns if c not in CONTACT_COLUMNS and c not in ("consent_method",)]
+    extra_cols = [c for c in d.columns if c not in CONTACT_COLUMNS and c not in ("consent_method", "consent_text_version")]
     if extra_cols:
         extras = d[extra_cols]
         attributes = [
@@ -169,6 +170,7 @@ def prepare_contacts(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, list[
             "consent_at": consent_at.astype(object).where(consent_at.notna(), None),
             "consent_method": obj(m if c else None for m, c in zip(method, consent)),
             "consent_source": obj(source if c else None for c in consent),
+            "consent_text_version": obj(v if c else None for v, c in zip(col("consent_text_version"), consent)),
             "attributes": attributes,
             "crm_updated_at": upd.astype(object).where(upd.notna(), None),
             "status": "new",
@@ -210,6 +212,27 @@ def write_quarantine(conn: Connection, rows: list[dict[str, Any]]) -> int:
         on_conflict="update",
         conflict_columns=("step", "source", "row_key"),
         update_columns=("reason_code", "reason", "payload", "contact_id"),
+    )
+
+
+def audit_consent_changes(conn: Connection, source: str, rows: pd.DataFrame, known: dict[str, bool]) -> int:
+    """One consent_changes row per contact whose CRM consent is new or different ('granted' /
+    'revoked', method from the CRM or 'import'). ``known`` is updated in place."""
+    from store.db import executemany
+
+    now = utcnow()
+    changes = []
+    for crm_id, consent, method, version in zip(rows["crm_id"], rows["sms_consent"], rows["consent_method"],
+                                                rows["consent_text_version"]):
+        before = known.get(crm_id)
+        if (before is None and consent) or (before is not None and before != bool(consent)):
+            changes.append((now, "granted" if consent else "revoked", method or "import", source, version, source, crm_id))
+        known[crm_id] = bool(consent)
+    return executemany(
+        conn,
+        "INSERT INTO consent_changes (contact_id, changed_at, change, method, source, text_version) "
+        "SELECT id, ?, ?, ?, ?, ? FROM contacts WHERE source = ? AND crm_id = ?",
+        changes,
     )
 
 
@@ -264,12 +287,15 @@ def extract_source(
     name = source.source_name
     with engine.begin() as conn:
         since = None if full_refresh else get_watermark(conn, name)
+        known_consent = {r[0]: bool(r[1]) for r in conn.execute(
+            text("SELECT crm_id, sms_consent FROM contacts WHERE source = :s"), {"s": name})}
     stats.watermark = since
     for df in source.fetch(since=since, batch_size=batch_size):
         rows, quarantine = prepare_contacts(df, name)
         mark = _later(stats.watermark, batch_watermark(df))
         with engine.begin() as conn:
             stats.upserted += upsert_contacts(conn, rows)
+            audit_consent_changes(conn, name, rows, known_consent)
             write_quarantine(conn, quarantine)
             set_watermark(conn, name, mark, len(df))
         stats.rows += len(df)

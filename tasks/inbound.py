@@ -93,10 +93,12 @@ def store_and_apply(conn, *, gateway: str, gateway_message_id: str | None, from_
                               f"consent_method = 'sms_keyword', consent_source = :g, updated_at = :now WHERE id IN ({ids})"),
                          {"now": now, "t": True, "g": gateway})
         if kind in ("stop", "start"):
-            payload = json.dumps({"method": "sms_keyword", "gateway": gateway, "inbound_id": inbound_id})
+            details = json.dumps({"gateway": gateway, "inbound_id": inbound_id, "keyword": normalize_keyword(body)})
             for cid in contacts:
-                conn.execute(text("INSERT INTO event_log (ts, kind, contact_id, payload) VALUES (:now, :k, :c, :p)"),
-                             {"now": now, "k": "consent.opt_out" if kind == "stop" else "consent.opt_in", "c": cid, "p": payload})
+                conn.execute(text("INSERT INTO consent_changes (contact_id, changed_at, change, method, source, details) "
+                                  "VALUES (:c, :now, :k, 'sms_keyword', :g, :d)"),
+                             {"now": now, "k": "opted_out" if kind == "stop" else "opted_in", "c": cid, "g": gateway,
+                              "d": details})
         conn.execute(text("UPDATE inbound_messages SET contact_id = :c, processed_at = :now WHERE id = :i"),
                      {"c": contacts[0], "now": now, "i": inbound_id})
     if kind == "help" and from_e164:

@@ -104,3 +104,22 @@ def test_broken_sql_source_error_hides_the_url(tmp_path, engine):
     with pytest.raises(CrmSourceError) as err:
         extract_source(engine, src)
     assert "secret-pass" not in str(err.value)
+
+
+def test_every_consent_change_is_audited(engine, tmp_path):
+    rows = [contact(i) for i in range(4)]
+    rows[3]["sms_consent"] = "false"
+    path = write_csv(tmp_path / "crm.csv", rows, header=list(rows[0]) + ["consent_method", "consent_text_version"])
+    extract_source(engine, CsvCrm(path=str(path), source_name="t"))
+    assert _count(engine, "SELECT COUNT(*) FROM consent_changes WHERE change='granted' AND method='import'") == 3
+    rows[0].update(sms_consent="false", updated_at="2027-01-01T00:00:00Z")
+    rows[3].update(sms_consent="true", updated_at="2027-01-01T00:00:00Z", consent_method="web_form", consent_text_version="v2")
+    write_csv(path, rows, header=list(rows[0]) + ["consent_method", "consent_text_version"])
+    extract_source(engine, CsvCrm(path=str(path), source_name="t"))
+    with engine.begin() as c:
+        got = c.execute(text("SELECT ct.crm_id, ch.change, ch.method, ch.text_version FROM consent_changes ch "
+                             "JOIN contacts ct ON ct.id = ch.contact_id WHERE ch.changed_at = (SELECT MAX(changed_at) "
+                             "FROM consent_changes) ORDER BY ct.crm_id")).fetchall()
+    assert [tuple(r) for r in got] == [("C00000", "revoked", "import", None), ("C00003", "granted", "web_form", "v2")]
+    with engine.begin() as c:
+        assert c.execute(text("SELECT consent_text_version FROM contacts WHERE crm_id='C00003'")).scalar() == "v2"

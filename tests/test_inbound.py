@@ -49,7 +49,7 @@ def test_service_stores_inbound_applies_stop_and_ignores_duplicates(engine):
     with engine.begin() as c:
         assert c.execute(text("SELECT COUNT(*) FROM inbound_messages")).scalar() == 1
         assert c.execute(text("SELECT opted_out_at IS NOT NULL FROM contacts")).scalar()
-        assert c.execute(text("SELECT COUNT(*) FROM event_log WHERE kind='consent.opt_out'")).scalar() == 1
+        assert c.execute(text("SELECT COUNT(*) FROM consent_changes WHERE change='opted_out' AND method='sms_keyword'")).scalar() == 1
     client.post("/inbound/kannel", data={"from": "89161234567", "text": "START", "id": "mo-2"})
     with engine.begin() as c:
         assert c.execute(text("SELECT opted_out_at FROM contacts")).scalar() is None

@@ -49,7 +49,7 @@ def campaign(params: CampaignParams, database_url: str | None = None) -> dict:
     validate_and_dedup(source, database_url=database_url)
     segment_flow(source, params.segment, params.segments_file, database_url)
     rendered = render(params.name, params.template, source, params.segment, gw.price_per_segment,
-                      params.gateway_block, database_url, params.policy, params.ends_at)
+                      params.gateway_block, database_url, params.policy, params.ends_at, gw.sender_id)
     engine = get_engine(database_url)
     cid = rendered["campaign_id"]
     log_event(engine, "campaign.planned", campaign_id=cid, payload={k: rendered[k] for k in ("planned", "segments", "cost")})

@@ -1,6 +1,7 @@
 """Flow: a template over a segment -> planned messages in the outbox (text, encoding, segments, cost)."""
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
@@ -16,10 +17,12 @@ from store.db import get_engine
 @flow(name="render")
 def render(campaign: str, template: str, source: str = "demo-crm", segment: str = "all",
            price_per_segment: float = 0.0, gateway: str | None = None, database_url: str | None = None,
-           policy: ContactPolicy | None = None, ends_at: datetime | None = None) -> dict:
+           policy: ContactPolicy | None = None, ends_at: datetime | None = None, sender_name: str | None = None) -> dict:
     """Render the campaign's messages; contacts already in the outbox are skipped (idempotent)."""
     s = get_settings()
     tpl = load_template(template)  # a broken template fails here, before any contact is rendered
+    if tpl.kind == "marketing" and not tpl.sender_name and sender_name:
+        tpl = dataclasses.replace(tpl, sender_name=sender_name)  # marketing always names its sender
     cid = ensure_campaign(get_engine(database_url), name=campaign, source=source, segment=segment,
                           template_name=tpl.name, kind=tpl.kind, gateway=gateway, price_per_segment=price_per_segment,
                           policy=policy.model_dump(mode="json") if policy else None, ends_at=_naive_utc(ends_at))

@@ -24,6 +24,15 @@ _LOCK = threading.Lock()
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
+def _register_sqlite_adapters() -> None:
+    """Datetimes bound as parameters must compare correctly with stored ones: one text format
+    everywhere (SQLAlchemy's own for SQLite), microseconds always written."""
+    import sqlite3
+
+    sqlite3.register_adapter(datetime, lambda d: _sqlite_value(d))
+    sqlite3.register_adapter(date, lambda d: d.isoformat())
+
+
 def _sqlite_setup(engine: Engine) -> None:
     """WAL, a busy timeout, FKs, and BEGIN IMMEDIATE so concurrent writers queue instead of failing."""
 
@@ -57,6 +66,7 @@ def get_engine(url: str | None = None) -> Engine:
                 path = url.split("///", 1)[-1]
                 if path and path != ":memory:":
                     Path(path).parent.mkdir(parents=True, exist_ok=True)
+                _register_sqlite_adapters()
                 eng = create_engine(url, poolclass=NullPool, connect_args={"timeout": 60})
                 _sqlite_setup(eng)
             else:

@@ -676,7 +676,19 @@ class _Renderer:
             raise RenderError(f"template {self.template.name!r} ({lang}): rendered text is empty")
         if suffix and not body.endswith(footer):
             body += suffix
+        sender = self.sender_for(lang)
+        if sender and sender.casefold() not in body.casefold():
+            body = f"{sender}: {body}"  # sender identity on every marketing message
         return lang, body
+
+    def sender_for(self, lang: str) -> str | None:
+        """The sender's name for a marketing message in ``lang`` (str, or a mapping per language)."""
+        if self.template.kind != "marketing":
+            return None
+        sender = self.template.sender_name
+        if isinstance(sender, Mapping):
+            sender = sender.get(lang) or sender.get(self.template.default_language)
+        return sender.strip() if isinstance(sender, str) and sender.strip() else None
 
 
 def render_contact(contact: Mapping, template: MessageTemplate, extra: Mapping | None = None) -> tuple[str, str]:

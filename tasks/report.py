@@ -21,6 +21,7 @@ class CampaignReport:
     generated_at: datetime
     rows: list[dict[str, Any]]  # one per campaign x segment
     failures: list[dict[str, Any]]  # campaign, reason, count
+    held: list[dict[str, Any]] = None  # campaign, rule, outcome (deferred | held back | expired), count
     html_path: Path | None = None
 
     def markdown(self) -> str:
@@ -38,6 +39,10 @@ class CampaignReport:
             lines += ["", "## Failures by reason", "", "| campaign | state | reason | count |", "|---|---|---|---|"]
             for f in self.failures:
                 lines.append(f"| {f['campaign']} | {f['state']} | {f['reason']} | {f['count']} |")
+        if self.held:
+            lines += ["", "## Held back by contact policy", "", "| campaign | rule | outcome | count |", "|---|---|---|---|"]
+            for h in self.held:
+                lines.append(f"| {h['campaign']} | {h['rule']} | {h['outcome']} | {h['count']} |")
         return "\n".join(lines)
 
 
@@ -70,6 +75,16 @@ def collect(engine, campaign: str | None = None) -> CampaignReport:
             "GROUP BY c.name, o.state, COALESCE(o.error_code, '') ORDER BY count DESC",
             params,
         )
+        held = read_frame(
+            conn,
+            "SELECT c.name AS campaign, o.hold_rule AS rule, CASE WHEN o.state = 'planned' THEN 'deferred' "
+            "WHEN o.state = 'expired' THEN 'expired' WHEN o.state = 'rejected' THEN 'held back' ELSE 'deferred, then sent' END "
+            "AS outcome, COUNT(*) AS count FROM outbox o JOIN campaigns c ON c.id = o.campaign_id "
+            f"{'WHERE c.name = :name AND' if campaign else 'WHERE'} o.hold_rule IS NOT NULL "
+            "GROUP BY c.name, o.hold_rule, CASE WHEN o.state = 'planned' THEN 'deferred' WHEN o.state = 'expired' "
+            "THEN 'expired' WHEN o.state = 'rejected' THEN 'held back' ELSE 'deferred, then sent' END ORDER BY count DESC",
+            params,
+        )
     rows = []
     for r in agg.to_dict("records"):
         sent = int(r["sent"] or 0)
@@ -93,7 +108,9 @@ def collect(engine, campaign: str | None = None) -> CampaignReport:
         {"campaign": f["campaign"], "state": f["state"], "reason": describe_error(f["state"], f["code"]), "count": int(f["count"])}
         for f in fails.to_dict("records")
     ]
-    return CampaignReport(generated_at=utcnow(), rows=rows, failures=failures)
+    held_rows = [{"campaign": h["campaign"], "rule": h["rule"], "outcome": h["outcome"], "count": int(h["count"])}
+                 for h in held.to_dict("records")]
+    return CampaignReport(generated_at=utcnow(), rows=rows, failures=failures, held=held_rows)
 
 
 ERROR_TEXT = {
@@ -145,11 +162,12 @@ def write_html(report: CampaignReport, out_dir: Path, name: str = "report") -> P
     path = out_dir / f"{name}-{report.generated_at:%Y%m%d-%H%M%S}.html"
     table = pd.DataFrame(report.rows).to_html(index=False, float_format=lambda v: f"{v:.3f}") if report.rows else "<p>No campaigns.</p>"
     fails = pd.DataFrame(report.failures).to_html(index=False) if report.failures else "<p>No failures.</p>"
+    held = pd.DataFrame(report.held).to_html(index=False) if report.held else "<p>Nothing held back.</p>"
     chart = f'<img alt="delivery chart" src="data:image/png;base64,{_chart_png(report)}">' if report.rows else ""
     doc = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}</style>
 </head><body><h1>SMS campaign report</h1><p>Generated {report.generated_at:%Y-%m-%d %H:%M:%S} UTC</p>
-<h2>By campaign and segment</h2>{table}<h2>Chart</h2>{chart}<h2>Failures by reason</h2>{fails}</body></html>"""
+<h2>By campaign and segment</h2>{table}<h2>Chart</h2>{chart}<h2>Failures by reason</h2>{fails}<h2>Held back by contact policy</h2>{held}</body></html>"""
     path.write_text(doc, encoding="utf-8")
     report.html_path = path
     return path

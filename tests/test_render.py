@@ -409,3 +409,18 @@ def test_template_pickles_for_process_pools():
     assert (t2.name, t2.variants, t2.kind, t2.footer, t2.sender_name, t2.origin) == (
         t.name, t.variants, t.kind, t.footer, t.sender_name, t.origin)
     assert render_batch([{"contact_id": 1, "a": "x"}], t2) == render_batch([{"contact_id": 1, "a": "x"}], t)
+
+
+def test_marketing_messages_carry_the_sender_name_per_language():
+    from tasks.render import MessageTemplate, render_batch
+
+    tpl = MessageTemplate(name="p", variants={"ru": "Скидка 10%", "en": "10% off"},
+                          sender_name={"ru": "Магазин Ромашка", "en": "Romashka Shop"})
+    rendered, failed = render_batch([{"contact_id": 1, "language": "ru"}, {"contact_id": 2, "language": "en"}], tpl)
+    assert not failed
+    assert rendered[0]["text"].startswith("Магазин Ромашка: Скидка 10%") and rendered[0]["text"].endswith("СТОП")
+    assert rendered[1]["text"].startswith("Romashka Shop: 10% off") and rendered[1]["text"].endswith("Reply STOP to opt out")
+    already = MessageTemplate(name="q", variants={"ru": "Ромашка: скидка"}, sender_name="Ромашка")
+    assert render_batch([{"contact_id": 1}], already)[0][0]["text"].startswith("Ромашка: скидка")
+    tx = MessageTemplate(name="t", kind="transactional", variants={"ru": "Заказ готов"}, sender_name="Ромашка")
+    assert render_batch([{"contact_id": 1}], tx)[0][0]["text"] == "Заказ готов"

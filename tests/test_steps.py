@@ -389,3 +389,37 @@ def test_event_log_and_masking():
     assert mask_phone("+79161234567") == "+7916***4567"
     assert mask_phones_in("bad number +7 916 123-45-67 here") == "bad number +7916***4567 here"
     assert "1234567" not in mask_phones_in("call 89161234567")
+
+
+def test_policy_at_send_time_defers_holds_and_reports(engine, tmp_path):
+    """At 23:30 in Moscow nothing marketing goes out: deferred to 10:00 local, not dropped; an
+    opted-out contact is held back; the report counts both by rule."""
+    from tasks.report import collect
+    from tasks.send import claim
+
+    path = _base(tmp_path, 6, {5: {"timezone": "Asia/Kamchatka"}})  # 08:30 next morning there
+    load_csv(engine, path)
+    build_membership(engine, "test", ALL, utcnow())
+    cid = ensure_campaign(engine, name="camp", source="test", segment="all", template_name="promo", kind="marketing",
+                          gateway="sandbox", price_per_segment=1.0)  # default policy
+    plan_messages(engine, campaign_id=cid, source="test", segment="all", template=TPL, price_per_segment=1.0, gateway="sandbox")
+    with engine.begin() as c:
+        c.execute(text("UPDATE contacts SET opted_out_at = CURRENT_TIMESTAMP WHERE crm_id = 'C00001'"))
+    night = datetime(2026, 11, 24, 20, 30, tzinfo=__import__("datetime").timezone.utc)
+    gw = _gw(tmp_path, rejected_rate=0.0)
+    s = send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="a", max_messages=100, now=night)
+    assert s.submitted == 0 and s.held == {"quiet_hours": 5, "opted_out": 1}
+    assert gw.sent_count_by_reference() == {}
+    with engine.begin() as c:
+        rows = dict(c.execute(text("SELECT ct.crm_id, o.send_after FROM outbox o JOIN contacts ct ON ct.id = o.contact_id "
+                                   "WHERE o.state = 'planned'")).fetchall())
+    assert str(rows["C00000"]).startswith("2026-11-25 07:00")  # 10:00 Moscow
+    assert str(rows["C00005"]).startswith("2026-11-24 22:00")  # 10:00 Kamchatka
+    assert claim(engine, cid, 100, "b", now=night).empty  # deferred messages are not claimable before their time
+    morning = datetime(2026, 11, 25, 7, 0, tzinfo=__import__("datetime").timezone.utc)
+    s2 = send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="c", max_messages=100, now=morning)
+    assert s2.submitted == 5
+    rep = collect(engine, "camp")
+    held = {(h["rule"], h["outcome"]): h["count"] for h in rep.held}
+    assert held == {("quiet_hours", "deferred, then sent"): 5, ("opted_out", "held back"): 1}
+    assert "Held back by contact policy" in rep.markdown()

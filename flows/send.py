@@ -1,7 +1,7 @@
 """Flow: planned messages -> the gateway, throttled, at most once per idempotency key."""
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -28,40 +28,58 @@ def ensure_gateway_limit(gateway_name: str) -> str:
     return name
 
 
-@flow(name="send")
-def send(campaign: str, gateway_block: str = "sandbox", rate: float | None = None, database_url: str | None = None,
-         now: datetime | None = None) -> dict:
-    """Send a campaign's planned messages; rerunning resumes and never submits a message twice."""
-    gw = load_gateway(gateway_block)
+def _send_campaign(cid: int, name: str, gw, rate: float | None, database_url: str | None, now: datetime | None) -> SendStats:
     engine = get_engine(database_url)
-    with engine.begin() as conn:
-        cid = conn.execute(text("SELECT id FROM campaigns WHERE name = :n"), {"n": campaign}).scalar()
-    if cid is None:
-        raise ValueError(f"no campaign named '{campaign}': render it first")
     ensure_gateway_limit(gw.gateway_name)
     with engine.begin() as conn:
         todo = conn.execute(text("SELECT COUNT(*) FROM outbox WHERE campaign_id = :c AND state IN ('planned', 'queued')"),
                             {"c": cid}).scalar() or 0
-    progress = create_progress_artifact(0.0, description=f"send {campaign}: {todo} to go")
+    progress = create_progress_artifact(0.0, description=f"send {name}: {todo} to go")
     total = SendStats()
     while True:
         s = send_task(int(cid), gw, rate or gw.rate_per_second, SEND_CHUNK, database_url, now)
         for f in ("claimed", "submitted", "rejected", "policy_blocked", "retry_later", "failed",
                   "recovered_submitted", "recovered_replanned"):
             setattr(total, f, getattr(total, f) + getattr(s, f))
-        for k, v in s.errors.items():
-            total.errors[k] = total.errors.get(k, 0) + v
-        for k, v in s.held.items():
-            total.held[k] = total.held.get(k, 0) + v
+        for attr in ("errors", "held"):
+            for k, v in getattr(s, attr).items():
+                getattr(total, attr)[k] = getattr(total, attr).get(k, 0) + v
         done = total.submitted + total.rejected + total.policy_blocked + total.failed
-        update_progress_artifact(progress, min(100.0, 100.0 * done / max(1, todo)), description=f"{done} of {todo} sent")
+        update_progress_artifact(progress, min(100.0, 100.0 * done / max(1, todo)), description=f"{done} of {todo} handled")
         if s.claimed == 0 or (s.submitted == 0 and s.retry_later and s.rejected == 0):
             break
     update_progress_artifact(progress, 100.0, description=f"{total.submitted} submitted")
     get_run_logger().info("send %s via %s: %d submitted, %d rejected, %d held/deferred by policy %s, %d to retry",
-                          campaign, gw.gateway_name, total.submitted, total.rejected, total.policy_blocked, total.held,
+                          name, gw.gateway_name, total.submitted, total.rejected, total.policy_blocked, total.held,
                           total.retry_later)
-    return {"campaign": campaign, **{k: v for k, v in vars(total).items()}}
+    return total
+
+
+@flow(name="send")
+def send(campaign: str | None = None, gateway_block: str = "sandbox", rate: float | None = None,
+         database_url: str | None = None, now: datetime | None = None) -> dict:
+    """Send a campaign's planned messages (rerunning resumes and never submits a message twice).
+    Without a campaign: every campaign with messages due now (deferred ones whose window opened,
+    auto-replies), each through its own gateway Block."""
+    engine = get_engine(database_url)
+    clock = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).replace(tzinfo=None)
+    with engine.begin() as conn:
+        if campaign is not None:
+            rows = conn.execute(text("SELECT id, name, gateway FROM campaigns WHERE name = :n"), {"n": campaign}).fetchall()
+            if not rows:
+                raise ValueError(f"no campaign named '{campaign}': render it first")
+        else:
+            rows = conn.execute(text(
+                "SELECT DISTINCT c.id, c.name, c.gateway FROM campaigns c JOIN outbox o ON o.campaign_id = c.id "
+                "WHERE o.state = 'planned' AND (o.send_after IS NULL OR o.send_after <= :now) ORDER BY c.id"),
+                {"now": clock}).fetchall()
+    results = {}
+    for cid, name, gw_name in rows:
+        gw = load_gateway(gateway_block if campaign is not None else (gw_name or gateway_block))
+        results[name] = vars(_send_campaign(int(cid), name, gw, rate, database_url, now))
+    if campaign is not None:
+        return {"campaign": campaign, **results[campaign]}
+    return {"campaigns": results}
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ EXPECTED = {  # "flow/deployment" -> entrypoint
     "segment/on-demand": "flows/segment.py:segment",
     "render/on-demand": "flows/render.py:render",
     "send/on-demand": "flows/send.py:send",
+    "send/due-every-10-minutes": "flows/send.py:send",
     "campaign/on-demand": "flows/campaign.py:campaign",
 }
 FINAL_STATES = {"delivered", "undelivered", "expired", "rejected", "failed"}
@@ -324,6 +325,9 @@ def test_every_deployment_and_schedule(server, deployed):
 
     (rec,) = schedules("reconcile/every-5-minutes")
     assert rec.get("interval") == 300 or rec.get("cron") == "*/5 * * * *", rec
+
+    (due,) = schedules("send/due-every-10-minutes")
+    assert due.get("interval") == 600, due
 
     (hourly,) = schedules("crm-extract/hourly-incremental")
     assert hourly.get("interval") == 3600 or hourly.get("cron") == "0 * * * *", hourly

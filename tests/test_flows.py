@@ -253,3 +253,24 @@ def test_cli_dry_run_plan_out_follows_local_time(tmp_path):
     assert got["C00005"]["timezone"] == "Europe/Moscow"
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["planned"] == 4 and out["no_consent"] == 1 and out["quarantined"] == 1
+
+
+def test_deferred_messages_go_out_when_their_window_opens(tmp_path):
+    """Planned at 23:30 Moscow: nothing sent; the scheduled 'send due' run at 10:00 sends them."""
+    from datetime import datetime, timezone
+
+    from flows.campaign import CampaignParams, campaign
+    from flows.send import send
+
+    path = write_csv(tmp_path / "crm.csv", [contact(i) for i in range(8)])
+    CsvCrm(path=str(path), source_name="night").save("night-src", overwrite=True)
+    gw_path = str(tmp_path / "gw.sqlite")
+    SandboxGateway(min_delay_s=0, max_delay_s=0, state_path=gw_path, rejected_rate=0).save("gw-night", overwrite=True)
+    night = datetime(2026, 11, 24, 20, 30, tzinfo=timezone.utc)
+    first = campaign(CampaignParams(name="night", source_block="night-src", gateway_block="gw-night", wait_for_receipts_s=0,
+                                    template=str(PROJECT_ROOT / "templates" / "demo_promo.yaml"), now=night))
+    assert first["send"]["submitted"] == 0 and first["send"]["held"] == {"quiet_hours": 8}
+    assert send(None, "sandbox", now=night)["campaigns"] == {}  # nothing due yet
+    due = send(None, "sandbox", now=datetime(2026, 11, 25, 7, 0, tzinfo=timezone.utc))
+    assert due["campaigns"]["night"]["submitted"] == 8  # through the campaign's own gateway block
+    assert len(SandboxGateway(state_path=gw_path).sent_count_by_reference()) == 8

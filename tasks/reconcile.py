@@ -113,7 +113,8 @@ def apply_receipts(engine, limit: int = 500_000) -> ReconcileStats:
 
 
 def expire_stale(engine, ttl: timedelta, now: datetime | None = None, campaign_id: int | None = None) -> int:
-    """Submitted messages with no final receipt after ``ttl`` become 'expired' (code TTL)."""
+    """Submitted messages with no final receipt after ``ttl`` become 'expired' (code TTL); planned
+    messages of a campaign past its end expire too (CAMPAIGN_ENDED): no longer useful."""
     now = now or utcnow()
     q = ("UPDATE outbox SET state = 'expired', error_code = :code, last_error = :why, final_at = :now, updated_at = :now "
          "WHERE state = 'submitted' AND submitted_at < :cut")
@@ -121,8 +122,13 @@ def expire_stale(engine, ttl: timedelta, now: datetime | None = None, campaign_i
     if campaign_id is not None:
         q += " AND campaign_id = :c"
         params["c"] = campaign_id
+    ended = ("UPDATE outbox SET state = 'expired', error_code = 'CAMPAIGN_ENDED', hold_rule = 'campaign_ended', "
+             "last_error = 'the campaign ended before it was sent', final_at = :now, updated_at = :now "
+             "WHERE state = 'planned' AND campaign_id IN (SELECT id FROM campaigns WHERE ends_at IS NOT NULL AND ends_at < :now"
+             + (" AND id = :c)" if campaign_id is not None else ")"))
     with engine.begin() as conn:
-        return int(conn.execute(text(q), params).rowcount or 0)
+        n = int(conn.execute(text(q), params).rowcount or 0)
+        return n + int(conn.execute(text(ended), params).rowcount or 0)
 
 
 def outstanding(engine, campaign_id: int | None = None) -> int:

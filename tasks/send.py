@@ -145,8 +145,8 @@ def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = 3
 
 
 def record_results(engine, ids_by_ref: dict[str, int], results: list[SubmitResult], max_attempts: int,
-                   attempts_by_ref: dict[str, int], stats: SendStats) -> None:
-    now = utcnow()
+                   attempts_by_ref: dict[str, int], stats: SendStats, now: datetime | None = None) -> None:
+    now = now.astimezone(timezone.utc).replace(tzinfo=None) if now is not None else utcnow()
     sub, rej, again, failed = [], [], [], []
     for r in results:
         oid = ids_by_ref[r.reference]
@@ -223,7 +223,7 @@ def send_messages(
                 # nothing in this part reached the gateway: the claims stay 'queued' with their lease;
                 # recovery (lookup) resolves them on the retry, so nothing is lost or doubled
                 raise
-            record_results(engine, ids_by_ref, results, max_attempts, attempts, stats)
+            record_results(engine, ids_by_ref, results, max_attempts, attempts, stats, now=now)
     return stats
 
 

@@ -1,0 +1,71 @@
+"""The policy as enforced by the real send path (store + sandbox gateway), property-based."""
+from __future__ import annotations
+
+import itertools
+from datetime import datetime, timedelta, timezone
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import text
+
+from blocks.gateway import SandboxGateway
+from store.db import bulk_insert, get_engine
+from tasks.policy import ContactPolicy, FrequencyCap, allowed_now, resolve_timezone
+from tasks.send import TokenBucket, send_messages
+
+UTC = timezone.utc
+ZONES = ["Europe/Kaliningrad", "Europe/Moscow", "Asia/Kamchatka", "Europe/London", "Pacific/Auckland", ""]
+_counter = itertools.count()
+
+contacts_st = st.lists(
+    st.tuples(st.sampled_from(ZONES), st.booleans(), st.booleans()),  # zone, consent, opted out
+    min_size=1, max_size=8,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(contacts=contacts_st, clock=st.datetimes(min_value=datetime(2026, 1, 1), max_value=datetime(2027, 12, 31)),
+       steps=st.lists(st.integers(10, 600), min_size=1, max_size=6), campaigns=st.integers(1, 3))
+def test_send_path_never_breaks_the_policy(tmp_path_factory, contacts, clock, steps, campaigns):
+    tmp = tmp_path_factory.mktemp("prop")
+    engine = get_engine(f"sqlite:///{tmp / 'store.sqlite'}")
+    gw = SandboxGateway(state_path=str(tmp / "gw.sqlite"), rejected_rate=0, undelivered_rate=0, expired_rate=0)
+    policy = ContactPolicy(caps=[FrequencyCap(period="day", limit=1), FrequencyCap(period="week", limit=2)])
+    n = next(_counter)
+    with engine.begin() as c:
+        bulk_insert(c, "contacts", ("source", "crm_id", "phone_e164", "sms_consent", "status", "timezone", "opted_out_at"),
+                    [("s", f"{n}-{i}", f"+7916{n:03d}{i:04d}", consent, "valid", tz or None, clock if out else None)
+                     for i, (tz, consent, out) in enumerate(contacts)])
+        ids = [r[0] for r in c.execute(text("SELECT id FROM contacts ORDER BY id"))]
+        for k in range(campaigns):
+            c.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status, "
+                           "policy) VALUES (:n, 's', 'all', 't', 'marketing', 0, 'running', :p)"),
+                      {"n": f"c{k}", "p": policy.model_dump_json()})
+        camp_ids = [r[0] for r in c.execute(text("SELECT id FROM campaigns ORDER BY id"))]
+        bulk_insert(c, "outbox", ("idempotency_key", "campaign_id", "contact_id", "step", "phone_e164", "text", "encoding",
+                                  "segments", "cost", "state", "attempts", "planned_at", "updated_at"),
+                    [(f"k{cid}:{ct}", cid, ct, "main", f"+7916{n:03d}{j:04d}", "hi", "GSM-7", 1, 0, "planned", 0, clock, clock)
+                     for cid in camp_ids for j, ct in enumerate(ids)])
+    now = clock.replace(tzinfo=UTC)
+    for minutes in steps:  # the sender wakes up at random moments and sends whatever is due
+        for cid in camp_ids:
+            send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(100_000), claimer="p",
+                          max_messages=1000, now=now)
+        now += timedelta(minutes=minutes * 7)
+    with engine.begin() as c:
+        sent = c.execute(text(
+            "SELECT o.contact_id, o.submitted_at, ct.timezone, ct.phone_e164, ct.sms_consent, ct.opted_out_at "
+            "FROM outbox o JOIN contacts ct ON ct.id = o.contact_id WHERE o.submitted_at IS NOT NULL")).fetchall()
+    by_contact: dict[int, list[datetime]] = {}
+    for contact_id, sub_at, tz, phone, consent, opted_out in sent:
+        sub = (datetime.fromisoformat(sub_at) if isinstance(sub_at, str) else sub_at).replace(tzinfo=UTC)
+        assert consent and opted_out is None  # 0 to non-consented or opted-out
+        zone, _ = resolve_timezone(tz, phone, policy.default_timezone)
+        assert allowed_now(sub, zone, policy.marketing_window, "RU")  # 0 outside the local window
+        by_contact.setdefault(contact_id, []).append(sub)
+    for times in by_contact.values():  # 0 cap violations
+        times.sort()
+        for t in times:
+            assert sum(1 for u in times if t - timedelta(days=1) < u <= t) <= 1
+            assert sum(1 for u in times if t - timedelta(days=7) < u <= t) <= 2
+    engine.dispose()

@@ -21,11 +21,22 @@ For every size N it, in a fresh temp dir:
    ``prefect_test_harness`` and counts the task runs it created via the Prefect client.
 
 Each phase runs in its own child process (this same file with ``--_phase``), so the peak RSS reported
-for a phase belongs to that phase and size only.  Peak RSS is measured three ways: the process'
-own high-water mark (getrusage RUSAGE_SELF ru_maxrss, reset per step through /proc/self/clear_refs),
-the largest worker process (RUSAGE_CHILDREN ru_maxrss: the biggest single reaped child, e.g. a
-spawn worker of the phone-parsing / rendering pools), and a sampled sum of VmRSS over the live
-process tree (every 50 ms from /proc; psutil is not installed in this venv).
+for a phase belongs to that phase and size only.  Peak RSS (psutil is not installed in this venv):
+
+* main process: VmHWM (= getrusage RUSAGE_SELF ru_maxrss), reset before every step through
+  /proc/self/clear_refs so each step reports its own peak;
+* process tree: sum of VmRSS over the process and its live descendants (the spawn workers of the
+  phone-parsing and rendering pools), sampled every 50 ms from /proc -- the table's "peak RSS" is
+  the larger of this and the main process' peak;
+* largest worker: its own VmHWM, sampled.  RUSAGE_CHILDREN ru_maxrss is printed too but overstates:
+  Linux carries the parent's RSS at fork time into the maxrss of a fork+exec'd (spawn) child.
+
+CPU seconds (user+sys, workers included) are printed next to wall seconds: this machine is shared,
+and CPU time is what other load does not distort.  Unless --no-breakdown is given, the main functions of
+each step (read_frame, bulk_insert/bulk_update/executemany, prepare_contacts, check_extract,
+normalize_phones_parallel, dedup_source, _contacts_for, _store_chunk, SqlCrm.fetch, ...) are wrapped
+with wall-clock timers (exclusive of nested timed calls); --profile runs cProfile instead (much
+slower: it inflates per-row Python calls) and writes profile-<step>.txt/.prof into the kept temp dir.
 
 At the end a Markdown table (one row per size) is printed, plus linearity and the project targets.
 """
@@ -79,6 +90,14 @@ def _status_kib(pid: int | str, key: str) -> int | None:
     return None
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
+
+
 def _tree(pid: int) -> list[int]:
     """pid and all its live descendants (Linux /proc/<pid>/task/<tid>/children)."""
     out, todo = [], [pid]
@@ -105,14 +124,20 @@ class TreeRss(threading.Thread):
         self.interval = interval
         self.peak_kib = 0
         self.peak_procs = 0
+        self.worker_hwm_kib = 0  # largest VmHWM seen in a live descendant (its own, post-exec, peak)
         self._halt = threading.Event()
         self.step_peak_kib = 0
 
     def run(self) -> None:
         me = os.getpid()
+        my_cmd = _cmdline(me)
         while not self._halt.is_set():
-            pids = _tree(me)
+            # a child caught between fork and exec still maps (and shares) all of our pages: skip it
+            pids = [p for p in _tree(me) if p == me or _cmdline(p) != my_cmd]
             total = sum(_status_kib(p, "VmRSS") or 0 for p in pids)
+            for p in pids:
+                if p != me:
+                    self.worker_hwm_kib = max(self.worker_hwm_kib, _status_kib(p, "VmHWM") or 0)
             if total > self.peak_kib:
                 self.peak_kib, self.peak_procs = total, len(pids)
             self.step_peak_kib = max(self.step_peak_kib, total)
@@ -193,7 +218,117 @@ def _profiled(enabled: bool, d: Path, name: str, fn):
         (d / f"profile-{name}.txt").write_text(buf.getvalue())
 
 
+def send_chunk() -> tuple[int, str]:
+    """flows.send.SEND_CHUNK (read from the source text if the module cannot be imported right now)."""
+    try:
+        from flows.send import SEND_CHUNK
+
+        return int(SEND_CHUNK), "flows.send"
+    except Exception as exc:  # noqa: BLE001 - e.g. another module mid-edit
+        import re
+
+        m = re.search(r"^SEND_CHUNK\s*=\s*([0-9_]+)", (ROOT / "flows" / "send.py").read_text(), re.M)
+        if not m:
+            raise
+        return int(m.group(1).replace("_", "")), f"flows/send.py text ({type(exc).__name__} on import)"
+
+
+# Functions timed (wall, exclusive of nested timed calls) inside each step when --breakdown is on (the default).
+# Only a few hundred calls per run go through these wrappers, so the overhead is negligible (unlike cProfile,
+# which inflates the many small per-row calls several-fold). Names missing from the current code are skipped.
+TIMED = (
+    ("store.db", "read_frame"), ("store.db", "bulk_insert"), ("store.db", "bulk_update"), ("store.db", "executemany"),
+    ("tasks.extract", "prepare_contacts"), ("tasks.extract", "write_quarantine"), ("tasks.extract", "audit_consent_changes"),
+    ("tasks.validate", "check_extract"), ("tasks.validate", "normalize_phones_parallel"),
+    ("tasks.validate", "find_duplicates"), ("tasks.validate_store", "dedup_source"),
+    ("tasks.validate_store", "_apply_suppression"), ("tasks.segment", "expand_attributes"), ("tasks.segment", "evaluate"),
+    ("tasks.plan", "_contacts_for"), ("tasks.plan", "_store_chunk"),
+)
+
+
+class Breakdown:
+    """Wall time per call path of the TIMED functions, exclusive of nested timed calls."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._stack: list[list] = []  # [label, start, child_time]
+
+    def _enter(self, name: str) -> None:
+        path = f"{self._stack[-1][0]}>{name}" if self._stack else name
+        self._stack.append([path, time.perf_counter(), 0.0])
+
+    def _exit(self) -> None:
+        path, t0, child = self._stack.pop()
+        dt = time.perf_counter() - t0
+        self.times[path] = self.times.get(path, 0.0) + dt - child
+        self.calls[path] = self.calls.get(path, 0) + 1
+        if self._stack:
+            self._stack[-1][2] += dt
+
+    def wrap(self, fn, name: str):
+        import functools
+
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            self._enter(name)
+            try:
+                return fn(*a, **k)
+            finally:
+                self._exit()
+
+        return timed
+
+    def wrap_gen(self, fn, name: str):
+        """A generator method: time spent producing each item."""
+        import functools
+
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            it = fn(*a, **k)
+            while True:
+                self._enter(name)
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+                finally:
+                    self._exit()
+                yield item
+
+        return timed
+
+    def install(self) -> list[str]:
+        import importlib
+
+        done = []
+        for mod_name, attr in TIMED:
+            try:
+                mod = importlib.import_module(mod_name)
+            except Exception:  # noqa: BLE001
+                continue
+            orig = getattr(mod, attr, None)
+            if not callable(orig):
+                continue
+            w = self.wrap(orig, attr)
+            for name, m in list(sys.modules.items()):
+                if name.split(".")[0] in ("tasks", "store", "blocks", "flows") and getattr(m, attr, None) is orig:
+                    setattr(m, attr, w)
+            done.append(f"{mod_name}.{attr}")
+        from blocks.crm import SqlCrm
+
+        SqlCrm.fetch = self.wrap_gen(SqlCrm.fetch, "SqlCrm.fetch")
+        done.append("blocks.crm.SqlCrm.fetch")
+        return done
+
+    def take(self) -> dict[str, dict]:
+        out = {k: {"seconds": v, "calls": self.calls[k]} for k, v in sorted(self.times.items(), key=lambda kv: -kv[1])}
+        self.times, self.calls = {}, {}
+        return out
+
+
 def phase_pipeline(n: int, d: Path, args) -> dict:
+    chunk, chunk_from = send_chunk()  # before the timed steps: a late import error must not waste a 1M run
     sampler = TreeRss()
     sampler.start()
     t_imp = time.perf_counter()
@@ -209,6 +344,9 @@ def phase_pipeline(n: int, d: Path, args) -> dict:
     from tasks.validate_store import validate_new_contacts
 
     imports = time.perf_counter() - t_imp
+    bd = Breakdown() if args.breakdown and not args.profile else None
+    if bd is not None:
+        bd.install()
     crm = d / "crm.sqlite"
     t0 = time.perf_counter()
     engine = get_engine(f"sqlite:///{d}/store.sqlite")  # creates + migrates the schema
@@ -252,23 +390,28 @@ def phase_pipeline(n: int, d: Path, args) -> dict:
         dt = time.perf_counter() - t
         steps[name] = {"seconds": dt, "cpu_seconds": cpu_seconds() - c, "self_hwm_mib": self_hwm_mib(),
                        "tree_peak_mib": sampler.take_step_peak(), **res.get(name, {})}
+        if bd is not None:
+            steps[name]["breakdown"] = bd.take()
         log(f"pipeline n={n}: {name} {dt:.2f}s  ({n / dt:,.0f} contacts/s)")
+        (d / "pipeline.partial.json").write_text(json.dumps(steps, default=str))
     e2e = time.perf_counter() - t_all
     e2e_cpu = cpu_seconds() - c_all
     time.sleep(2 * sampler.interval)
     sampler.stop()
-    with engine.begin() as conn:
-        counts = {
-            "contacts": conn.execute(text("SELECT COUNT(*) FROM contacts")).scalar(),
-            "outbox": conn.execute(text("SELECT COUNT(*) FROM outbox")).scalar(),
-            "quarantine": dict(conn.execute(text("SELECT step || ':' || reason_code, COUNT(*) FROM quarantine GROUP BY 1")).all()),
-            "status": dict(conn.execute(text("SELECT status, COUNT(*) FROM contacts GROUP BY status")).all()),
-        }
+    try:
+        with engine.begin() as conn:
+            counts = {
+                "contacts": conn.execute(text("SELECT COUNT(*) FROM contacts")).scalar(),
+                "outbox": conn.execute(text("SELECT COUNT(*) FROM outbox")).scalar(),
+                "quarantine": dict(conn.execute(text(
+                    "SELECT step || ':' || reason_code, COUNT(*) FROM quarantine GROUP BY 1")).all()),
+                "status": dict(conn.execute(text("SELECT status, COUNT(*) FROM contacts GROUP BY status")).all()),
+            }
+    except Exception as exc:  # noqa: BLE001 - counts are informative only
+        counts = {"error": repr(exc), "contacts": None, "outbox": None, "quarantine": None, "status": None}
     store_mib = sum(p.stat().st_size for p in d.glob("store.sqlite*")) / 2**20
-    from flows.send import SEND_CHUNK
-
     planned = res["render"]["planned"]
-    send_tasks = math.ceil(planned / SEND_CHUNK) + 1  # the send loop stops on a task that claims 0
+    send_tasks = math.ceil(planned / chunk) + 1  # the send loop stops on a task that claims 0
     return {
         "imports_seconds": imports,
         "store_init_seconds": init,
@@ -279,8 +422,10 @@ def phase_pipeline(n: int, d: Path, args) -> dict:
         "store_mib": store_mib,
         "tree_peak_mib": sampler.peak_kib / 1024,
         "tree_peak_procs": sampler.peak_procs,
+        "worker_peak_mib": sampler.worker_hwm_kib / 1024,
         "hwm_reset_ok": hwm_reset_ok,
-        "send_chunk": SEND_CHUNK,
+        "send_chunk": chunk,
+        "send_chunk_from": chunk_from,
         "task_runs": {
             # campaign flow: one task per step in each sub-flow (extract, validate, segment, render,
             # reconcile, report) + the send flow's loop of send-batch tasks, each claiming <= SEND_CHUNK
@@ -444,6 +589,7 @@ def phase_naive(n: int, d: Path, args) -> dict:
 def phase_flow(n: int, d: Path, args) -> dict:
     """The real campaign flow under a throw-away Prefect server; task runs counted via the client."""
     os.environ["SMSFLOW_DATA_DIR"] = str(d / "flowdata")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from the throw-away server
     from prefect import get_client
     from prefect.testing.utilities import prefect_test_harness
 
@@ -515,6 +661,8 @@ def run_child(phase: str, n: int, d: Path, args) -> dict | None:
            "--naive-max", str(args.naive_max)]
     if args.profile:
         cmd.append("--profile")
+    if not args.breakdown:
+        cmd.append("--no-breakdown")
     if not args.flow_send:
         cmd.append("--no-flow-send")
     out = d / f"{phase}.json"
@@ -534,16 +682,14 @@ def run_child(phase: str, n: int, d: Path, args) -> dict | None:
             proc.wait()
         return {"error": f"timeout after {args.timeout}s"}
     if rc != 0 or not out.exists():
-        return {"error": f"exit code {rc}", "wall": time.perf_counter() - t}
+        err = {"error": f"exit code {rc} (traceback above on stderr)", "wall": time.perf_counter() - t}
+        partial = d / f"{phase}.partial.json"
+        if partial.exists():
+            err["completed_steps"] = json.loads(partial.read_text())
+        return err
     res = json.loads(out.read_text())
     res["loadavg_1m"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
     return res
-
-
-def fmt(v, spec=".1f", dash="—"):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return dash
-    return format(v, spec)
 
 
 def report_size(n: int, r: dict) -> None:
@@ -556,19 +702,29 @@ def report_size(n: int, r: dict) -> None:
           f"{g['size_mib']:.0f} MiB")
     if "error" in p:
         print(f"pipeline FAILED: {p['error']}")
+        for s, st in (p.get("completed_steps") or {}).items():
+            print(f"  (completed before the failure) {s:<9} {st['seconds']:8.2f} s  {n / st['seconds']:>11,.0f} contacts/s  "
+                  f"main peak {st['self_hwm_mib']:6.0f} MiB  tree peak {st['tree_peak_mib']:6.0f} MiB")
     else:
         print(f"store init (create + migrate, not timed as a step): {p['store_init_seconds']:.2f} s; "
               f"imports {p['imports_seconds']:.2f} s" + ("   [cProfile ON: timings inflated]" if p["profiled"] else ""))
         for s in STEPS:
             st = p["steps"][s]
-            extra = {k: v for k, v in st.items() if k not in ("seconds", "cpu_seconds", "self_hwm_mib", "tree_peak_mib")}
+            extra = {k: v for k, v in st.items()
+                     if k not in ("seconds", "cpu_seconds", "self_hwm_mib", "tree_peak_mib", "breakdown")}
             print(f"  {s:<9} {st['seconds']:8.2f} s (cpu {st['cpu_seconds']:6.2f} s) {n / st['seconds']:>11,.0f} contacts/s  "
                   f"main peak {st['self_hwm_mib']:6.0f} MiB  tree peak {st['tree_peak_mib']:6.0f} MiB  {extra}")
+            if st.get("breakdown"):
+                parts = [f"{k} {v['seconds']:.2f}" for k, v in st["breakdown"].items() if v["seconds"] >= 0.005]
+                rest = st["seconds"] - sum(v["seconds"] for v in st["breakdown"].values())
+                print(f"              where (s, exclusive): {' | '.join(parts)} | rest of step {rest:.2f}")
         print(f"  {'extract->outbox':<9} {p['e2e_seconds']:.2f} s (cpu {p['e2e_cpu_seconds']:.2f} s, incl. workers)  "
               f"{n / p['e2e_seconds']:,.0f} contacts/s   [1-min load avg before/after: {p['loadavg_1m']}]")
-        print(f"  peak RSS: main process {p['self_maxrss_mib']:.0f} MiB (ru_maxrss, last step), largest worker "
-              f"{p['children_maxrss_mib']:.0f} MiB (RUSAGE_CHILDREN), whole tree sampled {p['tree_peak_mib']:.0f} MiB "
-              f"({p['tree_peak_procs']} processes)")
+        print(f"  peak RSS: main process {max(st['self_hwm_mib'] for st in p['steps'].values()):.0f} MiB (VmHWM = ru_maxrss, "
+              f"max over steps); largest worker {p.get('worker_peak_mib', float('nan')):.0f} MiB (its own VmHWM, sampled); "
+              f"whole tree {p['tree_peak_mib']:.0f} MiB (sum of VmRSS over {p['tree_peak_procs']} live processes, sampled "
+              f"every 50 ms); RUSAGE_CHILDREN ru_maxrss {p['children_maxrss_mib']:.0f} MiB (overstates: Linux keeps the "
+              f"parent's RSS at fork time in a spawn worker's maxrss)")
         print(f"  store: {p['counts']['contacts']:,} contacts {p['counts']['status']}, {p['counts']['outbox']:,} outbox rows, "
               f"quarantine {p['counts']['quarantine']}, {p['store_mib']:.0f} MiB on disk")
         tr = p["task_runs"]
@@ -600,6 +756,11 @@ def report_size(n: int, r: dict) -> None:
                   f"{nv['phonenumbers_per_s']:,.0f}/s; Jinja2 Sandboxed render {nv['jinja_per_s']:,.0f}/s")
 
 
+def peak_rss(p: dict) -> float:
+    """Peak RSS of a pipeline run: the sampled process-tree sum, or the main process' exact peak if higher."""
+    return max(p["tree_peak_mib"], max(st["self_hwm_mib"] for st in p["steps"].values()))
+
+
 def table(results: dict[int, dict]) -> str:
     head = ("| contacts | extract s | validate s | segment s | render s | extract→outbox s | contacts/s | peak RSS MiB "
             "| task runs | naive s | speed-up |")
@@ -610,10 +771,14 @@ def table(results: dict[int, dict]) -> str:
             lines.append(f"| {n:,} | " + " | ".join(["failed"] * 10) + " |")
             continue
         st = p["steps"]
-        rss = max(p["tree_peak_mib"], p["self_maxrss_mib"])
+        rss = peak_rss(p)
         naive_s = nv.get("seconds_at_n") if nv and "error" not in nv else None
         naive_txt = "—" if naive_s is None else f"{naive_s:,.1f}" + (" (extrap.)" if nv.get("extrapolated") else "")
-        speed = "—" if naive_s is None else f"{naive_s / p['e2e_seconds']:.1f}×"
+        speed = "—"
+        if naive_s is not None:
+            speed = f"{naive_s / p['e2e_seconds']:.1f}×"
+            if nv.get("cpu_seconds") and p.get("e2e_cpu_seconds"):
+                speed += f" (CPU {nv['cpu_seconds'] * n / nv['rows'] / p['e2e_cpu_seconds']:.1f}×)"
         lines.append(
             f"| {n:,} | {st['extract']['seconds']:.2f} | {st['validate']['seconds']:.2f} | {st['segment']['seconds']:.2f} "
             f"| {st['render']['seconds']:.2f} | {p['e2e_seconds']:.2f} | {n / p['e2e_seconds']:,.0f} | {rss:,.0f} "
@@ -631,13 +796,20 @@ def summary(results: dict[int, dict]) -> None:
           "code: 4 step tasks + ceil(planned/SEND_CHUNK)+1 send-batch + reconcile + report (a dry run creates 4; Prefect also "
           "records one wrapper task run per sub-flow call: +7 full, +4 dry run). "
           "Naive = per-row phonenumbers + Jinja2 + ORM session.add, capped at 100,000 rows and extrapolated linearly "
-          "(marked). Speed-up = naive s / extract→outbox s.")
+          "(marked). Speed-up = naive s / extract→outbox s; in brackets the same ratio in CPU seconds (user+sys incl. worker "
+          "processes), which other load on the machine does not distort.")
     if ok:
         print("\n## Linearity (seconds per 100k contacts)\n")
         print("| contacts | " + " | ".join(STEPS) + " | extract→outbox |")
         print("|" + "---:|" * (len(STEPS) + 2))
         for n, p in ok.items():
             per = [p["steps"][s]["seconds"] * 1e5 / n for s in STEPS] + [p["e2e_seconds"] * 1e5 / n]
+            print(f"| {n:,} | " + " | ".join(f"{v:.2f}" for v in per) + " |")
+        print("\nSame in CPU seconds (user+sys of the process and its workers; insensitive to other load on the machine):\n")
+        print("| contacts | " + " | ".join(STEPS) + " | extract→outbox |")
+        print("|" + "---:|" * (len(STEPS) + 2))
+        for n, p in ok.items():
+            per = [p["steps"][s]["cpu_seconds"] * 1e5 / n for s in STEPS] + [p["e2e_cpu_seconds"] * 1e5 / n]
             print(f"| {n:,} | " + " | ".join(f"{v:.2f}" for v in per) + " |")
     print("\n## Targets\n")
     big = max(ok) if ok else None
@@ -652,16 +824,18 @@ def summary(results: dict[int, dict]) -> None:
     nv = results[big].get("naive")
     if nv and "error" not in nv:
         sp = nv["seconds_at_n"] / p["e2e_seconds"]
+        cpu_sp = nv["cpu_seconds"] * (big / nv["rows"]) / p["e2e_cpu_seconds"]
         print(f"- >= {TARGET_SPEEDUP:.0f}x faster than naive at {big:,}: {'MET' if sp >= TARGET_SPEEDUP else 'NOT MET'} "
-              f"({sp:.1f}x{', naive extrapolated' if nv['extrapolated'] else ''})")
-    rss = max(max(q["tree_peak_mib"], q["self_maxrss_mib"]) for q in ok.values())
+              f"({sp:.1f}x wall{', naive extrapolated' if nv['extrapolated'] else ''}; {cpu_sp:.1f}x in CPU seconds)")
+    rss = max(peak_rss(q) for q in ok.values())
     print(f"- peak RSS < {TARGET_RSS_MIB:.0f} MiB: {'MET' if rss < TARGET_RSS_MIB else 'NOT MET'} (max {rss:,.0f} MiB over sizes run)"
           + note)
     base = 100_000 if 100_000 in ok else min(ok)
     if big > base:
         a = ok[base]["e2e_seconds"] / base
         b = p["e2e_seconds"] / big
-        print(f"- linear cost: s/100k at {big:,} is {b / a:.2f}x the value at {base:,} "
+        ca, cb = ok[base]["e2e_cpu_seconds"] / base, p["e2e_cpu_seconds"] / big
+        print(f"- linear cost: s/100k at {big:,} is {b / a:.2f}x the value at {base:,} (CPU s/100k: {cb / ca:.2f}x) "
               f"({'MET' if b / a <= LINEAR_TOLERANCE else 'NOT MET'}, tolerance {LINEAR_TOLERANCE}x; 10k is dominated by "
               f"fixed costs such as worker spawn and Great Expectations set-up)")
         worst = max(STEPS, key=lambda s: (p["steps"][s]["seconds"] / big) / max(ok[base]["steps"][s]["seconds"] / base, 1e-9))
@@ -681,16 +855,26 @@ def main(argv=None) -> None:
     ap.add_argument("--no-flow-send", dest="flow_send", action="store_false",
                     help="with the real flow, skip the non-dry-run campaign (which sends to the local sandbox gateway)")
     ap.add_argument("--profile", action="store_true", help="cProfile each pipeline step (profile-*.txt in the temp dir)")
+    ap.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                    help="do not time the main functions inside each step")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per phase")
     ap.add_argument("--workdir", default=None, help="parent of the temp dirs (default: system temp)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dirs")
     ap.add_argument("--json", default=None, help="also write all raw results to this file")
+    ap.add_argument("--report-from", default=None, metavar="JSON", help="only print the report of an earlier --json file")
     ap.add_argument("--_phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._phase:
         child_main(args)
+        return
+    if args.report_from:
+        results = {int(k): v for k, v in json.loads(Path(args.report_from).read_text()).items()}
+        print(f"# smsflow campaign benchmark (report of {args.report_from})")
+        for n, r in results.items():
+            report_size(n, r)
+        summary(results)
         return
     print(f"# smsflow campaign benchmark  (python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"sizes {', '.join(f'{s:,}' for s in args.sizes)})")

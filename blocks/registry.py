@@ -6,9 +6,10 @@ from prefect.blocks.core import Block
 from blocks.crm import CrmSource, CsvCrm, SqlCrm
 from blocks.gateway import SandboxGateway, SmsGateway
 from blocks.http_gateway import HttpGateway
+from blocks.kannel import KannelGateway
 
 CRM_TYPES: tuple[type[CrmSource], ...] = (SqlCrm, CsvCrm)
-GATEWAY_TYPES: tuple[type[SmsGateway], ...] = (SandboxGateway, HttpGateway)
+GATEWAY_TYPES: tuple[type[SmsGateway], ...] = (SandboxGateway, HttpGateway, KannelGateway)
 
 
 def _load(name: str, types, kind: str):

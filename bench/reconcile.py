@@ -1,0 +1,66 @@
+"""Benchmark: apply N delivery receipts to N submitted messages (SQLite by default).
+
+    python bench/reconcile.py [--n 1000000] [--database-url URL]
+
+Prints seconds to store the receipts (as received) and to apply them, and receipts/s.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from datetime import datetime, timedelta
+
+from sqlalchemy import text
+
+from blocks.gateway import Receipt
+from store.db import bulk_insert, get_engine, utcnow
+from tasks.reconcile import apply_receipts, store_receipts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--database-url", default=None)
+    a = ap.parse_args()
+    tmp = tempfile.mkdtemp()
+    url = a.database_url or f"sqlite:///{tmp}/bench.sqlite"
+    engine = get_engine(url)
+    now = utcnow()
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status) "
+                       "VALUES ('bench', 's', 'all', 't', 'marketing', 0, 'running')"))
+        cid = c.execute(text("SELECT id FROM campaigns WHERE name='bench'")).scalar()
+    t0 = time.perf_counter()
+    with engine.begin() as c:
+        bulk_insert(c, "outbox", ("idempotency_key", "campaign_id", "step", "phone_e164", "encoding", "segments", "cost",
+                                  "state", "attempts", "gateway_message_id", "planned_at", "submitted_at", "updated_at"),
+                    ((f"k{i}", cid, "main", None, "GSM-7", 1, 0.0, "submitted", 1, f"m{i}", now, now, now) for i in range(a.n)))
+    t_seed = time.perf_counter() - t0
+    statuses = ["delivered"] * 92 + ["undelivered"] * 5 + ["expired"] * 3
+    ev = now + timedelta(seconds=5)
+    receipts = [Receipt(f"m{i}", None, statuses[i % 100], "000", ev, {}) for i in range(a.n)]
+    # out of order and twice: 5% intermediate receipts after the final, 3% duplicates
+    receipts += [Receipt(f"m{i}", None, "enroute", "000", ev, {}) for i in range(0, a.n, 20)]
+    receipts += [Receipt(f"m{i}", None, statuses[i % 100], "000", ev, {}) for i in range(0, a.n, 33)]
+    t0 = time.perf_counter()
+    store_receipts(engine, "bench", receipts)
+    t_store = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    applied = 0
+    while True:
+        s = apply_receipts(engine)
+        applied += s.applied
+        if s.applied == 0 and s.ignored == 0:
+            break
+    t_apply = time.perf_counter() - t0
+    with engine.begin() as c:
+        left = c.execute(text("SELECT COUNT(*) FROM outbox WHERE state = 'submitted'")).scalar()
+    print(f"receipts: {len(receipts):,} for {a.n:,} messages on {engine.dialect.name}")
+    print(f"seed outbox: {t_seed:.1f} s | store receipts: {t_store:.1f} s | apply: {t_apply:.1f} s "
+          f"({len(receipts) / t_apply:,.0f} receipts/s) | store+apply: {t_store + t_apply:.1f} s | applied {applied:,}, "
+          f"left submitted: {left}")
+
+
+if __name__ == "__main__":
+    main()

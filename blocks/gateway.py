@@ -42,7 +42,8 @@ class SubmitResult:
     gateway_message_id: str | None = None
     error_code: str | None = None
     error: str | None = None
-    transient: bool = False  # worth retrying later (throttled, gateway down)
+    transient: bool = False  # worth retrying later (throttled, gateway down): provably NOT sent
+    in_doubt: bool = False  # the request left us but no answer came: it may have been sent
 
 
 @dataclass(frozen=True)

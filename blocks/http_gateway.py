@@ -106,9 +106,9 @@ class HttpGateway(SmsGateway):
                 # nothing reached the provider: safe to retry later
                 return SubmitResult(m.reference, False, None, "CONNECT", f"{type(exc).__name__}", transient=True)
             except httpx.TransportError as exc:
-                # the request may have reached the provider: report transient; the outbox resolves
-                # it from the status callback carrying our reference before any resend
-                return SubmitResult(m.reference, False, None, "TRANSPORT", f"{type(exc).__name__}", transient=True)
+                # the request may have reached the provider: in doubt. The message stays in flight and
+                # is settled from the status callback carrying our reference (or the evidence grace)
+                return SubmitResult(m.reference, False, None, "TRANSPORT", f"{type(exc).__name__}", in_doubt=True)
             if r.status_code in (200, 201):
                 body = r.json()
                 if body.get("error_code"):

@@ -67,6 +67,7 @@ class SendStats:
     failed: int = 0
     recovered_submitted: int = 0
     recovered_replanned: int = 0
+    in_doubt: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     held: dict[str, int] = field(default_factory=dict)  # by policy rule: deferred, held back or expired
 
@@ -147,10 +148,14 @@ def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = 3
 def record_results(engine, ids_by_ref: dict[str, int], results: list[SubmitResult], max_attempts: int,
                    attempts_by_ref: dict[str, int], stats: SendStats, now: datetime | None = None) -> None:
     now = now.astimezone(timezone.utc).replace(tzinfo=None) if now is not None else utcnow()
-    sub, rej, again, failed = [], [], [], []
+    sub, rej, again, failed, doubt = [], [], [], [], []
     for r in results:
         oid = ids_by_ref[r.reference]
-        if r.accepted:
+        if r.in_doubt:
+            # it may have gone out: never send again blindly; recovery settles it from receipts
+            doubt.append((r.error_code, r.error, now, now, oid))
+            stats.in_doubt += 1
+        elif r.accepted:
             sub.append(("submitted", r.gateway_message_id, now, None, now, oid))
         elif r.transient:
             if attempts_by_ref.get(r.reference, 0) >= max_attempts:
@@ -167,6 +172,7 @@ def record_results(engine, ids_by_ref: dict[str, int], results: list[SubmitResul
         update_if_queued(conn, rej, "state = ?, error_code = ?, last_error = ?, final_at = ?, claimed_by = ?, updated_at = ?")
         update_if_queued(conn, failed, "state = ?, error_code = ?, last_error = ?, final_at = ?, claimed_by = ?, updated_at = ?")
         update_if_queued(conn, again, "state = ?, error_code = ?, last_error = ?, claimed_by = ?, updated_at = ?")
+        update_if_queued(conn, doubt, "error_code = ?, last_error = ?, claim_expires_at = ?, updated_at = ?")
     stats.submitted += len(sub)
     stats.rejected += len(rej)
     stats.failed += len(failed)

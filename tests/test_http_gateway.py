@@ -112,3 +112,38 @@ def test_crash_window_with_a_provider_that_cannot_be_asked(sqlite_engine, tmp_pa
     with eng.begin() as c:
         c.execute(text("UPDATE outbox SET queued_at = :t WHERE idempotency_key = 'k1'"), {"t": utcnow() - timedelta(days=8)})
     assert recover_in_flight(eng, 1, gw, "new") == (0, 1)
+
+
+def test_lost_answer_is_in_doubt_and_never_resent_blindly(sqlite_engine, tmp_path):
+    """The request reached Twilio but the answer was lost: the message stays in flight (queued),
+    not back to planned, so no second submit can happen before evidence settles it."""
+    import httpx
+
+    from store.db import bulk_insert, utcnow
+    from tasks.send import TokenBucket, send_messages
+
+    fake = FakeTwilio()
+
+    def lossy(request):
+        resp = fake.handle(request)
+        if request.method == "POST":
+            raise httpx.ReadTimeout("answer lost", request=request)
+        return resp
+
+    gw = HttpGateway(account_sid=fake.account_sid, auth_token=fake.auth_token, from_number="+15005550006"
+                     ).with_transport(httpx.MockTransport(lossy))
+    eng = sqlite_engine
+    with eng.begin() as c:
+        bulk_insert(c, "contacts", ("source", "crm_id", "phone_e164", "sms_consent", "status"), [("s", "1", "+79160000001", True, "valid")])
+        c.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status) "
+                       "VALUES ('c','s','all','t','marketing',0,'running')"))
+        now = utcnow()
+        bulk_insert(c, "outbox", ("idempotency_key", "campaign_id", "contact_id", "step", "phone_e164", "text", "encoding",
+                                  "segments", "cost", "state", "attempts", "planned_at", "updated_at"),
+                    [("k1", 1, 1, "main", "+79160000001", "hi", "GSM-7", 1, 0, "planned", 0, now, now)])
+    s = send_messages(eng, campaign_id=1, gateway=gw, bucket=TokenBucket(100), claimer="a", max_messages=10, now=DAYTIME)
+    assert s.in_doubt == 1 and len(fake.messages) == 1
+    again = send_messages(eng, campaign_id=1, gateway=gw, bucket=TokenBucket(100), claimer="b", max_messages=10, now=DAYTIME)
+    assert again.claimed == 0 and len(fake.messages) == 1
+    with eng.begin() as c:
+        assert c.execute(text("SELECT state FROM outbox")).scalar() == "queued"

@@ -1,0 +1,137 @@
+"""Delivery guarantees against the real Kannel + SMPP simulator.
+
+- Crash test: a 2,000-message campaign, the sending process killed with SIGKILL at 20 random
+  moments and restarted each time; the SMSC simulator must count every message exactly once.
+- The dangerous window (Kannel accepted, we died before recording it) is closed by our reference
+  travelling in the dlr-url: the callback service stores the receipt, recovery settles the message
+  from it, and a message with no trace waits ``evidence_grace_s`` before it may be sent again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from sqlalchemy import text
+
+from store.db import bulk_insert, get_engine, utcnow
+from tasks.policy import always_open
+from tests.test_kannel import PASSWORD, kannel, wait_for  # noqa: F401 - the module-scoped stack fixture
+
+N = 2000
+KILLS = 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def service(tmp_path):
+    """The callback service (uvicorn, in this process) writing receipts into the test store."""
+    import uvicorn
+
+    from service.app import create_app
+
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(url, emit_events=False), host="127.0.0.1", port=port,
+                                           log_level="warning", access_log=False))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    wait_for(lambda: server.started, "callback service")
+    yield url, f"http://127.0.0.1:{port}/callbacks/kannel/dlr"
+    server.should_exit = True
+    th.join(10)
+
+
+def _campaign(url: str) -> int:
+    engine = get_engine(url)
+    now = utcnow()
+    with engine.begin() as c:
+        bulk_insert(c, "contacts", ("source", "crm_id", "phone_e164", "sms_consent", "status"),
+                    [("s", str(i), f"+7916{i:05d}12", True, "valid") for i in range(N)])
+        c.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status, "
+                       "policy) VALUES ('crash', 's', 'all', 't', 'marketing', 0, 'running', :p)"),
+                  {"p": always_open().model_dump_json()})
+        cid = c.execute(text("SELECT id FROM campaigns WHERE name = 'crash'")).scalar()
+        ids = [r[0] for r in c.execute(text("SELECT id FROM contacts ORDER BY id"))]
+        bulk_insert(c, "outbox", ("idempotency_key", "campaign_id", "contact_id", "step", "phone_e164", "text", "encoding",
+                                  "segments", "cost", "state", "attempts", "planned_at", "updated_at"),
+                    [(f"c{cid}-{i}", cid, ct, "main", f"+7916{i:05d}12", f"Скидка 10% [ref:c{cid}-{i}]", "UCS-2", 1, 0,
+                      "planned", 0, now, now) for i, ct in enumerate(ids)])
+    return cid
+
+
+def _states(url: str) -> dict[str, int]:
+    with get_engine(url).begin() as c:
+        return dict(c.execute(text("SELECT state, COUNT(*) FROM outbox GROUP BY state")).fetchall())
+
+
+def test_kill_9_at_20_random_points_loses_nothing_and_doubles_nothing(kannel, service):  # noqa: F811
+    url, dlr_url = service
+    cid = _campaign(url)
+    before = kannel.stats()["submit_sm"]
+    gw_opts = dict(sendsms_url=f"http://127.0.0.1:{kannel.sendsms_port}/cgi-bin/sendsms", username="smsflow",
+                   password=PASSWORD, dlr_url=dlr_url, sender_id="SMSFLOW", timeout_s=5, evidence_grace_s=3,
+                   batch_size=50, concurrency=8)
+    env = dict(os.environ, CRASH_GATEWAY=json.dumps(gw_opts))
+    rnd = random.Random(20261125)
+    kills = 0
+    for _ in range(KILLS * 3):
+        if kills == KILLS or _states(url).get("planned", 0) + _states(url).get("queued", 0) == 0:
+            break
+        p = subprocess.Popen([sys.executable, "-m", "tests.workers.crash_sender", url, str(cid), "400"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "ready", p.stderr.read()
+        time.sleep(rnd.uniform(0.05, 0.6))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.wait(30)
+    assert kills == KILLS, f"only {kills} kills landed while sending"
+    # the last run: repeat until everything is settled (in-flight messages wait for evidence first)
+    deadline = time.monotonic() + 120
+    while True:
+        st = _states(url)
+        if st.get("planned", 0) + st.get("queued", 0) == 0:
+            break
+        assert time.monotonic() < deadline, st
+        r = subprocess.run([sys.executable, "-m", "tests.workers.crash_sender", url, str(cid), "400"], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        time.sleep(1)
+    # every message reached the SMSC exactly once
+    refs = {f"c{cid}-{i}" for i in range(N)}
+    end = time.monotonic() + 60
+    while True:
+        stats = kannel.stats(detail=True)
+        if refs <= set(stats["by_ref"]) or time.monotonic() > end:
+            break
+        time.sleep(0.5)
+    counts = {r: stats["by_ref"].get(r, 0) for r in refs}
+    lost = sorted(r for r, n in counts.items() if n == 0)
+    doubled = {r: n for r, n in counts.items() if n > 1}
+    if lost:
+        with get_engine(url).begin() as c:
+            rows = c.execute(text("SELECT idempotency_key, state, attempts, error_code, last_error FROM outbox "
+                                  "WHERE idempotency_key IN :k").bindparams(__import__("sqlalchemy").bindparam("k", expanding=True)),
+                             {"k": lost[:10]}).fetchall()
+        print("LOST sample:", rows, "of", len(lost), file=sys.stderr)
+    assert not lost and not doubled, (len(lost), doubled)
+    assert stats["submit_sm"] - before == N
+    # and the outbox agrees: nothing planned, queued or failed
+    from tasks.reconcile import apply_receipts
+
+    wait_for(lambda: apply_receipts(get_engine(url)) is not None and _states(url).get("submitted", 0) == 0, "final receipts", 60)
+    st = _states(url)
+    assert st.get("failed", 0) == 0 and sum(st.values()) == N, st

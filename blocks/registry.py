@@ -3,12 +3,15 @@ from __future__ import annotations
 
 from prefect.blocks.core import Block
 
+from blocks.amocrm import AmoCrm
+from blocks.bitrix24 import Bitrix24Crm
 from blocks.crm import CrmSource, CsvCrm, SqlCrm
+from blocks.hubspot import HubSpotCrm
 from blocks.gateway import SandboxGateway, SmsGateway
 from blocks.http_gateway import HttpGateway
 from blocks.kannel import KannelGateway
 
-CRM_TYPES: tuple[type[CrmSource], ...] = (SqlCrm, CsvCrm)
+CRM_TYPES: tuple[type[CrmSource], ...] = (SqlCrm, CsvCrm, AmoCrm, Bitrix24Crm, HubSpotCrm)
 GATEWAY_TYPES: tuple[type[SmsGateway], ...] = (SandboxGateway, HttpGateway, KannelGateway)
 
 

@@ -1,0 +1,396 @@
+"""amoCRM, Bitrix24 and HubSpot CRM sources (extract + write-back) against offline fakes that
+follow each vendor's documented API: paging, limits, rate-limit answers, error bodies."""
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+
+import pandas as pd
+import pytest
+from sqlalchemy import text
+
+from blocks.amocrm import AmoCrm
+from blocks.bitrix24 import Bitrix24Crm
+from blocks.crm import CONTACT_COLUMNS, CrmSourceError
+from blocks.crm_writeback import WriteBackItem, keys_in, marker
+from blocks.hubspot import HubSpotCrm
+from tasks.extract import extract_source
+from tests.fakes.amocrm import FakeAmoCrm
+from tests.fakes.bitrix24 import FakeBitrix24
+from tests.fakes.hubspot import FakeHubSpot
+
+N = 620
+BASE = 1_767_261_600  # 2026-01-01T10:00:00Z
+FAST = dict(backoff_s=0.02, max_backoff_s=0.5)
+
+
+def ts(i: int) -> int:
+    """Three contacts per second: ties inside a page, never a page of one second."""
+    return BASE + i // 3
+
+
+def iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def mobile(i: int) -> str:
+    return f"+7 926 {i:03d}-{i % 100:02d}-{i % 97:02d}"
+
+
+def landline(i: int) -> str:
+    return f"+7 495 {i:03d}-00-00"
+
+
+def consent(i: int) -> bool:
+    return i % 5 != 0
+
+
+def one_frame(source, since=None) -> pd.DataFrame:
+    frames = list(source.fetch(since=since))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(CONTACT_COLUMNS))
+
+
+def check_mapping(df: pd.DataFrame, ids: range) -> None:
+    assert list(df.columns[:len(CONTACT_COLUMNS)]) == list(CONTACT_COLUMNS)
+    assert sorted(df["id"].astype(int)) == list(ids)  # every contact exactly once
+    for r in df.itertuples():
+        i = int(r.id)
+        assert r.phone == mobile(i), "the mobile number is preferred over a work number"
+        assert r.email == f"u{i}@example.ru"
+        assert r.first_name == f"Имя{i}" and r.last_name == "Петрова"
+        assert r.sms_consent is consent(i)
+        assert r.updated_at.startswith("2026-01-01T") and r.updated_at.endswith("Z")
+
+
+def items_for(ids, kind="delivery", prefix="d"):
+    return [WriteBackItem(f"{prefix}:{i}", str(i), kind, f"SMS {kind} #{i}") for i in ids]
+
+
+# =========================================================================== amoCRM
+def amo_fake(n=N, stamp=ts, **kw) -> FakeAmoCrm:
+    fake = FakeAmoCrm(**{"rate_per_s": 100, **kw})
+    for i in range(1, n + 1):
+        fake.add_contact(i, first_name=f"Имя{i}", last_name="Петрова", updated_at=stamp(i),
+                         phones=[(landline(i), "WORK"), (mobile(i), "MOB")], emails=[(f"u{i}@example.ru", "WORK")],
+                         consent=consent(i), lead_ids=[i * 10] if i % 2 else [])
+        if i % 2:
+            fake.add_lead(i * 10, status_id=142, pipeline_id=7, price=1000 + i, updated_at=stamp(i))
+    return fake
+
+
+def amo(fake: FakeAmoCrm, **kw) -> AmoCrm:
+    kw = {"rate_per_second": 1000, **FAST, **kw}
+    return AmoCrm(base_url=fake.base_url, access_token=fake.token, source_name="amo", **kw).with_transport(fake.transport())
+
+
+@pytest.mark.parametrize("pages_per_query", [1, 100])
+def test_amocrm_full_extract(pages_per_query):
+    fake = amo_fake()
+    df = one_frame(amo(fake, lead_details=True, pages_per_query=pages_per_query))
+    check_mapping(df, range(1, N + 1))
+    row = df[df["id"] == "7"].iloc[0]
+    assert row["lead_count"] == 1 and row["last_lead_id"] == 70 and row["last_lead_status_id"] == 142
+    assert row["last_lead_price"] == 1007 and row["name"] == "Имя7 Петрова"
+    contact_gets = [p for m, p in fake.log if p == "/api/v4/contacts"]
+    assert len(contact_gets) <= 5  # 620 contacts, 250 per page
+
+
+def test_amocrm_contacts_sharing_one_second_are_walked_by_id():
+    fake = amo_fake(stamp=lambda i: BASE if i <= 600 else BASE + i)
+    df = one_frame(amo(fake, with_leads=False))
+    assert sorted(df["id"].astype(int)) == list(range(1, N + 1))
+
+
+def test_amocrm_incremental_from_watermark():
+    fake = amo_fake()
+    since = iso(ts(300))
+    df = one_frame(amo(fake), since=since)
+    expected = [i for i in range(1, N + 1) if ts(i) >= ts(300)]
+    assert sorted(df["id"].astype(int)) == expected  # the watermark second again, then only newer
+    assert one_frame(amo(fake), since=iso(BASE + 10_000)).empty  # 204 No Content
+
+
+def test_amocrm_burst_gets_429_and_recovers():
+    fake = amo_fake(rate_per_s=10)
+    df = one_frame(amo(fake, page_size=50, with_leads=False))
+    assert fake.throttled >= 1
+    assert sorted(df["id"].astype(int)) == list(range(1, N + 1))
+
+
+def test_amocrm_token_bucket_stays_under_the_limit():
+    fake = amo_fake(n=300, rate_per_s=7, block_after_429=1)  # one 429 and the "IP" would be blocked
+    df = one_frame(amo(fake, rate_per_second=7, page_size=50, with_leads=False))
+    assert len(df) == 300 and fake.throttled == 0
+
+
+def test_amocrm_401_is_a_clear_error_without_the_token():
+    fake = amo_fake(n=3)
+    src = AmoCrm(base_url=fake.base_url, access_token="wrong-secret-token-123", source_name="amo").with_transport(fake.transport())
+    with pytest.raises(CrmSourceError) as e:
+        one_frame(src)
+    assert "amoCRM" in str(e.value) and "token" in str(e.value)
+    assert "wrong-secret-token-123" not in str(e.value) and "wrong-secret-token-123" not in repr(src)
+
+
+def test_amocrm_write_back_batches_opt_out_and_crash_window():
+    fake = amo_fake(n=150)
+    src = amo(fake, note_batch_size=50, update_batch_size=50)
+    items = items_for(range(1, 101)) + items_for(range(101, 111), "reply", "r") + items_for(range(111, 121), "opt_out", "o")
+    items.append(WriteBackItem("d:404", "99999", "delivery", "no such contact"))
+    res = {r.key: r for r in src.write_back(items)}
+    assert all(res[i.key].ok for i in items[:-1])
+    assert not res["d:404"].ok and not res["d:404"].transient and "NotFound" in res["d:404"].error
+    assert all(n <= 50 for _, n in fake.write_sizes)
+    assert sum(n for p, n in fake.write_sizes if p == "notes") == 120
+    assert fake.consent_of(115) is False and fake.consent_of(5) is False and fake.consent_of(6) is True
+    note = fake.notes_of(1)[0]["params"]["text"]
+    assert note.startswith("SMS delivery #1") and note.endswith(marker("d:1"))
+    assert src.existing_keys(items) == {i.key for i in items[:-1]}
+
+    # crash window: the notes are created, the answer is lost
+    more = items_for(range(121, 151), prefix="x")
+    fake.lose_responses = 1
+    res2 = src.write_back(more)
+    assert all(r.ok for r in res2)
+    # the caller lost its table of done keys: a full rerun creates nothing twice
+    before = len(fake.notes)
+    res3 = src.write_back(items[:-1] + more)
+    assert len(fake.notes) == before
+    assert all(r.ok and r.crm_ref for r in res3)
+    for i in range(1, 151):
+        keys = [k for n in fake.notes_of(i) for k in keys_in(n["params"]["text"])]
+        assert len(keys) == len(set(keys)) == 1
+
+
+def test_amocrm_extract_into_the_store(sqlite_engine):
+    fake = amo_fake()
+    src = amo(fake)
+    stats = extract_source(sqlite_engine, src)
+    assert stats.rows == N and stats.quarantined == 0
+    with sqlite_engine.begin() as c:
+        assert c.execute(text("SELECT COUNT(*) FROM contacts WHERE source='amo'")).scalar() == N
+        r = c.execute(text("SELECT phone_raw, email, sms_consent, attributes FROM contacts WHERE crm_id='7'")).one()
+    assert r.phone_raw == mobile(7) and r.email == "u7@example.ru" and bool(r.sms_consent) is True
+    assert "lead_count" in str(r.attributes)
+    fake.add_contact(9001, first_name="Новый", updated_at=BASE + 5000, phones=[("+7 916 555-00-01", "MOB")])
+    again = extract_source(sqlite_engine, src)
+    assert again.rows < 10  # only the watermark second and the new contact
+    with sqlite_engine.begin() as c:
+        assert c.execute(text("SELECT COUNT(*) FROM contacts WHERE source='amo'")).scalar() == N + 1
+
+
+# =========================================================================== Bitrix24
+def bx_fake(n=N, stamp=ts, **kw) -> FakeBitrix24:
+    fake = FakeBitrix24(**{"bucket_size": 50, "drain_per_s": 100, **kw})
+    for i in range(1, n + 1):
+        fake.add_contact(i, name=f"Имя{i}", last_name="Петрова", modified=stamp(i),
+                         phones=[(landline(i), "WORK"), (mobile(i), "MOBILE")], emails=[(f"u{i}@example.ru", "WORK")],
+                         consent="1" if consent(i) else "0")
+    return fake
+
+
+def bx(fake: FakeBitrix24, **kw) -> Bitrix24Crm:
+    kw = {"rate_per_second": 1000, **FAST, **kw}
+    return Bitrix24Crm(webhook_url=fake.webhook_url, source_name="bx", **kw).with_transport(fake.transport())
+
+
+@pytest.mark.parametrize("pages_per_query", [1, 100])
+def test_bitrix24_full_extract(pages_per_query):
+    fake = bx_fake()
+    df = one_frame(bx(fake, pages_per_query=pages_per_query, extra_fields=["ASSIGNED_BY_ID"]))
+    check_mapping(df, range(1, N + 1))
+    assert df.iloc[0]["assigned_by_id"] == "1"
+    assert len(fake.log) <= 15  # 50 per page
+
+
+def test_bitrix24_contacts_sharing_one_second_are_walked_by_id():
+    fake = bx_fake(n=180, stamp=lambda i: BASE if i <= 170 else BASE + i)
+    df = one_frame(bx(fake))
+    assert sorted(df["id"].astype(int)) == list(range(1, 181))
+
+
+def test_bitrix24_incremental_from_watermark():
+    fake = bx_fake()
+    df = one_frame(bx(fake), since=iso(ts(500)))
+    assert sorted(df["id"].astype(int)) == [i for i in range(1, N + 1) if ts(i) >= ts(500)]
+
+
+def test_bitrix24_burst_gets_query_limit_exceeded_and_recovers():
+    fake = bx_fake(bucket_size=4, drain_per_s=40)
+    df = one_frame(bx(fake))
+    assert fake.throttled >= 1
+    assert sorted(df["id"].astype(int)) == list(range(1, N + 1))
+
+
+def test_bitrix24_invalid_webhook_is_a_clear_error_without_the_secret(caplog):
+    fake = bx_fake(n=3)
+    bad = f"https://{fake.portal}/rest/1/not-the-secret-987/"
+    src = Bitrix24Crm(webhook_url=bad, source_name="bx").with_transport(fake.transport())
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(CrmSourceError) as e:
+        one_frame(src)
+    assert "INVALID_CREDENTIALS" in str(e.value)
+    assert "not-the-secret-987" not in str(e.value) and "not-the-secret-987" not in caplog.text
+    one_frame(bx(fake))
+    assert fake.secret not in caplog.text  # httpx's request lines are masked
+
+
+def test_bitrix24_write_back_batches_opt_out_and_crash_window():
+    fake = bx_fake(n=150)
+    src = bx(fake)
+    items = items_for(range(1, 101)) + items_for(range(101, 111), "reply", "r") + items_for(range(111, 121), "opt_out", "o")
+    items.append(WriteBackItem("d:404", "99999", "delivery", "no such contact"))
+    res = {r.key: r for r in src.write_back(items)}
+    assert all(res[i.key].ok for i in items[:-1])
+    assert not res["d:404"].ok and not res["d:404"].transient
+    assert max(fake.batch_sizes) <= 50
+    assert fake.contacts[115]["UF_CRM_SMS_CONSENT"] == "0" and fake.contacts[6]["UF_CRM_SMS_CONSENT"] == "1"
+    assert fake.comments_of(1)[0]["COMMENT"].endswith(marker("d:1"))
+
+    more = items_for(range(121, 151), prefix="x")
+    fake.lose_responses = 1
+    assert all(r.ok for r in src.write_back(more))
+    before = len(fake.comments)
+    res3 = src.write_back(items[:-1] + more)
+    assert len(fake.comments) == before and all(r.ok for r in res3)
+    for i in range(1, 151):
+        keys = [k for c in fake.comments_of(i) for k in keys_in(c["COMMENT"])]
+        assert len(keys) == len(set(keys)) == 1
+
+
+# =========================================================================== HubSpot
+def hs_fake(n=N, stamp=lambda i: BASE * 1000 + (i // 3) * 7, **kw) -> FakeHubSpot:
+    fake = FakeHubSpot(**{"limit_per_window": 1000, "search_per_s": 1000, **kw})
+    for i in range(1, n + 1):
+        fake.add_contact(i, modified_ms=stamp(i), firstname=f"Имя{i}", lastname="Петрова", phone=landline(i),
+                         mobilephone=mobile(i), email=f"u{i}@example.ru", sms_consent="true" if consent(i) else "false")
+    return fake
+
+
+def hs(fake: FakeHubSpot, **kw) -> HubSpotCrm:
+    kw = {"requests_per_10s": 10_000, "search_rate_per_second": 1000, **FAST, **kw}
+    return HubSpotCrm(base_url=fake.base_url, access_token=fake.token, source_name="hs", **kw).with_transport(fake.transport())
+
+
+@pytest.mark.parametrize("pages_per_query", [1, 100])
+def test_hubspot_full_extract(pages_per_query):
+    fake = hs_fake()
+    df = one_frame(hs(fake, pages_per_query=pages_per_query))
+    check_mapping(df, range(1, N + 1))
+    assert set(df["language"]) == {"ru"} and set(df["timezone"]) == {"Europe/Moscow"}
+    body = fake.search_bodies[0]
+    assert body["sorts"] == [{"propertyName": "lastmodifieddate", "direction": "ASCENDING"}] and body["limit"] == 100
+    assert {"firstname", "lastname", "phone", "mobilephone", "email", "hs_language", "lastmodifieddate",
+            "sms_consent"} <= set(body["properties"])
+
+
+def test_hubspot_search_cap_is_handled_by_requerying():
+    fake = hs_fake(search_cap=300)
+    df = one_frame(hs(fake, pages_per_query=1000, search_cap=300))
+    assert sorted(df["id"].astype(int)) == list(range(1, N + 1))
+    assert all(int(b.get("after") or 0) < 300 for b in fake.search_bodies)  # never paged into the 400
+    assert sum(1 for b in fake.search_bodies if b["filterGroups"]) >= 2  # re-queried from lastmodifieddate
+
+
+def test_hubspot_unexpected_cap_400_also_requeries():
+    fake = hs_fake(search_cap=300)
+    df = one_frame(hs(fake, pages_per_query=1000))  # the block believes in 10,000
+    assert sorted(df["id"].astype(int)) == list(range(1, N + 1))
+    assert any(int(b.get("after") or 0) >= 300 for b in fake.search_bodies)  # it did get the 400
+
+
+def test_hubspot_cap_with_one_millisecond_for_everyone():
+    fake = hs_fake(n=450, stamp=lambda i: BASE * 1000 if i <= 420 else BASE * 1000 + i, search_cap=300)
+    df = one_frame(hs(fake, pages_per_query=1000, search_cap=300))
+    assert sorted(df["id"].astype(int)) == list(range(1, 451))
+
+
+def test_hubspot_incremental_from_watermark():
+    fake = hs_fake()
+    mark = BASE * 1000 + (400 // 3) * 7
+    since = datetime.fromtimestamp(mark / 1000, timezone.utc).isoformat()
+    df = one_frame(hs(fake), since=since)
+    assert sorted(df["id"].astype(int)) == [i for i in range(1, N + 1) if BASE * 1000 + (i // 3) * 7 >= mark]
+    f = fake.search_bodies[-1]["filterGroups"][0]["filters"][0]
+    assert f["propertyName"] == "lastmodifieddate" and f["operator"] == "GTE"
+
+
+def test_hubspot_burst_gets_429_and_recovers():
+    fake = hs_fake(limit_per_window=5, window_s=0.2, search_per_s=10, retry_after="0.05")
+    df = one_frame(hs(fake, page_size=50))
+    assert fake.throttled >= 1
+    assert sorted(df["id"].astype(int)) == list(range(1, N + 1))
+
+
+def test_hubspot_401_is_a_clear_error_without_the_token():
+    fake = hs_fake(n=3)
+    src = HubSpotCrm(access_token="pat-na1-wrong-token-xyz", base_url=fake.base_url, source_name="hs").with_transport(fake.transport())
+    with pytest.raises(CrmSourceError) as e:
+        one_frame(src)
+    assert "HubSpot" in str(e.value) and "token" in str(e.value) and "INVALID_AUTHENTICATION" in str(e.value)
+    assert "pat-na1-wrong-token-xyz" not in str(e.value)
+
+
+def test_hubspot_write_back_batches_opt_out_and_crash_window():
+    fake = hs_fake(n=300)
+    src = hs(fake)
+    items = items_for(range(1, 221)) + items_for(range(221, 231), "reply", "r") + items_for(range(231, 241), "opt_out", "o")
+    items += [WriteBackItem("d:404", "99999", "delivery", "no such contact"),
+              WriteBackItem("o:404", "99998", "opt_out", "STOP")]
+    res = {r.key: r for r in src.write_back(items)}
+    assert all(res[i.key].ok for i in items[:-2])
+    assert not res["d:404"].ok and not res["d:404"].transient
+    assert not res["o:404"].ok and "OBJECT_NOT_FOUND" in res["o:404"].error
+    assert all(n <= 100 for _, n in fake.write_sizes)
+    assert fake.contacts["235"]["properties"]["sms_opt_out"] == "true"
+    body = fake.notes_of(1)[0]["properties"]["hs_note_body"]
+    assert body.startswith("<p>SMS delivery #1</p>") and marker("d:1") in body
+
+    more = items_for(range(241, 300), prefix="x")
+    fake.lose_responses = 1
+    assert all(r.ok for r in src.write_back(more))
+    before = len(fake.notes)
+    res3 = src.write_back(items[:-2] + more)
+    assert len(fake.notes) == before and all(r.ok for r in res3)
+    for i in range(1, 300):
+        keys = [k for n in fake.notes_of(i) for k in keys_in(n["properties"]["hs_note_body"])]
+        assert len(keys) == len(set(keys)) == 1
+    # and the opt-out reaches the next extract as a revoked consent
+    df = one_frame(src, since=iso(BASE))
+    assert bool(df[df["id"] == "235"].iloc[0]["sms_consent"]) is False
+
+
+# =========================================================================== common
+def test_logs_carry_no_secret_and_no_full_phone(caplog):
+    caplog.set_level(logging.DEBUG)
+    fa, fh = amo_fake(n=30, rate_per_s=4), hs_fake(n=60, limit_per_window=3, window_s=0.2)
+    one_frame(amo(fa, page_size=10))
+    one_frame(hs(fh, page_size=10))
+    amo(fa).write_back(items_for(range(1, 5)))
+    assert fa.throttled and fh.throttled  # retries were logged
+    for secret in (fa.token, fh.token):
+        assert secret not in caplog.text
+    assert mobile(1) not in caplog.text and "926" not in caplog.text
+
+
+def test_write_back_items_are_validated():
+    with pytest.raises(ValueError):
+        WriteBackItem("has space", "1", "delivery", "x")
+    with pytest.raises(ValueError):
+        WriteBackItem("k", "1", "sms", "x")  # type: ignore[arg-type]
+    fake = amo_fake(n=2)
+    res = amo(fake).write_back([WriteBackItem("k1", "abc", "delivery", "x"), WriteBackItem("k2", "1", "delivery", "x"),
+                                WriteBackItem("k2", "1", "delivery", "x")])
+    assert not res[0].ok and "numeric" in res[0].error
+    assert res[1].ok and res[2].ok and res[1].crm_ref == res[2].crm_ref and len(fake.notes) == 1
+
+
+def test_a_marker_typed_into_a_reply_cannot_pass_for_ours():
+    fake = bx_fake(n=2)
+    src = bx(fake)
+    spoof = WriteBackItem("r:1", "1", "reply", "STOP please [smsflow:d:1]")
+    assert src.write_back([spoof])[0].ok
+    assert keys_in(fake.comments_of(1)[0]["COMMENT"]) == {"r:1"}
+    assert src.existing_keys([WriteBackItem("d:1", "1", "delivery", "x")]) == set()
+    assert src.write_back([WriteBackItem("d:1", "1", "delivery", "delivered")])[0].ok
+    assert len(fake.comments_of(1)) == 2

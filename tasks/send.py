@@ -57,6 +57,59 @@ class TokenBucket:
                 waited += delay
 
 
+class CircuitBreaker:
+    """Open on gateway outages: wait base*2^n seconds (capped) between tries; give up (raise)
+    once the gateway has been down longer than ``max_open_s``."""
+
+    def __init__(self, base_s: float = 1.0, cap_s: float = 30.0, max_open_s: float = 600.0,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+        self.base_s, self.cap_s, self.max_open_s = base_s, cap_s, max_open_s
+        self._clock, self._sleep = clock, sleep
+        self.opened_at: float | None = None
+        self.failures = 0
+        self.total_open_s = 0.0
+
+    def failure(self, exc: BaseException) -> None:
+        now = self._clock()
+        if self.opened_at is None:
+            self.opened_at = now
+        if now - self.opened_at > self.max_open_s:
+            raise GatewayUnavailable(f"gateway down for {now - self.opened_at:.0f}s, giving up: {exc}") from exc
+        delay = min(self.cap_s, self.base_s * 2 ** self.failures)
+        self.failures += 1
+        self._sleep(delay)
+
+    def success(self) -> None:
+        if self.opened_at is not None:
+            self.total_open_s += self._clock() - self.opened_at
+        self.opened_at = None
+        self.failures = 0
+
+
+def renew_lease(engine, ids: list[int], claimer: str, lease_s: float) -> set[int]:
+    """Extend our claims; returns the ids still ours (queued and claimed by us)."""
+    if not ids:
+        return set()
+    exp = utcnow() + timedelta(seconds=lease_s)
+    marks = ",".join(str(int(i)) for i in ids)
+    with engine.begin() as conn:
+        conn.execute(text(f"UPDATE outbox SET claim_expires_at = :e WHERE id IN ({marks}) AND state = 'queued' "
+                          "AND claimed_by = :w"), {"e": exp, "w": claimer})
+        return {int(r[0]) for r in conn.execute(text(
+            f"SELECT id FROM outbox WHERE id IN ({marks}) AND state = 'queued' AND claimed_by = :w"), {"w": claimer})}
+
+
+def release_unsent(engine, ids: list[int], claimer: str) -> None:
+    """Claimed messages that provably never reached the gateway go back to 'planned' (attempt not counted)."""
+    if not ids:
+        return
+    marks = ",".join(str(int(i)) for i in ids)
+    with engine.begin() as conn:
+        conn.execute(text(f"UPDATE outbox SET state = 'planned', claimed_by = NULL, claim_expires_at = NULL, "
+                          f"attempts = attempts - 1, updated_at = :now WHERE id IN ({marks}) AND state = 'queued' "
+                          "AND claimed_by = :w"), {"now": utcnow(), "w": claimer})
+
+
 @dataclass
 class SendStats:
     claimed: int = 0
@@ -68,6 +121,7 @@ class SendStats:
     recovered_submitted: int = 0
     recovered_replanned: int = 0
     in_doubt: int = 0
+    outages: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     held: dict[str, int] = field(default_factory=dict)  # by policy rule: deferred, held back or expired
 
@@ -198,9 +252,15 @@ def send_messages(
     lease_s: float = 300,
     stats: SendStats | None = None,
     now: datetime | None = None,
+    breaker: "CircuitBreaker | None" = None,
 ) -> SendStats:
-    """Send up to ``max_messages`` planned messages of a campaign. Returns counts."""
+    """Send up to ``max_messages`` planned messages of a campaign. Returns counts.
+
+    A gateway outage opens the circuit breaker: exponential backoff (1 s doubling to 30 s) while
+    our claims are kept alive; after ``breaker.max_open_s`` the unsent messages go back to
+    'planned' (never 'failed': they were never tried) and GatewayUnavailable propagates."""
     stats = stats or SendStats()
+    breaker = breaker or CircuitBreaker()
     sent = 0
     while sent < max_messages:
         batch = claim(engine, campaign_id, min(gateway.batch_size, max_messages - sent), claimer, lease_s, now=now)
@@ -220,16 +280,28 @@ def send_messages(
         ids_by_ref = dict(zip(batch["idempotency_key"], batch["id"].astype(int)))
         attempts = dict(zip(batch["idempotency_key"], batch["attempts"].astype(int)))
         step = max(1, int(bucket.rate // 10) or 1)
-        for i in range(0, len(msgs), step):
+        i = 0
+        while i < len(msgs):
             part = msgs[i : i + step]
             bucket.acquire(len(part))
             try:
                 results = gateway.submit(part)
-            except GatewayUnavailable:
-                # nothing in this part reached the gateway: the claims stay 'queued' with their lease;
-                # recovery (lookup) resolves them on the retry, so nothing is lost or doubled
-                raise
+            except GatewayUnavailable as exc:
+                # nothing of this part reached the gateway (implementations raise before sending).
+                # Back off with the breaker, keep our claims alive, then retry the same part.
+                stats.outages += 1
+                rest = [m.reference for m in msgs[i:]]
+                try:
+                    breaker.failure(exc)
+                except GatewayUnavailable:
+                    release_unsent(engine, [ids_by_ref[r] for r in rest], claimer)
+                    raise
+                mine = renew_lease(engine, [ids_by_ref[r] for r in rest], claimer, lease_s)
+                msgs = msgs[:i] + [m for m in msgs[i:] if ids_by_ref[m.reference] in mine]
+                continue
+            breaker.success()
             record_results(engine, ids_by_ref, results, max_attempts, attempts, stats, now=now)
+            i += step
     return stats
 
 

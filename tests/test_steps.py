@@ -353,34 +353,47 @@ def test_report_counts_and_html(engine, tmp_path):
 
 
 def test_gateway_outage_mid_campaign_loses_nothing_and_doubles_nothing(engine, tmp_path, monkeypatch):
-    """The gateway goes down after two batches: the failed batch stays in flight, is resolved by
-    lookup on the retry and sent once; nothing is marked failed that was never tried."""
+    """The gateway is down for a while after two batches: the breaker backs off (exponentially),
+    the same messages are retried after recovery, nothing is failed, nothing is sent twice."""
     from blocks.gateway import GatewayUnavailable
+    from tasks.send import CircuitBreaker
 
     cid, _ = _planned(engine, tmp_path, 50)
     gw = _gw(tmp_path, rejected_rate=0.0, batch_size=10)
     real_submit = SandboxGateway.submit
-    state = {"calls": 0, "down": True}
+    state = {"calls": 0}
 
     def flaky(self, messages):
         state["calls"] += 1
-        if state["down"] and state["calls"] == 3:
+        if 3 <= state["calls"] <= 6:  # four tries fail while the gateway is down
             raise GatewayUnavailable("connection refused")
         return real_submit(self, messages)
 
+    slept: list[float] = []
     monkeypatch.setattr(SandboxGateway, "submit", flaky)
-    with pytest.raises(GatewayUnavailable):
-        send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="task-1", max_messages=100)
-    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state='submitted'") == 20
-    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state='queued'") == 10
-    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state IN ('failed','rejected')") == 0
-    state["down"] = False
-    # the task's retry (same claimer): resolve what is in flight, then carry on
-    assert recover_in_flight(engine, cid, gw, "task-1") == (0, 10)
-    send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="task-1", max_messages=100)
-    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state='submitted'") == 50
+    stats = send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="task-1",
+                          max_messages=100, breaker=CircuitBreaker(sleep=slept.append))
+    assert slept == [1.0, 2.0, 4.0, 8.0] and stats.outages == 4
+    assert stats.submitted == 50
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state IN ('failed','rejected','planned','queued')") == 0
     counts = gw.sent_count_by_reference()
     assert len(counts) == 50 and set(counts.values()) == {1}
+
+
+def test_breaker_gives_up_and_releases_what_was_never_tried(engine, tmp_path, monkeypatch):
+    from blocks.gateway import GatewayUnavailable
+    from tasks.send import CircuitBreaker
+
+    cid, _ = _planned(engine, tmp_path, 12)
+    gw = _gw(tmp_path, batch_size=5)
+    monkeypatch.setattr(SandboxGateway, "submit", lambda self, m: (_ for _ in ()).throw(GatewayUnavailable("down")))
+    t = {"now": 0.0}
+    breaker = CircuitBreaker(max_open_s=60, clock=lambda: t["now"], sleep=lambda d: t.__setitem__("now", t["now"] + d))
+    with pytest.raises(GatewayUnavailable, match="giving up"):
+        send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="x", max_messages=100,
+                      breaker=breaker)
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state = 'planned' AND attempts = 0") == 12
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state IN ('failed', 'rejected', 'queued')") == 0
 
 
 def test_event_log_and_masking():

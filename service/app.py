@@ -105,6 +105,49 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
             _emit("smsflow.receipt.received", f"smsflow.gateway.{gw}", {"status": receipt.status})
         return PlainTextResponse("OK")
 
+    @app.post("/webhooks/{kind}/{source}")
+    async def crm_webhook(kind: str, source: str, request: Request):
+        """CRM events (amoCRM, Bitrix24, generic JSON): authenticated, stored, then emitted."""
+        import json as _json
+
+        from sqlalchemy import text as sql
+
+        from service.webhooks import MAX_BODY, WebhookError, authenticate, parse
+        from store.db import utcnow
+
+        if int(request.headers.get("content-length") or 0) > MAX_BODY:
+            return JSONResponse({"error": "body too large"}, status_code=413)
+        body = await request.body()
+        if len(body) > MAX_BODY:
+            return JSONResponse({"error": "body too large"}, status_code=413)
+        try:
+            authenticate(kind, source, body, {k.lower(): v for k, v in request.headers.items()}, dict(request.query_params))
+            events = parse(kind, body)
+        except WebhookError as exc:
+            log.warning("webhook %s/%s rejected: %s", kind, source, exc)
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+        def store():
+            new = []
+            with engine.begin() as conn:
+                for e in events:
+                    row = conn.execute(sql(
+                        "INSERT INTO crm_events (source, dedup_key, event_type, entity_id, payload, received_at) "
+                        "VALUES (:s, :k, :t, :e, :p, :now) ON CONFLICT (source, dedup_key) DO NOTHING RETURNING id"),
+                        {"s": source, "k": e.dedup_key, "t": e.event_type, "e": e.entity_id,
+                         "p": _json.dumps(e.payload, ensure_ascii=False), "now": utcnow()}).first()
+                    if row is not None:
+                        new.append((int(row[0]), e))
+            return new
+
+        new = await _in_thread(store)
+        log.info("webhook %s/%s: %d event(s), %d new", kind, source, len(events), len(new))
+        if emit_events:
+            for event_id, e in new:
+                _emit(f"crm.{e.event_type}", f"crm.{source}.{e.entity_id or event_id}",
+                      {"event_id": event_id, "source": source, "entity_id": e.entity_id})
+        return {"received": len(events), "new": len(new)}
+
     @app.api_route("/inbound/kannel", methods=["GET", "POST"])
     async def kannel_inbound(request: Request):
         params = await _params(request)

@@ -277,3 +277,19 @@ class Suppression(Base):
     phone_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
     reason: Mapped[str] = mapped_column(String(40), default="erased")
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+
+
+class CrmEvent(Base):
+    """A CRM webhook event, stored before the 2xx; the dedup key makes a repeated delivery harmless."""
+
+    __tablename__ = "crm_events"
+    __table_args__ = (UniqueConstraint("source", "dedup_key", name="uq_crm_events_source_key"),)
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(String(100))
+    dedup_key: Mapped[str] = mapped_column(String(128))
+    event_type: Mapped[str] = mapped_column(String(100))  # e.g. order.created, deal.stage_changed
+    entity_id: Mapped[str | None] = mapped_column(String(100))
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    received_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+    processed_at: Mapped[datetime | None] = mapped_column(DateTime)

@@ -293,3 +293,21 @@ class CrmEvent(Base):
     payload: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     received_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
     processed_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class CrmWriteback(Base):
+    """What was (to be) written back to the CRM: one row per key, so a rerun never writes twice."""
+
+    __tablename__ = "crm_writebacks"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    source: Mapped[str] = mapped_column(String(100))
+    crm_id: Mapped[str] = mapped_column(String(100))
+    kind: Mapped[str] = mapped_column(String(20))  # delivery | opt_out | reply
+    text: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(12), default="pending")  # pending | done | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    crm_ref: Mapped[str | None] = mapped_column(String(100))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+    done_at: Mapped[datetime | None] = mapped_column(DateTime)

@@ -394,3 +394,35 @@ def test_a_marker_typed_into_a_reply_cannot_pass_for_ours():
     assert src.existing_keys([WriteBackItem("d:1", "1", "delivery", "x")]) == set()
     assert src.write_back([WriteBackItem("d:1", "1", "delivery", "delivered")])[0].ok
     assert len(fake.comments_of(1)) == 2
+
+
+def test_store_write_back_to_amocrm_never_twice(sqlite_engine):
+    """Delivery states, an SMS opt-out and a reply from the store go back to amoCRM; a rerun writes nothing new."""
+    from store.db import bulk_insert, utcnow
+    from tasks.inbound import store_and_apply
+    from tasks.writeback import write_back
+
+    fake = amo_fake(n=5)
+    src = amo(fake)
+    extract_source(sqlite_engine, src)
+    with sqlite_engine.begin() as c:
+        c.execute(text("UPDATE contacts SET phone_e164 = '+7916000000' || crm_id, status = 'valid'"))
+        c.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status) "
+                       "VALUES ('spring', 'amo', 'all', 't', 'marketing', 0, 'running')"))
+        ids = dict(c.execute(text("SELECT crm_id, id FROM contacts")).fetchall())
+        now = utcnow()
+        bulk_insert(c, "outbox", ("idempotency_key", "campaign_id", "contact_id", "step", "encoding", "segments", "cost",
+                                  "state", "attempts", "error_code", "planned_at", "updated_at"),
+                    [("k1", 1, ids["1"], "main", "GSM-7", 1, 0, "delivered", 1, None, now, now),
+                     ("k2", 1, ids["2"], "main", "GSM-7", 1, 0, "undelivered", 1, "027", now, now),
+                     ("k3", 1, ids["3"], "main", "GSM-7", 1, 0, "rejected", 1, "POLICY_OPTED_OUT", now, now)])
+        store_and_apply(c, gateway="kannel", gateway_message_id="mo1", from_e164="+79160000004", to=None, body="СТОП", raw={})
+        store_and_apply(c, gateway="kannel", gateway_message_id="mo2", from_e164="+79160000005", to=None, body="Когда?", raw={})
+    s = write_back(sqlite_engine, src, "amo")
+    assert (s.queued, s.written, s.failed, s.pending) == (4, 4, 0, 0)
+    assert fake.consent_of(4) is False
+    assert len(fake.notes_of(1)) == 1 and "delivered" in fake.notes_of(1)[0]["params"]["text"]
+    assert "Когда?" in fake.notes_of(5)[0]["params"]["text"]
+    before = len(fake.notes)
+    again = write_back(sqlite_engine, src, "amo")
+    assert (again.queued, again.written) == (0, 0) and len(fake.notes) == before

@@ -1,4 +1,4 @@
-"""crm webhook events
+"""crm webhook events and write-backs
 
 Revision ID: 0003
 Revises: 0002
@@ -32,5 +32,23 @@ def upgrade() -> None:
     )
 
 
+    op.create_table(
+        "crm_writebacks",
+        sa.Column("key", sa.String(200), nullable=False),
+        sa.Column("source", sa.String(100), nullable=False),
+        sa.Column("crm_id", sa.String(100), nullable=False),
+        sa.Column("kind", sa.String(20), nullable=False),
+        sa.Column("text", sa.Text(), nullable=True),
+        sa.Column("status", sa.String(12), nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("crm_ref", sa.String(100), nullable=True),
+        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("created_at", sa.DateTime(), server_default=sa.text("CURRENT_TIMESTAMP"), nullable=False),
+        sa.Column("done_at", sa.DateTime(), nullable=True),
+        sa.PrimaryKeyConstraint("key"),
+    )
+
+
 def downgrade() -> None:
+    op.drop_table("crm_writebacks")
     op.drop_table("crm_events")

@@ -21,6 +21,9 @@ def mask_phones_in(text: str) -> str:
     return _PHONE_RE.sub(lambda m: mask_phone(re.sub(r"[^\d+]", "", m.group(0))), text)
 
 
+_SALTS: dict[str, bytes] = {}
+
+
 def _salt() -> bytes:
     """Secret salt (pepper) for the suppression list: SMSFLOW_SUPPRESSION_SALT, else a random one
     kept in the data dir (created once, mode 600). Keep it outside the database in production."""
@@ -33,12 +36,16 @@ def _salt() -> bytes:
     from smsflow.settings import get_settings
 
     path = get_settings().data_dir / ".suppression_salt"
+    cached = _SALTS.get(str(path))
+    if cached is not None:
+        return cached
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
-    return path.read_text().strip().encode()
+    _SALTS[str(path)] = path.read_text().strip().encode()
+    return _SALTS[str(path)]
 
 
 def phone_hash(e164: str) -> str:

@@ -10,9 +10,10 @@ from blocks.hubspot import HubSpotCrm
 from blocks.gateway import SandboxGateway, SmsGateway
 from blocks.http_gateway import HttpGateway
 from blocks.kannel import KannelGateway
+from blocks.smpp import SmppGateway
 
 CRM_TYPES: tuple[type[CrmSource], ...] = (SqlCrm, CsvCrm, AmoCrm, Bitrix24Crm, HubSpotCrm)
-GATEWAY_TYPES: tuple[type[SmsGateway], ...] = (SandboxGateway, HttpGateway, KannelGateway)
+GATEWAY_TYPES: tuple[type[SmsGateway], ...] = (SandboxGateway, HttpGateway, KannelGateway, SmppGateway)
 
 
 def _load(name: str, types, kind: str):

@@ -24,6 +24,7 @@ from urllib.parse import urlencode
 import httpx
 from pydantic import Field, SecretStr
 
+from blocks.crm_writeback import retry_after_seconds
 from blocks.gateway import GatewayUnavailable, OutgoingMessage, Receipt, SmsGateway, SubmitResult
 
 # Twilio error codes we treat specially
@@ -121,7 +122,7 @@ class HttpGateway(SmsGateway):
                 err = {"code": r.status_code, "message": r.text[:200]}
             code = int(err.get("code") or r.status_code)
             if r.status_code == 429 or code in TRANSIENT_CODES or r.status_code >= 500:
-                wait = _retry_after(r.headers.get("Retry-After"))
+                wait = retry_after_seconds(r.headers.get("Retry-After"))
                 if r.status_code == 429 and wait is not None and wait <= self.max_retry_after_s and attempt < 2:
                     time.sleep(wait)
                     continue
@@ -160,17 +161,3 @@ class HttpGateway(SmsGateway):
             event_at=datetime.now(timezone.utc).replace(tzinfo=None),
             raw={k: v for k, v in params.items() if k not in ("To", "From", "Body")},
         )
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        from email.utils import parsedate_to_datetime
-
-        try:
-            return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
-        except (TypeError, ValueError):
-            return None

@@ -54,21 +54,23 @@ def service(tmp_path):
     th.join(10)
 
 
-def _campaign(url: str) -> int:
+def _campaign(url: str, name: str = "crash", n: int = N, phone=lambda i: f"+7916{i:05d}12",
+              body=lambda ref: f"Скидка 10% [ref:{ref}]", encoding: str = "UCS-2") -> int:
+    """A planned campaign of ``n`` messages whose texts carry their reference for the simulator."""
     engine = get_engine(url)
     now = utcnow()
     with engine.begin() as c:
         bulk_insert(c, "contacts", ("source", "crm_id", "phone_e164", "sms_consent", "status"),
-                    [("s", str(i), f"+7916{i:05d}12", True, "valid") for i in range(N)])
+                    [(name, str(i), phone(i), True, "valid") for i in range(n)])
         c.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status, "
-                       "policy) VALUES ('crash', 's', 'all', 't', 'marketing', 0, 'running', :p)"),
-                  {"p": always_open().model_dump_json()})
-        cid = c.execute(text("SELECT id FROM campaigns WHERE name = 'crash'")).scalar()
-        ids = [r[0] for r in c.execute(text("SELECT id FROM contacts ORDER BY id"))]
+                       "policy) VALUES (:n, :n, 'all', 't', 'marketing', 0, 'running', :p)"),
+                  {"n": name, "p": always_open().model_dump_json()})
+        cid = c.execute(text("SELECT id FROM campaigns WHERE name = :n"), {"n": name}).scalar()
+        ids = [r[0] for r in c.execute(text("SELECT id FROM contacts WHERE source = :n ORDER BY id"), {"n": name})]
         bulk_insert(c, "outbox", ("idempotency_key", "campaign_id", "contact_id", "step", "phone_e164", "text", "encoding",
                                   "segments", "cost", "state", "attempts", "planned_at", "updated_at"),
-                    [(f"c{cid}-{i}", cid, ct, "main", f"+7916{i:05d}12", f"Скидка 10% [ref:c{cid}-{i}]", "UCS-2", 1, 0,
-                      "planned", 0, now, now) for i, ct in enumerate(ids)])
+                    [(f"c{cid}-{i}", cid, ct, "main", phone(i), body(f"c{cid}-{i}"), encoding, 1, 0, "planned", 0, now, now)
+                     for i, ct in enumerate(ids)])
     return cid
 
 
@@ -147,19 +149,8 @@ def test_kannel_down_for_60_s_mid_campaign(kannel, service):  # noqa: F811
     url, dlr_url = service
     n = 600
     engine = get_engine(url)
-    now = utcnow()
-    with engine.begin() as c:
-        bulk_insert(c, "contacts", ("source", "crm_id", "phone_e164", "sms_consent", "status"),
-                    [("s", str(i), f"+7917{i:05d}21", True, "valid") for i in range(n)])
-        c.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status, "
-                       "policy) VALUES ('outage', 's', 'all', 't', 'marketing', 0, 'running', :p)"),
-                  {"p": always_open().model_dump_json()})
-        cid = c.execute(text("SELECT id FROM campaigns WHERE name = 'outage'")).scalar()
-        ids = [r[0] for r in c.execute(text("SELECT id FROM contacts ORDER BY id"))]
-        bulk_insert(c, "outbox", ("idempotency_key", "campaign_id", "contact_id", "step", "phone_e164", "text", "encoding",
-                                  "segments", "cost", "state", "attempts", "planned_at", "updated_at"),
-                    [(f"o{cid}-{i}", cid, ct, "main", f"+7917{i:05d}21", f"Hello [ref:o{cid}-{i}]", "GSM-7", 1, 0,
-                      "planned", 0, now, now) for i, ct in enumerate(ids)])
+    cid = _campaign(url, "outage", n, phone=lambda i: f"+7917{i:05d}21", body=lambda ref: f"Hello [ref:{ref}]",
+                    encoding="GSM-7")
     gw = KannelGateway(sendsms_url=f"http://127.0.0.1:{kannel.sendsms_port}/cgi-bin/sendsms", username="smsflow",
                        password=PASSWORD, dlr_url=dlr_url, sender_id="SMSFLOW", timeout_s=5, batch_size=20)
     result: dict = {}
@@ -188,7 +179,7 @@ def test_kannel_down_for_60_s_mid_campaign(kannel, service):  # noqa: F811
     assert not th.is_alive() and "error" not in result, result
     stats = result["stats"]
     assert stats.outages >= 3 and stats.submitted == n, vars(stats)
-    refs = {f"o{cid}-{i}" for i in range(n)}
+    refs = {f"c{cid}-{i}" for i in range(n)}
     end = time.monotonic() + 60
     while True:
         st = kannel.stats(detail=True)

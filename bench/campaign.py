@@ -271,6 +271,8 @@ class Breakdown:
 
         @functools.wraps(fn)
         def timed(*a, **k):
+            if threading.current_thread() is not threading.main_thread():
+                return fn(*a, **k)  # work overlapped in a helper thread is not broken down (shared stack)
             self._enter(name)
             try:
                 return fn(*a, **k)
@@ -286,6 +288,9 @@ class Breakdown:
         @functools.wraps(fn)
         def timed(*a, **k):
             it = fn(*a, **k)
+            if threading.current_thread() is not threading.main_thread():
+                yield from it
+                return
             while True:
                 self._enter(name)
                 try:

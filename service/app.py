@@ -53,6 +53,7 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
 
     app = FastAPI(title="smsflow callbacks", version="1")
     engine = get_engine(database_url)  # migrates on start
+    writer = ReceiptWriter(engine)
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -63,7 +64,6 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
     @app.api_route("/callbacks/kannel/dlr", methods=["GET", "POST"])
     async def kannel_dlr(request: Request):
         from blocks.kannel import KannelGateway
-        from tasks.reconcile import store_receipts
 
         params = await _params(request)
         try:
@@ -72,7 +72,7 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
             log.warning("kannel dlr rejected: %s", exc)
             return JSONResponse({"error": str(exc)}, status_code=422)
         gw = params.get("gw", "kannel")
-        await _in_thread(store_receipts, engine, gw, [receipt])
+        await writer.store(gw, receipt)
         log.info("kannel dlr ref=%s status=%s err=%s", receipt.reference, receipt.status, receipt.error_code)
         if emit_events:
             _emit("smsflow.receipt.received", f"smsflow.gateway.{gw}", {"status": receipt.status})
@@ -83,7 +83,6 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
         import os
 
         from blocks.http_gateway import HttpGateway, verify_twilio_signature
-        from tasks.reconcile import store_receipts
 
         token = os.environ.get("SMSFLOW_TWILIO_AUTH_TOKEN", "")
         form = await _params(request)
@@ -99,7 +98,7 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=422)
         gw = form.get("gw", "twilio")
-        await _in_thread(store_receipts, engine, gw, [receipt])
+        await writer.store(gw, receipt)
         log.info("twilio status ref=%s status=%s err=%s", receipt.reference, receipt.status, receipt.error_code)
         if emit_events:
             _emit("smsflow.receipt.received", f"smsflow.gateway.{gw}", {"status": receipt.status})
@@ -179,6 +178,54 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
         return PlainTextResponse("", status_code=200)
 
     return app
+
+
+class ReceiptWriter:
+    """Group-commits receipts: callbacks arriving together share one transaction, and each
+    caller gets its answer only after the commit that holds its receipt (2xx after commit)."""
+
+    def __init__(self, engine, max_batch: int = 500, max_wait_s: float = 0.01):
+        import queue
+        import threading
+
+        self.engine, self.max_batch, self.max_wait_s = engine, max_batch, max_wait_s
+        self.q: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, name="receipt-writer", daemon=True).start()
+
+    async def store(self, gateway: str, receipt) -> None:
+        import asyncio
+        from concurrent.futures import Future
+
+        fut: Future = Future()
+        self.q.put((gateway, receipt, fut))
+        await asyncio.wrap_future(fut)
+
+    def _run(self) -> None:
+        import queue
+        import time
+
+        from tasks.reconcile import store_receipts
+
+        while True:
+            items = [self.q.get()]
+            end = time.monotonic() + self.max_wait_s
+            while len(items) < self.max_batch:
+                try:
+                    items.append(self.q.get(timeout=max(0.0, end - time.monotonic())))
+                except queue.Empty:
+                    break
+            try:
+                by_gw: dict[str, list] = {}
+                for gw, r, _ in items:
+                    by_gw.setdefault(gw, []).append(r)
+                for gw, rs in by_gw.items():
+                    store_receipts(self.engine, gw, rs)
+            except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error (a 5xx: the gateway retries)
+                for _, _, fut in items:
+                    fut.set_exception(exc)
+            else:
+                for _, _, fut in items:
+                    fut.set_result(None)
 
 
 async def _in_thread(fn, *args):

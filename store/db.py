@@ -235,9 +235,10 @@ def _pg_copy_insert(conn, table, columns, rows, conflict, json_columns) -> int:
         cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {tmp} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DROP")
         cur.execute(f"TRUNCATE {tmp}")
         with cur.copy(f"COPY {tmp} ({cols}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(tuple(_copy_value(v) for v in row))
-                n += 1
+            for batch in _converted_chunks(rows, 50_000, True):
+                for row in batch:
+                    copy.write_row(row)
+                n += len(batch)
         cur.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {tmp}{conflict}")
         cur.execute(f"TRUNCATE {tmp}")
     return n
@@ -261,39 +262,157 @@ def bulk_update(
             )
             cur.execute(f"TRUNCATE {tmp}")
             with cur.copy(f"COPY {tmp} ({', '.join(columns)}, {key}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(tuple(_copy_value(v) for v in row))
-                    n += 1
+                for batch in _converted_chunks(rows, 50_000, True):
+                    for row in batch:
+                        copy.write_row(row)
+                    n += len(batch)
             sets = ", ".join(f"{c} = u.{c}" for c in columns)
             cur.execute(f"UPDATE {table} AS t SET {sets} FROM {tmp} AS u WHERE t.{key} = u.{key}")
             cur.execute(f"TRUNCATE {tmp}")
         return n
-    sets = ", ".join(f"{c} = ?" for c in columns)
-    return executemany(conn, f"UPDATE {table} SET {sets} WHERE {key} = ?", rows)
+    import sqlite3
+
+    if sqlite3.sqlite_version_info < (3, 33, 0):  # no UPDATE ... FROM
+        sets = ", ".join(f"{c} = ?" for c in columns)
+        return executemany(conn, f"UPDATE {table} SET {sets} WHERE {key} = ?", rows)
+    # set-based: the new values into a temp table, then one UPDATE ... FROM (the last row of a key wins,
+    # as with one UPDATE per row)
+    tmp = f"_upd_{table}"
+    cols = list(columns) + [key]
+    raw = conn.connection.driver_connection
+    cur = raw.cursor()
+    n = 0
+    try:
+        cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {tmp} ({', '.join(f'c{i}' for i in range(len(cols)))})")
+        cur.execute(f"DELETE FROM {tmp}")
+        ins = f"INSERT INTO {tmp} VALUES ({', '.join('?' for _ in cols)})"
+        k = f"c{len(cols) - 1}"
+        sets = ", ".join(f"{c} = u.c{i}" for i, c in enumerate(columns))
+        # chunk by chunk (bounded memory); chunks are applied in order, so across chunks the last row wins too
+        for batch in _converted_chunks(rows, 50_000, False):
+            keys = [r[-1] for r in batch]
+            dup = len(set(keys)) != len(keys)
+            cur.executemany(ins, batch)
+            src = f"(SELECT * FROM {tmp} WHERE rowid IN (SELECT MAX(rowid) FROM {tmp} GROUP BY {k}))" if dup else tmp
+            cur.execute(f"UPDATE {table} SET {sets} FROM {src} AS u WHERE {table}.{key} = u.{k}")
+            cur.execute(f"DELETE FROM {tmp}")
+            n += len(batch)
+        cur.execute(f"DELETE FROM {tmp}")
+    finally:
+        cur.close()
+    return n
 
 
 def executemany(conn: Connection, sql: str, rows: Iterable[Sequence[Any]], chunk: int = 50_000) -> int:
-    """Run a qmark-style statement for many rows through the driver's executemany, in chunks."""
+    """Run a qmark-style statement for many rows through the driver's executemany, in chunks.
+
+    Values are converted column by column (a column of plain values is passed through untouched),
+    not value by value."""
     pg = is_postgres(conn)
     if pg:
         sql = sql.replace("?", "%s")
-    convert = _copy_value if pg else _sqlite_value
     cur = conn.connection.driver_connection.cursor()
     n = 0
-    batch: list[tuple] = []
     try:
-        for row in rows:
-            batch.append(tuple(convert(v) for v in row))
-            if len(batch) >= chunk:
-                cur.executemany(sql, batch)
-                n += len(batch)
-                batch.clear()
-        if batch:
+        for batch in _converted_chunks(rows, chunk, pg):
             cur.executemany(sql, batch)
             n += len(batch)
     finally:
         cur.close()
     return n
+
+
+class Columns(list):
+    """Rows handed over column by column: a list of equal-length sequences, one per column
+    (``bulk_insert(conn, t, cols, Columns([ids, names]))``): nothing to transpose."""
+
+
+def _converted_chunks(rows, chunk: int, pg: bool):
+    """Driver-ready row tuples, ``chunk`` rows at a time; ``rows`` may be a DataFrame or :class:`Columns`
+    (read column-wise)."""
+    if isinstance(rows, Columns):
+        total = len(rows[0]) if rows else 0
+        for start in range(0, total, chunk):
+            cols = [_convert_column(list(c[start : start + chunk]), pg) for c in rows]
+            yield list(zip(*cols))
+        return
+    if hasattr(rows, "columns") and hasattr(rows, "iloc"):  # a pandas DataFrame: no row tuples to transpose
+        for start in range(0, len(rows), chunk):
+            part = rows.iloc[start : start + chunk]
+            cols = [_convert_column(part.iloc[:, j].tolist(), pg) for j in range(part.shape[1])]
+            yield list(zip(*cols))
+        return
+    for batch in _batches(rows, chunk):
+        yield _convert_rows(batch, pg)
+
+
+def _batches(rows: Iterable[Sequence[Any]], chunk: int):
+    from itertools import islice
+
+    it = iter(rows)
+    while True:
+        # rows may be lazy generators bound to a loop variable: materialise each one as it comes
+        batch = [r if type(r) is tuple else tuple(r) for r in islice(it, chunk)]
+        if not batch:
+            return
+        yield batch
+
+
+_NONE = type(None)
+_PASS = frozenset({_NONE, str, int, bool})
+_DATETIMES: frozenset = frozenset({_NONE, datetime})
+try:  # pandas is optional for the store; Timestamps share the datetime path
+    import pandas as _pd
+
+    _DATETIMES = frozenset({_NONE, datetime, _pd.Timestamp})
+except ImportError:  # pragma: no cover
+    pass
+
+
+def _convert_column(col: Sequence[Any], pg: bool) -> Sequence[Any]:
+    """One column of driver-ready values (same result as converting each value on its own)."""
+    types = set(map(type, col))
+    if types <= _PASS:
+        return col
+    if types <= {_NONE, str, int, bool, float}:
+        return [None if v is not None and v != v else v for v in col]
+    if not pg and types <= _DATETIMES:
+        # datetimes: SQLAlchemy's SQLite text format (microseconds always written), each distinct value once
+        out = []
+        cache: dict = {}
+        for v in col:
+            if v is None:
+                out.append(None)
+                continue
+            r = cache.get(v)
+            if r is None:
+                if v.tzinfo is not None or v.year < 1000 or (type(v) is not datetime and v.nanosecond):
+                    r = _sqlite_value(v)
+                else:
+                    r = v.isoformat(" ", "microseconds")
+                cache[v] = r
+            out.append(r)
+        return out
+    if types <= {_NONE, dict, str}:
+        dumps = json.dumps
+        out = []
+        for v in col:
+            if type(v) is dict:
+                try:  # already JSON-clean (the usual case): dump once
+                    v = dumps(v, ensure_ascii=False, allow_nan=False)
+                except (TypeError, ValueError):
+                    v = dumps(_json_clean(v), ensure_ascii=False, default=str, allow_nan=False)
+            out.append(v)
+        return out
+    convert = _copy_value if pg else _sqlite_value
+    return [convert(v) for v in col]
+
+
+def _convert_rows(batch: list[Sequence[Any]], pg: bool) -> list[tuple]:
+    if not batch:
+        return []
+    cols = [_convert_column(c, pg) for c in zip(*batch)]
+    return list(zip(*cols))
 
 
 def read_frame(conn: Connection, sql: str, params: dict[str, Any] | None = None, parse_dates: Sequence[str] = ()):
@@ -303,7 +422,11 @@ def read_frame(conn: Connection, sql: str, params: dict[str, Any] | None = None,
 
     res = conn.execute(text(sql), params or {})
     cols = list(res.keys())
-    data = res.fetchall()
+    # plain tuples straight from the DBAPI cursor (text() has no result processors): much faster than Rows
+    try:
+        data = res.cursor.fetchall()
+    finally:
+        res.close()
     df = pd.DataFrame.from_records(data, columns=cols)
     for c in parse_dates:
         if c in df.columns:

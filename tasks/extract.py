@@ -78,6 +78,36 @@ def _clean(value: Any) -> Any:
     return value
 
 
+_JSON_PLAIN = frozenset({type(None), str, int, bool, float})
+
+
+def _clean_list(values: list) -> list:
+    """``_clean`` over a column (fast path for text and None)."""
+    return [(v.strip() or None) if type(v) is str else (None if v is None else _clean(v)) for v in values]
+
+
+def _memo_map(fn, values: list) -> list:
+    """``[fn(v) for v in values]``, computing each distinct (type, value) once."""
+    memo: dict = {}
+    out = []
+    for v in values:
+        key = (type(v), v)
+        try:
+            r = memo[key]
+        except KeyError:
+            r = memo[key] = fn(v)
+        except TypeError:  # unhashable
+            r = fn(v)
+        out.append(r)
+    return out
+
+
+def _py_datetimes(ts: pd.Series) -> pd.Series:
+    """datetime64 -> object Series of datetime.datetime (None for NaT), converted by numpy in C."""
+    arr = ts.to_numpy(dtype="datetime64[us]").astype(object)
+    return pd.Series(arr, index=ts.index, dtype=object)
+
+
 def _to_utc_naive(series: pd.Series) -> pd.Series:
     ts = pd.to_datetime(series, errors="coerce", utc=True, format="mixed")
     return ts.dt.tz_localize(None)
@@ -103,7 +133,7 @@ def prepare_contacts(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, list[
     check_columns(df, source)
     now = utcnow()
     df = df.reset_index(drop=True)
-    ids = pd.Series([None if (c := _clean(v)) is None else str(c) for v in df["id"]], index=df.index, dtype=object)
+    ids = pd.Series([None if c is None else str(c) for c in _clean_list(df["id"].tolist())], index=df.index, dtype=object)
     updated = _to_utc_naive(df["updated_at"]) if "updated_at" in df.columns else pd.Series(pd.NaT, index=df.index)
     quarantine: list[dict[str, Any]] = []
 
@@ -134,27 +164,43 @@ def prepare_contacts(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, list[
     def obj(values) -> pd.Series:  # object dtype: None stays None (pandas 3 would turn it into NaN)
         return pd.Series(list(values), index=d.index, dtype=object)
 
-    def col(name: str) -> pd.Series:
-        if name in d.columns:
-            return obj(_clean(v) for v in d[name])
-        return obj([None] * len(d))
+    n = len(d)
+    cleaned: dict[str, list] = {}
 
-    consent = obj(
-        v if isinstance(v, bool) else (str(v).strip().lower() in TRUTHY if v is not None else False)
-        for v in col("sms_consent")
-    ).astype(bool)
+    def values(name: str) -> list:
+        if name not in cleaned:
+            cleaned[name] = _clean_list(d[name].tolist()) if name in d.columns else [None] * n
+        return cleaned[name]
+
+    def col(name: str) -> pd.Series:
+        return obj(values(name))
+
+    consent_list = _memo_map(
+        lambda v: v if isinstance(v, bool) else (str(v).strip().lower() in TRUTHY if v is not None else False),
+        values("sms_consent"),
+    )
+    consent = obj(consent_list).astype(bool)
     consent_at = _to_utc_naive(col("consent_at")) if "consent_at" in d.columns else pd.Series(pd.NaT, index=d.index)
-    lang = obj(None if v is None else str(v).strip().lower()[:8] for v in col("language"))
+    lang = obj(_memo_map(lambda v: None if v is None else str(v).strip().lower()[:8], values("language")))
     extra_cols = [c for c in d.columns if c not in CONTACT_COLUMNS and c not in ("consent_method", "consent_text_version")]
     if extra_cols:
-        extras = d[extra_cols]
+        # per column: the JSON-safe value, or None where the cleaned value is missing (left out of the dict)
+        extra_vals = []
+        for c in extra_cols:
+            raw = d[c].tolist()
+            keep_mask = _clean_list(raw)
+            if set(map(type, raw)) <= _JSON_PLAIN:
+                extra_vals.append([None if k is None else v for v, k in zip(raw, keep_mask)])
+            else:
+                extra_vals.append([None if k is None else _json_safe(v) for v, k in zip(raw, keep_mask)])
         attributes = [
-            {k: _json_safe(v) for k, v in zip(extra_cols, row) if _clean(v) is not None}
-            for row in extras.itertuples(index=False, name=None)
+            {k: v for k, v in zip(extra_cols, row) if v is not None}
+            for row in zip(*extra_vals)
         ]
     else:
-        attributes = [{} for _ in range(len(d))]
-    method = obj(v or "import" for v in col("consent_method"))
+        attributes = [{} for _ in range(n)]
+    method_list = [v or "import" for v in values("consent_method")]
+    method = obj(method_list)
 
     rows = pd.DataFrame(
         {
@@ -163,16 +209,16 @@ def prepare_contacts(df: pd.DataFrame, source: str) -> tuple[pd.DataFrame, list[
             "first_name": col("first_name"),
             "last_name": col("last_name"),
             "email": col("email"),
-            "phone_raw": obj(None if v is None else str(v) for v in col("phone")),
+            "phone_raw": obj(v if v is None or type(v) is str else str(v) for v in values("phone")),
             "language": lang,
             "timezone": col("timezone"),
             "sms_consent": consent,
-            "consent_at": consent_at.astype(object).where(consent_at.notna(), None),
-            "consent_method": obj(m if c else None for m, c in zip(method, consent)),
-            "consent_source": obj(source if c else None for c in consent),
-            "consent_text_version": obj(v if c else None for v, c in zip(col("consent_text_version"), consent)),
+            "consent_at": _py_datetimes(consent_at),
+            "consent_method": obj(m if c else None for m, c in zip(method_list, consent_list)),
+            "consent_source": obj(source if c else None for c in consent_list),
+            "consent_text_version": obj(v if c else None for v, c in zip(values("consent_text_version"), consent_list)),
             "attributes": attributes,
-            "crm_updated_at": upd.astype(object).where(upd.notna(), None),
+            "crm_updated_at": _py_datetimes(upd),
             "status": "new",
             "status_reason": None,
             "phone_e164": None,
@@ -189,7 +235,7 @@ def upsert_contacts(conn: Connection, rows: pd.DataFrame) -> int:
         conn,
         "contacts",
         _CONTACT_FIELDS,
-        rows[list(_CONTACT_FIELDS)].itertuples(index=False, name=None),
+        rows[list(_CONTACT_FIELDS)],  # read column by column
         on_conflict="update",
         conflict_columns=("source", "crm_id"),
         update_columns=_UPDATE_FIELDS,
@@ -218,7 +264,7 @@ def write_quarantine(conn: Connection, rows: list[dict[str, Any]]) -> int:
 def audit_consent_changes(conn: Connection, source: str, rows: pd.DataFrame, known: dict[str, bool]) -> int:
     """One consent_changes row per contact whose CRM consent is new or different ('granted' /
     'revoked', method from the CRM or 'import'). ``known`` is updated in place."""
-    from store.db import executemany
+    from store.db import executemany, is_postgres
 
     now = utcnow()
     changes = []
@@ -226,14 +272,38 @@ def audit_consent_changes(conn: Connection, source: str, rows: pd.DataFrame, kno
                                                 rows["consent_text_version"]):
         before = known.get(crm_id)
         if (before is None and consent) or (before is not None and before != bool(consent)):
-            changes.append((now, "granted" if consent else "revoked", method or "import", source, version, source, crm_id))
+            changes.append(("granted" if consent else "revoked", method or "import", version, crm_id))
         known[crm_id] = bool(consent)
-    return executemany(
+    if not changes:
+        return 0
+    # set-based: the changes into a temp table, then one INSERT ... SELECT joined on (source, crm_id)
+    if is_postgres(conn):
+        conn.exec_driver_sql(
+            "CREATE TEMP TABLE IF NOT EXISTS _consent_audit (pos bigserial, change text, method text, "
+            "text_version text, crm_id text) ON COMMIT DROP"
+        )
+        order = "t.pos"
+    else:
+        conn.exec_driver_sql(
+            "CREATE TEMP TABLE IF NOT EXISTS _consent_audit (change TEXT, method TEXT, text_version TEXT, crm_id TEXT)"
+        )
+        order = "t.rowid"
+    conn.exec_driver_sql("DELETE FROM _consent_audit")
+    executemany(
         conn,
-        "INSERT INTO consent_changes (contact_id, changed_at, change, method, source, text_version) "
-        "SELECT id, ?, ?, ?, ?, ? FROM contacts WHERE source = ? AND crm_id = ?",
+        "INSERT INTO _consent_audit (change, method, text_version, crm_id) VALUES (?, ?, ?, ?)",
         changes,
     )
+    conn.execute(
+        text(
+            "INSERT INTO consent_changes (contact_id, changed_at, change, method, source, text_version) "
+            "SELECT c.id, :now, t.change, t.method, :src, t.text_version FROM _consent_audit t "
+            f"JOIN contacts c ON c.source = :src AND c.crm_id = t.crm_id ORDER BY {order}"
+        ),
+        {"now": now, "src": source},
+    )
+    conn.exec_driver_sql("DELETE FROM _consent_audit")
+    return len(changes)
 
 
 def get_watermark(conn: Connection, source: str) -> str | None:
@@ -290,15 +360,20 @@ def extract_source(
         known_consent = {r[0]: bool(r[1]) for r in conn.execute(
             text("SELECT crm_id, sms_consent FROM contacts WHERE source = :s"), {"s": name})}
     stats.watermark = since
-    for df in source.fetch(since=since, batch_size=batch_size):
-        rows, quarantine = prepare_contacts(df, name)
-        mark = _later(stats.watermark, batch_watermark(df))
+
+    def prepared():
+        for df in source.fetch(since=since, batch_size=batch_size):
+            rows, quarantine = prepare_contacts(df, name)
+            yield len(df), rows, quarantine, batch_watermark(df)
+
+    for n_rows, rows, quarantine, batch_mark in prepared():
+        mark = _later(stats.watermark, batch_mark)
         with engine.begin() as conn:
             stats.upserted += upsert_contacts(conn, rows)
             audit_consent_changes(conn, name, rows, known_consent)
             write_quarantine(conn, quarantine)
-            set_watermark(conn, name, mark, len(df))
-        stats.rows += len(df)
+            set_watermark(conn, name, mark, n_rows)
+        stats.rows += n_rows
         stats.watermark = mark
         for q in quarantine:
             stats.reasons[q["reason_code"]] = stats.reasons.get(q["reason_code"], 0) + 1

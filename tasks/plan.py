@@ -6,8 +6,9 @@ a template that fails for one contact quarantines that message with the reason.
 """
 from __future__ import annotations
 
-import json
+import itertools
 import os
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -15,9 +16,9 @@ from typing import Any
 
 from sqlalchemy import text
 
-from store.db import bulk_insert, read_frame, utcnow
+from store.db import Columns, bulk_insert, read_frame, utcnow
 from tasks.extract import write_quarantine
-from tasks.render import MessageTemplate, render_batch
+from tasks.render import MessageTemplate, init_render_worker, render_batch, render_chunk
 
 OUTBOX_INSERT_FIELDS = (
     "idempotency_key",
@@ -60,18 +61,61 @@ def _render_chunk(args: tuple[list[dict[str, Any]], MessageTemplate, float, dict
     return render_batch(contacts, template, price_per_segment=price, extra=extra)
 
 
-def _contacts_for(engine, campaign_id: int, source: str, segment: str):
+_CANDIDATES_SQL = (
+    "SELECT c.id AS contact_id, c.first_name, c.last_name, c.email, c.language, c.timezone, "
+    "c.phone_e164, c.sms_consent, c.opted_out_at, c.attributes "
+    "FROM segment_memberships m JOIN contacts c ON c.id = m.contact_id "
+    "WHERE m.segment = :g AND c.source = :s AND c.status = 'valid' "
+    "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.campaign_id = :cid AND o.contact_id = c.id) "
+)
+
+
+def _contacts_for(engine, campaign_id: int, source: str, segment: str, after: int | None = None,
+                  limit: int | None = None):
+    """Candidates of the campaign in id order; one page (ids > ``after``, at most ``limit``) when given."""
+    sql = _CANDIDATES_SQL
+    params: dict[str, Any] = {"g": segment, "s": source, "cid": campaign_id}
+    if after is not None:
+        sql += "AND c.id > :after "
+        params["after"] = after
+    sql += "ORDER BY c.id"
+    if limit is not None:
+        sql += " LIMIT :lim"
+        params["lim"] = int(limit)
     with engine.begin() as conn:
-        return read_frame(
-            conn,
-            "SELECT c.id AS contact_id, c.first_name, c.last_name, c.email, c.language, c.timezone, "
-            "c.phone_e164, c.sms_consent, c.opted_out_at, c.attributes "
-            "FROM segment_memberships m JOIN contacts c ON c.id = m.contact_id "
-            "WHERE m.segment = :g AND c.source = :s AND c.status = 'valid' "
-            "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.campaign_id = :cid AND o.contact_id = c.id) "
-            "ORDER BY c.id",
-            {"g": segment, "s": source, "cid": campaign_id},
-        )
+        return read_frame(conn, sql, params)
+
+
+def _records(df) -> list[dict[str, Any]]:
+    """Contacts with consent as render records; attributes stay JSON text (the renderer parses them)."""
+    cols = list(df.columns)
+    ids = df["contact_id"].astype("int64").tolist()
+    values = [ids if c == "contact_id" else df[c].astype(object).where(df[c].notna(), None).tolist() for c in cols]
+    out = [dict(zip(cols, row)) for row in zip(*values)]
+    for r in out:
+        a = r["attributes"]
+        if not a:
+            r["attributes"] = {}
+    return out
+
+
+def _pages(engine, campaign_id: int, source: str, segment: str, page_size: int, stats: PlanStats):
+    """Consenting candidates, page by page (bounded memory), in id order."""
+    after = None
+    while True:
+        df = _contacts_for(engine, campaign_id, source, segment, after=after if after is not None else -1, limit=page_size)
+        if df.empty:
+            return
+        n_raw = len(df)
+        after = int(df["contact_id"].iloc[-1])
+        stats.candidates += n_raw
+        consent = df["sms_consent"].astype(bool) & df["opted_out_at"].isna()
+        stats.no_consent += int((~consent).sum())
+        df = df[consent.to_numpy()]
+        if len(df):
+            yield _records(df)
+        if n_raw < page_size:
+            return
 
 
 def plan_messages(
@@ -89,61 +133,80 @@ def plan_messages(
     on_batch=None,
 ) -> PlanStats:
     stats = PlanStats()
-    df = _contacts_for(engine, campaign_id, source, segment)
-    stats.candidates = len(df)
-    consent = df["sms_consent"].astype(bool) & df["opted_out_at"].isna() if len(df) else df["sms_consent"]
-    stats.no_consent = int((~consent).sum()) if len(df) else 0
-    df = df[consent.to_numpy()] if len(df) else df
-    records = df.to_dict("records")
-    for r in records:
-        a = r.get("attributes")
-        r["attributes"] = a if isinstance(a, dict) else (json.loads(a) if a else {})
-    phones = {int(r["contact_id"]): r["phone_e164"] for r in records}
-    chunks = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
     extra = extra or {}
-    if processes > 1 and len(records) > 20_000:
-        # CPU-bound: spread chunks over processes (spawn: safe beside Prefect's threads)
-        per = max(5_000, len(records) // (processes * 4) + 1)
-        chunks = [records[i : i + per] for i in range(0, len(records), per)]
-        with ProcessPoolExecutor(max_workers=processes, mp_context=get_context("spawn")) as pool:
-            results = pool.map(_render_chunk, [(c, template, price_per_segment, extra) for c in chunks])
-            for rendered, failed in results:
-                _store_chunk(engine, rendered, failed, stats, campaign_id, source, segment, template, gateway, phones)
-                if on_batch:
-                    on_batch(stats)
+    page_size = max(1, int(batch_size))
+    pages = _pages(engine, campaign_id, source, segment, page_size, stats)
+
+    def store(rendered, failed, records) -> None:
+        phones = {int(r["contact_id"]): r["phone_e164"] for r in records}
+        _store_chunk(engine, rendered, failed, stats, campaign_id, source, segment, template, gateway, phones)
+        if on_batch:
+            on_batch(stats)
+
+    # look ahead until it is clear whether a worker pool pays off (> 20,000 contacts to render)
+    ahead: list[list[dict[str, Any]]] = []
+    seen = 0
+    for page in pages:
+        ahead.append(page)
+        seen += len(page)
+        if seen > 20_000:
+            break
+    if processes > 1 and seen > 20_000:
+        # CPU-bound: spread fixed-size chunks over processes (spawn: safe beside Prefect's threads); at most
+        # 2 chunks per worker in flight, so memory does not grow with the campaign
+        per = max(1_000, min(page_size, 10_000))
+
+        def chunks():
+            for page in itertools.chain(ahead, pages):
+                for i in range(0, len(page), per):
+                    yield page[i : i + per]
+
+        with ProcessPoolExecutor(max_workers=processes, mp_context=get_context("spawn"),
+                                 initializer=init_render_worker,
+                                 initargs=(template, price_per_segment, extra)) as pool:
+            inflight: deque = deque()
+            for c in chunks():
+                inflight.append((pool.submit(render_chunk, c), c))
+                if len(inflight) >= 2 * processes:
+                    fut, recs = inflight.popleft()
+                    store(*fut.result(), recs)
+            while inflight:
+                fut, recs = inflight.popleft()
+                store(*fut.result(), recs)
     else:
-        for c in chunks:
-            rendered, failed = _render_chunk((c, template, price_per_segment, extra))
-            _store_chunk(engine, rendered, failed, stats, campaign_id, source, segment, template, gateway, phones)
-            if on_batch:
-                on_batch(stats)
+        for page in itertools.chain(ahead, pages):
+            for i in range(0, len(page), page_size):
+                c = page[i : i + page_size]
+                rendered, failed = _render_chunk((c, template, price_per_segment, extra))
+                store(rendered, failed, c)
     return stats
 
 
 def _store_chunk(engine, rendered, failed, stats, campaign_id, source, segment, template, gateway, phones) -> None:
     now = utcnow()
     step = template.name
-    rows = (
-        (
-            idempotency_key(campaign_id, int(r["contact_id"]), step),
-            campaign_id,
-            int(r["contact_id"]),
-            step,
-            segment,
-            phones[int(r["contact_id"])],
-            r["language"],
-            r["text"],
-            r["encoding"],
-            int(r["segments"]),
-            float(r["cost"]),
-            "planned",
-            0,
-            gateway,
-            now,
-            now,
-        )
-        for r in rendered
-    )
+    n = len(rendered)
+    cids = [int(r["contact_id"]) for r in rendered]
+    segs = [int(r["segments"]) for r in rendered]
+    costs = [float(r["cost"]) for r in rendered]
+    rows = Columns([
+        [idempotency_key(campaign_id, c, step) for c in cids],
+        [campaign_id] * n,
+        cids,
+        [step] * n,
+        [segment] * n,
+        [phones[c] for c in cids],
+        [r["language"] for r in rendered],
+        [r["text"] for r in rendered],
+        [r["encoding"] for r in rendered],
+        segs,
+        costs,
+        ["planned"] * n,
+        [0] * n,
+        [gateway] * n,
+        [now] * n,
+        [now] * n,
+    ])
     quarantine = [
         dict(step="render", source=source, row_key=f"{campaign_id}:{int(f['contact_id'])}", campaign_id=campaign_id,
              contact_id=int(f["contact_id"]), reason_code="render_error", reason=str(f["reason"]),
@@ -162,8 +225,8 @@ def _store_chunk(engine, rendered, failed, stats, campaign_id, source, segment, 
             )
     stats.planned += len(rendered)
     stats.render_failed += len(failed)
-    stats.segments += sum(int(r["segments"]) for r in rendered)
-    stats.cost += sum(float(r["cost"]) for r in rendered)
+    stats.segments += sum(segs)
+    stats.cost += sum(costs)
     stats.failures.extend(failed[: max(0, 20 - len(stats.failures))])
 
 

@@ -754,3 +754,20 @@ def render_batch(
         )
     ]
     return rendered, failed
+
+
+# --------------------------------------------------------------------------
+# process-pool worker (a pure module: spawned workers import no Prefect)
+
+_WORKER_STATE: dict[str, Any] = {}
+
+
+def init_render_worker(template: MessageTemplate, price_per_segment: float, extra: dict | None) -> None:
+    """Pool initializer: the template is unpickled (compiled) once per worker, not once per chunk."""
+    _WORKER_STATE["args"] = (template, price_per_segment, extra)
+
+
+def render_chunk(contacts: list[dict]) -> tuple[list[dict], list[dict]]:
+    """:func:`render_batch` with the template set by :func:`init_render_worker`."""
+    template, price, extra = _WORKER_STATE["args"]
+    return render_batch(contacts, template, price_per_segment=price, extra=extra)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from sqlalchemy import text
 
@@ -125,28 +126,30 @@ def dedup_source(engine, source: str) -> int:
             return 0
         df.index = df["id"].astype(int)
         kept = find_duplicates(df["phone_e164"], df["crm_updated_at"])
-        is_dup = kept.notna()
-        new_status = pd.Series("valid", index=df.index).where(~is_dup, "duplicate")
-        new_dup = kept.astype(object).where(is_dup, None)
-        old_dup = df["duplicate_of"].astype(object).where(df["duplicate_of"].notna(), None)
-        changed = (new_status != df["status"]) | (new_dup.map(lambda v: None if v is None else int(v)) != old_dup.map(lambda v: None if v is None else int(v)))
-        ch = df.index[changed.to_numpy()]
+        ids = df.index.to_numpy(dtype=np.int64)
+        is_dup = kept.notna().to_numpy(dtype=bool)
+        new_dup = kept.fillna(-1).to_numpy(dtype=np.int64)
+        old_dup = pd.to_numeric(df["duplicate_of"], errors="coerce").fillna(-1).to_numpy(dtype=np.int64)
+        old_is_dup = (df["status"] == "duplicate").to_numpy(dtype=bool)
+        # only the rows whose status or keeper really changes are written (None vs None is no change)
+        changed = (is_dup != old_is_dup) | (new_dup != old_dup)
+        ch = np.flatnonzero(changed)
         if len(ch):
+            d = is_dup[ch]
+            keep = new_dup[ch]
             bulk_update(
                 conn,
                 "contacts",
                 "id",
                 ("status", "duplicate_of", "status_reason"),
-                (
-                    (
-                        new_status[i],
-                        None if new_dup[i] is None else int(new_dup[i]),
-                        f"same number as contact {int(new_dup[i])}" if new_dup[i] is not None else None,
-                        int(i),
-                    )
-                    for i in ch
+                zip(
+                    ["duplicate" if x else "valid" for x in d.tolist()],
+                    [k if x else None for k, x in zip(keep.tolist(), d.tolist())],
+                    [f"same number as contact {k}" if x else None for k, x in zip(keep.tolist(), d.tolist())],
+                    ids[ch].tolist(),
                 ),
             )
+        is_dup = pd.Series(is_dup)
         return int(is_dup.sum())
 
 

@@ -200,7 +200,8 @@ def demo_cmd(
     rec = result.get("reconcile", {})
     typer.echo(
         f"campaign {name}: {s['contacts']} contacts -> {s['planned']} planned, {s['quarantined']} quarantined, "
-        f"{s['duplicates']} duplicates, {s['no_consent']} without consent; {send.get('submitted', 0)} submitted; "
+        f"{s['duplicates']} duplicates, {s['no_consent']} without consent; {send.get('submitted', 0)} submitted, "
+        f"deferred/held by contact policy: {json.dumps(send.get('held', {}))}; "
         f"final states: {json.dumps(rec.get('by_status', {}))}; {s['segments']} segments, cost {s['cost']:.2f}"
     )
     typer.echo(f"report: {result.get('report')}")

@@ -528,12 +528,7 @@ class SmppGateway(SmsGateway):
                 except asyncio.TimeoutError:
                     pass
         finally:
-            await self._close(client, smsc)
-            try:
-                await asyncio.wait_for(reader, 5)
-            except (asyncio.TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
-                reader.cancel()
-            spool.close()
+            await self._shutdown(client, smsc, reader, spool)
         for i, p in enumerate(prepared):
             if isinstance(p, int):
                 results[i] = results[p]
@@ -581,13 +576,17 @@ class SmppGateway(SmsGateway):
             except asyncio.TimeoutError:
                 pass
         finally:
-            await self._close(client, smsc)
-            try:
-                await asyncio.wait_for(reader, 5)
-            except (asyncio.TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
-                reader.cancel()
-            spool.close()
+            await self._shutdown(client, smsc, reader, spool)
         return counts
+
+    async def _shutdown(self, client, smsc, reader, spool) -> None:
+        """Unbind, let the receipt reader finish (5 s at most), close the spool."""
+        await self._close(client, smsc)
+        try:
+            await asyncio.wait_for(reader, 5)
+        except (asyncio.TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
+            reader.cancel()
+        spool.close()
 
     def _drain(self) -> None:
         if self.receipt_window_s <= 0:

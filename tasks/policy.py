@@ -286,6 +286,18 @@ def decide(
 # ----------------------------------------------------------------------------- store side: at claim time
 
 
+def agreed_to_days_off(attributes, policy: ContactPolicy) -> bool:
+    """The contact's CRM attribute that lifts weekend/holiday rules (same truthy words as the CRM import)."""
+    import json
+
+    from tasks.extract import TRUTHY
+
+    if isinstance(attributes, str):
+        attributes = json.loads(attributes) if attributes else {}
+    value = (attributes or {}).get(policy.holiday_optin_attribute)
+    return value is True or str(value).strip().lower() in TRUTHY
+
+
 def load_policy(raw) -> ContactPolicy:
     import json
 
@@ -301,7 +313,6 @@ def enforce_at_claim(conn, campaign_id: int, claimed, now: datetime) -> tuple[li
     window in the contact's local time, caps over what was actually submitted, campaign end).
     Held-back messages end 'rejected' (POLICY_<RULE>), expired ones 'expired' (CAMPAIGN_ENDED),
     deferred ones go back to 'planned' with ``send_after``. Returns (ids to send, counts by rule)."""
-    import json
 
     from sqlalchemy import text
 
@@ -351,10 +362,7 @@ def enforce_at_claim(conn, campaign_id: int, claimed, now: datetime) -> tuple[li
             d = Decision(action="hold", rule="no_contact")
         else:
             consent, opted_out_at, crm_tz, attrs = c if c is not None else (False, None, None, None)
-            if isinstance(attrs, str):
-                attrs = json.loads(attrs) if attrs else {}
-            agreed = bool((attrs or {}).get(policy.holiday_optin_attribute)) and str(
-                (attrs or {}).get(policy.holiday_optin_attribute)).lower() not in ("0", "false", "no", "нет")
+            agreed = agreed_to_days_off(attrs, policy)
             d = decide(now=now, kind=kind, policy=policy, consent=bool(consent), opted_out=opted_out_at is not None,
                        suppressed=phone in suppressed, crm_tz=crm_tz, e164=phone, agreed_days_off=agreed,
                        history=history.get(int(cid), []) if c is not None else [], ends_at=ends_at)
@@ -388,7 +396,6 @@ PLAN_COLUMNS = ("contact_id", "phone_e164", "timezone", "send_at_local", "send_a
 def preview_plan(engine, campaign_id: int, now: datetime) -> list[dict]:
     """One row per planned message (when it would go out under the policy at ``now``) and one per
     contact held back (no consent, opted out, capped, erased), with empty times and the rule."""
-    import json
 
     from sqlalchemy import text
 
@@ -423,8 +430,7 @@ def preview_plan(engine, campaign_id: int, now: datetime) -> list[dict]:
         suppressed = {r[0] for r in conn.execute(text("SELECT phone_hash FROM suppression_list"))}
     rows = []
     for r in df.itertuples(index=False):
-        attrs = r.attributes if isinstance(r.attributes, dict) else (json.loads(r.attributes) if r.attributes else {})
-        agreed = str(attrs.get(policy.holiday_optin_attribute, "")).lower() in ("1", "true", "yes", "да")
+        agreed = agreed_to_days_off(r.attributes, policy)
         opted_out = r.opted_out_at is not None and r.opted_out_at == r.opted_out_at
         d = decide(now=now, kind=kind, policy=policy, consent=bool(r.sms_consent), opted_out=opted_out,
                    suppressed=bool(suppressed) and phone_hash(r.phone_e164) in suppressed, crm_tz=r.timezone,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import os
+import socket
 from datetime import datetime, timezone
 
 # A clock inside every default send window: Wednesday 25 Nov 2026, 12:00 in Moscow, not a holiday.
@@ -55,3 +57,26 @@ def load_csv(engine, path: Path, source: str = "test"):
     ex = extract_source(engine, CsvCrm(path=str(path), source_name=source))
     va = validate_new_contacts(engine, source, "RU")
     return ex, va
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on loopback (all held open together while they are picked)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def service_unavailable(what: str, reason: str):
+    """A service a test needs is missing: fail under CI, skip (with the reason) elsewhere."""
+    import pytest
+
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required under CI and could not start: {reason}")
+    pytest.skip(f"{what} not available: {reason}")

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,16 +22,11 @@ from sqlalchemy import text
 
 from store.db import bulk_insert, get_engine, utcnow
 from tasks.policy import always_open
+from tests.helpers import free_ports
 from tests.test_kannel import PASSWORD, kannel, wait_for  # noqa: F401 - the module-scoped stack fixture
 
 N = 2000
 KILLS = 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -43,7 +37,7 @@ def service(tmp_path):
     from service.app import create_app
 
     url = f"sqlite:///{tmp_path / 'store.sqlite'}"
-    port = _free_port()
+    (port,) = free_ports(1)
     server = uvicorn.Server(uvicorn.Config(create_app(url, emit_events=False), host="127.0.0.1", port=port,
                                            log_level="warning", access_log=False))
     th = threading.Thread(target=server.run, daemon=True)

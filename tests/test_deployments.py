@@ -33,7 +33,6 @@ import json
 import os
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -43,6 +42,8 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
+
+from tests.helpers import free_ports
 
 pytestmark = pytest.mark.prefect_server
 
@@ -75,10 +76,6 @@ TIMINGS: dict[str, float] = {}
 
 
 # ----------------------------------------------------------------------------- helpers
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _clean_env(prefect_home: Path, **extra: str) -> dict[str, str]:
@@ -214,7 +211,7 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("prefect-server")
     home = base / "home"
     home.mkdir()
-    port = _free_port()
+    (port,) = free_ports(1)
     env = _clean_env(
         home,
         # Schedules are stored and checked, but no scheduled run is created (see module doc).

@@ -32,6 +32,7 @@ import pytest
 
 from blocks.gateway import GatewayUnavailable, OutgoingMessage
 from blocks.kannel import NO_ANSWER, NOT_SENT, TOO_LONG, KannelGateway
+from tests.helpers import free_ports, service_unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 STACK_DIR = REPO / "gateway_stack" / "kannel"
@@ -40,22 +41,8 @@ PASSWORD = "kannel-test-" + uuid.uuid4().hex[:8]
 
 
 def _unavailable(reason: str):
-    if os.environ.get("CI"):
-        pytest.fail(f"the Kannel stack is required under CI and could not start: {reason}")
-    pytest.skip(f"Kannel stack not available: {reason}")
+    service_unavailable("the Kannel stack", reason)
 
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class DlrListener:
@@ -156,7 +143,7 @@ def kannel(tmp_path_factory):
         _unavailable("python package smpp34 missing (pip install smpp34==1.5.0)")
 
     state = tmp_path_factory.mktemp("kannel-state")
-    admin, smsbox, sendsms, smpp, ctl = _free_ports(5)
+    admin, smsbox, sendsms, smpp, ctl = free_ports(5)
     dlr = DlrListener()
     env = dict(os.environ, KANNEL_ADMIN_PORT=str(admin), KANNEL_SMSBOX_PORT=str(smsbox),
                KANNEL_SENDSMS_PORT=str(sendsms), SIM_SMPP_PORT=str(smpp), SIM_CTL_PORT=str(ctl),
@@ -337,7 +324,7 @@ def test_smsbox_down_raises_before_anything_is_sent(kannel):
 
 # --------------------------------------------------------------------------- no stack needed
 def test_unreachable_gateway_raises_unavailable():
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     gw = KannelGateway(sendsms_url=f"http://127.0.0.1:{port}/cgi-bin/sendsms", password="x", timeout_s=2)
     with pytest.raises(GatewayUnavailable):
         gw.submit([OutgoingMessage("r1", "+79160000001", "hi")])

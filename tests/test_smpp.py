@@ -26,6 +26,7 @@ from blocks.smpp import (
     NO_RESPONSE, NOT_SENT, SmppGateway, decode_short_message, encode_message, gsm7_decode, gsm7_encode,
     receipt_from_deliver_sm,
 )
+from tests.helpers import free_ports, service_unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 SIM = REPO / "gateway_stack" / "kannel" / "smsc_sim.py"
@@ -33,22 +34,8 @@ PASSWORD = "pw" + uuid.uuid4().hex[:6]
 
 
 def _unavailable(reason: str):
-    if os.environ.get("CI"):
-        pytest.fail(f"the SMSC simulator is required under CI and could not start: {reason}")
-    pytest.skip(f"SMSC simulator not available: {reason}")
+    service_unavailable("the SMSC simulator", reason)
 
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def wait_for(pred, what: str, timeout: float = 30.0):
@@ -96,7 +83,7 @@ def sim(tmp_path_factory):
     except ImportError:
         _unavailable("python package smpp34 missing (pip install smpp34==1.5.0)")
     state = tmp_path_factory.mktemp("smpp-sim")
-    smpp_port, ctl_port = _free_ports(2)
+    smpp_port, ctl_port = free_ports(2)
     env = dict(os.environ, SIM_SMPP_PORT=str(smpp_port), SIM_CTL_PORT=str(ctl_port),
                SIM_LOG=str(state / "sim_submits.jsonl"), SIM_DLR_DELAY="0.1")
     out = open(state / "sim.out", "w")
@@ -261,7 +248,7 @@ def test_mo_comes_back_from_fetch_inbound(sim):
 def test_simulator_down_raises_before_anything_is_sent(sim):
     _quiet(sim)
     before = sim.stats()["submit_sm"]
-    (port,) = _free_ports(1)  # nothing listens there
+    (port,) = free_ports(1)  # nothing listens there
     gw = sim.gateway(port=port, connect_timeout_s=2)
     msgs = [_msg(f"down-{i}", f"+7916{i:04d}302", f"down [ref:down-{i}]") for i in range(20)]
     t0 = time.monotonic()

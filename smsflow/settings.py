@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     default_region: str = Field(default="RU", description="Region for phone numbers written without a country code.")
     batch_size: int = Field(default=50_000, ge=100, description="Rows per batch task (task runs never grow per contact).")
     workers: int = Field(default=2, ge=1, description="Processes for CPU-heavy batch steps (phone parsing, rendering).")
+    journeys_dir: Path = Field(default=PROJECT_ROOT / "journeys", description="Journey definitions (*.yaml).")
     receipt_ttl_seconds: int = Field(default=72 * 3600, description="Submitted messages without a final receipt expire after this.")
 
     @property

@@ -311,3 +311,53 @@ class CrmWriteback(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
     done_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class JourneyInstance(Base):
+    """One run of a journey for one entity (an order, a deal, or a contact on a date):
+    unique per (journey, entity), so a repeated trigger starts nothing twice. ``data`` is the
+    entity's current CRM data, merged from its events; conditions are evaluated against it."""
+
+    __tablename__ = "journey_instances"
+    __table_args__ = (
+        UniqueConstraint("journey", "entity_id", name="uq_journey_instances_entity"),
+        Index("ix_journey_instances_status", "status"),
+        Index("ix_journey_instances_contact", "contact_id"),
+    )
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    journey: Mapped[str] = mapped_column(String(100))
+    entity_id: Mapped[str] = mapped_column(String(200))
+    source: Mapped[str | None] = mapped_column(String(100))
+    contact_id: Mapped[int | None] = mapped_column(IdType, ForeignKey("contacts.id", ondelete="SET NULL"))
+    phone_e164: Mapped[str | None] = mapped_column(String(20))
+    language: Mapped[str | None] = mapped_column(String(8))
+    data: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    status: Mapped[str] = mapped_column(String(12))  # active | completed | exited
+    exit_reason: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class JourneyStep(Base):
+    """A step of an instance, due at ``due_at``: scheduled -> planned (in the outbox, key
+    ``outbox_key``) | skipped (condition false) | cancelled (the journey exited) | failed
+    (template error). Unique per (instance, step): at most one message per step, ever."""
+
+    __tablename__ = "journey_steps"
+    __table_args__ = (
+        UniqueConstraint("instance_id", "step", name="uq_journey_steps_step"),
+        Index("ix_journey_steps_status_due", "status", "due_at"),
+    )
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    instance_id: Mapped[int] = mapped_column(IdType, ForeignKey("journey_instances.id", ondelete="CASCADE"))
+    step: Mapped[str] = mapped_column(String(100))
+    due_at: Mapped[datetime] = mapped_column(DateTime)
+    status: Mapped[str] = mapped_column(String(12))
+    reason: Mapped[str | None] = mapped_column(Text)
+    outbox_key: Mapped[str | None] = mapped_column(String(200))
+    wake_run_id: Mapped[str | None] = mapped_column(String(64))  # the Prefect flow run scheduled for due_at
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)

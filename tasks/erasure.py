@@ -74,6 +74,9 @@ def forget(engine, who: str, default_region: str = "RU") -> ErasureResult:
             f"DELETE FROM quarantine WHERE contact_id IN ({_in(ids)}) OR (step IN ('extract', 'validate') AND row_key IN ({crm_list}))"),
             crm_params).rowcount or 0
         conn.execute(text(f"DELETE FROM segment_memberships WHERE contact_id IN ({_in(ids)})"))
+        # running journeys stop for an erased person (their steps go with them)
+        conn.execute(text(f"DELETE FROM journey_instances WHERE contact_id IN ({_in(ids)}) OR phone_e164 IN ({phone_list})"),
+                     phone_params)
         conn.execute(text(f"UPDATE contacts SET duplicate_of = NULL WHERE duplicate_of IN ({_in(ids)})"))
         conn.execute(text(f"UPDATE event_log SET contact_id = NULL WHERE contact_id IN ({_in(ids)})"))
         conn.execute(text(f"UPDATE consent_changes SET contact_id = NULL WHERE contact_id IN ({_in(ids)})"))

@@ -305,7 +305,7 @@ def load_policy(raw) -> ContactPolicy:
         return ContactPolicy()
     if isinstance(raw, str):
         raw = json.loads(raw)
-    return ContactPolicy.model_validate(raw)
+    return ContactPolicy() if raw is None else ContactPolicy.model_validate(raw)  # JSON 'null' too
 
 
 def enforce_at_claim(conn, campaign_id: int, claimed, now: datetime) -> tuple[list[int], dict[str, int]]:

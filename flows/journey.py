@@ -1,0 +1,74 @@
+"""Flow: triggered journeys. CRM events (stored by the webhook service) -> journey instances ->
+due steps -> the outbox -> the gateway. Delayed steps become scheduled runs of this flow's own
+deployment (wake-ups), never a sleeping process; see tasks/journey.py for the guarantees."""
+from __future__ import annotations
+
+from datetime import datetime
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.send import send
+from smsflow.settings import get_settings
+from store.db import get_engine
+from tasks.journey import (
+    JourneyStats,
+    cancel_runs,
+    forget_wake_runs,
+    journey_campaigns_due,
+    journey_events_task,
+    journey_plan_task,
+    journey_triggers_task,
+    orphan_wake_runs,
+    schedule_wakeups,
+    wakeups_needed,
+)
+from tasks.journey_defs import load_journeys
+
+
+def _deployment_id():
+    """The deployment this run belongs to (wake-ups are runs of it); None for a local run."""
+    from prefect.runtime import flow_run
+
+    return flow_run.deployment_id
+
+
+@flow(name="journey")
+def journey(journeys_dir: str | None = None, gateway_block: str = "sandbox", database_url: str | None = None,
+            now: datetime | None = None, event: str | None = None) -> dict:
+    """Process new CRM events and date/inactivity triggers, send every journey step that is due,
+    and schedule a wake-up run for the next ones. Safe to run any number of times, concurrently
+    too: each (journey, entity, step) sends at most once. ``event`` only labels a triggered run."""
+    log = get_run_logger()
+    journeys = load_journeys(journeys_dir or get_settings().journeys_dir)
+    engine = get_engine(database_url)
+    stats = JourneyStats()
+    stats.add(journey_events_task(journeys, database_url, now))
+    stats.add(journey_triggers_task(journeys, database_url, now))
+    stats.add(journey_plan_task(journeys, gateway_block, database_url, now))
+
+    sent = {}
+    for name, gw in journey_campaigns_due(engine, now):
+        sent[name] = send(campaign=name, gateway_block=gw or gateway_block, database_url=database_url, now=now)["submitted"]
+
+    woken = cancelled = 0
+    dep = _deployment_id()
+    if dep is not None:
+        woken = schedule_wakeups(dep, wakeups_needed(engine, now), engine)
+        orphans = orphan_wake_runs(engine)
+        cancelled = cancel_runs(orphans)
+        forget_wake_runs(engine, orphans)
+    summary = {**{k: v for k, v in vars(stats).items() if k != "campaigns"}, "submitted": sent,
+               "wakeups_scheduled": woken, "wakeups_cancelled": cancelled, "journeys": [j.name for j in journeys]}
+    log.info("journeys (%s): %d events, %d started, %d exited, %d steps planned, %d skipped, %d failed, "
+             "%d cancelled, %d withdrawn; submitted %s; %d wake-up runs scheduled, %d cancelled",
+             event or "scheduled", stats.events, stats.started, stats.exited, stats.planned, stats.skipped,
+             stats.failed, stats.cancelled, stats.withdrawn, sent or "nothing", woken, cancelled)
+    rows = "\n".join(f"| {k} | {v} |" for k, v in summary.items() if isinstance(v, int))
+    create_markdown_artifact(f"## Journeys\n\n| | count |\n|---|---|\n{rows}\n", key="journeys",
+                             description="journey run summary")
+    return summary
+
+
+if __name__ == "__main__":
+    journey()

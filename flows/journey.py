@@ -28,9 +28,9 @@ from tasks.journey_defs import load_journeys
 
 def _deployment_id():
     """The deployment this run belongs to (wake-ups are runs of it); None for a local run."""
-    from prefect.runtime import flow_run
+    from prefect.runtime import deployment
 
-    return flow_run.deployment_id
+    return deployment.id
 
 
 @flow(name="journey")

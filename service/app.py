@@ -54,6 +54,10 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
     app = FastAPI(title="smsflow callbacks", version="1")
     engine = get_engine(database_url)  # migrates on start
     writer = ReceiptWriter(engine)
+    if emit_events:
+        # import once, up front: a first import racing between request threads deadlocks on
+        # Python's module locks ("deadlock detected by _ModuleLock('prefect.events...')")
+        import prefect.events  # noqa: F401
 
     @app.get("/health")
     def health() -> dict[str, str]:

@@ -506,8 +506,10 @@ def wake_run_name(at: datetime) -> str:
 
 
 def schedule_wakeups(deployment_id, wakeups: dict[datetime, list[int]], engine) -> int:
-    """One scheduled flow run of the journey deployment per due minute (idempotent by name: the
-    server returns the existing run for a repeated idempotency key)."""
+    """One scheduled flow run of the journey deployment per due minute. Idempotent: the server
+    returns the existing run for a repeated idempotency key. A wake-up for steps is keyed by its
+    minute and first step (a cancelled wake-up is never handed to other steps); a wake-up for
+    deferred messages by its minute alone."""
     from prefect.client.orchestration import get_client
     from prefect.states import Scheduled
 
@@ -515,9 +517,10 @@ def schedule_wakeups(deployment_id, wakeups: dict[datetime, list[int]], engine) 
     with get_client(sync_client=True) as client:
         for at, step_ids in sorted(wakeups.items()):
             name = wake_run_name(at)
+            key = f"{name}:step-{min(step_ids)}" if step_ids else f"{name}:send"
             run = client.create_flow_run_from_deployment(
                 deployment_id, state=Scheduled(scheduled_time=at.replace(tzinfo=timezone.utc)), name=name,
-                idempotency_key=name, tags=["journey-wake"])
+                idempotency_key=key, tags=["journey-wake"])
             set_wake_run(engine, step_ids, str(run.id))
             n += 1
     return n

@@ -374,3 +374,37 @@ def test_any_event_order_sends_each_step_at_most_once_and_nothing_after_cancel(t
 
 def _dt(v):
     return v if isinstance(v, datetime) else datetime.fromisoformat(str(v))
+
+
+# ----------------------------------------------------------------------------- the flow (Prefect test harness)
+
+
+@pytest.mark.usefixtures("prefect")
+def test_journey_flow_sends_due_steps_and_reruns_send_nothing_twice(tmp_path):
+    from flows.journey import journey
+
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    engine = get_engine(url)
+    SandboxGateway(state_path=str(tmp_path / "gw.sqlite"), min_delay_s=0, max_delay_s=0).save("sandbox", overwrite=True)
+    _contacts(engine, tmp_path, [contact(1, id="K1")])
+    _event(engine, "order.created", "FL-1", T0, contact_id="K1", order_id="FL-1")
+    _event(engine, "order.status_changed", "FL-1", T0, status="packed")
+    first = journey(journeys_dir=str(REPO / "journeys"), database_url=url, now=T0)
+    assert first["planned"] == 2 and first["submitted"] == {"journey:order-lifecycle:confirmation": 1,
+                                                            "journey:order-lifecycle:packed": 1}
+    assert first["wakeups_scheduled"] == 0  # a local run has no deployment to wake up
+    again = journey(journeys_dir=str(REPO / "journeys"), database_url=url, now=T0 + timedelta(minutes=1))
+    assert again["planned"] == 0 and again["submitted"] == {}
+    assert sorted((o["step"], o["state"]) for o in _outbox(engine)) == [("confirmation", "submitted"),
+                                                                         ("packed", "submitted")]
+
+
+@pytest.mark.usefixtures("prefect")
+def test_broken_journey_file_stops_the_flow_with_the_file_named(tmp_path):
+    from flows.journey import journey
+
+    d = tmp_path / "j"
+    d.mkdir()
+    (d / "x.yaml").write_text("name: x\ntrigger: {event: a}\nsteps: [{name: s, template: {ru: '{{ oops'}}]\n")
+    with pytest.raises(JourneyError, match="x.yaml"):
+        journey(journeys_dir=str(d), database_url=f"sqlite:///{tmp_path / 's.sqlite'}", now=T0)

@@ -277,6 +277,40 @@ def forget_cmd(
     typer.echo(json.dumps(res.as_dict()))
 
 
+journey_app = typer.Typer(no_args_is_help=True, help="Triggered journeys (journeys/*.yaml).")
+app.add_typer(journey_app, name="journey")
+
+
+@journey_app.command("check")
+def journey_check(directory: Path = typer.Argument(None, help="Default: SMSFLOW_JOURNEYS_DIR or <project>/journeys")) -> None:
+    """Validate every journey file (triggers, steps, conditions, templates); exit 1 on the first error."""
+    from smsflow.settings import get_settings
+    from tasks.journey_defs import JourneyError, load_journeys
+
+    try:
+        journeys = load_journeys(directory or get_settings().journeys_dir)
+    except JourneyError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for j in journeys:
+        steps = ", ".join(f"{s.name}" + (f" after {s.wait_for.event}" if s.wait_for else "") +
+                          (f" +{s.delay}" if s.delay else "") for s in j.steps)
+        typer.echo(f"{j.name}: trigger {j.trigger.kind} ({j.trigger.event or j.trigger.date_field or j.trigger.inactive_days}); "
+                   f"steps: {steps}")
+
+
+@journey_app.command("run")
+def journey_run(
+    directory: Path = typer.Option(None, "--dir", help="Journeys directory (default: SMSFLOW_JOURNEYS_DIR)"),
+    gateway_block: str = typer.Option("sandbox", "--gateway-block"),
+) -> None:
+    """Run the journey flow once: new CRM events, date/inactivity triggers, due steps, sends."""
+    from flows.journey import journey
+
+    typer.echo(json.dumps(journey(journeys_dir=str(directory) if directory else None, gateway_block=gateway_block),
+                          ensure_ascii=False, indent=1, default=str))
+
+
 @app.command("serve")
 def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host"),

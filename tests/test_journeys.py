@@ -408,3 +408,15 @@ def test_broken_journey_file_stops_the_flow_with_the_file_named(tmp_path):
     (d / "x.yaml").write_text("name: x\ntrigger: {event: a}\nsteps: [{name: s, template: {ru: '{{ oops'}}]\n")
     with pytest.raises(JourneyError, match="x.yaml"):
         journey(journeys_dir=str(d), database_url=f"sqlite:///{tmp_path / 's.sqlite'}", now=T0)
+
+
+def test_cli_journey_check(tmp_path):
+    from typer.testing import CliRunner
+
+    from smsflow.cli import app
+
+    ok = CliRunner().invoke(app, ["journey", "check", str(REPO / "journeys")])
+    assert ok.exit_code == 0 and "order-lifecycle: trigger event (order.created)" in ok.output
+    (tmp_path / "b.yaml").write_text("name: b\ntrigger: {event: x}\nsteps:\n  - {name: s, condition: 'a ==', template: {ru: hi}}\n")
+    bad = CliRunner().invoke(app, ["journey", "check", str(tmp_path)])
+    assert bad.exit_code == 1 and "b.yaml" in bad.output and "does not compile" in bad.output

@@ -118,7 +118,8 @@ def entity_key(source: str, entity_id: str) -> str:
     return f"{source}:{entity_id}"
 
 
-def _resolve_contact(conn: Connection, j: Journey, source: str, fields: dict[str, Any]) -> tuple[int | None, str | None, str | None]:
+def _resolve_contact(conn: Connection, j: Journey, source: str, fields: dict[str, Any],
+                     entity_id: str | None = None) -> tuple[int | None, str | None, str | None]:
     """(contact id, E.164 phone, language) of the customer an event names: by CRM id (same source
     preferred), else by phone number; an unknown customer with a phone still gets transactional
     messages (the send-time policy decides)."""
@@ -126,13 +127,17 @@ def _resolve_contact(conn: Connection, j: Journey, source: str, fields: dict[str
 
     crm_id = fields.get(j.contact.crm_id) if j.contact.crm_id else None
     lang = fields.get(j.contact.language) if j.contact.language else None
+    raw_phone = fields.get(j.contact.phone) if j.contact.phone else None
+    if crm_id in (None, "") and not raw_phone and j.contact.crm_block:
+        found = _crm_block(j.contact.crm_block).event_customer(
+            str(fields.get("event_type")), entity_id, fields) or {}
+        crm_id, raw_phone, lang = found.get("crm_id"), found.get("phone"), found.get("language") or lang
     row = None
     if crm_id not in (None, ""):
         row = conn.execute(text(
             "SELECT id, phone_e164, language FROM contacts WHERE crm_id = :c AND status = 'valid' "
             "ORDER BY CASE WHEN source = :s THEN 0 ELSE 1 END, id LIMIT 1"), {"c": str(crm_id), "s": source}).first()
     phone = None
-    raw_phone = fields.get(j.contact.phone) if j.contact.phone else None
     if row is None and raw_phone:
         import pandas as pd
 
@@ -143,6 +148,18 @@ def _resolve_contact(conn: Connection, j: Journey, source: str, fields: dict[str
     if row is not None:
         return int(row[0]), row[1], row[2] or lang
     return None, phone, lang
+
+
+_BLOCKS: dict[str, Any] = {}
+
+
+def _crm_block(name: str):
+    """A CRM source Block, loaded once per process."""
+    if name not in _BLOCKS:
+        from blocks.registry import load_crm
+
+        _BLOCKS[name] = load_crm(name)
+    return _BLOCKS[name]
 
 
 def _schedule(conn: Connection, instance_id: int, step: Step, at: datetime, now: datetime) -> bool:
@@ -205,7 +222,7 @@ def _apply_event(conn: Connection, journeys: list[Journey], ev, now: datetime, s
                 JourneyInstance.journey == j.name, JourneyInstance.entity_id == ent)).first()
             if inst is None:
                 if j.trigger.kind == "event" and j.trigger.as_match().matches(etype, fields):
-                    contact = _resolve_contact(conn, j, source, fields)
+                    contact = _resolve_contact(conn, j, source, fields, entity_id)
                     start_instance(conn, j, ent, source, contact, fields, at, now, stats)
             elif inst.status == ACTIVE:
                 data = {**_json(inst.data), **fields}
@@ -220,7 +237,7 @@ def _apply_event(conn: Connection, journeys: list[Journey], ev, now: datetime, s
                             stats.scheduled += 1
         contact_rules = [r for r in j.exit if r.scope == "contact" and r.matches(etype, fields)]
         if contact_rules:
-            cid, phone, _ = contact or _resolve_contact(conn, j, source, fields)
+            cid, phone, _ = contact or _resolve_contact(conn, j, source, fields, entity_id)
             if cid is None and not phone:
                 continue
             cond = JourneyInstance.contact_id == cid if cid is not None else JourneyInstance.phone_e164 == phone

@@ -151,6 +151,9 @@ class ContactRef(BaseModel):
     crm_id: str | None = "contact_id"
     phone: str | None = "phone"
     language: str | None = "language"
+    # a CRM source Block that can tell whose deal/lead an event is about (AmoCrm, Bitrix24Crm,
+    # HubSpotCrm: ``event_customer``), asked when the event names no customer itself
+    crm_block: str | None = None
 
 
 class Journey(BaseModel):

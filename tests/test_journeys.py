@@ -420,3 +420,35 @@ def test_cli_journey_check(tmp_path):
     (tmp_path / "b.yaml").write_text("name: b\ntrigger: {event: x}\nsteps:\n  - {name: s, condition: 'a ==', template: {ru: hi}}\n")
     bad = CliRunner().invoke(app, ["journey", "check", str(tmp_path)])
     assert bad.exit_code == 1 and "b.yaml" in bad.output and "does not compile" in bad.output
+
+
+def test_customer_of_a_deal_event_is_looked_up_in_the_crm_block(engine, tmp_path, monkeypatch):
+    """amoCRM/Bitrix24 webhooks name only the deal: the journey asks its CRM block whose deal it is."""
+    import tasks.journey as tj
+    from blocks.crm import CsvCrm
+
+    asked = []
+
+    class DealsCrm(CsvCrm):
+        def event_customer(self, event_type, entity_id, payload):
+            asked.append((event_type, entity_id))
+            return {"crm_id": "K1"} if entity_id == "777" else None
+
+    monkeypatch.setitem(tj._BLOCKS, "deals", DealsCrm(path=str(tmp_path / "none.csv")))
+    _contacts(engine, tmp_path, [contact(1, id="K1")])
+    d = tmp_path / "j"
+    d.mkdir()
+    (d / "deal.yaml").write_text(textwrap.dedent("""
+        name: deal-won
+        trigger: {event: lead.status, when: "status_id == '142'"}
+        contact: {crm_block: deals}
+        steps:
+          - {name: thanks, template: {ru: "Спасибо за покупку, {{ first_name }}!"}}
+    """), encoding="utf-8")
+    js = load_journeys(d)
+    _event(engine, "lead.status", "777", T0, status_id="142", pipeline_id="7")
+    _event(engine, "lead.status", "778", T0, status_id="143")  # not won: no journey, no lookup
+    _run(engine, js, T0)
+    assert asked == [("lead.status", "777")]
+    (msg,) = _outbox(engine)
+    assert msg["text"] == "Спасибо за покупку, Иван!"  # contact(1)

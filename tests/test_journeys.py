@@ -452,3 +452,17 @@ def test_customer_of_a_deal_event_is_looked_up_in_the_crm_block(engine, tmp_path
     assert asked == [("lead.status", "777")]
     (msg,) = _outbox(engine)
     assert msg["text"] == "Спасибо за покупку, Иван!"  # contact(1)
+
+
+def test_forgetting_a_person_ends_their_journeys(engine, tmp_path, journeys):
+    from tasks.erasure import forget
+
+    _contacts(engine, tmp_path, [contact(1, id="K1")])
+    _event(engine, "order.created", "R-1", T0, contact_id="K1", order_id="R-1")
+    _event(engine, "order.status_changed", "R-1", T0, status="delivered")
+    _run(engine, journeys, T0)
+    forget(engine, "+7 916 100-00-01")
+    with engine.begin() as c:
+        assert c.execute(text("SELECT COUNT(*) FROM journey_instances")).scalar() == 0
+        assert c.execute(text("SELECT COUNT(*) FROM journey_steps")).scalar() == 0
+    assert _run(engine, journeys, T0 + timedelta(days=8)).planned == 0

@@ -74,7 +74,14 @@ def forget(engine, who: str, default_region: str = "RU") -> ErasureResult:
             f"DELETE FROM quarantine WHERE contact_id IN ({_in(ids)}) OR (step IN ('extract', 'validate') AND row_key IN ({crm_list}))"),
             crm_params).rowcount or 0
         conn.execute(text(f"DELETE FROM segment_memberships WHERE contact_id IN ({_in(ids)})"))
-        # running journeys stop for an erased person (their steps go with them)
+        # running journeys stop for an erased person (their steps go with them), and the CRM events
+        # about their orders/deals lose their payloads (names, phones, addresses)
+        for src, ent in conn.execute(text(
+                f"SELECT source, entity_id FROM journey_instances WHERE contact_id IN ({_in(ids)}) "
+                f"OR phone_e164 IN ({phone_list})"), phone_params).all():
+            if src and ent and ent.startswith(f"{src}:"):
+                conn.execute(text("UPDATE crm_events SET payload = NULL WHERE source = :s AND entity_id = :e"),
+                             {"s": src, "e": ent[len(src) + 1:]})
         conn.execute(text(f"DELETE FROM journey_instances WHERE contact_id IN ({_in(ids)}) OR phone_e164 IN ({phone_list})"),
                      phone_params)
         conn.execute(text(f"UPDATE contacts SET duplicate_of = NULL WHERE duplicate_of IN ({_in(ids)})"))

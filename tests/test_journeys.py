@@ -465,4 +465,6 @@ def test_forgetting_a_person_ends_their_journeys(engine, tmp_path, journeys):
     with engine.begin() as c:
         assert c.execute(text("SELECT COUNT(*) FROM journey_instances")).scalar() == 0
         assert c.execute(text("SELECT COUNT(*) FROM journey_steps")).scalar() == 0
+        assert c.execute(text("SELECT COUNT(*) FROM crm_events WHERE payload IS NOT NULL "
+                              "AND entity_id = 'R-1'")).scalar() == 0
     assert _run(engine, journeys, T0 + timedelta(days=8)).planned == 0

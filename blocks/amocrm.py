@@ -6,6 +6,8 @@
          204 No Content when nothing matches; follow _links.next until it is absent
     GET  /api/v4/leads?filter[id][]=..                        (lead status/pipeline/price, optional)
     GET  /api/v4/contacts/custom_fields?limit=50&page=N       (the consent field's id, for opt-outs)
+    GET  /api/v4/leads/{id}?with=contacts     one lead; _embedded.contacts: [{"id", "is_main", "_links"}]
+    GET  /api/v4/contacts/{id}                one contact (custom_fields_values); 204 when it does not exist
     GET  /api/v4/contacts/notes?filter[entity_id][]=..&filter[note_type][]=common&filter[updated_at][from]=..
     POST /api/v4/contacts/notes    [{"entity_id", "note_type": "common", "params": {"text"}, "request_id"}]
     PATCH /api/v4/contacts         [{"id", "custom_fields_values": [{"field_id", "values": [{"value"}]}], "request_id"}]
@@ -45,13 +47,9 @@ from blocks.crm_writeback import (
     VendorRejected,
     WriteBackItem,
     WriteBackResult,
-    WriteBackTransient,
-    WriteBackUncertain,
     chunks,
-    frames,
     iso_utc,
     keys_in,
-    keyset_scan,
     parse_since,
     retry_after_seconds,
     truthy,
@@ -142,9 +140,6 @@ class AmoCrm(RestCrmSource):
             yield items, url is not None
 
     # ------------------------------------------------------------------ extract
-    def fetch(self, since: str | None = None, batch_size: int = 50_000):
-        return frames(self._rows(since), batch_size)
-
     def _rows(self, since: str | None):
         start = parse_since(since)
         anchor = None if start is None else int(start.timestamp())  # floor: the filter is inclusive
@@ -163,15 +158,12 @@ class AmoCrm(RestCrmSource):
             for items, _more in self._pages("/api/v4/contacts", params, "contacts"):
                 yield items
 
-        try:
-            with self._session():
-                for page in keyset_scan(query, tie, lambda t: t + 1, since=anchor, pages_per_query=self.pages_per_query,
-                                        ts=lambda c: int(c.get("updated_at") or 0), ident=lambda c: c["id"]):
-                    leads = self._lead_details(page) if (self.with_leads and self.lead_details) else {}
-                    for c in page:
-                        yield self._row(c, leads)
-        except (WriteBackTransient, WriteBackUncertain, VendorRejected) as exc:
-            raise self._as_source_error(exc) from None
+        def rows(page: list[dict]) -> list[dict]:
+            leads = self._lead_details(page) if (self.with_leads and self.lead_details) else {}
+            return [self._row(c, leads) for c in page]
+
+        return self._scan(query, tie, since=anchor, ts=lambda c: int(c.get("updated_at") or 0), ident=lambda c: c["id"],
+                          rows=rows)
 
     def _lead_details(self, contacts: list[dict]) -> dict[int, dict]:
         ids = sorted({l["id"] for c in contacts for l in ((c.get("_embedded") or {}).get("leads") or [])})
@@ -219,6 +211,34 @@ class AmoCrm(RestCrmSource):
                 row["last_lead_pipeline_id"] = last.get("pipeline_id")
                 row["last_lead_price"] = last.get("price")
         return row
+
+    # ------------------------------------------------------------------ webhook events
+    def _entity(self, path: str, params: list[tuple[str, Any]] | None = None) -> dict | None:
+        """GET one entity by id; None when amoCRM answers 204 No Content (or 404): no such entity."""
+        r = self._call("GET", path, params=params)
+        if r.status_code == 204 or not r.content:
+            return None
+        body = r.json()
+        return body if isinstance(body, dict) and body.get("id") is not None else None
+
+    def _customer_of(self, kind: str, entity_id: str) -> dict | None:
+        """amoCRM webhooks name a lead (``leads[status][0][id]``) or a contact. For a lead (amoCRM's
+        deal): ``GET /api/v4/leads/{id}?with=contacts`` and its main contact (``is_main``, else the
+        first) from ``_embedded.contacts``; then ``GET /api/v4/contacts/{contact_id}`` for the PHONE
+        field (a mobile number preferred, as in the extract). crm_id is the contact id, as extracted."""
+        contact_id = entity_id
+        if kind != "contact":
+            lead = self._entity(f"/api/v4/leads/{entity_id}", [("with", "contacts")])
+            linked = ((lead or {}).get("_embedded") or {}).get("contacts") or []
+            main = next((c for c in linked if c.get("is_main")), linked[0] if linked else None)
+            if main is None or main.get("id") is None:
+                return None
+            contact_id = str(main["id"])
+        contact = self._entity(f"/api/v4/contacts/{contact_id}")
+        if contact is None:
+            return None
+        return {"crm_id": str(contact["id"]), "phone": _multitext(contact.get("custom_fields_values") or [], "PHONE", "MOB"),
+                "language": None}
 
     # ------------------------------------------------------------------ write-back
     def _existing_notes(self, items: list[WriteBackItem]) -> dict[str, str]:

@@ -12,6 +12,9 @@
     crm.timeline.comment.list  filter[ENTITY_ID]=..&filter[ENTITY_TYPE]=contact  (paged by start, 50)
     crm.timeline.comment.add   fields[ENTITY_ID], fields[ENTITY_TYPE]=contact, fields[COMMENT]  -> comment id
     crm.contact.update         id, fields[UF_CRM_...]=0, params[REGISTER_SONET_EVENT]=N       -> true
+    crm.deal.get / crm.lead.get / crm.contact.get   id -> {"result": {...}}; a deal's CONTACT_ID is its
+        primary contact; a lead has CONTACT_ID and its own PHONE; an unknown id is
+        400 {"error": "", "error_description": "Not found"}
     errors: {"error": CODE, "error_description": text}
         503 QUERY_LIMIT_EXCEEDED (leaky bucket: 2 requests/s drained, 50 banked; Enterprise 5/250)
         OPERATION_TIME_LIMIT (a method used more than 480 s of server time in 10 minutes)
@@ -45,12 +48,9 @@ from blocks.crm_writeback import (
     WriteBackItem,
     WriteBackResult,
     WriteBackTransient,
-    WriteBackUncertain,
     chunks,
-    frames,
     iso_utc,
     keys_in,
-    keyset_scan,
     parse_since,
     retry_after_seconds,
     truthy,
@@ -62,6 +62,7 @@ AUTH_ERRORS = {"INVALID_CREDENTIALS", "expired_token", "invalid_token", "NO_AUTH
 FORBIDDEN_ERRORS = {"insufficient_scope", "ACCESS_DENIED", "OVERLOAD_LIMIT", "METHOD_NOT_ALLOWED", "PAYMENT_REQUIRED",
                     "ERROR_METHOD_NOT_FOUND"}
 TRANSIENT_ERRORS = RATE_ERRORS | {"INTERNAL_SERVER_ERROR", "ERROR_UNEXPECTED_ANSWER"}
+NOT_FOUND_ERRORS = {"NOT_FOUND", "ERROR_NOT_FOUND"}
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 PAGE = 50  # fixed by Bitrix24
 
@@ -185,9 +186,6 @@ class Bitrix24Crm(RestCrmSource):
         base = ["ID", "NAME", "LAST_NAME", "PHONE", "EMAIL", "DATE_MODIFY", self.consent_field]
         return base + [f for f in self.extra_fields if f not in base]
 
-    def fetch(self, since: str | None = None, batch_size: int = 50_000):
-        return frames(self._rows(since), batch_size)
-
     def _rows(self, since: str | None):
         start = parse_since(since)
         anchor = None if start is None else int(start.timestamp())
@@ -218,14 +216,8 @@ class Bitrix24Crm(RestCrmSource):
                     return
                 last = max(int(c["ID"]) for c in page)
 
-        try:
-            with self._session():
-                for page in keyset_scan(query, tie, lambda t: t + 1, since=anchor, pages_per_query=self.pages_per_query,
-                                        ts=lambda c: _epoch(c.get("DATE_MODIFY")), ident=lambda c: str(c["ID"])):
-                    for c in page:
-                        yield self._row(c)
-        except (WriteBackTransient, WriteBackUncertain, VendorRejected) as exc:
-            raise self._as_source_error(exc) from None
+        return self._scan(query, tie, since=anchor, ts=lambda c: _epoch(c.get("DATE_MODIFY")), ident=lambda c: str(c["ID"]),
+                          rows=lambda page: map(self._row, page))
 
     def _row(self, c: dict) -> dict:
         row = {
@@ -244,6 +236,43 @@ class Bitrix24Crm(RestCrmSource):
             if f in c and f not in ("PHONE", "EMAIL"):
                 row[f.lower()] = c.get(f)
         return row
+
+    # ------------------------------------------------------------------ webhook events
+    def _get(self, method: str, entity_id: str) -> Any:
+        """``crm.deal.get`` / ``crm.lead.get`` / ``crm.contact.get`` with ``id``; None when Bitrix24
+        answers 400 {"error": "", "error_description": "Not found"} (or NOT_FOUND): no such entity."""
+        try:
+            return self._method(method, {"id": entity_id}).get("result")
+        except VendorRejected as exc:
+            body = exc.body if isinstance(exc.body, dict) else {}
+            if body.get("error") in NOT_FOUND_ERRORS or str(body.get("error_description") or "").strip().lower() == "not found":
+                return None
+            raise
+
+    def _customer_of(self, kind: str, entity_id: str) -> dict | None:
+        """Bitrix24 webhooks (``ONCRMDEALUPDATE`` ...) send only ``data[FIELDS][ID]``.
+        A deal: ``crm.deal.get`` -> ``CONTACT_ID``, its primary contact (the IS_PRIMARY=Y one of
+        ``crm.deal.contact.items.get``; empty without contacts). A lead: ``crm.lead.get`` ->
+        ``CONTACT_ID``, else the lead's own PHONE (crm_id None). A contact: itself. Then
+        ``crm.contact.get`` -> PHONE (MOBILE preferred, as in the extract); crm_id is its ID."""
+        phone = None
+        contact_id: Any = entity_id
+        if kind == "deal":
+            deal = self._get("crm.deal.get", entity_id)
+            if not isinstance(deal, dict):
+                return None
+            contact_id = deal.get("CONTACT_ID")
+        elif kind == "lead":
+            lead = self._get("crm.lead.get", entity_id)
+            if not isinstance(lead, dict):
+                return None
+            contact_id, phone = lead.get("CONTACT_ID"), _multi(lead.get("PHONE"), "MOBILE")
+        if not _id(contact_id):
+            return {"crm_id": None, "phone": phone, "language": None} if phone else None
+        contact = self._get("crm.contact.get", str(contact_id))
+        if not isinstance(contact, dict):
+            return {"crm_id": None, "phone": phone, "language": None} if phone else None
+        return {"crm_id": str(contact["ID"]), "phone": _multi(contact.get("PHONE"), "MOBILE") or phone, "language": None}
 
     # ------------------------------------------------------------------ write-back
     def _batch(self, cmds: dict[str, tuple[str, dict]], *, idempotent: bool) -> tuple[dict, dict, dict]:
@@ -319,6 +348,11 @@ def _epoch(value: Any) -> int:
     except ValueError:
         ts = parse_since(str(value))
         return int(ts.timestamp()) if ts else 0
+
+
+def _id(value: Any) -> bool:
+    """A real entity id (Bitrix24 sends null, "" or "0" for no link)."""
+    return str(value or "").strip().isdigit() and int(str(value).strip()) > 0
 
 
 def _multi(values: Any, prefer: str) -> str | None:

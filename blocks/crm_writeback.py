@@ -498,6 +498,28 @@ class RestCrmSource(CrmSource, CrmWriteBack):
     @abstractmethod
     def _rate(self) -> float: ...
 
+    @abstractmethod
+    def _rows(self, since: str | None) -> Iterator[dict]:
+        """The contacts with updated-at >= ``since`` as rows of our columns (usually via ``_scan``)."""
+
+    # ---- extract
+    def fetch(self, since: str | None = None, batch_size: int = 50_000) -> Iterator[pd.DataFrame]:
+        return frames(self._rows(since), batch_size)
+
+    def _scan(self, query: Callable[[int | None], Iterator[tuple[list, bool]]], tie: Callable[[int], Iterator[list]], *,
+              since: int | None, ts: Callable[[Any], int], ident: Callable[[Any], Any],
+              rows: Callable[[list], Iterable[dict]]) -> Iterator[dict]:
+        """``keyset_scan`` over the vendor's ``query``/``tie`` (integer timestamps, the next one is +1),
+        inside a session, ``pages_per_query`` pages per query; ``rows(page)`` maps each page to our rows.
+        Whatever the vendor still refuses after the retries becomes a ``CrmSourceError``."""
+        try:
+            with self._session():
+                for page in keyset_scan(query, tie, lambda t: t + 1, since=since, pages_per_query=self.pages_per_query,
+                                        ts=ts, ident=ident):
+                    yield from rows(page)
+        except (WriteBackTransient, WriteBackUncertain, VendorRejected) as exc:
+            raise self._as_source_error(exc) from None
+
     # ---- session
     def with_transport(self, transport: httpx.BaseTransport):
         """Use a custom transport (httpx.MockTransport in offline tests)."""
@@ -539,6 +561,59 @@ class RestCrmSource(CrmSource, CrmWriteBack):
 
     def _as_source_error(self, exc: Exception) -> CrmSourceError:
         return CrmSourceError(_clean(f"{self._vendor} '{self.source_name}': {exc}"))
+
+    # ---- webhook events: whose deal is it?
+    def event_customer(self, event_type: str, entity_id: str | None, payload: dict) -> dict | None:
+        """The customer of a CRM webhook event that names only its deal/lead/contact.
+
+        ``event_entity`` tells what the event is about; the vendor's ``_customer_of`` reads it
+        through the rate-limited, retrying caller (429/Retry-After/QUERY_LIMIT_EXCEEDED apply).
+        Returns ``{"crm_id", "phone", "language"}`` (crm_id as the extract keys contacts), or None
+        when the entity is not one we can look up, does not exist (404, empty answer) or has no
+        contact. A rejected token/webhook raises ``CrmSourceError`` (as the extract does), and so
+        does a lookup that still fails after the retries: the event is not silently dropped.
+        """
+        kind = event_entity(event_type, payload)
+        eid = str(entity_id if entity_id not in (None, "") else payload.get("objectId") or "").strip()
+        if kind is None or not eid.isdigit() or int(eid) <= 0:
+            return None
+        try:
+            with self._session():
+                return self._customer_of(kind, eid)
+        except VendorRejected as exc:
+            if exc.status == 404:
+                return None
+            raise self._as_source_error(exc) from None
+        except (WriteBackTransient, WriteBackUncertain) as exc:
+            raise self._as_source_error(exc) from None
+
+    def _customer_of(self, kind: str, entity_id: str) -> dict | None:
+        """Vendor hook: the customer of a ``deal``/``lead``/``contact`` (inside a session)."""
+        return None
+
+
+# what a webhook event is about, by its type ("lead.status", "ONCRMDEALUPDATE", "deal.propertyChange")
+# or its payload (amoCRM "entity": "leads", HubSpot "subscriptionType"/"objectTypeId" 0-1/0-3)
+_ENTITY_WORDS = {"deal": "deal", "deals": "deal", "lead": "lead", "leads": "lead", "contact": "contact",
+                 "contacts": "contact", "0-3": "deal", "0-1": "contact"}
+
+
+def event_entity(event_type: str | None, payload: dict | None = None) -> str | None:
+    """``'deal'``, ``'lead'`` or ``'contact'``: the kind of CRM entity a webhook event is about, or None.
+
+    amoCRM sends ``lead.status``/``contact.add`` (and ``entity``: ``leads``/``contacts``), Bitrix24
+    ``ONCRMDEALUPDATE``/``ONCRMLEADADD``/``ONCRMCONTACTUPDATE``, HubSpot ``deal.propertyChange``/
+    ``contact.creation`` (``subscriptionType``, ``objectTypeId`` 0-3/0-1). Note that an amoCRM "lead"
+    is a deal; each vendor maps the kinds to its own objects."""
+    payload = payload or {}
+    for raw in (event_type, payload.get("subscriptionType"), payload.get("entity"), payload.get("objectTypeId")):
+        word = str(raw or "").strip().lower()
+        if word.startswith("oncrm"):  # Bitrix24 event names: ONCRM + DEAL/LEAD/CONTACT + ADD/UPDATE/...
+            word = next((k for k in ("deal", "lead", "contact") if word[5:].startswith(k)), "")
+        kind = _ENTITY_WORDS.get(re.split(r"[.:/ ]", word, maxsplit=1)[0])
+        if kind:
+            return kind
+    return None
 
 
 def ms_epoch(dt: datetime) -> int:

@@ -15,6 +15,10 @@
     POST /crm/v3/objects/contacts/batch/update {"inputs": [{"id", "properties": {"sms_opt_out": "true"}}]}  (<= 100)
     POST /crm/v4/associations/contacts/notes/batch/read {"inputs": [{"id", "after"?}]}  -> note ids per contact
     POST /crm/v3/objects/notes/batch/read {"properties": ["hs_note_body"], "inputs": [{"id"}]}   (<= 100)
+    GET  /crm/v4/objects/deals/{dealId}/associations/contacts?limit=500
+         -> {"results": [{"toObjectId", "associationTypes": [{"category", "typeId": 3, "label"}]}], "paging"?}
+    GET  /crm/v3/objects/contacts/{contactId}?properties=phone,mobilephone,hs_language
+         -> {"id", "properties": {..}, ...}; 404 {"status": "error", "category": "OBJECT_NOT_FOUND", ...}
     errors: {"status": "error", "message", "correlationId", "category"}; 429 adds "errorType": "RATE_LIMIT"
          and "policyName" (TEN_SECONDLY_ROLLING, SECONDLY, DAILY); 207 Multi-Status carries "errors".
 
@@ -43,13 +47,9 @@ from blocks.crm_writeback import (
     VendorRejected,
     WriteBackItem,
     WriteBackResult,
-    WriteBackTransient,
-    WriteBackUncertain,
     chunks,
-    frames,
     iso_utc,
     keys_in,
-    keyset_scan,
     marker,
     ms_epoch,
     parse_since,
@@ -139,9 +139,6 @@ class HubSpotCrm(RestCrmSource):
             props.append(self.consent_at_property)
         return props + [p for p in self.extra_properties if p not in props]
 
-    def fetch(self, since: str | None = None, batch_size: int = 50_000):
-        return frames(self._rows(since), batch_size)
-
     def _rows(self, since: str | None):
         start = parse_since(since)
         anchor = None if start is None else ms_epoch(start)
@@ -185,14 +182,8 @@ class HubSpotCrm(RestCrmSource):
                     return
                 last = max((str(c["id"]) for c in page), key=int)
 
-        try:
-            with self._session():
-                for page in keyset_scan(query, tie, lambda t: t + 1, since=anchor, pages_per_query=self.pages_per_query,
-                                        ts=_modified_ms, ident=lambda c: str(c["id"])):
-                    for c in page:
-                        yield self._row(c)
-        except (WriteBackTransient, WriteBackUncertain, VendorRejected) as exc:
-            raise self._as_source_error(exc) from None
+        return self._scan(query, tie, since=anchor, ts=_modified_ms, ident=lambda c: str(c["id"]),
+                          rows=lambda page: map(self._row, page))
 
     def _row(self, c: dict) -> dict:
         p = c.get("properties") or {}
@@ -211,6 +202,29 @@ class HubSpotCrm(RestCrmSource):
         for prop in self.extra_properties:
             row[prop] = p.get(prop)
         return row
+
+    # ------------------------------------------------------------------ webhook events
+    def _customer_of(self, kind: str, entity_id: str) -> dict | None:
+        """HubSpot webhooks carry the ``objectId`` of a deal (``deal.propertyChange``) or a contact.
+        A deal: ``GET /crm/v4/objects/deals/{id}/associations/contacts`` and its first contact
+        (deals have no primary contact label); then ``GET /crm/v3/objects/contacts/{id}`` with
+        ``properties=phone,mobilephone,hs_language``. A 404 (no such object) is None, as is a deal
+        without contacts. crm_id is the contact's id and the phone the mobile one first, as extracted."""
+        if kind == "lead":
+            return None  # HubSpot's lead object is not a contact source here
+        contact_id = entity_id
+        if kind == "deal":
+            r = self._call("GET", f"/crm/v4/objects/deals/{entity_id}/associations/contacts", params={"limit": 500})
+            linked = [str(a["toObjectId"]) for a in (r.json() or {}).get("results") or [] if a.get("toObjectId")]
+            if not linked:
+                return None
+            contact_id = linked[0]
+        r = self._call("GET", f"/crm/v3/objects/contacts/{contact_id}",
+                       params={"properties": "phone,mobilephone,hs_language", "archived": "false"})
+        c = r.json() or {}
+        p = c.get("properties") or {}
+        return {"crm_id": str(c.get("id") or contact_id), "phone": p.get("mobilephone") or p.get("phone") or None,
+                "language": p.get("hs_language") or None}
 
     # ------------------------------------------------------------------ write-back
     def note_text(self, item: WriteBackItem) -> str:

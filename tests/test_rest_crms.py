@@ -426,3 +426,170 @@ def test_store_write_back_to_amocrm_never_twice(sqlite_engine):
     before = len(fake.notes)
     again = write_back(sqlite_engine, src, "amo")
     assert (again.queued, again.written) == (0, 0) and len(fake.notes) == before
+
+
+# =========================================================================== webhook events: whose deal is it?
+# Each vendor's world: a deal with two contacts (the main/primary one is not the lowest id), a deal
+# without contacts, and the webhook bodies as the vendor sends them (parsed by service/webhooks.py).
+def _event(kind: str, body):
+    """(event_type, entity_id, fields) as the journey passes them to ``event_customer``."""
+    import json
+
+    from service.webhooks import parse
+
+    (ev,) = parse(kind, body if isinstance(body, bytes) else json.dumps(body).encode())
+    return ev.event_type, ev.entity_id, {**ev.payload, "event_type": ev.event_type}
+
+
+def amo_world(**kw):
+    fake = amo_fake(n=0, **kw)
+    fake.add_contact(11, first_name="Анна", updated_at=BASE, phones=[(landline(11), "WORK"), (mobile(11), "MOB")],
+                     lead_ids=[777])
+    fake.add_contact(12, first_name="Борис", updated_at=BASE, phones=[(landline(12), "WORK"), (mobile(12), "MOB")],
+                     lead_ids=[777])
+    fake.add_lead(777, status_id=142, pipeline_id=7, price=1, updated_at=BASE, main_contact_id=12)
+    fake.add_lead(778, status_id=142, pipeline_id=7, price=1, updated_at=BASE)
+
+    def lead(i):
+        return _event("amocrm", f"leads[status][0][id]={i}&leads[status][0][status_id]=142&leads[status][0][pipeline_id]=7".encode())
+
+    events = {"deal": lead(777), "no_contacts": lead(778), "unknown": lead(999),
+              "contact": _event("amocrm", b"contacts[update][0][id]=11&contacts[update][0][name]=x")}
+    return fake, amo(fake), events
+
+
+def bx_world(**kw):
+    fake = bx_fake(n=0, **kw)
+    for i in (11, 12):
+        fake.add_contact(i, name=f"Имя{i}", modified=BASE, phones=[(landline(i), "WORK"), (mobile(i), "MOBILE")])
+    fake.add_deal(777, contact_ids=[11, 12], primary=12)
+    fake.add_deal(778)
+
+    def deal(i, event="ONCRMDEALUPDATE"):
+        return _event("bitrix24", f"event={event}&data[FIELDS][ID]={i}&ts=1767261600&auth[application_token]=t".encode())
+
+    events = {"deal": deal(777), "no_contacts": deal(778), "unknown": deal(999), "contact": deal(11, "ONCRMCONTACTUPDATE")}
+    return fake, bx(fake), events
+
+
+def hs_world(**kw):
+    fake = hs_fake(n=0, **kw)
+    for i in (11, 12):
+        fake.add_contact(i, modified_ms=BASE * 1000, firstname=f"Имя{i}", phone=landline(i), mobilephone=mobile(i),
+                         hs_language="en" if i == 11 else "ru")
+    fake.add_deal(777, contact_ids=[11, 12])
+    fake.add_deal(778)
+
+    def hook(i, sub="deal.propertyChange"):
+        return _event("generic", {"type": sub, "subscriptionType": sub, "objectId": i, "propertyName": "dealstage",
+                                  "propertyValue": "closedwon", "eventId": 100 + i, "portalId": 62515})
+
+    events = {"deal": hook(777), "no_contacts": hook(778), "unknown": hook(999), "contact": hook(12, "contact.creation")}
+    return fake, hs(fake), events
+
+
+# vendor -> (world, customer of deal 777, customer of the contact event)
+WORLDS = {
+    "amocrm": (amo_world, {"crm_id": "12", "phone": mobile(12), "language": None},
+               {"crm_id": "11", "phone": mobile(11), "language": None}),
+    "bitrix24": (bx_world, {"crm_id": "12", "phone": mobile(12), "language": None},
+                 {"crm_id": "11", "phone": mobile(11), "language": None}),
+    "hubspot": (hs_world, {"crm_id": "11", "phone": mobile(11), "language": "en"},  # deals have no primary: the first
+                {"crm_id": "12", "phone": mobile(12), "language": "ru"}),
+}
+
+
+@pytest.mark.parametrize("vendor", WORLDS)
+def test_event_customer_of_a_deal_and_of_a_contact(vendor):
+    world, of_deal, of_contact = WORLDS[vendor]
+    fake, src, events = world()
+    assert src.event_customer(*events["deal"]) == of_deal
+    assert src.event_customer(*events["contact"]) == of_contact
+    assert src.event_customer("order.created", "777", {}) is None  # not a CRM entity: nothing asked
+    assert src.event_customer(events["deal"][0], None, {}) is None  # no id: nothing asked
+
+
+def test_event_customer_requests_follow_the_vendor_docs():
+    fake, src, events = amo_world()
+    src.event_customer(*events["deal"])
+    assert fake.log == [("GET", "/api/v4/leads/777"), ("GET", "/api/v4/contacts/12")]
+    fake, src, events = bx_world()
+    src.event_customer(*events["deal"])
+    assert fake.log == ["crm.deal.get", "crm.contact.get"]
+    fake, src, events = hs_world()
+    src.event_customer(*events["deal"])
+    assert fake.log == [("GET", "/crm/v4/objects/deals/777/associations/contacts"), ("GET", "/crm/v3/objects/contacts/11")]
+
+
+@pytest.mark.parametrize("vendor", WORLDS)
+def test_event_customer_is_none_without_contacts_or_entity(vendor):
+    world, _, _ = WORLDS[vendor]
+    fake, src, events = world()
+    assert src.event_customer(*events["no_contacts"]) is None
+    assert src.event_customer(*events["unknown"]) is None
+    etype, _, fields = events["contact"]
+    assert src.event_customer(etype, "999", fields) is None  # a contact that does not exist (204 / 400 / 404)
+
+
+@pytest.mark.parametrize("vendor", WORLDS)
+def test_event_customer_honours_retry_after_on_a_429(vendor):
+    world, of_deal, _ = WORLDS[vendor]
+    fake, src, events = world(retry_after="0.4")  # the blocks' own backoff here is 0.02 s
+    if vendor == "bitrix24":
+        fake.force_limit = 1  # 503 QUERY_LIMIT_EXCEEDED
+    else:
+        fake.force_429 = 1
+    assert src.event_customer(*events["deal"]) == of_deal
+    assert fake.throttled == 1
+    assert fake.times[1] - fake.times[0] >= 0.38  # waited as told, not the 0.02 s backoff
+
+
+@pytest.mark.parametrize("vendor", WORLDS)
+def test_event_customer_with_a_rejected_token_is_a_source_error(vendor):
+    world, _, _ = WORLDS[vendor]
+    fake, good, events = world()
+    if vendor == "bitrix24":
+        bad = Bitrix24Crm(webhook_url=f"https://{fake.portal}/rest/1/not-the-secret-987/", source_name="bx")
+        secret = "not-the-secret-987"
+    else:
+        secret = "wrong-token-for-lookups"
+        bad = type(good)(**{**good.model_dump(), "access_token": secret})
+    bad.with_transport(fake.transport())
+    with pytest.raises(CrmSourceError) as e:
+        bad.event_customer(*events["deal"])
+    assert secret not in str(e.value)
+
+
+def test_event_customer_gives_up_as_a_source_error_not_none():
+    fake, src, events = amo_world()
+    fake.force_429 = 100
+    with pytest.raises(CrmSourceError, match="429"):
+        amo(fake, max_retries=1).event_customer(*events["deal"])
+
+
+def test_amocrm_lead_without_a_main_flag_takes_the_first_contact():
+    fake, src, events = amo_world()
+    del fake.leads[777]["_main_contact_id"]
+    assert src.event_customer(*events["deal"])["crm_id"] == "11"
+
+
+def test_bitrix24_lead_events_use_the_leads_contact_else_its_own_phone():
+    fake, src, _ = bx_world()
+    fake.add_lead(50, contact_id=12, phones=[("+7 903 000-00-50", "WORK")])
+    fake.add_lead(51, phones=[("+7 903 000-00-51", "WORK"), ("+7 916 000-00-51", "MOBILE")])
+    fake.add_lead(52)
+
+    def lead(i):
+        return _event("bitrix24", f"event=ONCRMLEADADD&data[FIELDS][ID]={i}&ts=1&auth[application_token]=t".encode())
+
+    assert src.event_customer(*lead(50)) == {"crm_id": "12", "phone": mobile(12), "language": None}
+    assert src.event_customer(*lead(51)) == {"crm_id": None, "phone": "+7 916 000-00-51", "language": None}
+    assert src.event_customer(*lead(52)) is None
+
+
+def test_hubspot_deal_whose_contact_was_deleted_is_none():
+    fake, src, events = hs_world()
+    fake.add_deal(779, contact_ids=[404])
+    etype, _, fields = events["deal"]
+    assert src.event_customer(etype, None, {**fields, "objectId": 779}) is None
+    assert ("GET", "/crm/v3/objects/contacts/404") in fake.log

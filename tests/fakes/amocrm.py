@@ -9,12 +9,16 @@ leads, contact notes, the contacts' custom field list.
   _links.self/next (next only when another page exists); 204 No Content when empty.
   Contacts that share an updated_at come in an order that is NOT their id order.
 - GET /api/v4/leads (filter[id][]), /api/v4/contacts/custom_fields (limit <= 50)
+- GET /api/v4/leads/{id} (with=contacts: _embedded.contacts [{"id", "is_main", "_links"}], the contacts
+  whose leads include it, by id; one is main) and GET /api/v4/contacts/{id} (with=leads);
+  204 No Content when the entity does not exist
 - GET /api/v4/contacts/notes (filter[entity_id][], filter[note_type][], filter[updated_at][from]),
   GET /api/v4/contacts/{id}/notes
 - POST /api/v4/contacts/notes, PATCH /api/v4/contacts: a list (<= 250), all or nothing:
   400 {"validation-errors": [{"request_id", "errors": [{"code", "path", "detail"}]}], ...}
 - more than ``rate_per_s`` requests in any second -> 429; after ``block_after_429``
-  violations the "IP" is blocked: 403 for everything.
+  violations the "IP" is blocked: 403 for everything. ``force_429 = n``: the next n requests get
+  the 429 whatever the rate; ``retry_after``: a Retry-After header on the 429s (None: none).
 - ``lose_responses = n``: the next n writes are applied, then the answer is lost (ReadTimeout).
 """
 from __future__ import annotations
@@ -37,12 +41,14 @@ MAX_BATCH = 250
 
 class FakeAmoCrm:
     def __init__(self, token: str = "amo-long-lived-token", *, host: str = "smsflow-test.amocrm.ru",
-                 rate_per_s: float | None = 7, block_after_429: int | None = None,
+                 rate_per_s: float | None = 7, block_after_429: int | None = None, retry_after: str | None = None,
                  consent_field_name: str = "SMS consent", consent_field_code: str | None = None, clock=time.time):
         self.token = token
         self.host = host
         self.rate_per_s = rate_per_s
         self.block_after_429 = block_after_429
+        self.retry_after = retry_after
+        self.force_429 = 0
         self.consent_field_name = consent_field_name
         self.consent_field_code = consent_field_code
         self.clock = clock
@@ -50,6 +56,7 @@ class FakeAmoCrm:
         self.leads: dict[int, dict] = {}
         self.notes: dict[int, dict] = {}
         self.log: list[tuple[str, str]] = []  # (method, path) of every request
+        self.times: list[float] = []  # time.monotonic() of every request
         self.write_sizes: list[tuple[str, int]] = []  # (path, items) of every accepted write
         self.throttled = 0
         self.blocked = False
@@ -103,11 +110,15 @@ class FakeAmoCrm:
         return {"field_id": CONSENT_FIELD_ID, "field_name": self.consent_field_name, "field_code": self.consent_field_code,
                 "field_type": "checkbox", "values": [{"value": value}]}
 
-    def add_lead(self, lid: int, *, status_id: int, pipeline_id: int, price: int, updated_at: int) -> dict:
+    def add_lead(self, lid: int, *, status_id: int, pipeline_id: int, price: int, updated_at: int,
+                 main_contact_id: int | None = None) -> dict:
+        """The lead's contacts are those whose ``lead_ids`` name it; ``main_contact_id`` is the main one
+        (default: the first linked)."""
         lead = {"id": lid, "name": f"Сделка #{lid}", "price": price, "responsible_user_id": 504141, "group_id": 0,
                 "status_id": status_id, "pipeline_id": pipeline_id, "loss_reason_id": None, "created_by": 0, "updated_by": 0,
                 "created_at": updated_at, "updated_at": updated_at, "closed_at": None, "closest_task_at": None,
-                "is_deleted": False, "custom_fields_values": None, "score": None, "account_id": 29000000}
+                "is_deleted": False, "custom_fields_values": None, "score": None, "account_id": 29000000,
+                "_main_contact_id": main_contact_id}
         self.leads[lid] = lead
         return lead
 
@@ -133,8 +144,13 @@ class FakeAmoCrm:
     def handle(self, request: httpx.Request) -> httpx.Response:
         with self._lock:
             self.log.append((request.method, request.url.path))
+            self.times.append(time.monotonic())
             if self.blocked:
                 return self._problem(403, "Forbidden", "Your IP address has been blocked")
+            if self.force_429 > 0:
+                self.force_429 -= 1
+                self.throttled += 1
+                return self._too_many()
             if self.rate_per_s is not None:
                 now = time.monotonic()
                 while self._window and now - self._window[0] >= 1.0:
@@ -143,7 +159,7 @@ class FakeAmoCrm:
                     self.throttled += 1
                     if self.block_after_429 is not None and self.throttled >= self.block_after_429:
                         self.blocked = True
-                    return self._problem(429, "Too Many Requests", "Too many requests")
+                    return self._too_many()
                 self._window.append(now)
         if request.headers.get("authorization") != f"Bearer {self.token}":
             return self._problem(401, "Unauthorized", "Unauthorized")
@@ -161,6 +177,9 @@ class FakeAmoCrm:
                 ids = {int(x) for x in q.get_list("filter[id][]") + q.get_list("filter[id]")}
                 leads = sorted((l for l in self.leads.values() if not ids or l["id"] in ids), key=lambda l: l["id"])
                 return self._list(request, leads, "leads")
+            mm = re.fullmatch(r"/api/v4/(leads|contacts)/(\d+)", path)
+            if m == "GET" and mm:
+                return self._one(request, mm.group(1), int(mm.group(2)))
             if m == "GET" and path == "/api/v4/contacts/notes":
                 return self._list(request, self._notes(q), "notes")
             mm = re.fullmatch(r"/api/v4/contacts/(\d+)/notes", path)
@@ -171,6 +190,37 @@ class FakeAmoCrm:
         except (ValueError, KeyError, TypeError) as exc:
             return self._problem(400, "Bad Request", f"Request validation failed: {exc}")
         return self._problem(404, "Not Found", "Not found")
+
+    def _too_many(self) -> httpx.Response:
+        r = self._problem(429, "Too Many Requests", "Too many requests")
+        if self.retry_after is not None:
+            r.headers["Retry-After"] = self.retry_after
+        return r
+
+    # ------------------------------------------------------------------ one entity
+    def lead_contacts(self, lid: int) -> list[dict]:
+        """[{"id", "is_main"}] of a lead, by contact id, exactly one main when there are any."""
+        ids = sorted(c["id"] for c in self.contacts.values() if lid in c["_lead_ids"])
+        main = self.leads[lid].get("_main_contact_id")
+        main = main if main in ids else (ids[0] if ids else None)
+        return [{"id": cid, "is_main": cid == main} for cid in ids]
+
+    def _one(self, request: httpx.Request, kind: str, eid: int) -> httpx.Response:
+        """GET /api/v4/leads/{id} | /api/v4/contacts/{id}: the entity, or 204 No Content."""
+        found = (self.leads if kind == "leads" else self.contacts).get(eid)
+        if found is None:
+            return httpx.Response(204)
+        withs = (request.url.params.get("with") or "").split(",")
+        if kind == "contacts":
+            return self._hal(self._render(found, "contacts", "leads" in withs))
+        lead = {k: v for k, v in found.items() if not k.startswith("_")}
+        lead["_links"] = {"self": {"href": f"{self.base_url}/api/v4/leads/{eid}"}}
+        emb: dict = {"tags": [], "companies": []}
+        if "contacts" in withs:
+            emb["contacts"] = [{**c, "_links": {"self": {"href": f"{self.base_url}/api/v4/contacts/{c['id']}"}}}
+                               for c in self.lead_contacts(eid)]
+        lead["_embedded"] = emb
+        return self._hal(lead)
 
     # ------------------------------------------------------------------ lists
     def _list(self, request: httpx.Request, items: list[dict], key: str, max_limit: int = MAX_LIMIT) -> httpx.Response:
@@ -208,7 +258,7 @@ class FakeAmoCrm:
                                 for lid in x["_lead_ids"]]
             c["_embedded"] = emb
             return json.loads(json.dumps(c))
-        return json.loads(json.dumps(x))
+        return json.loads(json.dumps({k: v for k, v in x.items() if not k.startswith("_")}))
 
     def _contacts(self, q) -> list[dict]:
         lo = q.get("filter[updated_at][from]") or q.get("filter[updated_at]")

@@ -5,11 +5,16 @@
 - wrong user/secret -> 401 {"error": "INVALID_CREDENTIALS", "error_description": "Invalid request credentials"}
 - leaky bucket: every request adds 1, ``drain_per_s`` leak away per second; above
   ``bucket_size`` -> 503 {"error": "QUERY_LIMIT_EXCEEDED", "error_description": "Too many requests"}
-  (cloud: 50 banked, 2/s drained). A batch is one request.
+  (cloud: 50 banked, 2/s drained). A batch is one request. ``force_limit = n``: the next n requests
+  get that 503 whatever the level; ``retry_after``: a Retry-After header on it (None: none).
 - crm.contact.list: select (PHONE/EMAIL/UF_* only when asked), filter with =, !, >, >=, <, <=
   prefixes on ID and DATE_MODIFY, order (several keys), start; 50 per page,
   {"result": [...], "next": start+50 (only when more), "total": N, "time": {...}}; start=-1: no count.
   DATE_MODIFY in the portal's time zone (+03:00), ids as strings.
+- crm.deal.get (CONTACT_ID: the primary contact, null without contacts), crm.lead.get (PHONE,
+  CONTACT_ID), crm.contact.get;
+  an unknown id -> 400 {"error": "", "error_description": "Not found"}, a missing/invalid one ->
+  400 {"error": "", "error_description": "ID is not defined or invalid."}
 - crm.contact.update, crm.timeline.comment.add / .list, batch (<= 50 commands, halt, result /
   result_error / result_total / result_next / result_time; an empty map is sent as []).
 - ``lose_responses = n``: the next n batches that write are executed, then the answer is lost (ReadTimeout).
@@ -72,15 +77,20 @@ def as_list(v) -> list:
 class FakeBitrix24:
     def __init__(self, portal: str = "smsflow-test.bitrix24.ru", user_id: int = 1, secret: str = "k3yw3bh00ks3cr3t",
                  *, bucket_size: float = 50, drain_per_s: float = 2.0, consent_field: str = "UF_CRM_SMS_CONSENT",
-                 tz: timezone = timezone(timedelta(hours=3)), clock=time.time):
+                 tz: timezone = timezone(timedelta(hours=3)), retry_after: str | None = None, clock=time.time):
         self.portal, self.user_id, self.secret = portal, user_id, secret
         self.bucket_size, self.drain_per_s = bucket_size, drain_per_s
         self.consent_field = consent_field
         self.tz = tz
         self.clock = clock
+        self.retry_after = retry_after
+        self.force_limit = 0
         self.contacts: dict[int, dict] = {}
+        self.deals: dict[int, dict] = {}
+        self.leads: dict[int, dict] = {}
         self.comments: dict[int, dict] = {}
         self.log: list[str] = []  # method of every request
+        self.times: list[float] = []  # time.monotonic() of every request
         self.batch_sizes: list[int] = []
         self.throttled = 0
         self.lose_responses = 0
@@ -108,6 +118,32 @@ class FakeBitrix24:
         self.contacts[cid] = c
         return c
 
+    def add_deal(self, did: int, *, title: str = "", contact_ids=(), primary: int | None = None, stage: str = "NEW",
+                 modified: int | None = None) -> dict:
+        """``contact_ids`` in their SORT order; ``primary`` (default: the first) is IS_PRIMARY=Y and CONTACT_ID."""
+        ids = [int(c) for c in contact_ids]
+        primary = primary if primary in ids else (ids[0] if ids else None)
+        when = int(self.clock()) if modified is None else modified
+        d = {"ID": did, "TITLE": title or f"Сделка #{did}", "TYPE_ID": "SALE", "STAGE_ID": stage, "CATEGORY_ID": "0",
+             "CURRENCY_ID": "RUB", "OPPORTUNITY": "0.00", "LEAD_ID": None, "COMPANY_ID": "0", "ASSIGNED_BY_ID": 1,
+             "DATE_CREATE": when, "DATE_MODIFY": when, "OPENED": "Y", "CLOSED": "N",
+             "_contacts": [{"CONTACT_ID": cid, "SORT": 10 * (n + 1), "ROLE_ID": 0, "IS_PRIMARY": "Y" if cid == primary else "N"}
+                           for n, cid in enumerate(ids)]}
+        self.deals[did] = d
+        return d
+
+    def add_lead(self, lid: int, *, title: str = "", phones=(), contact_id: int | None = None, status: str = "NEW",
+                 modified: int | None = None) -> dict:
+        """phones: (value, VALUE_TYPE) pairs of the lead itself; ``contact_id``: its contact, if any."""
+        when = int(self.clock()) if modified is None else modified
+        lead = {"ID": lid, "TITLE": title or f"Лид #{lid}", "STATUS_ID": status, "CONTACT_ID": contact_id,
+                "COMPANY_ID": None, "ASSIGNED_BY_ID": 1, "DATE_CREATE": when, "DATE_MODIFY": when, "OPENED": "Y",
+                "HAS_PHONE": "Y" if phones else "N",
+                "PHONE": [{"ID": str(lid * 10 + i), "VALUE_TYPE": t, "VALUE": v, "TYPE_ID": "PHONE"}
+                          for i, (v, t) in enumerate(phones)]}
+        self.leads[lid] = lead
+        return lead
+
     def comments_of(self, cid: int) -> list[dict]:
         return [c for c in self.comments.values() if c["ENTITY_TYPE"] == "contact" and c["ENTITY_ID"] == cid]
 
@@ -133,9 +169,17 @@ class FakeBitrix24:
             return self._error(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
         user, secret, method = m.groups()
         self.log.append(method)
+        self.times.append(time.monotonic())
         if int(user) != self.user_id or secret != self.secret:
             return self._error(401, "INVALID_CREDENTIALS", "Invalid request credentials")
         with self._lock:
+            if self.force_limit > 0:
+                self.force_limit -= 1
+                self.throttled += 1
+                r = self._error(503, "QUERY_LIMIT_EXCEEDED", "Too many requests")
+                if self.retry_after is not None:
+                    r.headers["Retry-After"] = self.retry_after
+                return r
             now = time.monotonic()
             self._level = max(0.0, self._level - (now - self._last) * self.drain_per_s)
             self._last = now
@@ -163,7 +207,9 @@ class FakeBitrix24:
 
     def _call(self, method: str, params: dict):
         fn = {"crm.contact.list": self._contact_list, "crm.contact.update": self._contact_update,
-              "crm.timeline.comment.add": self._comment_add, "crm.timeline.comment.list": self._comment_list}.get(method)
+              "crm.timeline.comment.add": self._comment_add, "crm.timeline.comment.list": self._comment_list,
+              "crm.contact.get": self._contact_get, "crm.deal.get": self._deal_get,
+              "crm.lead.get": self._lead_get}.get(method)
         if fn is None:
             raise BxError(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
         return fn(params)
@@ -272,6 +318,35 @@ class FakeBitrix24:
         if start + PAGE < len(items):
             extra["next"] = start + PAGE
         return [self._render(c, select) for c in page], extra
+
+    @staticmethod
+    def _by_id(table: dict[int, dict], p: dict) -> dict:
+        raw = str(p.get("id") or p.get("ID") or "").strip()
+        if not raw.isdigit() or int(raw) <= 0:
+            raise BxError(400, "", "ID is not defined or invalid.")
+        if int(raw) not in table:
+            raise BxError(400, "", "Not found")
+        return table[int(raw)]
+
+    def _contact_get(self, p: dict):
+        c = self._by_id(self.contacts, p)
+        return self._render(c, ["*", "PHONE", "EMAIL", "UF_*"]), {}
+
+    def _deal_get(self, p: dict):
+        d = self._by_id(self.deals, p)
+        primary = next((x["CONTACT_ID"] for x in d["_contacts"] if x["IS_PRIMARY"] == "Y"), None)
+        out = {k: (self._time(v) if k in ("DATE_CREATE", "DATE_MODIFY") else None if v is None else str(v))
+               for k, v in d.items() if not k.startswith("_")}
+        out["CONTACT_ID"] = None if primary is None else str(primary)
+        return out, {}
+
+    def _lead_get(self, p: dict):
+        lead = self._by_id(self.leads, p)
+        out = {k: (self._time(v) if k in ("DATE_CREATE", "DATE_MODIFY") else v if k == "PHONE"
+                   else None if v is None else str(v)) for k, v in lead.items()}
+        if not out["PHONE"]:
+            del out["PHONE"]
+        return json.loads(json.dumps(out)), {}
 
     def _contact_update(self, p: dict):
         cid = int(p.get("id") or p.get("ID") or 0)

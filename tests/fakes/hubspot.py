@@ -18,11 +18,20 @@
   with errors[].context.ids; duplicate ids -> 400)
 - POST /crm/v4/associations/contacts/notes/batch/read (per-contact paging, ``assoc_page``; contacts
   without notes -> errors, 207)
+- GET /crm/v4/objects/{deals|deal|0-3}/{id}/associations/{contacts|contact|0-1} (limit <= 500, after):
+  {"results": [{"toObjectId", "associationTypes": [{"category": "HUBSPOT_DEFINED", "typeId": 3, "label"}]}],
+  "paging"?} by contact id; a deal without contacts (or an unknown one) -> 200 {"results": []}
+- GET /crm/v3/objects/contacts/{id} (properties=a,b; archived): the contact with those properties
+  (plus createdate, hs_object_id, lastmodifieddate); unknown -> 404 {"status": "error",
+  "message": "Object not found.  objectId are usually numeric.", "correlationId", "context": {"id": [..]},
+  "category": "OBJECT_NOT_FOUND"}
 - ``lose_responses = n``: the next n note batch creates are applied, then the answer is lost.
+  ``force_429 = n``: the next n requests get the TEN_SECONDLY_ROLLING 429 whatever the rate.
 """
 from __future__ import annotations
 
 import collections
+import re
 import threading
 import time
 import uuid
@@ -60,12 +69,16 @@ class FakeHubSpot:
         self.clock = clock
         self.contacts: dict[str, dict] = {}
         self.notes: dict[str, dict] = {}
+        self.deals: dict[str, dict] = {}
+        self.deal_contacts: dict[str, list[str]] = collections.defaultdict(list)  # deal id -> contact ids
         self.assoc: dict[str, list[str]] = collections.defaultdict(list)  # contact id -> note ids
         self.log: list[tuple[str, str]] = []
         self.search_bodies: list[dict] = []
         self.write_sizes: list[tuple[str, int]] = []
         self.throttled = 0
         self.lose_responses = 0
+        self.force_429 = 0
+        self.times: list[float] = []  # time.monotonic() of every authenticated request
         self._calls: collections.deque[float] = collections.deque()
         self._searches: collections.deque[float] = collections.deque()
         self._lock = threading.Lock()
@@ -87,6 +100,17 @@ class FakeHubSpot:
         self.contacts[cid] = c
         return c
 
+    def add_deal(self, did: int | str, *, contact_ids=(), dealname: str = "", dealstage: str = "appointmentscheduled",
+                 pipeline: str = "default") -> dict:
+        did = str(did)
+        ms = int(self.clock() * 1000)
+        d = {"id": did, "properties": {"dealname": dealname or f"Deal {did}", "dealstage": dealstage, "pipeline": pipeline,
+                                       "hs_object_id": did, "createdate": iso_ms(ms), "hs_lastmodifieddate": iso_ms(ms)},
+             "createdAt": iso_ms(ms), "updatedAt": iso_ms(ms), "archived": False}
+        self.deals[did] = d
+        self.deal_contacts[did] = [str(c) for c in contact_ids]
+        return d
+
     def notes_of(self, cid) -> list[dict]:
         return [self.notes[n] for n in self.assoc.get(str(cid), [])]
 
@@ -98,6 +122,14 @@ class FakeHubSpot:
     def _rate_limited(self, search: bool) -> httpx.Response | None:
         now = time.monotonic()
         with self._lock:
+            self.times.append(now)
+            if self.force_429 > 0:
+                self.force_429 -= 1
+                self.throttled += 1
+                return httpx.Response(429, headers={"Retry-After": self.retry_after} if self.retry_after else {}, json={
+                    "status": "error", "message": "You have reached your ten_secondly_rolling limit.",
+                    "errorType": "RATE_LIMIT", "correlationId": str(uuid.uuid4()), "policyName": "TEN_SECONDLY_ROLLING",
+                    "groupName": "privateapp:12345"})
             while self._calls and now - self._calls[0] >= self.window_s:
                 self._calls.popleft()
             while self._searches and now - self._searches[0] >= 1.0:
@@ -148,6 +180,10 @@ class FakeHubSpot:
         for frm in ("contacts", "contact", "0-1"):
             for to in ("notes", "note", "0-46"):
                 routes[("POST", f"/crm/v4/associations/{frm}/{to}/batch/read")] = self._assoc_read
+        if request.method == "GET":
+            resp = self._get(path, request.url.params)
+            resp.headers.update(self._limit_headers())
+            return resp
         fn = routes.get((request.method, path))
         if fn is None:
             return self._error(404, f"Unable to infer object type from: {path}", "OBJECT_NOT_FOUND")
@@ -158,6 +194,30 @@ class FakeHubSpot:
         if not search:
             resp.headers.update(self._limit_headers())
         return resp
+
+    # ------------------------------------------------------------------ single objects
+    def _get(self, path: str, q) -> httpx.Response:
+        m = re.fullmatch(r"/crm/v4/objects/(deals|deal|0-3)/([^/]+)/associations/(contacts|contact|0-1)", path)
+        if m:
+            limit, after = int(q.get("limit") or 500), int(q.get("after") or 0)
+            if not 1 <= limit <= 500:
+                return self._error(400, "limit must be between 1 and 500", "VALIDATION_ERROR")
+            ids = sorted(self.deal_contacts.get(m.group(2)) or [], key=int)
+            out: dict = {"results": [{"toObjectId": int(c), "associationTypes": [
+                {"category": "HUBSPOT_DEFINED", "typeId": 3, "label": None}]} for c in ids[after:after + limit]]}
+            if after + limit < len(ids):
+                out["paging"] = {"next": {"after": str(after + limit), "link": None}}
+            return httpx.Response(200, json=out)
+        m = re.fullmatch(r"/crm/v3/objects/(contacts|contact|0-1)/([^/]+)", path)
+        if m:
+            c = self.contacts.get(m.group(2))
+            if c is None or c["archived"] != (str(q.get("archived") or "false").lower() == "true"):
+                return self._error(404, "Object not found.  objectId are usually numeric.", "OBJECT_NOT_FOUND",
+                                   context={"id": [m.group(2)]})
+            asked = [x for x in (q.get("properties") or "").split(",") if x] or list(DEFAULT_CONTACT_PROPS)
+            return httpx.Response(200, json=self._render(c, list(dict.fromkeys(
+                asked + ["createdate", "hs_object_id", "lastmodifieddate"]))))
+        return self._error(404, f"Unable to infer object type from: {path}", "OBJECT_NOT_FOUND")
 
     # ------------------------------------------------------------------ search
     def _value(self, prop: str, v):

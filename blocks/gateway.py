@@ -73,6 +73,9 @@ class SmsGateway(Block, ABC):
         "before it may be sent again (gateways whose lookup is authoritative do not wait).",
     )
     lookup_is_authoritative: ClassVar[bool] = False  # True when lookup() knows every accepted reference
+    # True when submit(messages, on_results=fn) hands over results in chunks as they come (fn is
+    # called from the gateway's threads, each result once, before submit returns them all)
+    streams_results: ClassVar[bool] = False
 
     @property
     def gateway_name(self) -> str:
@@ -86,6 +89,11 @@ class SmsGateway(Block, ABC):
     @abstractmethod
     def lookup(self, references: list[str]) -> dict[str, str]:
         """reference -> gateway message id, for references this gateway has already accepted."""
+
+    def warm_up(self) -> None:
+        """Optional, best effort: get ready to submit (e.g. open connections). The send loop calls it
+        while its first claim runs. It must not send any message; errors are ignored by the caller
+        (``submit`` reports an unreachable gateway itself)."""
 
     def fetch_receipts(self, limit: int = 100_000) -> list[Receipt]:
         return []

@@ -8,10 +8,16 @@ Submitting
   persistent HTTP/1.1 keep-alive connections, each driven by its own thread with a
   hand-written request and a minimal response parser. (A general-purpose client costs
   milliseconds of CPU per request: ``httpx.AsyncClient`` tops out near 140 msg/s where
-  Kannel itself takes over 1,000 msg/s with receipts on.) Connections live for one
-  ``submit`` call only, so a connection closed by Kannel while idle can never swallow a
-  request. They are opened at most ``CONNECT_BURST`` at a time: smsbox listens with a
-  backlog of 10, and a burst of connects overflows it (dropped SYN = a 1 s stall).
+  Kannel itself takes over 1,000 msg/s with receipts on.) They are opened at most
+  ``CONNECT_BURST`` at a time: smsbox listens with a backlog of 10, and a burst of connects
+  overflows it (dropped SYN = a 1 s stall), so opening 32 connections takes several answer
+  round trips. The send loop calls ``submit`` back to back, so the connections of one call
+  are kept for the next (``_IdleConnections``), but only while they are fresh: idle for less
+  than ``KEEPALIVE_REUSE_S`` (smsbox itself keeps an idle connection far longer) and with
+  nothing to read (a server that closed it would have made it readable). A connection
+  closed by Kannel while idle would swallow a request (written, never answered, so counted
+  as accepted without an answer), which is why older or readable ones are never reused.
+  ``warm_up`` opens them ahead of the first submit (the send loop calls it while it claims).
 
   Before anything of a batch is sent, one cheap probe (a sendsms request without a
   receiver: it cannot send anything, and it checks the credentials) must be answered;
@@ -55,13 +61,15 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import re
+import select
 import socket
 import ssl
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable, ClassVar
 from urllib.parse import quote, urlsplit
 
 from pydantic import Field, SecretStr
@@ -72,6 +80,7 @@ from smsflow.privacy import mask_phone, mask_phones_in
 log = logging.getLogger("smsflow.gateway.kannel")
 
 CONNECT_BURST = 4  # new connections awaiting their first answer at once (smsbox's listen backlog is 10)
+KEEPALIVE_REUSE_S = 2.0  # an idle keep-alive connection is reused by the next submit within this time
 NO_ANSWER = "KANNEL_NO_ANSWER"
 NOT_SENT = "KANNEL_NOT_SENT"
 TOO_LONG = "KANNEL_TOO_LONG"
@@ -116,12 +125,28 @@ def _header(lower_head: str, name: str) -> str | None:
 class _Connection:
     """One persistent HTTP/1.1 connection with a minimal, allocation-light exchange."""
 
-    __slots__ = ("host", "port", "tls", "timeout", "sock", "buf")
+    __slots__ = ("host", "port", "tls", "timeout", "sock", "buf", "idle_since")
 
     def __init__(self, host: str, port: int, tls: bool, timeout: float):
         self.host, self.port, self.tls, self.timeout = host, port, tls, timeout
         self.sock: socket.socket | None = None
         self.buf = b""
+        self.idle_since = 0.0
+
+    def reusable(self, now: float) -> bool:
+        """Open, idle for less than ``KEEPALIVE_REUSE_S``, no leftover bytes, and nothing to read:
+        a connection the server closed (or wrote to unasked) is readable, and is not reused."""
+        sock = self.sock
+        if sock is None or self.buf or now - self.idle_since > KEEPALIVE_REUSE_S:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return False
+        try:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLPRI)
+            return not poller.poll(0)
+        except (OSError, ValueError):
+            return False
 
     def open(self) -> None:
         sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
@@ -193,6 +218,84 @@ class _Connection:
         return status, body.decode("utf-8", "replace")
 
 
+class _IdleConnections:
+    """Keep-alive connections between two ``submit`` calls of this process, per smsbox address.
+
+    Only the sockets are shared (credentials travel in every request), never across ``fork()``
+    (the process id is part of the key), and only fresh ones are handed out (``reusable``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: dict[tuple, list[_Connection]] = {}
+
+    @staticmethod
+    def _key(host: str, port: int, tls: bool) -> tuple:
+        return os.getpid(), host, port, tls
+
+    def take(self, host: str, port: int, tls: bool, limit: int) -> list[_Connection]:
+        """Up to ``limit`` reusable connections, most recently used first; the others are closed
+        (stale ones, and the surplus: each call opens one new connection for its probe)."""
+        with self._lock:
+            idle = self._idle.pop(self._key(host, port, tls), [])
+        now = time.monotonic()
+        out = []
+        for c in reversed(idle):
+            if len(out) < limit and c.reusable(now):
+                out.append(c)
+            else:
+                c.close()
+        return out
+
+    def give_back(self, host: str, port: int, tls: bool, conns: list[_Connection]) -> None:
+        now = time.monotonic()
+        keep = [c for c in conns if c.sock is not None and not c.buf]
+        for c in conns:
+            if c not in keep:
+                c.close()
+        for c in keep:
+            c.idle_since = now
+        with self._lock:
+            self._idle.setdefault(self._key(host, port, tls), []).extend(keep)
+
+    def close_all(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for c in conns:
+                c.close()
+
+
+_IDLE = _IdleConnections()
+
+
+class _ResultStream:
+    """Hands results to ``on_results`` in chunks of about an eighth of the batch (at least 200)
+    while the batch is still in flight; ``flush`` hands over the rest."""
+
+    def __init__(self, on_results: Callable[[list[SubmitResult]], None] | None, n: int):
+        self.on_results, self.chunk = on_results, max(200, n // 8)
+        self.lock = threading.Lock()
+        self.pending: list[SubmitResult] = []
+
+    def done(self, result: SubmitResult) -> None:
+        if self.on_results is None:
+            return
+        with self.lock:
+            self.pending.append(result)
+            if len(self.pending) < self.chunk:
+                return
+            out, self.pending = self.pending, []
+        self.on_results(out)
+
+    def flush(self) -> None:
+        if self.on_results is None:
+            return
+        with self.lock:
+            out, self.pending = self.pending, []
+        if out:
+            self.on_results(out)
+
+
 class KannelGateway(SmsGateway):
     """Kannel's HTTP sendsms interface, fast (keep-alive, parallel), receipts via dlr-url.
 
@@ -205,6 +308,7 @@ class KannelGateway(SmsGateway):
     """
 
     _block_type_name = "Kannel SMS Gateway"
+    streams_results: ClassVar[bool] = True
     _description = "Kannel sendsms HTTP interface; delivery receipts arrive at the smsflow callback service."
 
     sendsms_url: str = Field(default="http://127.0.0.1:13013/cgi-bin/sendsms", description="Kannel smsbox sendsms URL.")
@@ -219,6 +323,9 @@ class KannelGateway(SmsGateway):
     sender: str | None = Field(default=None, description="Sender (from); default: sender_id.")
     smsc: str | None = Field(default=None, description="Route through this smsc-id (Kannel's smsc parameter).")
     concurrency: int = Field(default=32, ge=1, le=512, description="HTTP requests in flight (one keep-alive connection each).")
+    batch_size: int = Field(default=2000, ge=1, description="Messages per submit call. Every call ends waiting for "
+                            "its slowest answer while the other connections idle, so fewer, larger calls keep "
+                            "Kannel busier (the send loop claims and records around them in the background).")
     timeout_s: float = Field(default=10.0, gt=0, description="Connect / answer timeout per request, seconds.")
     max_parts: int = Field(default=10, ge=1, le=255, description="Longest message in segments; must not exceed the "
                            "sendsms-user's max-messages in kannel.conf (Kannel would truncate silently).")
@@ -269,6 +376,9 @@ class KannelGateway(SmsGateway):
             common += f"&dlr-mask={self.dlr_mask}"
         head = f"GET {path}?{common}&charset=UTF-8"
         tail = f" HTTP/1.1\r\nHost: {hostport}\r\n\r\n"
+        if pattern:  # quoting is per character: quote the fixed parts of the dlr-url once per batch
+            before, after = pattern.split("{ref}", 1)
+            dlr_before, dlr_after = "&dlr-url=" + quote(before, safe=""), quote(after, safe="")
         out: list[bytes | SubmitResult | int] = []
         seen: dict[str, int] = {}
         for i, m in enumerate(messages):
@@ -286,7 +396,7 @@ class KannelGateway(SmsGateway):
                 req += "&coding=2"
             if pattern:
                 ref = quote(m.reference, safe="-._~").replace("%", "%%")
-                req += "&dlr-url=" + quote(pattern.replace("{ref}", ref), safe="")
+                req += dlr_before + quote(ref, safe="") + dlr_after
             out.append((req + tail).encode("ascii"))
         return out, probe
 
@@ -305,53 +415,49 @@ class KannelGateway(SmsGateway):
         return SubmitResult(m.reference, False, None, f"HTTP_{status}", err)
 
     # ------------------------------------------------------------------ interface
-    def submit(self, messages: list[OutgoingMessage]) -> list[SubmitResult]:
+    def submit(self, messages: list[OutgoingMessage],
+               on_results: Callable[[list[SubmitResult]], None] | None = None) -> list[SubmitResult]:
         """Submit a batch; one result per message, in order. Raises ``GatewayUnavailable``
-        (with nothing of the batch sent) when smsbox does not answer the probe."""
+        (with nothing of the batch sent) when smsbox does not answer the probe.
+
+        ``on_results``: called (from the worker threads) with chunks of results as they come, each
+        reference once, so the caller can record them while the rest of the batch is in flight."""
         if not messages:
             return []
         t0 = time.perf_counter()
         host, port, tls, _path = self._target()
         prepared, probe = self._prepare(messages)
-
-        first = _Connection(host, port, tls, self.timeout_s)
-        try:
-            first.open()
-            status, body = first.exchange(probe)
-        except (OSError, _NotSent, _NoAnswer) as exc:
-            first.close()
-            raise GatewayUnavailable(f"Kannel sendsms at {host}:{port} is not answering: {exc}") from None
-        if status in (401, 403) and "authorization" in body.lower():
-            first.close()
-            raise GatewayUnavailable(f"Kannel sendsms at {host}:{port} refused the credentials of user "
-                                     f"{self.username!r}: {body.strip()}")
-        if status >= 500:
-            first.close()
-            raise GatewayUnavailable(f"Kannel sendsms at {host}:{port} answered the probe with HTTP {status}")
-
         n = len(messages)
+        workers = min(self.concurrency, n)
+        reused = _IDLE.take(host, port, tls, workers - 1)
+        first = self._probe(reused, probe)
         results: list[SubmitResult | None] = [None] * n
         counter = itertools.count()
         lock = threading.Lock()
         down = threading.Event()
         connecting = threading.BoundedSemaphore(CONNECT_BURST)
+        stream = _ResultStream(on_results, n)
 
         def work(conn: _Connection) -> None:
+            done = False
             try:
                 while True:
                     with lock:
                         i = next(counter)
                     if i >= n:
+                        done = True
                         return
                     req, m = prepared[i], messages[i]
                     if isinstance(req, int):  # duplicate reference: filled in below
                         continue
                     if isinstance(req, SubmitResult):
                         results[i] = req
+                        stream.done(req)
                         continue
                     if down.is_set():
                         results[i] = SubmitResult(m.reference, False, None, NOT_SENT,
                                                   "not sent: Kannel stopped answering during the batch", transient=True)
+                        stream.done(results[i])
                         continue
                     opening = conn.sock is None
                     if opening:
@@ -366,6 +472,7 @@ class KannelGateway(SmsGateway):
                             down.set()
                             results[i] = SubmitResult(m.reference, False, None, NOT_SENT,
                                                       f"not sent: cannot connect ({exc})", transient=True)
+                            stream.done(results[i])
                             continue
                     try:
                         try:
@@ -380,11 +487,12 @@ class KannelGateway(SmsGateway):
                                                   f"sent, no answer ({exc}): outcome unknown, not resent")
                     else:
                         results[i] = self._result(m, status, body)
+                    stream.done(results[i])
             finally:
-                conn.close()
+                if not done:  # an unexpected error: never hand this connection to another call
+                    conn.close()
 
-        workers = min(self.concurrency, n)
-        conns = [first] + [_Connection(host, port, tls, self.timeout_s) for _ in range(workers - 1)]
+        conns = [first] + reused + [_Connection(host, port, tls, self.timeout_s) for _ in range(workers - 1 - len(reused))]
         if workers == 1:
             work(first)
         else:
@@ -394,6 +502,8 @@ class KannelGateway(SmsGateway):
                 t.start()
             for t in threads:
                 t.join()
+        _IDLE.give_back(host, port, tls, conns)
+        stream.flush()
 
         for i, req in enumerate(prepared):
             if isinstance(req, int):
@@ -403,6 +513,65 @@ class KannelGateway(SmsGateway):
             raise RuntimeError(f"kannel submit lost track of {n - len(out)} of {n} messages")
         self._log_batch(messages, out, time.perf_counter() - t0)
         return out
+
+    def _probe(self, reused: list[_Connection], probe: bytes) -> _Connection:
+        """Make sure smsbox answers (and accepts our credentials) before anything of the batch is
+        sent; raises ``GatewayUnavailable`` otherwise, closing ``reused`` too. The probe always
+        goes over a NEW connection: a listener that accepts is what "smsbox is up" means (kept
+        connections can outlive it). Returns that connection, ready for the batch."""
+        host, port, tls, _path = self._target()
+        conn = _Connection(host, port, tls, self.timeout_s)
+        problem = None
+        try:
+            conn.open()
+            status, body = conn.exchange(probe)
+        except (OSError, _NotSent, _NoAnswer) as exc:
+            problem = f"Kannel sendsms at {host}:{port} is not answering: {exc}"
+        else:
+            if status in (401, 403) and "authorization" in body.lower():
+                problem = (f"Kannel sendsms at {host}:{port} refused the credentials of user {self.username!r}: "
+                           f"{body.strip()}")
+            elif status >= 500:
+                problem = f"Kannel sendsms at {host}:{port} answered the probe with HTTP {status}"
+        if problem is None:
+            return conn
+        for c in [conn, *reused]:
+            c.close()
+        raise GatewayUnavailable(problem)
+
+    def close(self) -> None:
+        """Close the idle keep-alive connections this process keeps between submits."""
+        _IDLE.close_all()
+
+    def warm_up(self) -> None:
+        """Open the keep-alive connections of the next ``submit`` ahead of time (the send loop calls
+        this while it claims its first batch), ``CONNECT_BURST`` at a time: each one carries a probe
+        (no receiver: nothing can be sent) so smsbox has accepted it before the next opens."""
+        host, port, tls, _path = self._target()
+        _prepared, probe = self._prepare([])
+        todo = itertools.count()
+        ready: list[_Connection] = []
+        lock = threading.Lock()
+
+        def opener() -> None:
+            while next(todo) < self.concurrency - 1:
+                conn = _Connection(host, port, tls, self.timeout_s)
+                try:
+                    conn.open()
+                    conn.exchange(probe)
+                except (OSError, _NotSent, _NoAnswer):
+                    conn.close()
+                    return
+                with lock:
+                    ready.append(conn)
+
+        threads = [threading.Thread(target=opener, name=f"kannel-warm-{k}", daemon=True)
+                   for k in range(min(CONNECT_BURST, self.concurrency - 1))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        _IDLE.give_back(host, port, tls, ready)
 
     def _log_batch(self, messages: list[OutgoingMessage], results: list[SubmitResult], elapsed: float) -> None:
         acc = sum(r.accepted for r in results)

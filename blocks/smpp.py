@@ -35,8 +35,12 @@ Receipts and MO
   (``spool_path``), so a crash between submit and fetch loses nothing; ``fetch_receipts``
   hands out (and removes) the spooled receipts, ``fetch_inbound`` the spooled MO messages.
   Receipts are parsed from the SMPP receipt text (``id:... stat:DELIVRD err:000``) or the
-  receipted_message_id / message_state TLVs. Receipts for the 2nd..nth part of a
-  concatenated message are dropped (the message is known by its first part's id).
+  receipted_message_id / message_state TLVs. A concatenated message is known by its first
+  part's id, but every part gets its own receipt: the spool keeps the final receipts of its
+  parts and hands out ONE receipt for the message once every accepted part has a final one
+  (delivered only when all parts were delivered; otherwise the failed part's status and
+  error; undelivered with ``SMPP_PARTIAL`` when a part never got past submit_sm).
+  Intermediate receipts of the first part pass through; those of later parts are dropped.
 
 enquire_link keepalive and the 30 s response timer are handled by smpp34's core.
 ``lookup`` returns ``{}``: SMPP cannot be asked which references were accepted.
@@ -68,6 +72,7 @@ log = logging.getLogger("smsflow.gateway.smpp")
 NOT_SENT = "SMPP_NOT_SENT"
 NO_RESPONSE = "SMPP_NO_RESPONSE"
 PARTIAL = "SMPP_PARTIAL"
+_FINAL = frozenset({"delivered", "undelivered", "expired", "rejected"})
 TOO_LONG = "SMPP_TOO_LONG"
 BAD_ADDRESS = "SMPP_BAD_ADDRESS"
 
@@ -234,6 +239,11 @@ class _Spool:
         self.db.execute("CREATE TABLE IF NOT EXISTS inbound (id INTEGER PRIMARY KEY, gateway_message_id TEXT,"
                         " src TEXT, dst TEXT, text TEXT, received_at REAL)")
         self.db.execute("CREATE TABLE IF NOT EXISTS parts (part_id TEXT PRIMARY KEY, main_id TEXT, at REAL)")
+        # concatenated messages: parts expected (accepted at submit), and the final receipts of parts so far
+        self.db.execute("CREATE TABLE IF NOT EXISTS multipart (main_id TEXT PRIMARY KEY, expected INTEGER,"
+                        " short INTEGER DEFAULT 0, done INTEGER DEFAULT 0, at REAL)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS part_receipts (part_id TEXT PRIMARY KEY, main_id TEXT,"
+                        " status TEXT, error_code TEXT, event_at TEXT, raw TEXT)")
 
     def close(self) -> None:
         self.db.close()
@@ -246,6 +256,66 @@ class _Spool:
         if not gmid:
             return False
         return self.db.execute("SELECT 1 FROM parts WHERE part_id = ?", (gmid,)).fetchone() is not None
+
+    def add_multipart(self, main_id: str, parts: int) -> None:
+        """A concatenated message of ``parts`` parts whose first part (``main_id``) was accepted."""
+        self.db.execute("INSERT OR IGNORE INTO multipart (main_id, expected, at) VALUES (?,?,?)",
+                        (main_id, parts, time.time()))
+
+    def multipart_short(self, main_id: str, accepted: int) -> Receipt | None:
+        """Only ``accepted`` parts got past submit_sm: expect receipts for those only; the message
+        cannot end delivered. Returns the message's receipt if it is complete now."""
+        self.db.execute("UPDATE multipart SET expected = ?, short = 1 WHERE main_id = ?", (accepted, main_id))
+        return self._settle(main_id)
+
+    def multipart_of(self, gmid: str | None) -> tuple[str, bool] | None:
+        """(main id, settled already) when ``gmid`` is a part (the first or a later one) of a
+        concatenated message this spool tracks, else None."""
+        if not gmid:
+            return None
+        row = self.db.execute("SELECT main_id, done FROM multipart WHERE main_id = ? OR main_id = "
+                              "(SELECT main_id FROM parts WHERE part_id = ?)", (gmid, gmid)).fetchone()
+        return (row[0], bool(row[1])) if row else None
+
+    def add_part_receipt(self, main_id: str, r: Receipt) -> Receipt | None:
+        """Keep a part's final receipt; returns the message's receipt once every part has one."""
+        self.db.execute("INSERT OR REPLACE INTO part_receipts VALUES (?,?,?,?,?,?)",
+                        (r.gateway_message_id, main_id, r.status, r.error_code,
+                         r.event_at.isoformat() if r.event_at else None, json.dumps(r.raw)))
+        return self._settle(main_id)
+
+    _FAILED_FIRST = {"undelivered": 0, "rejected": 1, "expired": 2, "unknown": 3}
+
+    def _settle(self, main_id: str) -> Receipt | None:
+        """When every expected part has a final receipt: spool one receipt for the message (id of the
+        first part) and mark it done, atomically, so it is handed out exactly once."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self.db.execute("SELECT expected, short, done FROM multipart WHERE main_id = ?", (main_id,)).fetchone()
+            parts = self.db.execute("SELECT part_id, status, error_code, event_at, raw FROM part_receipts "
+                                    "WHERE main_id = ?", (main_id,)).fetchall()
+            if row is None or row[2] or len(parts) < row[0]:
+                self.db.execute("COMMIT")
+                return None
+            failed = sorted((p for p in parts if p[1] != "delivered"), key=lambda p: self._FAILED_FIRST.get(p[1], 9))
+            if failed:
+                status, error_code = failed[0][1], failed[0][2]
+            elif row[1]:
+                status, error_code = "undelivered", PARTIAL
+            else:
+                status, error_code = "delivered", parts[0][2]
+            times = [datetime.fromisoformat(p[3]) for p in parts if p[3]]
+            r = Receipt(main_id, None, status, error_code, max(times) if times else None,
+                        {"parts": {p[0]: {"status": p[1], "error_code": p[2], **json.loads(p[4] or "{}")} for p in parts},
+                         "short": bool(row[1])})
+            self.add_receipt(r)
+            self.db.execute("UPDATE multipart SET done = 1 WHERE main_id = ?", (main_id,))
+            self.db.execute("DELETE FROM part_receipts WHERE main_id = ?", (main_id,))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return r
 
     def add_receipt(self, r: Receipt) -> None:
         self.db.execute("INSERT INTO receipts (gateway_message_id, status, error_code, event_at, raw, received_at)"
@@ -265,6 +335,7 @@ class _Spool:
             if rows:
                 self.db.execute("DELETE FROM receipts WHERE id <= ?", (rows[-1][0],))
             self.db.execute("DELETE FROM parts WHERE at < ?", (time.time() - 7 * 86400,))
+            self.db.execute("DELETE FROM multipart WHERE at < ?", (time.time() - 7 * 86400,))
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -373,11 +444,25 @@ class SmppGateway(SmsGateway):
     def _on_deliver(self, ev, spool: _Spool, counts: dict) -> None:
         if ev.esm_class & 0x3C in (0x04, 0x08, 0x20):  # SMSC delivery receipt, SME ack, intermediate notice
             r = receipt_from_deliver_sm(ev)
-            if spool.is_later_part(r.gateway_message_id):
-                counts["part_receipts"] += 1
+            multi = spool.multipart_of(r.gateway_message_id)
+            if multi is None:
+                if spool.is_later_part(r.gateway_message_id):  # a part of a message tracked before multipart
+                    counts["part_receipts"] += 1
+                    return
+                spool.add_receipt(r)
+                counts["receipts"] += 1
                 return
-            spool.add_receipt(r)
-            counts["receipts"] += 1
+            main_id, done = multi
+            if done or r.status not in _FINAL:
+                if not done and r.gateway_message_id == main_id:  # the first part's progress: harmless, kept
+                    spool.add_receipt(r)
+                    counts["receipts"] += 1
+                else:
+                    counts["part_receipts"] += 1
+                return
+            counts["part_receipts"] += 1
+            if spool.add_part_receipt(main_id, r) is not None:
+                counts["receipts"] += 1
             return
         raw = bytes(ev.short_message)
         if ev.esm_class & 0x40 and raw:  # UDH (e.g. concatenated MO): strip it
@@ -465,6 +550,11 @@ class SmppGateway(SmsGateway):
                     dead.set()
                     raise
 
+        def short(ids: list[str]) -> None:
+            """A later part of a concatenated message did not get through: its receipts settle it."""
+            if ids and ids[0] and spool.multipart_short(ids[0], len(ids)) is not None:
+                counts["receipts"] += 1
+
         async def one(i: int, m: OutgoingMessage, dcs: int, parts: list[bytes]) -> None:
             dst = m.phone_e164.lstrip("+")
             ids: list[str] = []
@@ -486,9 +576,10 @@ class SmppGateway(SmsGateway):
                         results[i] = SubmitResult(m.reference, False, None, NO_RESPONSE,
                                                   f"submit_sm sent, no response ({exc}): outcome unknown",
                                                   in_doubt=True)
-                    else:
+                    else:  # in doubt whether this part went out: expect receipts for the accepted ones only
                         results[i] = SubmitResult(m.reference, True, ids[0], PARTIAL,
                                                   f"part {seq}/{total}: no response ({exc})")
+                        short(ids)
                     break
                 if resp is None:  # the session died before this part was issued
                     if first:
@@ -497,10 +588,13 @@ class SmppGateway(SmsGateway):
                     else:
                         results[i] = SubmitResult(m.reference, True, ids[0], PARTIAL,
                                                   f"parts {seq}..{total} of {total} not sent: session ended")
+                        short(ids)
                     break
                 if resp.is_success:
                     ids.append(resp.message_id or "")
-                    if not first and resp.message_id:  # before its receipt can arrive: see _on_deliver
+                    if first and total > 1 and resp.message_id:  # before any receipt can arrive: see _on_deliver
+                        spool.add_multipart(resp.message_id, total)
+                    if not first and resp.message_id:
                         spool.add_parts(ids[0], [resp.message_id])
                     continue
                 st = resp.command_status
@@ -509,6 +603,7 @@ class SmppGateway(SmsGateway):
                 if not first:
                     results[i] = SubmitResult(m.reference, True, ids[0], PARTIAL,
                                               f"part {seq}/{total} refused: {code} {err}")
+                    short(ids)
                 elif st in _TRANSIENT:
                     results[i] = SubmitResult(m.reference, False, None, code, err, transient=True)
                 else:

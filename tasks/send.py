@@ -7,12 +7,19 @@ At most one submit per idempotency key: a message is only ever submitted from 'q
 which only one claimer holds; a message left 'queued' by a crash (lease expired, or an
 earlier attempt of the same run) is resolved by asking the gateway whether it already
 has our reference (``lookup``) before it can go back to 'planned'.
+
+The loop is pipelined (``_SendLoop``): one store thread claims the next batch and records the
+previous results while the gateway works on the current batch, so the gateway does not wait for
+the bookkeeping; the docstring of ``_SendLoop`` says why that keeps every guarantee above.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Collection
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -21,6 +28,8 @@ from sqlalchemy import text
 
 from blocks.gateway import GatewayUnavailable, OutgoingMessage, SmsGateway, SubmitResult
 from store.db import bulk_update, executemany, is_postgres, read_frame, utcnow
+
+log = logging.getLogger("smsflow.send")
 
 
 class TokenBucket:
@@ -169,16 +178,25 @@ def recover_in_flight(engine, campaign_id: int, gateway: SmsGateway, run_id: str
 
 
 def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = 300,
-          now: datetime | None = None) -> pd.DataFrame:
+          now: datetime | None = None, skip_contacts: Collection[int] = ()) -> pd.DataFrame:
     """Atomically take up to ``limit`` due planned messages (FOR UPDATE SKIP LOCKED on PostgreSQL;
     SQLite's single writer with BEGIN IMMEDIATE), then apply the contact policy as it is now
     (``tasks.policy.enforce_at_claim``): only messages allowed this moment are returned;
-    ``attrs['policy_blocked']`` counts the others, ``attrs['policy']`` by rule."""
+    ``attrs['policy_blocked']`` counts the others, ``attrs['policy']`` by rule.
+
+    ``skip_contacts``: contacts whose messages are being submitted right now and not yet recorded
+    (the send loop claims the next batch while submitting the current one). Their other messages
+    stay 'planned' for a later claim, because frequency caps count what is recorded as submitted
+    and would not see the message in flight yet."""
     from tasks.policy import enforce_at_claim
 
+    started = time.monotonic()  # the lease runs from (at the latest) here
     clock = now or datetime.now(timezone.utc)
     naive = clock.astimezone(timezone.utc).replace(tzinfo=None)
     expires = naive + timedelta(seconds=lease_s)
+    skip = ""
+    if skip_contacts:
+        skip = f"AND (contact_id IS NULL OR contact_id NOT IN ({','.join(str(int(c)) for c in sorted(skip_contacts))})) "
     with engine.begin() as conn:
         lock = " FOR UPDATE SKIP LOCKED" if is_postgres(conn) else ""
         claimed = read_frame(
@@ -186,21 +204,26 @@ def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = 3
             "UPDATE outbox SET state = 'queued', queued_at = :now, claimed_by = :who, claim_expires_at = :exp, "
             "attempts = attempts + 1, updated_at = :now "
             "WHERE id IN (SELECT id FROM outbox WHERE campaign_id = :c AND state = 'planned' "
-            f"AND (send_after IS NULL OR send_after <= :now) ORDER BY id LIMIT :n{lock}) "
+            f"AND (send_after IS NULL OR send_after <= :now) {skip}ORDER BY id LIMIT :n{lock}) "
             "RETURNING id, idempotency_key, contact_id, phone_e164, text, encoding, segments, attempts",
             {"now": naive, "who": claimer, "exp": expires, "c": campaign_id, "n": int(limit)},
         )
+        claimed.attrs["skipped_contacts"] = bool(skip_contacts)
         if claimed.empty:
             return claimed
         send_ids, counts = enforce_at_claim(conn, campaign_id, claimed, clock)
     out = claimed[claimed["id"].astype(int).isin(set(send_ids))].reset_index(drop=True)
+    out.attrs["skipped_contacts"] = bool(skip_contacts)
     out.attrs["policy_blocked"] = len(claimed) - len(out)
     out.attrs["policy"] = counts
+    out.attrs["claimed_at"] = started
     return out
 
 
 def record_results(engine, ids_by_ref: dict[str, int], results: list[SubmitResult], max_attempts: int,
                    attempts_by_ref: dict[str, int], stats: SendStats, now: datetime | None = None) -> None:
+    """Record one submit's results in one transaction: queued -> submitted | rejected | failed |
+    planned again (transient, attempt counted); in doubt stays queued for recovery to settle."""
     now = now.astimezone(timezone.utc).replace(tzinfo=None) if now is not None else utcnow()
     sub, rej, again, failed, doubt = [], [], [], [], []
     for r in results:
@@ -235,9 +258,306 @@ def record_results(engine, ids_by_ref: dict[str, int], results: list[SubmitResul
 
 def update_if_queued(conn, rows: list[tuple], set_clause: str) -> None:
     """Apply ``SET set_clause`` (qmark style) to each row's id, only while it is still 'queued':
-    states only move forward, and a receipt that arrived first is never overwritten."""
-    if rows:
+    states only move forward, and a receipt that arrived first is never overwritten.
+
+    On SQLite the rows go in as ONE ``UPDATE ... FROM (VALUES ...)`` statement per chunk instead of
+    one statement per row: the driver releases the GIL around every statement step, and each
+    re-acquisition can wait a whole switch interval behind a busy thread (the callback service,
+    the gateway's workers), so per-row statements cost milliseconds each under load. A column
+    with the same value in every row (state, timestamps) is bound once, not per row."""
+    if not rows:
+        return
+    if is_postgres(conn):
         executemany(conn, f"UPDATE outbox SET {set_clause} WHERE id = ? AND state = 'queued'", rows)
+        return
+    cols = [c.split("=")[0].strip() for c in set_clause.split(",")]
+    first = rows[0]
+    same = [all(r[j] == first[j] for r in rows) for j in range(len(cols))]
+    varying = [j for j in range(len(cols)) if not same[j]] + [len(cols)]  # the id comes last
+    sets = ", ".join(f"{c} = ?" if same[j] else f"{c} = v.column{varying.index(j) + 1}" for j, c in enumerate(cols))
+    consts = [_sqlite_param(first[j]) for j in range(len(cols)) if same[j]]
+    width = len(varying)
+    cur = conn.connection.driver_connection.cursor()
+    try:
+        step = _SQLITE_MAX_PARAMS // width
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
+            values = ",".join(["(" + ",".join("?" * width) + ")"] * len(chunk))
+            cur.execute(f"UPDATE outbox SET {sets} FROM (VALUES {values}) AS v "
+                        f"WHERE outbox.id = v.column{width} AND outbox.state = 'queued'",
+                        consts + [_sqlite_param(row[j]) for row in chunk for j in varying])
+    finally:
+        cur.close()
+
+
+def _sqlite_param(value):
+    """Datetimes in the store's SQLite text format (as ``store.db`` binds them); the rest as is."""
+    if isinstance(value, datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value.isoformat(" ", "microseconds")
+    return value
+
+
+_SQLITE_MAX_PARAMS = 32_000  # SQLite >= 3.32 allows 32,766 bound parameters per statement
+
+
+@dataclass
+class _Batch:
+    """Claimed messages we hold, ready to submit, and what recording their results needs."""
+
+    msgs: list[OutgoingMessage]
+    ids_by_ref: dict[str, int]
+    attempts: dict[str, int]
+    contacts: frozenset[int]
+    claimed_at: float  # time.monotonic() of the claim (or of the last lease renewal)
+
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame) -> "_Batch":
+        msgs = [OutgoingMessage(k, p, t, e, int(s))
+                for k, p, t, e, s in zip(df["idempotency_key"], df["phone_e164"], df["text"], df["encoding"], df["segments"])]
+        contacts = frozenset(int(c) for c in df["contact_id"] if c is not None and c == c)
+        return cls(msgs, dict(zip(df["idempotency_key"], df["id"].astype(int))),
+                   dict(zip(df["idempotency_key"], df["attempts"].astype(int))), contacts,
+                   df.attrs.get("claimed_at", time.monotonic()))
+
+    def ids(self, msgs: list[OutgoingMessage]) -> list[int]:
+        return [self.ids_by_ref[m.reference] for m in msgs]
+
+
+def _resolved(value) -> Future:
+    """A future that is already done (the claimed-ahead batch after an outage's lease renewal)."""
+    fut: Future = Future()
+    fut.set_result(value)
+    return fut
+
+
+class _SendLoop:
+    """The send loop, pipelined: the gateway waits for the store only for the first claim (and the
+    last record), and the store work stays strictly ordered.
+
+    The main thread takes tokens and calls ``gateway.submit`` (plus the rare lease renewal and the
+    outage handling). One store thread does the claims and records of the loop, in submission
+    order (a single-worker executor is FIFO):
+
+    * claim-ahead: while the last part of batch k is being submitted, batch k+1 is claimed
+      (planned -> queued with our lease, policy checked) so it is ready when the gateway is free;
+    * record-behind: the results of part j are recorded while part j+1 is being submitted; a
+      gateway that streams its results (Kannel) has them recorded in chunks while the rest of the
+      same part is still in flight, so only the last chunk is recorded after the last submit.
+
+    Why this is still at most once per idempotency key, also under kill -9:
+
+    * A message is submitted only from a batch this loop claimed ('queued', claimed_by us), exactly
+      once: each part is handed to ``gateway.submit`` once, and a part is resubmitted only after
+      ``GatewayUnavailable`` (the gateway raises it before sending anything) and only while our
+      lease is renewed and still ours. Claims older than half the lease are renewed before a part
+      is submitted, so a claimed-ahead batch never goes out on a lease another sender may take over.
+    * At most two parts are submitted-but-unrecorded at any moment: before part j+2 is submitted
+      every record of part j (and of the chunks streamed before) must have committed
+      (``_settle``); if one failed, nothing more is submitted. A crash leaves those parts 'queued' under our claim, exactly like a crash between
+      submit and record in the serial loop: ``recover_in_flight`` settles them (``lookup``, stored
+      receipts) before any of them can be planned again.
+    * What provably never reached the gateway (the claimed-ahead batch, the parts after the one in
+      progress) goes back to 'planned' when the loop stops on an error; a crash leaves it 'queued'
+      and recovery re-plans it (nothing was sent). Results already returned by the gateway are
+      always recorded before the loop returns or raises.
+    * Transitions stay guarded on 'queued' (``update_if_queued``): a receipt recorded first wins.
+    * Policy is decided at claim time; the claim-ahead skips contacts of the batch in flight,
+      whose caps could not count the message not yet recorded (see ``claim``).
+    """
+
+    def __init__(self, engine, *, campaign_id: int, gateway: SmsGateway, bucket: TokenBucket, claimer: str,
+                 max_messages: int, max_attempts: int, lease_s: float, stats: SendStats, now: datetime | None,
+                 breaker: CircuitBreaker):
+        self.engine, self.campaign_id, self.gateway, self.bucket = engine, campaign_id, gateway, bucket
+        self.claimer, self.max_messages, self.max_attempts, self.lease_s = claimer, max_messages, max_attempts, lease_s
+        self.stats, self.now, self.breaker = stats, now, breaker
+        self.taken = 0  # claimed incl. policy-blocked: counts toward max_messages
+        self.store = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smsflow-send-store")
+        self.ahead: Future | None = None  # the claim of the next batch, not yet taken
+        self.unrecorded: deque[Future] = deque()  # record jobs not yet known to have committed
+        self.unsent: tuple[_Batch, list[OutgoingMessage]] | None = None  # never handed to the gateway
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> SendStats:
+        error: BaseException | None = None
+        try:
+            first = self._launch_claim()
+            self._warm_up()  # overlaps the first claim, which nothing else can
+            batch = self._take(first)
+            while batch is not None:
+                self._send(batch)
+                batch = self._take(self.ahead if self.ahead is not None else self._launch_claim())
+        except BaseException as exc:  # noqa: BLE001 - also KeyboardInterrupt / task cancellation
+            error = exc
+            raise
+        finally:
+            self._stop(error)
+        return self.stats
+
+    def _send(self, batch: _Batch) -> None:
+        """Submit one batch part by part (one token bucket acquisition per part)."""
+        step = max(1, int(self.bucket.rate // 10) or 1)
+        msgs, i = batch.msgs, 0
+        while i < len(msgs):
+            self.unsent = (batch, msgs[i:])
+            msgs = self._keep_lease(batch, msgs, i)
+            if i >= len(msgs):
+                break
+            if i + step >= len(msgs) and self.ahead is None:
+                self.ahead = self._launch_claim(batch.contacts)  # overlaps the last part's submit
+            part = msgs[i : i + step]
+            self.bucket.acquire(len(part))
+            self.unsent = (batch, msgs[i + len(part) :])  # from here on, ``part`` may have reached the gateway
+            try:
+                results = self._submit(batch, part)
+            except GatewayUnavailable as exc:
+                self.unsent = (batch, msgs[i:])  # raised before anything was sent
+                msgs = self._outage(exc, batch, msgs, i)
+                continue
+            self.breaker.success()
+            self._record(batch, results)
+            i += step
+        self.unsent = None
+
+    def _warm_up(self) -> None:
+        warm_up = getattr(self.gateway, "warm_up", None)
+        if callable(warm_up):
+            try:
+                warm_up()
+            except Exception as exc:  # noqa: BLE001 - best effort: submit reports a dead gateway itself
+                log.debug("gateway warm-up failed: %s: %s", type(exc).__name__, exc)
+
+    # ------------------------------------------------------------------ store jobs
+    def _launch_claim(self, skip_contacts: Collection[int] = ()) -> Future | None:
+        """Claim the next batch (up to ``gateway.batch_size``) in the store thread."""
+        limit = min(self.gateway.batch_size, self.max_messages - self.taken)
+        if limit <= 0:
+            return None
+        return self.store.submit(claim, self.engine, self.campaign_id, limit, self.claimer, self.lease_s,
+                                 now=self.now, skip_contacts=skip_contacts)
+
+    def _take(self, fut: Future | None) -> _Batch | None:
+        """The next batch to send, None when nothing more is due (or ``max_messages`` is reached).
+        A claim whose messages were all held back by the policy is followed by another claim."""
+        while fut is not None:
+            if fut is self.ahead:
+                self.ahead = None
+            df = fut.result()
+            blocked = df.attrs.get("policy_blocked", 0)
+            self.stats.policy_blocked += blocked
+            for rule, n in df.attrs.get("policy", {}).items():
+                self.stats.held[rule] = self.stats.held.get(rule, 0) + n
+            if df.empty and not blocked and not df.attrs.get("lost"):
+                if not df.attrs.get("skipped_contacts"):
+                    return None
+                fut = self._launch_claim()  # what is left may belong to the contacts skipped: claim it now
+                continue
+            self.stats.claimed += len(df) + blocked
+            self.taken += len(df) + blocked
+            if not df.empty:
+                return _Batch.from_frame(df)
+            fut = self._launch_claim()
+        return None
+
+    def _submit(self, batch: _Batch, part: list[OutgoingMessage]) -> list[SubmitResult]:
+        """``gateway.submit``. A gateway that streams its results (``streams_results``) has them
+        recorded chunk by chunk while the rest of the part is still in flight; only the results not
+        recorded that way are returned (each reference is recorded once)."""
+        if not getattr(self.gateway, "streams_results", False):
+            return self.gateway.submit(part)
+        streamed: set[str] = set()
+
+        def on_results(chunk: list[SubmitResult]) -> None:  # runs in the gateway's threads
+            streamed.update(r.reference for r in chunk)
+            self.unrecorded.append(self._record_job(batch, chunk))
+
+        results = self.gateway.submit(part, on_results=on_results)
+        return [r for r in results if r.reference not in streamed]
+
+    def _record_job(self, batch: _Batch, results: list[SubmitResult]) -> Future:
+        return self.store.submit(record_results, self.engine, batch.ids_by_ref, results, self.max_attempts,
+                                 batch.attempts, self.stats, now=self.now)
+
+    def _record(self, batch: _Batch, results: list[SubmitResult]) -> None:
+        """Hand the results to the store thread; then make sure every record before it committed."""
+        if results:
+            self.unrecorded.append(self._record_job(batch, results))
+        self._settle(keep=1)
+
+    def _settle(self, keep: int) -> None:
+        """Wait until at most ``keep`` records are outstanding; a failed record stops the loop."""
+        while self.unrecorded and (len(self.unrecorded) > keep or self.unrecorded[0].done()):
+            self.unrecorded.popleft().result()
+
+    # ------------------------------------------------------------------ leases and outages
+    def _keep_lease(self, batch: _Batch, msgs: list[OutgoingMessage], i: int) -> list[OutgoingMessage]:
+        """Before submitting from a claim older than half the lease, renew it and drop what is no
+        longer ours (a claim that expired may have been taken over by a recovering sender)."""
+        if time.monotonic() - batch.claimed_at <= self.lease_s / 2:
+            return msgs
+        mine = renew_lease(self.engine, batch.ids(msgs[i:]), self.claimer, self.lease_s)
+        batch.claimed_at = time.monotonic()
+        return msgs[:i] + [m for m in msgs[i:] if batch.ids_by_ref[m.reference] in mine]
+
+    def _outage(self, exc: GatewayUnavailable, batch: _Batch, msgs: list[OutgoingMessage],
+                i: int) -> list[OutgoingMessage]:
+        """Nothing of the part reached the gateway. Back off with the breaker, keep our claims alive
+        (this batch's rest and the claimed-ahead one), then the caller retries the same part. When
+        the breaker gives up, the rest goes back to 'planned' (never 'failed': never tried)."""
+        self.stats.outages += 1
+        rest = batch.ids(msgs[i:])
+        try:
+            self.breaker.failure(exc)
+        except GatewayUnavailable:
+            self.unsent = None
+            release_unsent(self.engine, rest, self.claimer)
+            raise
+        ahead = self.ahead.result() if self.ahead is not None else None
+        ahead_ids = [int(x) for x in ahead["id"]] if ahead is not None and not ahead.empty else []
+        mine = renew_lease(self.engine, rest + ahead_ids, self.claimer, self.lease_s)
+        batch.claimed_at = time.monotonic()
+        if ahead_ids:
+            kept = ahead[ahead["id"].astype(int).isin(mine)].reset_index(drop=True)
+            kept.attrs = dict(ahead.attrs, lost=len(ahead) - len(kept))
+            self.ahead = _resolved(kept)
+        return msgs[:i] + [m for m in msgs[i:] if batch.ids_by_ref[m.reference] in mine]
+
+    # ------------------------------------------------------------------ stopping
+    def _stop(self, error: BaseException | None) -> None:
+        """Record every result the gateway returned, give back what was claimed but never
+        submitted, stop the store thread. The loop's own error wins over one found here."""
+        first: BaseException | None = None
+        try:
+            while self.unrecorded:
+                try:
+                    self.unrecorded.popleft().result()
+                except BaseException as exc:  # noqa: BLE001
+                    first = first or exc
+            if error is not None or first is not None:
+                self._release_unsubmitted()
+        finally:
+            self.store.shutdown(wait=True)
+        if error is None and first is not None:
+            raise first
+
+    def _release_unsubmitted(self) -> None:
+        ids: list[int] = []
+        if self.unsent is not None:
+            batch, never = self.unsent
+            ids += batch.ids(never)
+        if self.ahead is not None:
+            try:
+                df = self.ahead.result()
+                ids += [int(x) for x in df["id"]]
+            except Exception:  # noqa: BLE001 - the claim itself failed: nothing was claimed
+                pass
+        if ids:
+            try:
+                release_unsent(self.engine, ids, self.claimer)
+            except Exception:  # noqa: BLE001 - still 'queued' under our claim: recovery re-plans them
+                pass
 
 
 def send_messages(
@@ -256,53 +576,15 @@ def send_messages(
 ) -> SendStats:
     """Send up to ``max_messages`` planned messages of a campaign. Returns counts.
 
+    Pipelined (``_SendLoop``): the next batch is claimed and the previous part recorded while the
+    gateway works, in one store thread, so the gateway is not kept waiting by the bookkeeping.
     A gateway outage opens the circuit breaker: exponential backoff (1 s doubling to 30 s) while
     our claims are kept alive; after ``breaker.max_open_s`` the unsent messages go back to
     'planned' (never 'failed': they were never tried) and GatewayUnavailable propagates."""
-    stats = stats or SendStats()
-    breaker = breaker or CircuitBreaker()
-    sent = 0
-    while sent < max_messages:
-        batch = claim(engine, campaign_id, min(gateway.batch_size, max_messages - sent), claimer, lease_s, now=now)
-        stats.policy_blocked += batch.attrs.get("policy_blocked", 0)
-        for rule, n in batch.attrs.get("policy", {}).items():
-            stats.held[rule] = stats.held.get(rule, 0) + n
-        if batch.empty and not batch.attrs.get("policy_blocked"):
-            break
-        stats.claimed += len(batch) + batch.attrs.get("policy_blocked", 0)
-        sent += len(batch) + batch.attrs.get("policy_blocked", 0)
-        if batch.empty:
-            continue
-        msgs = [
-            OutgoingMessage(k, p, t, e, int(s))
-            for k, p, t, e, s in zip(batch["idempotency_key"], batch["phone_e164"], batch["text"], batch["encoding"], batch["segments"])
-        ]
-        ids_by_ref = dict(zip(batch["idempotency_key"], batch["id"].astype(int)))
-        attempts = dict(zip(batch["idempotency_key"], batch["attempts"].astype(int)))
-        step = max(1, int(bucket.rate // 10) or 1)
-        i = 0
-        while i < len(msgs):
-            part = msgs[i : i + step]
-            bucket.acquire(len(part))
-            try:
-                results = gateway.submit(part)
-            except GatewayUnavailable as exc:
-                # nothing of this part reached the gateway (implementations raise before sending).
-                # Back off with the breaker, keep our claims alive, then retry the same part.
-                stats.outages += 1
-                rest = [m.reference for m in msgs[i:]]
-                try:
-                    breaker.failure(exc)
-                except GatewayUnavailable:
-                    release_unsent(engine, [ids_by_ref[r] for r in rest], claimer)
-                    raise
-                mine = renew_lease(engine, [ids_by_ref[r] for r in rest], claimer, lease_s)
-                msgs = msgs[:i] + [m for m in msgs[i:] if ids_by_ref[m.reference] in mine]
-                continue
-            breaker.success()
-            record_results(engine, ids_by_ref, results, max_attempts, attempts, stats, now=now)
-            i += step
-    return stats
+    loop = _SendLoop(engine, campaign_id=campaign_id, gateway=gateway, bucket=bucket, claimer=claimer,
+                     max_messages=max_messages, max_attempts=max_attempts, lease_s=lease_s,
+                     stats=stats or SendStats(), now=now, breaker=breaker or CircuitBreaker())
+    return loop.run()
 
 
 # --------------------------------------------------------------------------- Prefect task

@@ -194,3 +194,43 @@ def test_kannel_down_for_60_s_mid_campaign(kannel, service):  # noqa: F811
     assert final.get("submitted", 0) <= gw.batch_size * 2, final
     print(f"outage: {time.monotonic() - stopped_at:.0f}s from stop to done, {stats.outages} failed tries, "
           f"{final.get('submitted', 0)} receipts lost with bearerbox")
+
+
+def test_pipelined_send_keeps_caps_for_contacts_in_flight_and_leaves_nothing_behind(tmp_path):
+    """The send loop claims batch k+1 while batch k is being submitted and before it is recorded.
+    A contact with messages in consecutive batches must still get no more than its frequency cap
+    allows (the cap counts recorded submits), and the messages skipped for that reason must still
+    be claimed before the loop ends."""
+    from blocks.gateway import SandboxGateway
+    from tasks.policy import ContactPolicy, FrequencyCap
+    from tasks.send import TokenBucket, send_messages
+    from tests.helpers import DAYTIME
+
+    engine = get_engine(f"sqlite:///{tmp_path / 'store.sqlite'}")
+    policy = ContactPolicy(caps=[FrequencyCap(period="day", limit=1)])
+    now = utcnow()
+    with engine.begin() as c:
+        bulk_insert(c, "contacts", ("source", "crm_id", "phone_e164", "sms_consent", "status"),
+                    [("cap", str(i), f"+79160000{i:03d}", True, "valid") for i in range(3)])
+        c.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status, "
+                       "policy) VALUES ('cap', 'cap', 'all', 't', 'marketing', 0, 'running', :p)"),
+                  {"p": policy.model_dump_json()})
+        cid = c.execute(text("SELECT id FROM campaigns WHERE name = 'cap'")).scalar()
+        contacts = [r[0] for r in c.execute(text("SELECT id FROM contacts ORDER BY id"))]
+        # three steps per contact, interleaved: every batch of two holds two contacts, consecutive batches share one
+        bulk_insert(c, "outbox", ("idempotency_key", "campaign_id", "contact_id", "step", "phone_e164", "text", "encoding",
+                                  "segments", "cost", "state", "attempts", "planned_at", "updated_at"),
+                    [(f"cap-{s}-{k}", cid, ct, f"s{s}", f"+79160000{k:03d}", "hi", "GSM-7", 1, 0, "planned", 0, now, now)
+                     for s in range(3) for k, ct in enumerate(contacts)])
+    gw = SandboxGateway(state_path=str(tmp_path / "gw.sqlite"), rejected_rate=0, min_delay_s=0, max_delay_s=0,
+                        batch_size=2)
+    stats = send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="p",
+                          max_messages=100, now=DAYTIME)
+    assert stats.submitted == 3 and stats.held == {"cap_day": 6}, vars(stats)
+    with engine.begin() as c:
+        per_contact = dict(c.execute(text("SELECT contact_id, COUNT(*) FROM outbox WHERE submitted_at IS NOT NULL "
+                                          "GROUP BY contact_id")).fetchall())
+        left = c.execute(text("SELECT COUNT(*) FROM outbox WHERE state IN ('planned', 'queued')")).scalar()
+    assert per_contact == {ct: 1 for ct in contacts}
+    assert left == 0
+    assert set(gw.sent_count_by_reference().values()) == {1}

@@ -180,7 +180,8 @@ def test_300_mixed_messages_once_each_and_intact(sim):
     got = {r.gateway_message_id: r for r in receipts}
     assert set(ids.values()) <= set(got)
     assert all(got[i].status == "delivered" and got[i].error_code == "000" for i in ids.values())
-    assert len(receipts) == 300  # the 2nd/3rd part receipts are dropped
+    assert len(receipts) == 300  # one per message: a 3-part one's once all three parts have a final receipt
+    assert all(len(got[ids[m.reference]].raw["parts"]) == 3 for m in msgs if m.segments == 3)
     assert gw.fetch_receipts() == [] or True  # later receipts of other tests may arrive, nothing to assert
 
 
@@ -519,3 +520,45 @@ def test_submit_from_inside_a_running_event_loop(sim):
     res = asyncio.run(caller())
     assert res[0].accepted
     assert sim.stats(detail=True)["by_ref"].get(f"{run}-l") == 1
+
+
+def test_concatenated_message_is_final_when_every_part_is(tmp_path):
+    """Each part of a concatenated message gets its own receipt; the message (known by its first
+    part's id) gets ONE final receipt, once every part it sent has a final one: delivered only if
+    all were, else the failed part's status and error, undelivered (SMPP_PARTIAL) if a part never
+    got past submit_sm. Receipts arrive in any order, twice, or with intermediate states first."""
+    from types import SimpleNamespace
+
+    from blocks.smpp import PARTIAL, SmppGateway
+
+    gw = SmppGateway(password="x", spool_path=str(tmp_path / "spool.sqlite"))
+    spool = gw._spool()
+    counts = {"receipts": 0, "inbound": 0, "part_receipts": 0}
+
+    def dlr(mid: str, stat: str, err: str = "000"):
+        text = f"id:{mid} sub:001 dlvrd:001 submit date:2611251047 done date:2611251048 stat:{stat} err:{err} text:"
+        gw._on_deliver(SimpleNamespace(esm_class=0x04, short_message=text.encode(), tlvs=[]), spool, counts)
+
+    # what submit() records as the parts are accepted: A and B complete, C's third part refused
+    for main, later in (("A1", ["A2", "A3"]), ("B1", ["B2"]), ("C1", ["C2"])):
+        spool.add_multipart(main, len(later) + 1 if main != "C1" else 3)
+        spool.add_parts(main, later)
+    assert spool.multipart_short("C1", 2) is None  # no receipt yet for C's parts
+
+    dlr("A3", "DELIVRD")
+    dlr("A1", "ENROUTE")  # the first part's progress passes through; the message is not final
+    dlr("B1", "DELIVRD")
+    dlr("A2", "DELIVRD")
+    assert [(r.gateway_message_id, r.status) for r in spool.take_receipts(100)] == [("A1", "enroute")]
+    dlr("B2", "UNDELIV", "001")
+    dlr("A1", "DELIVRD")
+    dlr("A2", "DELIVRD")  # a duplicate after the message settled: dropped
+    dlr("C2", "DELIVRD")
+    dlr("C1", "DELIVRD")
+    dlr("X9", "DELIVRD")  # a single-part message: as before
+    got = {r.gateway_message_id: r for r in spool.take_receipts(100)}
+    assert {k: (r.status, r.error_code) for k, r in got.items()} == {
+        "B1": ("undelivered", "001"), "A1": ("delivered", "000"), "C1": ("undelivered", PARTIAL), "X9": ("delivered", "000")}
+    assert sorted(got["A1"].raw["parts"]) == ["A1", "A2", "A3"] and got["C1"].raw["short"] is True
+    assert spool.take_receipts(100) == []
+    spool.close()

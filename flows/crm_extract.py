@@ -10,13 +10,15 @@ from tasks.extract import extract_task
 
 @flow(name="crm-extract", log_prints=False)
 def crm_extract(source_block: str = "demo-crm", full_refresh: bool = False, database_url: str | None = None) -> dict:
-    """Pull new and changed CRM rows (since the watermark) into the store."""
+    """Pull new and changed CRM rows (since the watermark) into the store, each contact written once
+    with its phone verdict; validate-and-dedup then reports the checks and merges duplicates."""
     source = load_crm(source_block)
     stats = extract_task(source, full_refresh, get_settings().batch_size, database_url)
-    get_run_logger().info("extract %s: %d rows, %d quarantined, %d repeated CRM ids, watermark %s",
-                          source.source_name, stats.rows, stats.quarantined, stats.duplicate_ids, stats.watermark)
-    return {"source": source.source_name, "rows": stats.rows, "quarantined": stats.quarantined,
-            "duplicate_ids": stats.duplicate_ids, "watermark": stats.watermark}
+    get_run_logger().info("extract %s: %d rows, %d validated on the way in, %d quarantined, %d repeated CRM ids, "
+                          "watermark %s", source.source_name, stats.rows, stats.validated, stats.quarantined,
+                          stats.duplicate_ids, stats.watermark)
+    return {"source": source.source_name, "rows": stats.rows, "validated": stats.validated,
+            "quarantined": stats.quarantined, "duplicate_ids": stats.duplicate_ids, "watermark": stats.watermark}
 
 
 if __name__ == "__main__":

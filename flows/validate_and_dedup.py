@@ -9,7 +9,8 @@ from tasks.validate_store import validate_task
 
 @flow(name="validate-and-dedup")
 def validate_and_dedup(source: str = "demo-crm", default_region: str | None = None, database_url: str | None = None) -> dict:
-    """Validate what was extracted since the last run; a broken extract stops here with a clear message."""
+    """Report what the extract validated since the last run (Great Expectations results as an artifact),
+    validate contacts still 'new', merge duplicates; a broken extract stops here with a clear message."""
     s = get_settings()
     stats = validate_task(source, default_region or s.default_region, s.workers, database_url)
     get_run_logger().info("validate %s: %d checked, %d valid, %d quarantined, %d duplicates",

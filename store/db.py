@@ -34,7 +34,13 @@ def _register_sqlite_adapters() -> None:
 
 
 def _sqlite_setup(engine: Engine) -> None:
-    """WAL, a busy timeout, FKs, and BEGIN IMMEDIATE so concurrent writers queue instead of failing."""
+    """WAL, a busy timeout, FKs, and BEGIN IMMEDIATE so concurrent writers queue instead of failing.
+
+    Connections are not pooled (NullPool): a connection kept open between transactions lets the
+    thread that just committed take SQLite's write lock again at once, while the other writers of
+    the process sleep in SQLite's busy handler (1 ms growing to 100 ms per retry) and starve
+    (tests/test_store.py's concurrent claims end up in one thread). The fresh connection per
+    transaction costs about a millisecond; the send loop runs a few transactions per batch."""
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):  # pragma: no cover - driver hook
@@ -333,7 +339,7 @@ def _converted_chunks(rows, chunk: int, pg: bool):
     if isinstance(rows, Columns):
         total = len(rows[0]) if rows else 0
         for start in range(0, total, chunk):
-            cols = [_convert_column(list(c[start : start + chunk]), pg) for c in rows]
+            cols = [_convert_column(_column_part(c, start, start + chunk), pg) for c in rows]
             yield list(zip(*cols))
         return
     if hasattr(rows, "columns") and hasattr(rows, "iloc"):  # a pandas DataFrame: no row tuples to transpose
@@ -369,8 +375,64 @@ except ImportError:  # pragma: no cover
     pass
 
 
+def _is_datetime_array(col: Any) -> bool:
+    """A numpy datetime64 array (checked without importing numpy: the store does not need it)."""
+    return type(col).__name__ == "ndarray" and getattr(col, "dtype", None) is not None and col.dtype.kind == "M"
+
+
+def _column_part(col: Any, start: int, stop: int) -> Any:
+    part = col[start:stop]
+    return part if _is_datetime_array(part) else list(part)
+
+
+def _datetime_array_values(arr: Any, pg: bool) -> list:
+    """A datetime64 column (naive UTC) -> driver values, NaT -> None. For SQLite the text SQLAlchemy
+    writes ('YYYY-MM-DD HH:MM:SS.ffffff') is built by numpy in C instead of one isoformat() per value."""
+    import numpy as np
+
+    arr = np.asarray(arr, dtype="datetime64[us]")
+    nat = np.isnat(arr)
+    present = arr[~nat]
+    in_range = not len(present) or (present.min() >= np.datetime64("1000-01-01") and
+                                    present.max() < np.datetime64("10000-01-01"))
+    if pg or not in_range:
+        return [None if v is None else _copy_value(v) if pg else _sqlite_value(v) for v in arr.astype(object).tolist()]
+    text = np.datetime_as_string(arr, unit="us")  # 'YYYY-MM-DDTHH:MM:SS.ffffff', fixed width
+    text.view(np.uint32).reshape(len(text), -1)[:, 10] = ord(" ")  # the 'T' -> ' ' (UCS-4 code units)
+    out = text.tolist()
+    if nat.any():
+        out = [None if m else v for v, m in zip(out, nat.tolist())]
+    return out
+
+
+def _json_encoder():
+    """``json.dumps(v, ensure_ascii=False, allow_nan=False)`` without building an encoder per call
+    (that set-up is most of the cost for small dicts); plain ``json.dumps`` without the C encoder."""
+    from json import encoder as je
+
+    if je.c_make_encoder is None:  # pragma: no cover - CPython always has it
+        return lambda v: json.dumps(v, ensure_ascii=False, allow_nan=False)
+    enc = je.JSONEncoder(ensure_ascii=False, allow_nan=False)
+    c_enc = je.c_make_encoder({}, enc.default, je.encode_basestring, None, ": ", ", ", False, False, False)
+    return lambda v: "".join(c_enc(v, 0))
+
+
+_dumps_plain = _json_encoder()
+
+
+def json_text(value: Any) -> str:
+    """A dict or list as the JSON text the bulk writers store for it (callers that prepare rows in
+    another process use it to ship text instead of objects)."""
+    try:  # already JSON-clean (the usual case): dump once
+        return _dumps_plain(value)
+    except (TypeError, ValueError):
+        return json.dumps(_json_clean(value), ensure_ascii=False, default=str, allow_nan=False)
+
+
 def _convert_column(col: Sequence[Any], pg: bool) -> Sequence[Any]:
     """One column of driver-ready values (same result as converting each value on its own)."""
+    if _is_datetime_array(col):
+        return _datetime_array_values(col, pg)
     types = set(map(type, col))
     if types <= _PASS:
         return col
@@ -394,16 +456,7 @@ def _convert_column(col: Sequence[Any], pg: bool) -> Sequence[Any]:
             out.append(r)
         return out
     if types <= {_NONE, dict, str}:
-        dumps = json.dumps
-        out = []
-        for v in col:
-            if type(v) is dict:
-                try:  # already JSON-clean (the usual case): dump once
-                    v = dumps(v, ensure_ascii=False, allow_nan=False)
-                except (TypeError, ValueError):
-                    v = dumps(_json_clean(v), ensure_ascii=False, default=str, allow_nan=False)
-            out.append(v)
-        return out
+        return [json_text(v) if type(v) is dict else v for v in col]
     convert = _copy_value if pg else _sqlite_value
     return [convert(v) for v in col]
 
@@ -415,11 +468,40 @@ def _convert_rows(batch: list[Sequence[Any]], pg: bool) -> list[tuple]:
     return list(zip(*cols))
 
 
-def read_frame(conn: Connection, sql: str, params: dict[str, Any] | None = None, parse_dates: Sequence[str] = ()):
-    """A query into a DataFrame with object columns kept as Python objects."""
+def read_columns(conn: Connection, sql: str, params: dict[str, Any] | None = None) -> dict[str, list]:
+    """A query as plain Python lists, one per column (no DataFrame at all: the cheapest read for code
+    that only walks the values)."""
+    from sqlalchemy import text
+
+    res = conn.execute(text(sql), params or {})
+    cols = list(res.keys())
+    # plain tuples straight from the DBAPI cursor (text() has no result processors): much faster than Rows
+    try:
+        data = res.cursor.fetchall()
+    finally:
+        res.close()
+    if not data:
+        return {c: [] for c in cols}
+    return {c: list(v) for c, v in zip(cols, zip(*data))}
+
+
+def read_frame(conn: Connection, sql: str, params: dict[str, Any] | None = None, parse_dates: Sequence[str] = (),
+               *, objects: bool = False):
+    """A query into a DataFrame with object columns kept as Python objects.
+
+    ``objects=True`` builds every column as ``object`` dtype straight from the values (None stays None):
+    several times cheaper than letting pandas 3 infer its ``str`` dtype, which copies every text column
+    into Arrow and back again when the values are read out."""
     import pandas as pd
     from sqlalchemy import text
 
+    if objects:
+        data_cols = read_columns(conn, sql, params)
+        df = pd.DataFrame({c: pd.Series(v, dtype=object) for c, v in data_cols.items()})
+        for c in parse_dates:
+            if c in df.columns:
+                df[c] = pd.to_datetime(df[c], errors="coerce", format="mixed")
+        return df
     res = conn.execute(text(sql), params or {})
     cols = list(res.keys())
     # plain tuples straight from the DBAPI cursor (text() has no result processors): much faster than Rows

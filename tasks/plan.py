@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import text
 
 from store.db import Columns, bulk_insert, read_frame, utcnow
-from tasks.extract import write_quarantine
+from tasks.extract import gc_paused, write_quarantine
 from tasks.render import MessageTemplate, init_render_worker, render_batch, render_chunk
 
 OUTBOX_INSERT_FIELDS = (
@@ -83,20 +83,28 @@ def _contacts_for(engine, campaign_id: int, source: str, segment: str, after: in
         sql += " LIMIT :lim"
         params["lim"] = int(limit)
     with engine.begin() as conn:
-        return read_frame(conn, sql, params)
+        return read_frame(conn, sql, params, objects=True)  # object columns: no str-dtype round trip
 
 
 def _records(df) -> list[dict[str, Any]]:
     """Contacts with consent as render records; attributes stay JSON text (the renderer parses them)."""
     cols = list(df.columns)
     ids = df["contact_id"].astype("int64").tolist()
-    values = [ids if c == "contact_id" else df[c].astype(object).where(df[c].notna(), None).tolist() for c in cols]
+    values = [ids if c == "contact_id" else _plain(df[c]) for c in cols]
     out = [dict(zip(cols, row)) for row in zip(*values)]
     for r in out:
         a = r["attributes"]
         if not a:
             r["attributes"] = {}
     return out
+
+
+def _plain(col) -> list:
+    """Column values with every missing one as None."""
+    values = col.tolist()
+    if col.dtype == object and all(v is None or type(v) in (str, int) for v in values):
+        return values
+    return col.astype(object).where(col.notna(), None).tolist()
 
 
 def _pages(engine, campaign_id: int, source: str, segment: str, page_size: int, stats: PlanStats):
@@ -132,6 +140,14 @@ def plan_messages(
     extra: dict[str, Any] | None = None,
     on_batch=None,
 ) -> PlanStats:
+    """Render the segment's consenting contacts into planned outbox messages (see the module doc)."""
+    with gc_paused():  # millions of short-lived records: no collector passes over the whole heap
+        return _plan_messages(engine, campaign_id, source, segment, template, price_per_segment, gateway,
+                              batch_size, processes, extra, on_batch)
+
+
+def _plan_messages(engine, campaign_id, source, segment, template, price_per_segment, gateway, batch_size,
+                   processes, extra, on_batch) -> PlanStats:
     stats = PlanStats()
     extra = extra or {}
     page_size = max(1, int(batch_size))
@@ -216,7 +232,7 @@ def _store_chunk(engine, rendered, failed, stats, campaign_id, source, segment, 
     with engine.begin() as conn:
         bulk_insert(conn, "outbox", OUTBOX_INSERT_FIELDS, rows, on_conflict="ignore", conflict_columns=("idempotency_key",))
         write_quarantine(conn, quarantine)
-        if rendered:
+        if rendered and _has_render_quarantine(conn, campaign_id):
             # contacts that failed in an earlier run and render now are no longer quarantined
             conn.execute(
                 text("DELETE FROM quarantine WHERE step = 'render' AND campaign_id = :c AND contact_id IN "
@@ -228,6 +244,13 @@ def _store_chunk(engine, rendered, failed, stats, campaign_id, source, segment, 
     stats.segments += sum(segs)
     stats.cost += sum(costs)
     stats.failures.extend(failed[: max(0, 20 - len(stats.failures))])
+
+
+def _has_render_quarantine(conn, campaign_id: int) -> bool:
+    """Whether the campaign has quarantined renders at all: usually not, and then the clean-up below,
+    which would scan the campaign's whole outbox once per chunk, is skipped."""
+    return conn.execute(text("SELECT 1 FROM quarantine WHERE step = 'render' AND campaign_id = :c LIMIT 1"),
+                        {"c": campaign_id}).first() is not None
 
 
 def default_processes() -> int:

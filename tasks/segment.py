@@ -188,26 +188,39 @@ def evaluate(df: pd.DataFrame, seg: SegmentDefinition, now: datetime) -> tuple[p
 # --------------------------------------------------------------------------- store side
 
 
+_BASE_COLUMNS = ("language", "timezone", "first_name", "last_name", "email", "sms_consent", "crm_updated_at")
+
+
+def selects_everyone(seg: SegmentDefinition) -> bool:
+    """No filter, funnel, activity or RFM rule: every valid contact is a member (e.g. ``ALL``)."""
+    return not seg.filters and seg.funnel_stages is None and seg.days_since_last_activity is None and seg.rfm is None
+
+
 def build_membership(engine, source: str, seg: SegmentDefinition, now: datetime) -> int:
-    """Recompute one segment's membership among the valid contacts of a source."""
+    """Recompute one segment's membership among the valid contacts of a source.
+
+    A segment without rules is written by the database alone (INSERT ... SELECT): nothing to evaluate,
+    so no contact needs to travel through Python. Otherwise only the columns the rules use are read."""
     from sqlalchemy import text
 
     from store.db import bulk_insert, read_frame, utcnow
 
-    fields = seg.needed_fields()
-    base_cols = {"id", "language", "timezone", "first_name", "last_name", "email", "sms_consent", "crm_updated_at"}
-    with engine.begin() as conn:
-        cols = "id, language, timezone, first_name, last_name, email, sms_consent, crm_updated_at"
-        if fields - base_cols:
-            cols += ", attributes"
-        df = read_frame(conn, f"SELECT {cols} FROM contacts WHERE source = :s AND status = 'valid'", {"s": source})
-    df = expand_attributes(df, fields)
-    if df.empty:
-        mask, score = pd.Series([], dtype=bool), None
-    else:
-        mask, score = evaluate(df, seg, now)
-    members = df.loc[mask.to_numpy(), "id"].astype(int)
-    scores = score[mask.to_numpy()] if score is not None else [None] * len(members)
+    members = None
+    if not selects_everyone(seg):
+        fields = seg.needed_fields()
+        cols = ["id", *(c for c in _BASE_COLUMNS if c in fields)]
+        if fields - set(cols):
+            cols.append("attributes")
+        with engine.begin() as conn:
+            df = read_frame(conn, f"SELECT {', '.join(cols)} FROM contacts WHERE source = :s AND status = 'valid'",
+                            {"s": source})
+        df = expand_attributes(df, fields)
+        if df.empty:
+            mask, score = pd.Series([], dtype=bool), None
+        else:
+            mask, score = evaluate(df, seg, now)
+        members = df.loc[mask.to_numpy(), "id"].astype(int)
+        scores = score[mask.to_numpy()] if score is not None else [None] * len(members)
     with engine.begin() as conn:
         bulk_insert(
             conn,
@@ -222,12 +235,21 @@ def build_membership(engine, source: str, seg: SegmentDefinition, now: datetime)
             text("DELETE FROM segment_memberships WHERE segment = :g AND contact_id IN (SELECT id FROM contacts WHERE source = :s)"),
             {"g": seg.name, "s": source},
         )
-        bulk_insert(conn, "segment_memberships", ("segment", "contact_id", "rfm_score"), zip([seg.name] * len(members), members, scores))
+        if members is None:
+            count = conn.execute(
+                text("INSERT INTO segment_memberships (segment, contact_id, rfm_score) "
+                     "SELECT :g, id, NULL FROM contacts WHERE source = :s AND status = 'valid' ORDER BY id"),
+                {"g": seg.name, "s": source},
+            ).rowcount
+        else:
+            count = len(members)
+            bulk_insert(conn, "segment_memberships", ("segment", "contact_id", "rfm_score"),
+                        zip([seg.name] * len(members), members, scores))
         conn.execute(
             text("UPDATE segments SET size = (SELECT COUNT(*) FROM segment_memberships m WHERE m.segment = :g) WHERE name = :g"),
             {"g": seg.name},
         )
-    return int(len(members))
+    return int(count)
 
 
 # --------------------------------------------------------------------------- Prefect task

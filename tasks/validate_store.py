@@ -1,16 +1,28 @@
-"""The validate-and-dedup step against the store: new contacts -> valid | quarantined | duplicate."""
+"""The validate-and-dedup step against the store: contacts -> valid | quarantined | duplicate.
+
+Normally the extract does the per-contact work (see ``tasks.extract.extract_source``): each batch is
+checked with the Great Expectations suite and its phones classified *before* it is written, so a
+contact is written once, with its verdict, and the batch leaves a receipt (an ``extract.validated``
+event: counts and check results). ``validate_new_contacts`` then reports those receipts (stats, the
+expectations artifact), validates whatever is still 'new' (a batch that failed its checks, or contacts
+extracted without validation) and merges duplicates over the whole source.
+"""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
 
-from store.db import bulk_update, read_frame, utcnow
-from tasks.extract import write_quarantine
-from tasks.validate import check_extract, find_duplicates, normalize_phones_parallel
+from store.db import bulk_update, executemany, is_postgres, read_columns, read_frame, utcnow
+from tasks.validate import ExtractCheckResult, check_extract, find_duplicates, normalize_phones_parallel
+
+RECEIPT_KIND = "extract.validated"  # a validated extract batch not yet reported by validate_and_dedup
+REPORTED_KIND = "extract.validated.reported"
+SUPPRESSED_REASON = "erased person: the number is on the suppression list"
 
 
 class ExtractCheckFailed(RuntimeError):
@@ -32,68 +44,252 @@ def _payload(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items() if v is not None and k != "attributes"}
 
 
+def _add_counts(into: dict[str, int], counts: dict[str, int]) -> None:
+    for k, v in counts.items():
+        into[str(k)] = into.get(str(k), 0) + int(v)
+
+
+# --------------------------------------------------------------------------- verdicts (shared with the extract)
+
+
+@dataclass
+class Verdicts:
+    """Phone status code (ok, invalid, not_mobile, missing, suppressed) and reason per contact of a batch."""
+
+    codes: list[str]
+    reasons: list[str]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in self.codes:
+            out[c] = out.get(c, 0) + 1
+        return out
+
+
+def suppress(codes: list[str], e164: list, reasons: list[str], hashes) -> None:
+    """Numbers of erased people (salted hashes on the suppression list) are never imported again."""
+    if not hashes:
+        return
+    from smsflow.privacy import phone_hash
+
+    for i, (code, phone) in enumerate(zip(codes, e164)):
+        if code == "ok" and phone and phone_hash(phone) in hashes:
+            codes[i] = "suppressed"
+            reasons[i] = SUPPRESSED_REASON
+
+
+def apply_verdicts(rows, norm: pd.DataFrame, suppressed) -> Verdicts:
+    """Fill the validate columns of an extract batch (``tasks.extract.ContactBatch``) from its classified
+    phones, by the same rules as the 'new' path below: ok -> valid with its E.164 number, anything else
+    -> quarantined with the reason."""
+    codes = norm["phone_status"].tolist()
+    e164 = norm["phone_e164"].tolist()
+    reasons = norm["reason"].tolist()
+    suppress(codes, e164, reasons, suppressed)
+    ok = [c == "ok" for c in codes]
+    n = len(codes)
+    rows["phone_e164"] = [p if k else None for p, k in zip(e164, ok)]
+    rows["phone_region"] = [r or None for r in norm["region"].tolist()]
+    rows["status"] = ["valid" if k else "quarantined" for k in ok]
+    rows["status_reason"] = [None if k else r for r, k in zip(reasons, ok)]
+    rows["duplicate_of"] = [None] * n
+    rows["validated_at"] = [utcnow()] * n
+    return Verdicts(codes, reasons)
+
+
+def check_batch(rows) -> ExtractCheckResult:
+    """The Great Expectations suite over one extract batch, on the values as they will be stored."""
+    return check_values(rows["crm_id"], rows["phone_raw"], rows["language"])
+
+
+def check_values(ids: list, phones: list, languages: list) -> ExtractCheckResult:
+    """:func:`check_batch` on the three checked columns alone (module level: it can run in a worker)."""
+    return check_extract(pd.DataFrame({
+        "id": pd.Series(ids, dtype=object),
+        "phone": pd.Series(phones, dtype=object),
+        "language": pd.Series(languages, dtype=object),
+    }), blanks_cleaned=True)  # prepare_contacts already turned blank strings into None
+
+
+def _contact_ids(conn, source: str, crm_ids: list[str], chunk: int = 500) -> dict[str, int]:
+    """Store ids of the given CRM ids (unique index lookups, a few hundred per statement)."""
+    sql = text("SELECT crm_id, id FROM contacts WHERE source = :s AND crm_id IN :ids").bindparams(
+        bindparam("ids", expanding=True))
+    out: dict[str, int] = {}
+    for i in range(0, len(crm_ids), chunk):
+        out.update((r[0], int(r[1])) for r in conn.execute(sql, {"s": source, "ids": crm_ids[i : i + chunk]}))
+    return out
+
+
+@dataclass
+class BatchValidation:
+    """What the extract needs to write a batch's verdicts: the suppression list, and whether the source
+    may have quarantine rows from an earlier validation that a now valid contact must lose."""
+
+    source: str
+    suppressed: set[str]
+    quarantined: set[str]  # CRM ids with a validate quarantine row (row_key), kept up to date batch by batch
+
+    @classmethod
+    def start(cls, conn, source: str) -> "BatchValidation":
+        from tasks.erasure import suppressed_hashes
+
+        keys = {r[0] for r in conn.execute(
+            text("SELECT row_key FROM quarantine WHERE step = 'validate' AND source = :s"), {"s": source})}
+        return cls(source, suppressed_hashes(conn), keys)
+
+    def store(self, conn, rows, verdicts: Verdicts, check: ExtractCheckResult) -> None:
+        """Quarantine rows for the batch's bad phones, stale ones cleared for its valid contacts, and the
+        receipt validate_and_dedup reports from; in the batch's transaction."""
+        from tasks.extract import write_quarantine
+
+        crm = rows["crm_id"]
+        bad = [i for i, c in enumerate(verdicts.codes) if c != "ok"]
+        if self.quarantined:  # contacts quarantined before whose phone is fine now (usually none)
+            fixed = [crm[i] for i, c in enumerate(verdicts.codes) if c == "ok" and crm[i] in self.quarantined]
+            executemany(conn, "DELETE FROM quarantine WHERE step = 'validate' AND source = ? AND row_key = ?",
+                        [(self.source, k) for k in fixed])
+            self.quarantined.difference_update(fixed)
+        if bad:
+            ids = _contact_ids(conn, self.source, [crm[i] for i in bad])
+            write_quarantine(conn, [self._quarantine_row(conn, rows, i, ids[crm[i]], verdicts) for i in bad])
+            self.quarantined.update(crm[i] for i in bad)
+        record_receipt(conn, self.source, len(crm), len(bad), verdicts.counts(), check)
+
+    def _quarantine_row(self, conn, rows, i: int, contact_id: int, verdicts: Verdicts) -> dict[str, Any]:
+        # the payload the 'new' path below builds from the stored row (its timestamp as the driver returns it)
+        upd = rows["crm_updated_at"][i]
+        if hasattr(upd, "dtype"):  # a numpy datetime64 (the extract keeps timestamps as arrays)
+            upd = upd.astype("datetime64[us]").item()
+        if upd is not None:
+            upd = upd.isoformat() if is_postgres(conn) else upd.isoformat(" ", "microseconds")
+        record = {"id": contact_id, "crm_id": rows["crm_id"][i], "first_name": rows["first_name"][i],
+                  "last_name": rows["last_name"][i], "phone_raw": rows["phone_raw"][i], "language": rows["language"][i],
+                  "crm_updated_at": upd}
+        return dict(step="validate", source=self.source, row_key=str(rows["crm_id"][i]), campaign_id=None,
+                    contact_id=contact_id, reason_code=verdicts.codes[i], reason=verdicts.reasons[i],
+                    payload=_payload(record))
+
+
+# --------------------------------------------------------------------------- receipts
+
+
+def record_receipt(conn, source: str, checked: int, quarantined: int, by_status: dict[str, int],
+                   check: ExtractCheckResult) -> None:
+    """An ``extract.validated`` event: what the extract validated in one batch (counts only, no personal data)."""
+    payload = {"source": source, "checked": checked, "quarantined": quarantined, "by_status": by_status,
+               "check": check.to_dict()}
+    conn.execute(text("INSERT INTO event_log (ts, kind, payload) VALUES (:ts, :k, :p)"),
+                 {"ts": utcnow(), "k": RECEIPT_KIND, "p": json.dumps(payload, ensure_ascii=False, default=str)})
+
+
+def pending_receipts(conn, source: str) -> list[tuple[int, dict]]:
+    """Receipts of the source's extract batches not reported yet, oldest first."""
+    out = []
+    for event_id, payload in conn.execute(text("SELECT id, payload FROM event_log WHERE kind = :k ORDER BY id"),
+                                          {"k": RECEIPT_KIND}):
+        data = json.loads(payload) if isinstance(payload, (str, bytes)) else payload
+        if data and data.get("source") == source:
+            out.append((int(event_id), data))
+    return out
+
+
+def mark_reported(conn, event_ids: list[int]) -> None:
+    if event_ids:
+        executemany(conn, "UPDATE event_log SET kind = ? WHERE id = ?", [(REPORTED_KIND, i) for i in event_ids])
+
+
+# --------------------------------------------------------------------------- the step
+
+
 def validate_new_contacts(engine, source: str, default_region: str = "RU", processes: int = 1) -> ValidateStats:
-    """Validate the contacts extracted since the last validation, then re-run dedup over the source."""
+    """Report the batches the extract validated, validate the contacts still 'new', then re-run dedup
+    over the source. Runs alone as well: contacts extracted without validation are all 'new'."""
     stats = ValidateStats()
+    with engine.begin() as conn:
+        receipts = pending_receipts(conn, source)
+    checks = []
+    for _, r in receipts:
+        stats.checked += int(r["checked"])
+        stats.quarantined += int(r["quarantined"])
+        _add_counts(stats.by_status, r["by_status"])
+        checks.append(ExtractCheckResult.from_dict(r["check"]))
+    new_check = _validate_new(engine, source, default_region, processes, stats)
+    if new_check is not None:
+        checks.append(new_check)
+    combined = ExtractCheckResult.combine(checks)
+    if combined is not None:
+        stats.expectations_markdown = combined.markdown()
+        stats.expectations_success = combined.success
+    stats.duplicates = dedup_source(engine, source)
+    with engine.begin() as conn:
+        mark_reported(conn, [i for i, _ in receipts])
+        stats.valid = int(conn.execute(text("SELECT COUNT(*) FROM contacts WHERE source=:s AND status='valid'"), {"s": source}).scalar())
+    return stats
+
+
+def _validate_new(engine, source: str, default_region: str, processes: int, stats: ValidateStats) -> ExtractCheckResult | None:
+    """Contacts still 'new': the extract checks over all of them (a failure stops the run), then
+    phones, statuses and quarantine, as the extract would have done batch by batch."""
     with engine.begin() as conn:
         new = read_frame(
             conn,
             "SELECT id, crm_id, first_name, last_name, phone_raw, language, crm_updated_at FROM contacts "
             "WHERE source = :s AND status = 'new'",
             {"s": source},
+            objects=True,
         )
-    stats.checked = len(new)
-    if len(new):
-        check = check_extract(new.drop(columns=["id"]).rename(columns={"crm_id": "id", "phone_raw": "phone"}))
+    if not len(new):
+        return None
+    stats.checked += len(new)
+    check = check_extract(new.drop(columns=["id"]).rename(columns={"crm_id": "id", "phone_raw": "phone"}))
+    if not check.success:
         stats.expectations_markdown = check.markdown()
-        stats.expectations_success = check.success
-        if not check.success:
-            raise ExtractCheckFailed(
-                f"extract of '{source}' failed its checks, nothing was validated or sent: {check.summary()}. "
-                "Fix the CRM query/export and rerun; the contacts stay in the store as 'new'."
-            )
-        norm = normalize_phones_parallel(new["phone_raw"], default_region=default_region, processes=processes)
-        _apply_suppression(engine, norm)
-        now = utcnow()
-        ok = norm["phone_status"] == "ok"
-        status = ok.map({True: "valid", False: "quarantined"})
-        with engine.begin() as conn:
-            bulk_update(
-                conn,
-                "contacts",
-                "id",
-                ("phone_e164", "phone_region", "status", "status_reason", "duplicate_of", "validated_at"),
-                zip(
-                    norm["phone_e164"].where(ok, None),
-                    norm["region"].where(norm["region"] != "", None),
-                    status,
-                    norm["reason"].where(~ok, None),
-                    [None] * len(new),
-                    [now] * len(new),
-                    new["id"].astype(int),
-                ),
-            )
-            bad = new[~ok.to_numpy()]
-            quarantine = [
-                dict(step="validate", source=source, row_key=str(r["crm_id"]), campaign_id=None, contact_id=int(r["id"]),
-                     reason_code=str(code), reason=str(reason), payload=_payload(r))
-                for r, code, reason in zip(
-                    bad.to_dict("records"), norm.loc[~ok, "phone_status"], norm.loc[~ok, "reason"]
-                )
-            ]
-            conn.execute(
-                text("DELETE FROM quarantine WHERE step = 'validate' AND source = :s AND contact_id IN "
-                     "(SELECT id FROM contacts WHERE source = :s AND status = 'valid')"),
-                {"s": source},
-            )
-            write_quarantine(conn, quarantine)
-        counts = norm["phone_status"].value_counts().to_dict()
-        stats.by_status = {str(k): int(v) for k, v in counts.items()}
-        stats.quarantined = int((~ok).sum())
-    stats.duplicates = dedup_source(engine, source)
+        stats.expectations_success = False
+        raise ExtractCheckFailed(
+            f"extract of '{source}' failed its checks, nothing was validated or sent: {check.summary()}. "
+            "Fix the CRM query/export and rerun; the contacts stay in the store as 'new'."
+        )
+    norm = normalize_phones_parallel(new["phone_raw"], default_region=default_region, processes=processes)
+    _apply_suppression(engine, norm)
+    now = utcnow()
+    ok = norm["phone_status"] == "ok"
+    status = ok.map({True: "valid", False: "quarantined"})
     with engine.begin() as conn:
-        stats.valid = int(conn.execute(text("SELECT COUNT(*) FROM contacts WHERE source=:s AND status='valid'"), {"s": source}).scalar())
-    return stats
+        bulk_update(
+            conn,
+            "contacts",
+            "id",
+            ("phone_e164", "phone_region", "status", "status_reason", "duplicate_of", "validated_at"),
+            zip(
+                norm["phone_e164"].where(ok, None),
+                norm["region"].where(norm["region"] != "", None),
+                status,
+                norm["reason"].where(~ok, None),
+                [None] * len(new),
+                [now] * len(new),
+                new["id"].astype(int),
+            ),
+        )
+        bad = new[~ok.to_numpy()]
+        quarantine = [
+            dict(step="validate", source=source, row_key=str(r["crm_id"]), campaign_id=None, contact_id=int(r["id"]),
+                 reason_code=str(code), reason=str(reason), payload=_payload(r))
+            for r, code, reason in zip(
+                bad.to_dict("records"), norm.loc[~ok, "phone_status"], norm.loc[~ok, "reason"]
+            )
+        ]
+        conn.execute(
+            text("DELETE FROM quarantine WHERE step = 'validate' AND source = :s AND contact_id IN "
+                 "(SELECT id FROM contacts WHERE source = :s AND status = 'valid')"),
+            {"s": source},
+        )
+        from tasks.extract import write_quarantine
+
+        write_quarantine(conn, quarantine)
+    _add_counts(stats.by_status, norm["phone_status"].value_counts().to_dict())
+    stats.quarantined += int((~ok).sum())
+    return check
 
 
 def _apply_suppression(engine, norm: pd.DataFrame) -> None:
@@ -108,25 +304,29 @@ def _apply_suppression(engine, norm: pd.DataFrame) -> None:
     ok = norm["phone_status"] == "ok"
     hit = ok & norm["phone_e164"].map(lambda p: bool(p) and phone_hash(p) in hashes).astype(bool)
     norm.loc[hit, "phone_status"] = "suppressed"
-    norm.loc[hit, "reason"] = "erased person: the number is on the suppression list"
+    norm.loc[hit, "reason"] = SUPPRESSED_REASON
 
 
 def dedup_source(engine, source: str) -> int:
     """Merge contacts of one source sharing an E.164 number: the most recently updated CRM record
-    is kept (status valid), the others become 'duplicate' pointing at it. Returns the duplicates."""
+    is kept (status valid), the others become 'duplicate' pointing at it. Returns the duplicates.
+
+    Only numbers held by more than one contact can have duplicates, so the whole source is read as
+    (id, number) pairs only, and the timestamps and current state are read for the contacts sharing a
+    number (and the current duplicates, which may have to become valid again)."""
     with engine.begin() as conn:
-        df = read_frame(
-            conn,
-            "SELECT id, phone_e164, crm_updated_at, status, duplicate_of FROM contacts "
-            "WHERE source = :s AND status IN ('valid', 'duplicate') ORDER BY id",
-            {"s": source},
-            parse_dates=["crm_updated_at"],
-        )
-        if df.empty:
+        cols = read_columns(conn, "SELECT id, phone_e164 FROM contacts WHERE source = :s AND status IN ('valid', 'duplicate')",
+                            {"s": source})
+        if not cols["id"]:
             return 0
-        df.index = df["id"].astype(int)
+        phones = pd.Series(cols["phone_e164"], dtype=object)
+        shared = phones.notna().to_numpy() & phones.duplicated(keep=False).to_numpy()
+        current = read_columns(conn, "SELECT id FROM contacts WHERE source = :s AND status = 'duplicate'", {"s": source})["id"]
+        ids = np.union1d(np.asarray(cols["id"], dtype=np.int64)[shared], np.asarray(current, dtype=np.int64))  # sorted
+        if not len(ids):
+            return 0
+        df = _dedup_candidates(conn, ids.tolist())
         kept = find_duplicates(df["phone_e164"], df["crm_updated_at"])
-        ids = df.index.to_numpy(dtype=np.int64)
         is_dup = kept.notna().to_numpy(dtype=bool)
         new_dup = kept.fillna(-1).to_numpy(dtype=np.int64)
         old_dup = pd.to_numeric(df["duplicate_of"], errors="coerce").fillna(-1).to_numpy(dtype=np.int64)
@@ -146,11 +346,27 @@ def dedup_source(engine, source: str) -> int:
                     ["duplicate" if x else "valid" for x in d.tolist()],
                     [k if x else None for k, x in zip(keep.tolist(), d.tolist())],
                     [f"same number as contact {k}" if x else None for k, x in zip(keep.tolist(), d.tolist())],
-                    ids[ch].tolist(),
+                    df.index.to_numpy(dtype=np.int64)[ch].tolist(),
                 ),
             )
-        is_dup = pd.Series(is_dup)
         return int(is_dup.sum())
+
+
+def _dedup_candidates(conn, ids: list[int], chunk: int = 500) -> pd.DataFrame:
+    """Number, CRM updated-at, status and keeper of the given contacts, indexed by id in id order."""
+    sql = text("SELECT id, phone_e164, crm_updated_at, status, duplicate_of FROM contacts WHERE id IN :ids").bindparams(
+        bindparam("ids", expanding=True))
+    rows = []
+    for i in range(0, len(ids), chunk):
+        rows.extend(conn.execute(sql, {"ids": ids[i : i + chunk]}).all())
+    rows.sort(key=lambda r: r[0])
+    id_col, phone, updated, status, dup_of = (list(c) for c in zip(*rows))
+    return pd.DataFrame({
+        "phone_e164": pd.Series(phone, dtype=object),
+        "crm_updated_at": pd.to_datetime(pd.Series(updated, dtype=object), errors="coerce", format="mixed"),
+        "status": pd.Series(status, dtype=object),
+        "duplicate_of": pd.Series(dup_of, dtype=object),
+    }).set_axis(pd.Index(np.asarray(id_col, dtype=np.int64)))
 
 
 # --------------------------------------------------------------------------- Prefect task

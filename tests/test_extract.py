@@ -123,3 +123,70 @@ def test_every_consent_change_is_audited(engine, tmp_path):
     assert [tuple(r) for r in got] == [("C00000", "revoked", "import", None), ("C00003", "granted", "web_form", "v2")]
     with engine.begin() as c:
         assert c.execute(text("SELECT consent_text_version FROM contacts WHERE crm_id='C00003'")).scalar() == "v2"
+
+
+def test_extract_writes_each_contact_once_with_its_verdict(engine, tmp_path):
+    """The extract classifies phones before writing; validate then only reports and merges duplicates."""
+    from tasks.validate_store import validate_new_contacts
+
+    rows = [contact(i) for i in range(6)]
+    rows[1]["phone"] = "abc"
+    path = write_csv(tmp_path / "crm.csv", rows)
+    stats = extract_source(engine, CsvCrm(path=str(path), source_name="t"))
+    assert stats.validated == 6
+    assert _count(engine, "SELECT COUNT(*) FROM contacts WHERE status = 'valid' AND phone_e164 IS NOT NULL") == 5
+    assert _count(engine, "SELECT COUNT(*) FROM contacts WHERE status = 'quarantined' AND crm_id = 'C00001'") == 1
+    assert _count(engine, "SELECT COUNT(*) FROM quarantine WHERE step = 'validate' AND reason_code = 'invalid'") == 1
+    v = validate_new_contacts(engine, "t")
+    assert (v.checked, v.valid, v.quarantined) == (6, 5, 1) and v.by_status == {"ok": 5, "invalid": 1}
+    assert "Extract check: passed" in v.expectations_markdown
+    again = validate_new_contacts(engine, "t")  # nothing new: reported once
+    assert (again.checked, again.valid) == (0, 5) and not again.expectations_markdown
+    # the CRM fixes the number: valid again, and no longer quarantined
+    rows[1].update(phone="+7 916 555 00 01", updated_at="2027-01-01T00:00:00Z")
+    write_csv(path, rows)
+    extract_source(engine, CsvCrm(path=str(path), source_name="t"))
+    assert _count(engine, "SELECT COUNT(*) FROM contacts WHERE status = 'valid'") == 6
+    assert _count(engine, "SELECT COUNT(*) FROM quarantine WHERE step = 'validate'") == 0
+
+
+def test_a_batch_failing_its_checks_stays_new_and_stops_validate(engine, tmp_path):
+    import sqlite3
+
+    from tasks.validate_store import ExtractCheckFailed, validate_new_contacts
+
+    crm = tmp_path / "crm.sqlite"
+    db = sqlite3.connect(crm)
+    db.execute("CREATE TABLE people (id TEXT, phone TEXT, updated_at TEXT)")
+    good = [(str(i), f"8916{i:07d}", f"2026-01-01 10:{i:02d}:00") for i in range(10)]
+    broken = [(str(i), "", f"2026-01-02 10:{i:02d}:00") for i in range(10, 20)]  # the phone column emptied
+    db.executemany("INSERT INTO people VALUES (?,?,?)", good + broken)
+    db.commit()
+    db.close()
+    src = SqlCrm(url=f"sqlite:///{crm}", query="SELECT * FROM people", source_name="sql")
+    stats = extract_source(engine, src, batch_size=10)
+    assert stats.rows == 20 and stats.validated == 10
+    assert _count(engine, "SELECT COUNT(*) FROM contacts WHERE status = 'new'") == 10
+    with pytest.raises(ExtractCheckFailed, match="failed its checks"):
+        validate_new_contacts(engine, "sql")
+    assert _count(engine, "SELECT COUNT(*) FROM contacts WHERE status = 'new'") == 10
+
+
+def test_reader_process_gives_the_same_store(sqlite_engine, tmp_path):
+    """processes > 1: reading, checks and phones in a child process; the store ends up the same."""
+    from sqlalchemy import text as sql
+
+    from store.db import get_engine
+
+    rows = [contact(i) for i in range(30)] + [contact(40, phone="garbage"), contact(41, id="")]
+    path = write_csv(tmp_path / "crm.csv", rows)
+    other = get_engine(f"sqlite:///{tmp_path / 'other.sqlite'}")
+    one = extract_source(sqlite_engine, CsvCrm(path=str(path), source_name="t"), processes=1)
+    two = extract_source(other, CsvCrm(path=str(path), source_name="t"), processes=2)
+    assert (one.rows, one.validated, one.quarantined) == (two.rows, two.validated, two.quarantined) == (32, 31, 1)
+    q = ("SELECT crm_id, status, phone_e164, phone_region, status_reason, attributes, crm_updated_at, consent_at "
+         "FROM contacts ORDER BY crm_id")
+    with sqlite_engine.begin() as a, other.begin() as b:
+        assert a.execute(sql(q)).fetchall() == b.execute(sql(q)).fetchall()
+    with pytest.raises(CrmSourceError):
+        extract_source(other, CsvCrm(path=str(tmp_path / "missing.csv"), source_name="t"), processes=2)

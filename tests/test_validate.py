@@ -544,3 +544,45 @@ def test_validate_csv_file_errors(tmp_path):
     ok.write_text("phone\n1\n", encoding="utf-8")
     with pytest.raises(ValidationInputError, match="output directory does not exist"):
         validate_csv(ok, tmp_path / "missing_dir" / "out.csv")
+
+
+# ---------------------------------------------------------------------------
+# lean phonenumbers calls, streamed batches, checks combined over chunks
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("region", ["RU", "GB", None])
+def test_lean_classifier_equals_reference(region):
+    raws = [_fmt(f, n) for f in REALISTIC_FORMATS for n in REALISTIC_NUMBERS] + [
+        "+44 7911 123456", "+44 20 7946 0958", "+1 202 555 0143", "+1 684 733 1234", "+800 1234 5678",
+        "+882 1234 5678", "+870 773 111 632", "+7 800 555 35 35", "12", "+", "++7", "garbage", "+7 916 12",
+    ]
+    assert [v._classify_lean(r, region) for r in raws] == [v._classify(r, region) for r in raws]
+
+
+def test_phone_classifier_streams_batches_like_normalize_phones():
+    raws = [_fmt(f, n) for f in REALISTIC_FORMATS for n in REALISTIC_NUMBERS] + [None, "", "foo"]
+    batches = [pd.Series(raws[i : i + 50], dtype=object) for i in range(0, len(raws), 50)]
+    for processes, min_parallel in ((1, 0), (2, 0)):
+        with v.PhoneClassifier("RU", processes, min_parallel=min_parallel) as classifier:
+            pending = [classifier.submit(b) for b in batches]  # all submitted before any is collected
+            got = [result() for result in pending]
+        for b, df in zip(batches, got):
+            pd.testing.assert_frame_equal(df, normalize_phones(b))
+
+
+def test_check_results_combine_over_chunks():
+    good = pd.DataFrame({"id": [f"C{i}" for i in range(8)], "phone": ["+79161234567"] * 6 + ["", "abc"]})
+    whole = check_extract(good)
+    parts = [check_extract(good.iloc[:4]), check_extract(good.iloc[4:])]
+    combined = ExtractCheckResult.combine(parts)
+    assert combined.success == whole.success and combined.row_count == whole.row_count == 8
+    by_key = {(r["expectation"], r["column"]): r for r in whole.results}
+    for r in combined.results:
+        w = by_key[(r["expectation"], r["column"])]
+        assert r["unexpected_count"] == w["unexpected_count"]
+        if w["unexpected_percent"] is not None:
+            assert r["unexpected_percent"] == pytest.approx(w["unexpected_percent"])
+    assert ExtractCheckResult.combine([whole]) is whole and ExtractCheckResult.combine([]) is None
+    again = ExtractCheckResult.from_dict(__import__("json").loads(__import__("json").dumps(whole.to_dict())))
+    assert again.markdown() == whole.markdown()

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
+from blocks.crm import CsvCrm
 from blocks.gateway import SandboxGateway
 from store.db import get_engine
 from tasks.journey import exit_on_replies, plan_due_steps, process_events, record_event, scan_contact_triggers
@@ -422,19 +423,26 @@ def test_cli_journey_check(tmp_path):
     assert bad.exit_code == 1 and "b.yaml" in bad.output and "does not compile" in bad.output
 
 
+_ASKED: list = []
+
+
+class _DealsCrm(CsvCrm):
+    """A CRM block that knows whose deal 777 is (as AmoCrm/Bitrix24Crm/HubSpotCrm look it up)."""
+
+    _block_type_slug = "deals-crm-journey-test"  # never shadow the real CsvCrm in Prefect's registry
+
+    def event_customer(self, event_type, entity_id, payload):
+        _ASKED.append((event_type, entity_id))
+        return {"crm_id": "K1"} if entity_id == "777" else None
+
+
 def test_customer_of_a_deal_event_is_looked_up_in_the_crm_block(engine, tmp_path, monkeypatch):
     """amoCRM/Bitrix24 webhooks name only the deal: the journey asks its CRM block whose deal it is."""
     import tasks.journey as tj
-    from blocks.crm import CsvCrm
 
-    asked = []
-
-    class DealsCrm(CsvCrm):
-        def event_customer(self, event_type, entity_id, payload):
-            asked.append((event_type, entity_id))
-            return {"crm_id": "K1"} if entity_id == "777" else None
-
-    monkeypatch.setitem(tj._BLOCKS, "deals", DealsCrm(path=str(tmp_path / "none.csv")))
+    asked = _ASKED
+    asked.clear()
+    monkeypatch.setitem(tj._BLOCKS, "deals", _DealsCrm(path=str(tmp_path / "none.csv")))
     _contacts(engine, tmp_path, [contact(1, id="K1")])
     d = tmp_path / "j"
     d.mkdir()

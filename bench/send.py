@@ -52,8 +52,11 @@ first part / (time of the last release - time of the first release): the first p
 bucket's initial (full) capacity, every later one from elapsed time.  Also printed: min / max count over
 the full 1-second windows from the first release (sliding window, step 0.1 s).  Target: within 2%.
 
---smpp: if ``blocks/smpp.py`` exists and its ``SmppGateway`` imports, it submits N messages directly to the
-simulator (no Kannel, no store) and prints msg/s.
+(c) --smpp: every round, after (b), ``SmppGateway.submit`` of all N messages in one call directly to the
+simulator (no Kannel, no store; receipts on): accepted msg/s = accepted / (start of submit -> last
+submit_sm_resp, binds included), comparable to (a)'s accepted; and, separately, the time from the start until
+every final receipt is spooled (the gateway keeps its binds open up to ``--receipt-timeout`` and stops as soon
+as the last receipt is in). The table shows medians and (c)/(b).
 
 Receipts at scale (1M): ``python bench/reconcile.py --n 1000000`` (separate script).
 
@@ -565,24 +568,30 @@ def throttle_check(engine, rate: float, seconds: float, gateway, ucs2: bool) -> 
 
 
 # --------------------------------------------------------------------------- smpp (optional)
-def smpp_bench(stack: Stack, n: int, ucs2: bool) -> tuple[str, float | None]:
+def smpp_gateway(stack: Stack, tmp: Path, receipt_timeout: float):
+    """(gateway, None) or (None, why not)."""
     if not (ROOT / "blocks" / "smpp.py").exists():
-        return "blocks/smpp.py does not exist", None
+        return None, "blocks/smpp.py does not exist"
     try:
         from blocks.smpp import SmppGateway
     except Exception as exc:  # noqa: BLE001
-        return f"blocks.smpp does not import: {type(exc).__name__}: {exc}", None
+        return None, f"blocks.smpp does not import: {type(exc).__name__}: {exc}"
+    kw = dict(host="127.0.0.1", port=stack.smpp_port, system_id="kannel", password="secret", sender_id="SMSFLOW",
+              source_addr="SMSFLOW", spool_path=str(tmp / "smpp_spool.sqlite"), receipt_linger_s=receipt_timeout)
+    try:
+        return SmppGateway(**kw), None
+    except Exception as exc:  # noqa: BLE001
+        return None, f"SmppGateway({kw}) failed: {type(exc).__name__}: {exc}"
+
+
+def smpp_bench(gw, n: int, ucs2: bool) -> dict:
+    """ONE ``submit`` of all N messages (as phase (b) hands KannelGateway its whole batch), receipts on.
+    accepted msg/s = accepted / (start of submit -> last submit_sm_resp, binds included): the same
+    measure as the raw client's "accepted". Separately: start -> every final receipt spooled (the
+    gateway keeps its binds open up to receipt_linger_s and stops as soon as the last one is in)."""
     from blocks.gateway import OutgoingMessage
     from tasks.sms_encoding import sms_info
 
-    fields = getattr(SmppGateway, "model_fields", {})
-    guess = {"host": "127.0.0.1", "port": stack.smpp_port, "system_id": "kannel", "password": "secret",
-             "sender_id": "SMSFLOW", "source_addr": "SMSFLOW"}
-    kw = {k: v for k, v in guess.items() if k in fields}
-    try:
-        gw = SmppGateway(**kw)
-    except Exception as exc:  # noqa: BLE001
-        return f"SmppGateway({kw}) failed: {type(exc).__name__}: {exc}", None
     run = "smpp" + uuid.uuid4().hex[:6]
     msgs = []
     for i in range(n):
@@ -591,14 +600,19 @@ def smpp_bench(stack: Stack, n: int, ucs2: bool) -> tuple[str, float | None]:
         info = sms_info(t)
         msgs.append(OutgoingMessage(ref, phone_for(i), t, info.encoding, info.segments))
     t0 = time.perf_counter()
-    ok = 0
-    for i in range(0, n, gw.batch_size):
-        ok += sum(r.accepted for r in gw.submit(msgs[i : i + gw.batch_size]))
-    dt = time.perf_counter() - t0
-    close = getattr(gw, "close", None)
-    if callable(close):
-        close()
-    return f"{ok}/{n} accepted in {dt:.2f} s", ok / dt
+    res = gw.submit(msgs)
+    wall = time.perf_counter() - t0
+    st = gw.last_batch_stats
+    ok = sum(r.accepted for r in res)
+    spooled = gw._spool()  # count what is spooled, then hand it out (and drop it)
+    try:
+        n_spooled = spooled.db.execute("SELECT count(*) FROM receipts").fetchone()[0]
+        spooled.take_receipts(10 * n)
+    finally:
+        spooled.close()
+    return dict(ok=ok, n=n, submit_s=st["submit_s"], rate=ok / st["submit_s"], receipts_s=st["receipts_s"],
+                missing=st["receipts_missing"], spooled=n_spooled, wall=wall, sessions=st["sessions"],
+                in_doubt=sum(r.in_doubt for r in res), not_accepted=[(r.error_code, r.error) for r in res if not r.accepted][:3])
 
 
 # --------------------------------------------------------------------------- main
@@ -655,7 +669,13 @@ def main() -> int:
         gw = KannelGateway(sendsms_url=stack.sendsms_url, username=USER, password=PASSWORD, dlr_url=service.url,
                            sender_id="SMSFLOW", timeout_s=10, concurrency=conc,
                            **({"batch_size": a.batch_size} if a.batch_size else {}))
-        R: dict[str, list[float]] = {k: [] for k in ("raw", "raw_e2e", "null", "null_us", "send", "e2e", "ratio", "book")}
+        R: dict[str, list[float]] = {k: [] for k in ("raw", "raw_e2e", "null", "null_us", "send", "e2e", "ratio", "book",
+                                                     "smpp", "smpp_vs_b", "smpp_rcpt")}
+        smpp_gw = None
+        if a.smpp:
+            smpp_gw, why = smpp_gateway(stack, tmp, a.receipt_timeout)
+            if smpp_gw is None:
+                notes.append(f"--smpp skipped: {why}")
         all_done = True
         for rnd in range(1, a.rounds + 1):
             print(f"\n## round {rnd}/{a.rounds} (load average {os.getloadavg()[0]:.1f})")
@@ -727,6 +747,22 @@ def main() -> int:
             R["ratio"].append(ratio)
             R["book"].append(book)
 
+            # (c) SmppGateway straight to the simulator (no Kannel, no store), receipts on
+            if a.smpp and smpp_gw is not None:
+                log(f"round {rnd} (c) SmppGateway.submit: {a.n} messages, binds={smpp_gw.binds}, window={smpp_gw.window_size}")
+                c = smpp_bench(smpp_gw, a.n, a.ucs2)
+                rec = (f"every final receipt spooled {c['receipts_s']:.2f} s after the start -> {c['ok'] / c['receipts_s']:,.0f} msg/s"
+                       if c["receipts_s"] else f"receipts NOT all spooled within {a.receipt_timeout:g} s ({c['missing']} missing)")
+                print(f"(c) SmppGateway direct    : {c['ok']}/{a.n} accepted in {c['submit_s']:.2f} s -> {c['rate']:,.0f} msg/s "
+                      f"({c['sessions']} binds, window {smpp_gw.window_size}, in doubt {c['in_doubt']}) | {rec} | "
+                      f"{c['spooled']} receipts in the spool | vs (b) {c['rate'] / send_rate * 100:.0f}%, vs (a) {c['rate'] / raw_rate * 100:.0f}%")
+                if c["not_accepted"]:
+                    print(f"    not accepted, first: {c['not_accepted']}")
+                R["smpp"].append(c["rate"])
+                R["smpp_vs_b"].append(c["rate"] / send_rate)
+                if c["receipts_s"]:
+                    R["smpp_rcpt"].append(c["receipts_s"])
+
         def med(k, fmt="{:,.0f}", scale=1.0):
             v = sorted(x * scale for x in R[k])
             if not v:
@@ -749,6 +785,18 @@ def main() -> int:
         m, span = med("e2e")
         rows.append(("end to end: submitted + final receipts stored + reconciled", m,
                      f"SIM_DLR_DELAY {a.dlr_delay} s; {rr} {span}" + ("" if all_done else "; SOME ROUND TIMED OUT")))
+        if R["smpp"]:
+            m, span = med("smpp")
+            mr, spanr = med("smpp_vs_b", "{:.0f}%", 100)
+            rows.append(("SmppGateway direct to the SMPP simulator (no Kannel, no store), accepted", m,
+                         f"{smpp_gw.binds} binds x window {smpp_gw.window_size}; {mr} of send_messages -> Kannel "
+                         f"(rounds {spanr}); {rr} {span}"))
+            m, span = med("smpp_rcpt", "{:.2f} s")
+            rows.append(("SmppGateway: start of submit -> every final receipt spooled", m,
+                         f"{a.n} messages, SIM_DLR_DELAY {a.dlr_delay} s; {rr} {span}"))
+            print(f"SMPP direct vs (b) per round: {', '.join(f'{x * 100:.0f}%' for x in R['smpp_vs_b'])}; median "
+                  f"{statistics.median(R['smpp_vs_b']) * 100:.0f}% (target > 100%: "
+                  f"{'met' if statistics.median(R['smpp_vs_b']) > 1 else 'NOT met'})")
         print(f"\nratio (b)/(a) per round: {', '.join(f'{x * 100:.1f}%' for x in R['ratio'])}; median "
               f"{statistics.median(R['ratio']) * 100:.1f}% (target >= 80%: "
               f"{'met' if statistics.median(R['ratio']) >= 0.8 else 'NOT met'})")
@@ -792,13 +840,6 @@ def main() -> int:
                 rows.append((f"throttle TokenBucket({rate}), {a.throttle_gateway} gateway", f"{t['achieved']:.2f}",
                              f"error {t['error']:+.2f}% (target within 2%), 1-s windows {t['win_min']}..{t['win_max']}"))
 
-        if a.smpp:
-            msg, rate = smpp_bench(stack, a.n, a.ucs2)
-            print(f"SmppGateway direct to the simulator: {msg}" + (f" -> {rate:,.0f} msg/s" if rate else ""))
-            if rate:
-                rows.append(("SmppGateway direct to the SMPP simulator (no Kannel)", f"{rate:,.0f}", msg))
-            else:
-                notes.append(f"--smpp skipped: {msg}")
     finally:
         if started or (tmp / "kannel" / "run").exists():
             r = stack.run("stop.sh")

@@ -262,12 +262,12 @@ def test_simulator_down_raises_before_anything_is_sent(sim):
     assert gw.fetch_receipts() == [] and gw.fetch_inbound() == []
 
 
-def test_throughput_2000_messages_window_50(sim, capsys):
+def test_throughput_2000_messages(sim, capsys):
     _quiet(sim)
     run = uuid.uuid4().hex[:6]
     msgs = [_msg(f"{run}-{i}", f"+7917{i:05d}{int(run[:2], 16) % 100:02d}", f"Throughput {i} [ref:{run}-{i}]")
             for i in range(2000)]
-    gw = sim.gateway(window_size=50, receipt_linger_s=0)
+    gw = sim.gateway(receipt_linger_s=0)  # defaults: 2 binds x window 100
     t0 = time.perf_counter()
     results = gw.submit(msgs)
     elapsed = time.perf_counter() - t0
@@ -275,70 +275,117 @@ def test_throughput_2000_messages_window_50(sim, capsys):
     rate = len(msgs) / elapsed
     with capsys.disabled():
         print(f"\nSMPP submit throughput: {len(msgs)} messages in {elapsed:.2f}s = {rate:.0f} msg/s "
-              f"(window 50, registered_delivery=1, bind+unbind included)")
+              f"({gw.binds} binds x window {gw.window_size}, registered_delivery=1, bind+unbind included)")
     st = sim.stats(detail=True)
     assert sum(1 for m in msgs if st["by_ref"].get(m.reference) == 1) == 2000
     assert rate > 100
 
 
 # --------------------------------------------------------------------------- no simulator needed
-class _FakeSession:
-    """A stand-in Smsc: answers submit_sm from a script, for the result mapping."""
+class _ScriptedSmsc:
+    """A raw-socket SMSC on a free port (a thread per connection): binds are accepted (or refused
+    after ``max_binds``); each submit_sm is decoded with smpp34's codec and answered by
+    ``script(dst, n)``: ``(status, message_id)``, or ``"drop"`` (close without a resp). Responses are
+    held while more PDUs are already waiting, so ``max_outstanding`` is what the client had in flight."""
 
-    def __init__(self, script):
-        import asyncio
+    def __init__(self, script, max_binds: int = 100):
+        import struct
 
-        self.script = script
-        self.calls = []
-        self.unbound = asyncio.Event()
+        self.script, self.max_binds, self.struct = script, max_binds, struct
+        self.calls: list = []  # decoded smpp34.SubmitSm
+        self.binds = self.enquire_links = 0
+        self.max_outstanding = 0
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
 
-    async def submit_sm(self, dst, payload, **kw):
-        self.calls.append((dst, payload, kw))
-        action = self.script(dst, len(self.calls))
-        if isinstance(action, Exception):
-            raise action
-        return action
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
-    async def next(self):
-        await self.unbound.wait()
-        raise ConnectionError("session ended")  # stands in for smpp34.Disconnected (not constructible)
+    @staticmethod
+    def _read(conn, n):
+        buf = b""
+        while len(buf) < n:
+            chunk = conn.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError
+            buf += chunk
+        return buf
 
-    async def unbind(self):
-        self.unbound.set()
+    def _serve(self, conn):
+        import select
 
+        import smpp34
 
-class _Resp:
-    def __init__(self, status=0, mid=None):
-        self.command_status, self.message_id, self.is_success = status, mid, status == 0
-
-
-def test_submit_result_mapping(monkeypatch, tmp_path):
-    import smpp34
-
-    def script(dst, k):
-        if dst.endswith("58"):
-            return _Resp(0x58)
-        if dst.endswith("14"):
-            return _Resp(0x14)
-        if dst.endswith("45"):
-            return _Resp(0x45)
-        if dst.endswith("00"):
-            return smpp34.SmppError("ESME_RSYSERR (0x00000008)")
-        return _Resp(0, f"id{k}")
-
-    class _Client:
-        async def stop(self):
+        pack, unpack = self.struct.pack, self.struct.unpack
+        held: list[bytes] = []
+        try:
+            while True:
+                if held and not select.select([conn], [], [], 0.005)[0]:
+                    conn.sendall(b"".join(held))
+                    held.clear()
+                head = self._read(conn, 16)
+                length, cid, _st, seq = unpack(">IIII", head)
+                body = self._read(conn, length - 16)
+                if cid in (0x09, 0x02):  # bind_transceiver / bind_transmitter
+                    with self.lock:
+                        self.binds += 1
+                        ok = self.binds <= self.max_binds
+                    conn.sendall(pack(">IIII", 21, 0x80000000 | cid, 0 if ok else 0x05, seq) + b"FAKE\0")
+                elif cid == 0x04:
+                    pdu = smpp34.decode(head + body)
+                    with self.lock:
+                        self.calls.append(pdu)
+                        action = self.script(pdu.destination_addr, len(self.calls))
+                    if action == "drop":
+                        conn.close()
+                        return
+                    if action == "hang":  # never answered, the connection stays up
+                        continue
+                    status, mid = action
+                    mid_b = (mid or "").encode() + b"\0"
+                    held.append(pack(">IIII", 16 + len(mid_b), 0x80000004, status, seq) + mid_b)
+                    with self.lock:
+                        self.max_outstanding = max(self.max_outstanding, len(held))
+                elif cid == 0x06:
+                    conn.sendall(b"".join(held) + pack(">IIII", 16, 0x80000006, 0, seq))
+                    held.clear()
+                    conn.close()
+                    return
+                elif cid == 0x15:
+                    with self.lock:
+                        self.enquire_links += 1
+                    conn.sendall(pack(">IIII", 16, 0x80000015, 0, seq))
+        except (ConnectionError, OSError):
             pass
 
-    gw = SmppGateway(password="x", spool_path=str(tmp_path / "s.sqlite"), receipt_linger_s=0, window_size=1)
+    def close(self):
+        self.sock.close()
 
-    fakes = []
 
-    async def bind():
-        fakes.append(_FakeSession(script))  # created inside submit()'s event loop
-        return _Client(), fakes[-1]
+def test_submit_result_mapping(tmp_path):
+    def script(dst, k):
+        if dst.endswith("58"):
+            return 0x58, None
+        if dst.endswith("14"):
+            return 0x14, None
+        if dst.endswith("45"):
+            return 0x45, None
+        if dst.endswith("00"):
+            return "drop"  # the connection dies with this submit_sm unanswered
+        return 0, f"id{k}"
 
-    monkeypatch.setattr(gw, "_bind", bind)
+    smsc = _ScriptedSmsc(script)
+    gw = SmppGateway(port=smsc.port, password="x", spool_path=str(tmp_path / "s.sqlite"), receipt_linger_s=0,
+                     window_size=1, binds=1, max_reconnects=0, connect_timeout_s=3)
     msgs = [OutgoingMessage("ok", "+79160000001", "hi"),
             OutgoingMessage("thr", "+79160000058", "hi"),
             OutgoingMessage("full", "+79160000014", "hi"),
@@ -348,21 +395,98 @@ def test_submit_result_mapping(monkeypatch, tmp_path):
             OutgoingMessage("ok", "+79160000001", "hi"),
             OutgoingMessage("nonum", "hello", "hi"),
             OutgoingMessage("huge", "+79160000003", "x" * 153 * 11)]
-    r = gw.submit(msgs)
-    fake = fakes[0]
+    try:
+        r = gw.submit(msgs)
+    finally:
+        smsc.close()
     assert (r[0].accepted, r[0].gateway_message_id) == (True, "id1")
     assert r[1].transient and r[1].error_code == "0x00000058" and not r[1].accepted
     assert r[2].transient and r[2].error_code == "0x00000014"
     assert not r[3].transient and not r[3].accepted and r[3].error_code == "0x00000045"
     assert r[4].in_doubt and r[4].error_code == NO_RESPONSE
     assert r[5].transient and r[5].error_code == NOT_SENT  # the session was dead before it was issued
-    assert r[6] == r[0] and len([c for c in fake.calls if c[0] == "79160000001"]) == 1
+    assert r[6] == r[0] and len([c for c in smsc.calls if c.destination_addr == "79160000001"]) == 1
     assert not r[7].accepted and not r[7].transient
     assert not r[8].accepted and not r[8].transient and "max_parts" in r[8].error
-    kw = fake.calls[0][2]
-    assert (kw["source_addr"], kw["source_addr_ton"], kw["source_addr_npi"]) == ("SMSFLOW", 5, 0)
+    c = smsc.calls[0]
+    assert (c.source_addr, c.source_addr_ton, c.source_addr_npi) == ("SMSFLOW", 5, 0)
+    assert (c.dest_addr_ton, c.dest_addr_npi, c.registered_delivery, c.data_coding, c.esm_class) == (1, 1, 1, 0, 0)
+    assert c.short_message == b"hi" and c.service_type == ""
     num = SmppGateway(password="x", source_addr="+4915112345")
     assert num._source() == ("4915112345", 1, 1)
+
+
+def test_window_bounds_outstanding_submits(tmp_path):
+    smsc = _ScriptedSmsc(lambda dst, k: (0, f"id-{dst}"))
+    try:
+        gw = SmppGateway(port=smsc.port, password="x", spool_path=str(tmp_path / "s.sqlite"), receipt_linger_s=0,
+                         window_size=7, binds=1)
+        res = gw.submit([OutgoingMessage(f"r{i}", f"+7916{i:07d}", "hi") for i in range(100)])
+    finally:
+        smsc.close()
+    assert all(r.accepted for r in res) and smsc.max_outstanding == 7
+    assert len(smsc.calls) == 100
+
+
+def test_several_binds_share_the_batch_and_a_refused_bind_is_skipped(tmp_path):
+    """binds=3 against an SMSC allowing 2: both bound sessions send (own windows, own sequence
+    numbers), the refused third does not matter, every message goes exactly once."""
+    smsc = _ScriptedSmsc(lambda dst, k: (0, f"m{k}"), max_binds=2)
+    try:
+        gw = SmppGateway(port=smsc.port, password="x", spool_path=str(tmp_path / "s.sqlite"), receipt_linger_s=0,
+                         window_size=5, binds=3)
+        msgs = [OutgoingMessage(f"r{i}", f"+7916{i:07d}", f"hello {i}") for i in range(300)]
+        res = gw.submit(msgs)
+    finally:
+        smsc.close()
+    assert all(r.accepted for r in res)
+    assert sorted(c.destination_addr for c in smsc.calls) == sorted(m.phone_e164[1:] for m in msgs)
+    assert len({r.gateway_message_id for r in res}) == 300
+    assert smsc.binds == 3 and gw.last_batch_stats["sessions"] == 2
+
+
+def test_lost_bind_is_replaced_and_only_its_inflight_messages_are_in_doubt(tmp_path):
+    """One session dies with submits in flight: those are in doubt (never resent), a new bind takes
+    over the rest of the batch."""
+    def script(dst, k):
+        return "drop" if dst.endswith("0000050") else (0, f"m{k}")
+
+    smsc = _ScriptedSmsc(script)
+    try:
+        gw = SmppGateway(port=smsc.port, password="x", spool_path=str(tmp_path / "s.sqlite"), receipt_linger_s=0,
+                         window_size=10, binds=1, max_reconnects=1)
+        msgs = [OutgoingMessage(f"r{i}", f"+7916{i:07d}", "hi") for i in range(200)]
+        res = gw.submit(msgs)
+    finally:
+        smsc.close()
+    doubt = [r for r in res if r.in_doubt]
+    assert 1 <= len(doubt) <= 10 and res[50].in_doubt
+    assert all(r.accepted for r in res if not r.in_doubt)
+    sent = [c.destination_addr for c in smsc.calls]
+    assert len(sent) == len(set(sent))  # nothing sent twice
+    assert smsc.binds == 2
+
+
+def test_no_response_within_the_timer_is_in_doubt_and_enquire_link_keeps_the_bind(tmp_path):
+    smsc = _ScriptedSmsc(lambda dst, k: "hang" if dst.endswith("3") else (0, f"m{k}"))
+    try:
+        gw = SmppGateway(port=smsc.port, password="x", spool_path=str(tmp_path / "s.sqlite"), receipt_linger_s=0,
+                         window_size=2, binds=1, max_reconnects=0, response_timeout_s=1.0)
+        t0 = time.monotonic()
+        res = gw.submit([OutgoingMessage(f"r{i}", f"+791600000{i:02d}", "hi") for i in range(8)])
+        assert time.monotonic() - t0 < 5
+        assert res[3].in_doubt and res[3].error_code == NO_RESPONSE and "no submit_sm_resp" in res[3].error
+        assert all(r.accepted for r in res[:3])
+        # not issued after the session was dropped: provably not sent; nothing was sent twice
+        assert all(r.accepted or r.in_doubt or (r.transient and r.error_code == NOT_SENT) for r in res)
+        assert len({c.destination_addr for c in smsc.calls}) == len(smsc.calls)
+        # an idle bind sends enquire_link (and stays up while it is answered)
+        idle = SmppGateway(port=smsc.port, password="x", spool_path=str(tmp_path / "s.sqlite"), receipt_window_s=2.0,
+                           enquire_link_s=0.4, response_timeout_s=1.0)
+        assert idle.fetch_receipts() == []
+        assert smsc.enquire_links >= 2
+    finally:
+        smsc.close()
 
 
 def test_gsm7_encoding_tables():
@@ -407,32 +531,6 @@ def test_receipt_parsing_text_and_tlvs():
     assert (r.status, r.error_code) == ("expired", "000")
 
 
-def test_window_bounds_outstanding_submits(monkeypatch, tmp_path):
-    import asyncio
-
-    state = {"now": 0, "max": 0}
-
-    class _Slow(_FakeSession):
-        async def submit_sm(self, dst, payload, **kw):
-            state["now"] += 1
-            state["max"] = max(state["max"], state["now"])
-            await asyncio.sleep(0.002)
-            state["now"] -= 1
-            return _Resp(0, f"id-{dst}")
-
-    class _Client:
-        async def stop(self):
-            pass
-
-    async def bind():
-        return _Client(), _Slow(None)
-
-    gw = SmppGateway(password="x", spool_path=str(tmp_path / "s.sqlite"), receipt_linger_s=0, window_size=7)
-    monkeypatch.setattr(gw, "_bind", bind)
-    res = gw.submit([OutgoingMessage(f"r{i}", f"+7916{i:07d}", "hi") for i in range(100)])
-    assert all(r.accepted for r in res) and state["max"] == 7
-
-
 class _DroppingSmsc:
     """A raw-socket SMSC: binds, then closes the connection on the first submit_sm (no resp)."""
 
@@ -473,6 +571,8 @@ class _DroppingSmsc:
                     conn.close()
                     return
                 elif cid == 0x15:
+                    with self.lock:
+                        self.enquire_links += 1
                     conn.sendall(pack(">IIII", 16, 0x80000015, 0, seq))
         except (ConnectionError, OSError):
             pass
@@ -485,7 +585,7 @@ def test_connection_lost_after_submit_is_in_doubt(tmp_path):
     smsc = _DroppingSmsc()
     try:
         gw = SmppGateway(port=smsc.port, password="x", spool_path=str(tmp_path / "s.sqlite"), receipt_linger_s=0,
-                         window_size=1, connect_timeout_s=3)
+                         window_size=1, binds=1, max_reconnects=0, connect_timeout_s=3)
         t0 = time.monotonic()
         res = gw.submit([OutgoingMessage(f"r{i}", f"+7916000000{i}", "hi") for i in range(5)])
         assert time.monotonic() - t0 < 10

@@ -61,6 +61,11 @@ class CrmSource(Block, ABC):
         be None) or None when unknown. Sources that cannot look it up return None."""
         return None
 
+    def estimate_rows(self, since: str | None = None) -> int | None:
+        """About how many rows ``fetch(since)`` yields, if the source can tell cheaply (None: unknown).
+        The extract reads in a separate process only when that pays for the process start."""
+        return None
+
     @abstractmethod
     def fetch(self, since: str | None = None, batch_size: int = 50_000) -> Iterator[pd.DataFrame]:
         """Yield batches of rows with ``updated_at >= since`` (all rows when ``since`` is None),
@@ -77,6 +82,22 @@ class SqlCrm(CrmSource):
         default="SELECT * FROM contacts",
         description="Query returning one row per contact; it is wrapped for the watermark filter.",
     )
+
+    def estimate_rows(self, since: str | None = None) -> int | None:
+        from sqlalchemy import create_engine, text
+
+        sql = f"SELECT COUNT(*) FROM ({self.query}) AS crm_q"
+        if since is not None:
+            sql += f" WHERE crm_q.{self.updated_at_field} >= :since"
+        try:
+            engine = create_engine(self.url.get_secret_value())
+            try:
+                with engine.connect() as conn:
+                    return int(conn.execute(text(sql), {"since": since} if since is not None else {}).scalar() or 0)
+            finally:
+                engine.dispose()
+        except Exception:  # noqa: BLE001 - only a hint: fetch reports real problems with a clear message
+            return None
 
     def fetch(self, since: str | None = None, batch_size: int = 50_000) -> Iterator[pd.DataFrame]:
         from sqlalchemy import create_engine, text
@@ -133,6 +154,19 @@ class CsvCrm(CrmSource):
     path: str = Field(description="Path of the CSV or Parquet file.")
     delimiter: str = Field(default=",")
     encoding: str = Field(default="utf-8-sig")
+
+    def estimate_rows(self, since: str | None = None) -> int | None:
+        """Lines in the file (Parquet: rows in its metadata); ``since`` is ignored (an upper bound)."""
+        p = Path(self.path)
+        try:
+            if p.suffix.lower() in (".parquet", ".pq"):
+                import pyarrow.parquet as pq
+
+                return int(pq.ParquetFile(p).metadata.num_rows)
+            with open(p, "rb") as f:
+                return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+        except Exception:  # noqa: BLE001 - only a hint
+            return None
 
     def read_all(self) -> pd.DataFrame:
         p = Path(self.path)

@@ -624,7 +624,7 @@ def extract_source(
             return _read_batches(source, since, batch_size, classifier, suppressed)
 
         batches = None
-        if validate and processes > 1:
+        if validate and processes > 1 and _reader_pays(source, since, batch_size):
             batches = _batches_from_child(source, since, batch_size, default_region, processes, suppressed, read_here)
         for job in batches if batches is not None else read_here():
             for phase, seconds in job.timings.items():
@@ -633,6 +633,17 @@ def extract_source(
             if on_batch is not None:
                 on_batch(stats)
     return stats
+
+
+READER_MIN_BATCHES = 4  # measured: the reader process costs ~2 s to start; it wins from ~200k rows
+
+
+def _reader_pays(source: CrmSource, since: str | None, batch_size: int) -> bool:
+    """A separate reader process overlaps reading with writing; below a few batches its start-up
+    (a spawned interpreter importing pandas and Great Expectations) costs more than it saves
+    (100k demo rows: 6.2 s in-process vs 8.5 s with the reader; 300k: 16.8 vs 14.4)."""
+    n = source.estimate_rows(since)
+    return n is None or n > READER_MIN_BATCHES * batch_size
 
 
 @contextmanager

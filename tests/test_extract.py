@@ -172,17 +172,24 @@ def test_a_batch_failing_its_checks_stays_new_and_stops_validate(engine, tmp_pat
     assert _count(engine, "SELECT COUNT(*) FROM contacts WHERE status = 'new'") == 10
 
 
-def test_reader_process_gives_the_same_store(sqlite_engine, tmp_path):
+def test_reader_process_gives_the_same_store(sqlite_engine, tmp_path, monkeypatch):
     """processes > 1: reading, checks and phones in a child process; the store ends up the same."""
     from sqlalchemy import text as sql
 
+    import tasks.extract as te
     from store.db import get_engine
+
+    started = []
+    real = te._batches_from_child
+    monkeypatch.setattr(te, "READER_MIN_BATCHES", 0)  # a small source: force the reader process
+    monkeypatch.setattr(te, "_batches_from_child", lambda *a, **k: started.append(1) or real(*a, **k))
 
     rows = [contact(i) for i in range(30)] + [contact(40, phone="garbage"), contact(41, id="")]
     path = write_csv(tmp_path / "crm.csv", rows)
     other = get_engine(f"sqlite:///{tmp_path / 'other.sqlite'}")
     one = extract_source(sqlite_engine, CsvCrm(path=str(path), source_name="t"), processes=1)
     two = extract_source(other, CsvCrm(path=str(path), source_name="t"), processes=2)
+    assert started, "the reader process was not used"
     assert (one.rows, one.validated, one.quarantined) == (two.rows, two.validated, two.quarantined) == (32, 31, 1)
     q = ("SELECT crm_id, status, phone_e164, phone_region, status_reason, attributes, crm_updated_at, consent_at "
          "FROM contacts ORDER BY crm_id")
@@ -190,3 +197,27 @@ def test_reader_process_gives_the_same_store(sqlite_engine, tmp_path):
         assert a.execute(sql(q)).fetchall() == b.execute(sql(q)).fetchall()
     with pytest.raises(CrmSourceError):
         extract_source(other, CsvCrm(path=str(tmp_path / "missing.csv"), source_name="t"), processes=2)
+
+
+def test_small_sources_are_read_in_process(sqlite_engine, tmp_path, monkeypatch):
+    """The reader process only pays from a few batches on: a small CRM is read where it is written."""
+    import tasks.extract as te
+
+    monkeypatch.setattr(te, "_batches_from_child", lambda *a, **k: pytest.fail("reader process started"))
+    path = write_csv(tmp_path / "crm.csv", [contact(i) for i in range(20)])
+    src = CsvCrm(path=str(path), source_name="t")
+    assert src.estimate_rows() == 21  # header + rows: an upper bound is enough
+    assert extract_source(sqlite_engine, src, processes=2, batch_size=10).rows == 20
+
+
+def test_sql_crm_estimates_its_rows(tmp_path):
+    from blocks.crm import SqlCrm
+    from smsflow.demo_crm import write_crm_sqlite
+
+    p = tmp_path / "crm.sqlite"
+    write_crm_sqlite(p, 300, seed=1)
+    src = SqlCrm(url=f"sqlite:///{p}", source_name="demo")
+    total = src.estimate_rows()
+    assert total == sum(len(b) for b in src.fetch())
+    assert src.estimate_rows("2999-01-01") == 0
+    assert SqlCrm(url=f"sqlite:///{tmp_path / 'nope' / 'x.sqlite'}", source_name="d").estimate_rows() is None

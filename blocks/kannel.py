@@ -33,10 +33,12 @@ Submitting
     403 "Authorization failed" (credentials changed mid-batch)      -> transient
     no connection / request not (fully) written                     -> transient: Kannel
                                                                        cannot have it
-    request written, but no answer (timeout, connection reset)      -> accepted, with
-        error_code KANNEL_NO_ANSWER: the outcome is unknown, and sending again could send
-        the SMS twice. At most once wins: the receipt (it carries our reference) or the
-        TTL expiry settles it.
+    request written, but no answer (timeout, connection reset)      -> in doubt, with
+        error_code KANNEL_NO_ANSWER: the outcome is unknown, and sending again at once could
+        send the SMS twice. The message stays 'queued' for recovery: a receipt carrying our
+        reference (dlr-mask 31 includes the SMSC's submit ack) settles it; with no receipt after
+        ``evidence_grace_s`` it never reached the SMSC and is sent again (e.g. smsbox killed
+        with the request in flight).
 
   Kannel returns no message id, so the gateway_message_id of an accepted message is our
   own reference, and the dlr-url carries that reference back (``ref=``), together with
@@ -484,7 +486,8 @@ class KannelGateway(SmsGateway):
                         results[i] = SubmitResult(m.reference, False, None, NOT_SENT, f"not sent: {exc}", transient=True)
                     except _NoAnswer as exc:
                         results[i] = SubmitResult(m.reference, True, m.reference, NO_ANSWER,
-                                                  f"sent, no answer ({exc}): outcome unknown, not resent")
+                                                  f"sent, no answer ({exc}): outcome unknown, not resent",
+                                                  in_doubt=True)
                     else:
                         results[i] = self._result(m, status, body)
                     stream.done(results[i])

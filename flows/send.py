@@ -71,7 +71,9 @@ def send(campaign: str | None = None, gateway_block: str = "sandbox", rate: floa
         else:
             rows = conn.execute(text(
                 "SELECT DISTINCT c.id, c.name, c.gateway FROM campaigns c JOIN outbox o ON o.campaign_id = c.id "
-                "WHERE o.state = 'planned' AND (o.send_after IS NULL OR o.send_after <= :now) ORDER BY c.id"),
+                "WHERE (o.state = 'planned' AND (o.send_after IS NULL OR o.send_after <= :now)) "
+                # in doubt or left by a crashed sender: the send task's recovery settles or re-plans them
+                "OR (o.state = 'queued' AND o.claim_expires_at < :now) ORDER BY c.id"),
                 {"now": clock}).fetchall()
     results = {}
     for cid, name, gw_name in rows:

@@ -411,6 +411,7 @@ def test_answer_mapping_on_a_fake_smsbox():
         assert (res["noroute"].accepted, res["noroute"].transient) == (False, False)
         # written but never answered: never resent (at most once), flagged for the receipt / TTL to settle
         assert res["silent"].accepted and res["silent"].error_code == NO_ANSWER and not res["silent"].transient
+        assert res["silent"].in_doubt and not res["ok"].in_doubt
 
         reqs = {q["to"]: q for q in fake.requests if "to" in q}
         assert len(fake.requests) == len(msgs) + 1  # the probe, then each message exactly once
@@ -454,7 +455,7 @@ def test_smsbox_lost_mid_batch():
     finally:
         fake.close()
     assert res[0].accepted and not res[0].error_code
-    assert res[1].accepted and res[1].error_code == NO_ANSWER
+    assert res[1].accepted and res[1].error_code == NO_ANSWER and res[1].in_doubt
     for r in res[2:]:
         assert (r.accepted, r.transient, r.error_code) == (False, True, NOT_SENT)
     assert [q.get("to") for q in fake.requests] == [None, "+79160000001", "+79160000666"]
@@ -500,3 +501,43 @@ def test_dlr_url_is_one_encoded_value():
     dlr = unquote(params["dlr-url"])
     assert dlr.startswith("http://h:1/cb?ref=a%%26b%%20%%25d&type=%d&answer=%A&msgid=%F")  # Kannel: %% -> %
     assert b"to=" not in probe and b"s3cret" in probe  # the probe cannot send anything
+
+
+def test_unanswered_request_is_settled_by_its_receipt_or_sent_again_after_the_grace(sqlite_engine):
+    """smsbox read the request and vanished without answering: the message is in doubt and stays
+    'queued'. The next run's recovery settles it from a receipt naming our reference (the SMSC got
+    it: never resent) and sends again only what has no trace after ``evidence_grace_s``."""
+    from sqlalchemy import text
+
+    from blocks.gateway import Receipt
+    from store.db import bulk_insert, utcnow
+    from tasks.policy import always_open
+    from tasks.reconcile import store_receipts
+    from tasks.send import TokenBucket, recover_in_flight, send_messages
+
+    engine, now = sqlite_engine, utcnow()
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status, "
+                       "policy) VALUES ('doubt', 's', 'all', 't', 'transactional', 0, 'running', :p)"),
+                  {"p": always_open().model_dump_json()})
+        cid = c.execute(text("SELECT id FROM campaigns WHERE name = 'doubt'")).scalar()
+        bulk_insert(c, "outbox", ("idempotency_key", "campaign_id", "step", "phone_e164", "text", "encoding", "segments",
+                                  "cost", "state", "attempts", "planned_at", "updated_at"),
+                    [(k, cid, "main", p, "hi", "GSM-7", 1, 0, "planned", 0, now, now)
+                     for k, p in (("k-a", "+79160000666"), ("k-b", "+79161000666"))])
+    fake = FakeSmsbox()
+    try:
+        gw = KannelGateway(sendsms_url=f"http://127.0.0.1:{fake.port}/cgi-bin/sendsms", password="pw", concurrency=2,
+                           timeout_s=1, evidence_grace_s=0)
+        first = send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(1000), claimer="r1", max_messages=10)
+        assert (first.in_doubt, first.submitted) == (2, 0), vars(first)
+        with engine.begin() as c:
+            assert c.execute(text("SELECT COUNT(*) FROM outbox WHERE state = 'queued'")).scalar() == 2
+        store_receipts(engine, gw.gateway_name, [Receipt("k-a", "k-a", "delivered", None, None)])
+        assert recover_in_flight(engine, cid, gw, "r2") == (1, 1)
+        send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(1000), claimer="r2", max_messages=10)
+    finally:
+        fake.close()
+    sent = [q["to"] for q in fake.requests if q.get("to")]
+    assert sent.count("+79160000666") == 1  # its receipt proved it reached the SMSC: never again
+    assert sent.count("+79161000666") == 2  # no trace after the grace: it never got through, sent again

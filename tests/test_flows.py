@@ -274,3 +274,30 @@ def test_deferred_messages_go_out_when_their_window_opens(tmp_path):
     due = send(None, "sandbox", now=datetime(2026, 11, 25, 7, 0, tzinfo=timezone.utc))
     assert due["campaigns"]["night"]["submitted"] == 8  # through the campaign's own gateway block
     assert len(SandboxGateway(state_path=gw_path).sent_count_by_reference()) == 8
+
+
+def test_due_sender_recovers_messages_left_in_doubt(tmp_path):
+    """A campaign whose only unsent messages are 'queued' with an expired claim (in doubt, or left by a
+    crashed sender) is picked up by the scheduled 'send due' run: its recovery settles them."""
+    from datetime import datetime, timezone
+
+    from sqlalchemy import text
+
+    from flows.campaign import CampaignParams, campaign
+    from flows.send import send
+    from store.db import get_engine
+
+    path = write_csv(tmp_path / "crm.csv", [contact(i) for i in range(5)])
+    CsvCrm(path=str(path), source_name="doubt").save("doubt-src", overwrite=True)
+    gw_path = str(tmp_path / "gw.sqlite")
+    SandboxGateway(min_delay_s=0, max_delay_s=0, state_path=gw_path, rejected_rate=0).save("gw-doubt", overwrite=True)
+    day = datetime(2026, 11, 25, 9, 0, tzinfo=timezone.utc)
+    campaign(CampaignParams(name="doubt", source_block="doubt-src", gateway_block="gw-doubt", wait_for_receipts_s=0,
+                            template=str(PROJECT_ROOT / "templates" / "demo_promo.yaml"), now=day, dry_run=True))
+    engine = get_engine()
+    with engine.begin() as c:  # as if a sender claimed them and died before any answer
+        c.execute(text("UPDATE outbox SET state = 'queued', claimed_by = 'dead', queued_at = :t, "
+                       "claim_expires_at = :t, attempts = 1"), {"t": datetime(2026, 11, 25, 8, 0)})
+    due = send(None, "sandbox", now=day)
+    assert due["campaigns"]["doubt"]["recovered_replanned"] == 5 and due["campaigns"]["doubt"]["submitted"] == 5
+    assert len(SandboxGateway(state_path=gw_path).sent_count_by_reference()) == 5

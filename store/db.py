@@ -468,18 +468,23 @@ def _convert_rows(batch: list[Sequence[Any]], pg: bool) -> list[tuple]:
     return list(zip(*cols))
 
 
-def read_columns(conn: Connection, sql: str, params: dict[str, Any] | None = None) -> dict[str, list]:
-    """A query as plain Python lists, one per column (no DataFrame at all: the cheapest read for code
-    that only walks the values)."""
+def _fetch_raw(conn: Connection, sql: str, params: dict[str, Any] | None) -> tuple[list[str], list[tuple]]:
+    """Column names and plain tuples straight from the DBAPI cursor (text() has no result
+    processors): much faster than SQLAlchemy Rows."""
     from sqlalchemy import text
 
     res = conn.execute(text(sql), params or {})
     cols = list(res.keys())
-    # plain tuples straight from the DBAPI cursor (text() has no result processors): much faster than Rows
     try:
-        data = res.cursor.fetchall()
+        return cols, res.cursor.fetchall()
     finally:
         res.close()
+
+
+def read_columns(conn: Connection, sql: str, params: dict[str, Any] | None = None) -> dict[str, list]:
+    """A query as plain Python lists, one per column (no DataFrame at all: the cheapest read for code
+    that only walks the values)."""
+    cols, data = _fetch_raw(conn, sql, params)
     if not data:
         return {c: [] for c in cols}
     return {c: list(v) for c, v in zip(cols, zip(*data))}
@@ -493,7 +498,6 @@ def read_frame(conn: Connection, sql: str, params: dict[str, Any] | None = None,
     several times cheaper than letting pandas 3 infer its ``str`` dtype, which copies every text column
     into Arrow and back again when the values are read out."""
     import pandas as pd
-    from sqlalchemy import text
 
     if objects:
         data_cols = read_columns(conn, sql, params)
@@ -502,13 +506,7 @@ def read_frame(conn: Connection, sql: str, params: dict[str, Any] | None = None,
             if c in df.columns:
                 df[c] = pd.to_datetime(df[c], errors="coerce", format="mixed")
         return df
-    res = conn.execute(text(sql), params or {})
-    cols = list(res.keys())
-    # plain tuples straight from the DBAPI cursor (text() has no result processors): much faster than Rows
-    try:
-        data = res.cursor.fetchall()
-    finally:
-        res.close()
+    cols, data = _fetch_raw(conn, sql, params)
     df = pd.DataFrame.from_records(data, columns=cols)
     for c in parse_dates:
         if c in df.columns:

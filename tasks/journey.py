@@ -21,7 +21,6 @@ advisory transaction lock), so two flow runs never interleave one entity's event
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
@@ -301,17 +300,31 @@ def _local_date_trigger(value: Any, today: date) -> bool:
     return (d.month, d.day) == (2, 29) and not leap and (today.month, today.day) == (2, 28)
 
 
-def _contacts_with(conn: Connection, attribute: str) -> Iterable[tuple]:
+def _candidates(conn: Connection, t, now: datetime) -> list[tuple]:
+    """Contacts that may fire a date or inactivity trigger now, narrowed in SQL so a scan every few
+    minutes does not walk every contact: a date field whose month-day is within a day of today's
+    (every time zone's local date is), or a last activity on or before ``now - inactive_days``.
+    The exact local-time check is the caller's."""
+    attribute = t.date_field or t.activity_field
     expr = "attributes ->> :a" if is_postgres(conn) else "json_extract(attributes, '$.' || :a)"
+    params: dict[str, Any] = {"a": attribute}
+    if t.kind == "date":
+        days = {(now.date() + timedelta(days=d)).strftime("%m-%d") for d in (-1, 0, 1)} | {"02-29"}
+        params.update({f"d{i}": d for i, d in enumerate(sorted(days))})
+        narrow = f"substr({expr}, 6, 5) IN ({','.join(f':d{i}' for i in range(len(days)))})"
+    else:
+        params["cut"] = (now - timedelta(days=t.inactive_days)).date().isoformat()
+        narrow = f"substr({expr}, 1, 10) <= :cut"
     return conn.execute(text(
         f"SELECT id, phone_e164, language, timezone, {expr} FROM contacts WHERE status = 'valid' "
-        f"AND {expr} IS NOT NULL AND {expr} <> ''"), {"a": attribute})
+        f"AND {expr} IS NOT NULL AND {expr} <> '' AND {narrow}"), params).all()
 
 
 def scan_contact_triggers(engine, journeys: list[Journey], now: datetime | None = None) -> JourneyStats:
     """Date triggers (a birthday at ``at`` local time, once a year) and inactivity triggers
-    (no activity for N days, once per quiet spell): instances keyed by contact and anchor."""
-    from tasks.policy import resolve_timezone, zone
+    (no activity for N days, once per quiet spell): instances keyed by contact and anchor.
+    A value that is not a date is skipped (CRM data must not stop the scan)."""
+    from tasks.policy import load_policy, resolve_timezone, zone
 
     now = _naive(now)
     aware = now.replace(tzinfo=timezone.utc)
@@ -320,29 +333,34 @@ def scan_contact_triggers(engine, journeys: list[Journey], now: datetime | None 
         t = j.trigger
         if t.kind == "event":
             continue
-        from tasks.policy import load_policy
-
         default_tz = load_policy(j.policy).default_timezone
         with engine.begin() as conn:
             _lock(conn)
-            for cid, phone, lang, tz, value in _contacts_with(conn, t.date_field or t.activity_field).all():
+            started = set()
+            if t.kind == "inactivity":  # long-quiet contacts match every scan: skip known spells in one query
+                started = set(conn.execute(select(JourneyInstance.entity_id).where(
+                    JourneyInstance.journey == j.name)).scalars())
+            for cid, phone, lang, tz, value in _candidates(conn, t, now):
                 tz_name, _ = resolve_timezone(tz, phone, default_tz)
-                local = aware.astimezone(zone(tz_name))
                 if t.kind == "date":
+                    local = aware.astimezone(zone(tz_name))
                     if not _local_date_trigger(value, local.date()):
                         continue
                     ent = f"contact:{cid}:{t.date_field}:{local.year}"
                     start = datetime.combine(local.date(), t.at, tzinfo=zone(tz_name)).astimezone(timezone.utc)
                 else:
-                    last = _dt(str(value)[:19].replace(" ", "T")) if value else None
-                    if last is None or now - last < timedelta(days=t.inactive_days):
+                    try:
+                        last = _dt(str(value)[:19].replace(" ", "T"))
+                    except ValueError:
+                        continue
+                    if now - last < timedelta(days=t.inactive_days):
                         continue
                     ent = f"contact:{cid}:inactive:{last.date().isoformat()}"
+                    if ent in started:
+                        continue
                     start = aware  # from when we notice: a late scan must not fire every step at once
-                exists = conn.execute(select(JourneyInstance.id).where(
-                    JourneyInstance.journey == j.name, JourneyInstance.entity_id == ent)).first()
-                if exists is None:
-                    start_instance(conn, j, ent, "contacts", (int(cid), phone, lang), {}, _naive(start), now, stats)
+                # once per entity: start_instance inserts with ON CONFLICT DO NOTHING
+                start_instance(conn, j, ent, "contacts", (int(cid), phone, lang), {}, _naive(start), now, stats)
     return stats
 
 

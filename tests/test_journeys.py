@@ -288,7 +288,8 @@ def test_birthday_at_ten_local_once_a_year(engine, tmp_path, journeys):
 
 def test_inactivity_then_a_purchase_ends_the_winback(engine, tmp_path, journeys):
     _contacts(engine, tmp_path, [contact(1, id="K1", last_activity_at="2026-08-01T12:00:00Z"),
-                                 contact(2, id="K2", last_activity_at="2026-11-20T12:00:00Z")])
+                                 contact(2, id="K2", last_activity_at="2026-11-20T12:00:00Z"),
+                                 contact(4, id="K4", last_activity_at="01.08.2026")])  # not a date: skipped
     wj = [journeys["winback"], journeys["order-lifecycle"]]
     s = _run(engine, wj, T0)
     assert (s.started, s.planned) == (1, 1)  # only K1 is quiet for 90 days

@@ -73,6 +73,20 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def wait_for(pred, what: str, timeout: float = 30.0, interval: float = 0.1):
+    """Poll ``pred`` until it returns something truthy (returned); AssertionError after ``timeout``."""
+    import time
+
+    end = time.monotonic() + timeout
+    while True:
+        res = pred()
+        if res:
+            return res
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
 def service_unavailable(what: str, reason: str):
     """A service a test needs is missing: fail under CI, skip (with the reason) elsewhere."""
     import pytest

@@ -22,8 +22,8 @@ from sqlalchemy import text
 
 from store.db import bulk_insert, get_engine, utcnow
 from tasks.policy import always_open
-from tests.helpers import free_ports
-from tests.test_kannel import PASSWORD, kannel, wait_for  # noqa: F401 - the module-scoped stack fixture
+from tests.helpers import free_ports, wait_for
+from tests.test_kannel import PASSWORD, kannel  # noqa: F401 - the module-scoped stack fixture
 
 N = 2000
 KILLS = 20

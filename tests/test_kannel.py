@@ -32,7 +32,7 @@ import pytest
 
 from blocks.gateway import GatewayUnavailable, OutgoingMessage
 from blocks.kannel import NO_ANSWER, NOT_SENT, TOO_LONG, KannelGateway
-from tests.helpers import free_ports, service_unavailable
+from tests.helpers import free_ports, service_unavailable, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 STACK_DIR = REPO / "gateway_stack" / "kannel"
@@ -114,17 +114,6 @@ class Stack:
     def run(self, script: str, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(STACK_DIR / script), str(self.state), *args], env=self.env, capture_output=True,
                               text=True, timeout=120)
-
-
-def wait_for(pred, what: str, timeout: float = 30.0):
-    end = time.monotonic() + timeout
-    while True:
-        res = pred()
-        if res:
-            return res
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from blocks.smpp import (
     NO_RESPONSE, NOT_SENT, SmppGateway, decode_short_message, encode_message, gsm7_decode, gsm7_encode,
     receipt_from_deliver_sm,
 )
-from tests.helpers import free_ports, service_unavailable
+from tests.helpers import free_ports, service_unavailable, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 SIM = REPO / "gateway_stack" / "kannel" / "smsc_sim.py"
@@ -36,17 +36,6 @@ PASSWORD = "pw" + uuid.uuid4().hex[:6]
 def _unavailable(reason: str):
     service_unavailable("the SMSC simulator", reason)
 
-
-
-def wait_for(pred, what: str, timeout: float = 30.0):
-    end = time.monotonic() + timeout
-    while True:
-        res = pred()
-        if res:
-            return res
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 @dataclass
@@ -100,7 +89,7 @@ def sim(tmp_path_factory):
                 return None
 
         try:
-            st = wait_for(up, "the simulator to listen", 15)
+            st = wait_for(up, "the simulator to listen", 15, interval=0.05)
         except AssertionError as exc:
             _unavailable(str(exc))
         if st == "exited":
@@ -129,7 +118,7 @@ def _quiet(sim: Sim) -> None:
         time.sleep(0.3)
         return sim.stats()["submit_sm"] == a
 
-    wait_for(quiet, "the simulator to be quiet", 15)
+    wait_for(quiet, "the simulator to be quiet", 15, interval=0.05)
 
 
 # --------------------------------------------------------------------------- against the simulator
@@ -232,7 +221,7 @@ def test_mo_comes_back_from_fetch_inbound(sim):
     t = threading.Thread(target=lambda: out.setdefault("mo", gw.fetch_inbound()))
     t.start()
     try:
-        wait_for(lambda: sim.stats()["sessions"] >= 1, "fetch_inbound to bind", 5)
+        wait_for(lambda: sim.stats()["sessions"] >= 1, "fetch_inbound to bind", 5, interval=0.05)
         for q in ({"from": "79990001122", "to": "12345", "text": "STOP"},
                   {"from": "79990001133", "to": "12345", "text": "Отписаться ёжик"}):
             r = sim.get("/mo?" + urlencode(q))

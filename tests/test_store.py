@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from sqlalchemy import inspect, text
@@ -87,14 +88,17 @@ def test_concurrent_claims_never_overlap(engine):
         bulk_insert(conn, "outbox", OUT_COLS, _outbox_rows(cid, 2000, contact_ids=_contacts(conn, 2000)))
     taken: list[list[int]] = [[] for _ in range(4)]
     errors: list[BaseException] = []
+    start = threading.Barrier(4)
 
     def worker(k: int) -> None:
         try:
+            start.wait(30)  # all four compete from the first claim (a thread started first could take all)
             while True:
                 df = claim(engine, cid, 37, f"worker-{k}", now=DAYTIME)
                 if df.empty:
                     return
                 taken[k].extend(int(i) for i in df["id"])
+                time.sleep(0.001)  # a real sender submits between claims: the others get their turn
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 

@@ -1,6 +1,7 @@
 """Flow: planned messages -> the gateway, throttled, at most once per idempotency key."""
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
@@ -8,34 +9,20 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from sqlalchemy import text
 
 from blocks.registry import load_gateway
-from store.db import get_engine
-from tasks.send import SendStats, send_task
+from store.db import get_engine, utcnow
+from tasks.send import CLAIM_LEASE_S, SendStats, next_takeover, send_task
 
 SEND_CHUNK = 50_000  # messages per task run: task runs grow with volume / SEND_CHUNK, never per message
 
 
-def ensure_gateway_limit(gateway_name: str) -> str:
-    """One sender at a time per gateway (the provider's rate limit is shared by all campaigns):
-    a Prefect global concurrency limit ``gateway-<name>``, created with limit 1 if missing."""
-    from prefect.client.orchestration import get_client
-
-    name = f"gateway-{gateway_name}"
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except Exception:  # noqa: BLE001 - ObjectNotFound: create it
-            client.upsert_global_concurrency_limit_by_name(name, 1)
-    return name
-
-
 def _send_campaign(cid: int, name: str, gw, rate: float | None, database_url: str | None, now: datetime | None) -> SendStats:
     engine = get_engine(database_url)
-    ensure_gateway_limit(gw.gateway_name)
     with engine.begin() as conn:
         todo = conn.execute(text("SELECT COUNT(*) FROM outbox WHERE campaign_id = :c AND state IN ('planned', 'queued')"),
                             {"c": cid}).scalar() or 0
     progress = create_progress_artifact(0.0, description=f"send {name}: {todo} to go")
     total = SendStats()
+    waited = 0.0
     while True:
         s = send_task(int(cid), gw, rate or gw.rate_per_second, SEND_CHUNK, database_url, now)
         for f in ("claimed", "submitted", "rejected", "policy_blocked", "retry_later", "failed",
@@ -47,6 +34,16 @@ def _send_campaign(cid: int, name: str, gw, rate: float | None, database_url: st
         done = total.submitted + total.rejected + total.policy_blocked + total.failed
         update_progress_artifact(progress, min(100.0, 100.0 * done / max(1, todo)), description=f"{done} of {todo} handled")
         if s.claimed == 0 or (s.submitted == 0 and s.retry_later and s.rejected == 0):
+            # messages a crashed run left in flight: wait for their claims to lapse (and, without an
+            # authoritative lookup, for late receipts) when that is soon, then settle and send them
+            at, n = next_takeover(engine, cid, gw)
+            wait = max(0.0, (at - utcnow()).total_seconds()) if at is not None else None
+            if s.claimed == 0 and wait is not None and waited + wait <= CLAIM_LEASE_S + gw.evidence_grace_s:
+                get_run_logger().info("send %s: %d message(s) left in flight by an earlier run; settling them in %.0fs",
+                                      name, n, wait)
+                time.sleep(wait + 0.5)
+                waited += wait + 0.5
+                continue
             break
     update_progress_artifact(progress, 100.0, description=f"{total.submitted} submitted")
     get_run_logger().info("send %s via %s: %d submitted, %d rejected, %d held/deferred by policy %s, %d to retry",

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +21,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="CRM-to-SMS c
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@contextmanager
+def _prefect_session():
+    """For commands that talk to Prefect: SIGTERM unwinds like Ctrl-C, and the temporary Prefect
+    API (when no server is configured) is a child of this process that ends with it."""
+    from smsflow.processes import embedded_prefect_api, exit_on_signals
+
+    exit_on_signals()
+    with embedded_prefect_api():
+        yield
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -95,9 +107,7 @@ def campaign_cmd(
     if not template.is_file():
         _fail(f"template not found: {template}")
     _quiet_prefect_to_stderr()
-    from blocks.crm import CsvCrm
-    from flows.campaign import CampaignParams, campaign
-    from tasks.policy import load_policy, preview_plan, write_plan_csv
+    from tasks.policy import load_policy
     from tasks.render import TemplateError, load_template
 
     clock = _parse_time(now, "--now")
@@ -115,6 +125,17 @@ def campaign_cmd(
         load_template(template)
     except TemplateError as exc:
         _fail(f"template {template}: {exc}")
+    with _prefect_session():
+        _campaign(source_csv, template, name, gateway_block, segment, segments_file, rate, dry_run, wait, policy, end,
+                  clock, plan_out)
+
+
+def _campaign(source_csv, template, name, gateway_block, segment, segments_file, rate, dry_run, wait, policy, end, clock,
+              plan_out) -> None:
+    from blocks.crm import CsvCrm
+    from flows.campaign import CampaignParams, campaign
+    from tasks.policy import preview_plan, write_plan_csv
+
     path = source_csv.resolve()
     block_name = f"csv-{_slug(path.stem)}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
     CsvCrm(path=str(path), source_name=block_name).save(block_name, overwrite=True)
@@ -172,29 +193,9 @@ def demo_cmd(
     _quiet_prefect_to_stderr()
     from datetime import datetime
 
-    from blocks.crm import SqlCrm
-    from blocks.gateway import SandboxGateway
-    from flows.campaign import CampaignParams, campaign
-    from smsflow.demo_crm import write_crm_sqlite
-    from smsflow.settings import PROJECT_ROOT, get_settings
-
-    settings = get_settings()
-    crm_path = settings.data_dir / "demo_crm.sqlite"
-    typer.echo(f"generating a demo CRM with {contacts} contacts -> {crm_path}", err=True)
-    write_crm_sqlite(crm_path, contacts, seed=seed)
-    SqlCrm(url=f"sqlite:///{crm_path.resolve()}", source_name="demo-crm").save("demo-crm", overwrite=True)
-    SandboxGateway(min_delay_s=0.1, max_delay_s=2.0).save("sandbox", overwrite=True)
     name = f"demo-{datetime.now():%Y%m%d-%H%M%S}"
-    params = CampaignParams(
-        name=name,
-        source_block="demo-crm",
-        template=str(PROJECT_ROOT / "templates" / "demo_promo.yaml"),
-        segment="all",
-        gateway_block="sandbox",
-        wait_for_receipts_s=wait,
-        full_refresh=True,
-    )
-    result = campaign(params)
+    with _prefect_session():
+        result = _demo_run(name, contacts, seed, wait)
     s = result["summary"]
     send = result.get("send", {})
     rec = result.get("reconcile", {})
@@ -205,6 +206,29 @@ def demo_cmd(
         f"final states: {json.dumps(rec.get('by_status', {}))}; {s['segments']} segments, cost {s['cost']:.2f}"
     )
     typer.echo(f"report: {result.get('report')}")
+
+
+def _demo_run(name: str, contacts: int, seed: int, wait: float) -> dict:
+    from blocks.crm import SqlCrm
+    from blocks.gateway import SandboxGateway
+    from flows.campaign import CampaignParams, campaign
+    from smsflow.demo_crm import write_crm_sqlite
+    from smsflow.settings import PROJECT_ROOT, get_settings
+
+    crm_path = get_settings().data_dir / "demo_crm.sqlite"
+    typer.echo(f"generating a demo CRM with {contacts} contacts -> {crm_path}", err=True)
+    write_crm_sqlite(crm_path, contacts, seed=seed)
+    SqlCrm(url=f"sqlite:///{crm_path.resolve()}", source_name="demo-crm").save("demo-crm", overwrite=True)
+    SandboxGateway(min_delay_s=0.1, max_delay_s=2.0).save("sandbox", overwrite=True)
+    return campaign(CampaignParams(
+        name=name,
+        source_block="demo-crm",
+        template=str(PROJECT_ROOT / "templates" / "demo_promo.yaml"),
+        segment="all",
+        gateway_block="sandbox",
+        wait_for_receipts_s=wait,
+        full_refresh=True,
+    ))
 
 
 gateway_app = typer.Typer(no_args_is_help=True, help="SMS gateway Blocks.")
@@ -257,7 +281,8 @@ def gateway_save_cmd(
     except ValueError as exc:
         _fail(f"invalid gateway settings: {exc}")
         return
-    block.save(name, overwrite=True)
+    with _prefect_session():
+        block.save(name, overwrite=True)
     typer.echo(json.dumps({"saved": name, "kind": kind, "type": type(block).get_block_type_slug()}))
 
 
@@ -305,10 +330,11 @@ def journey_run(
     gateway_block: str = typer.Option("sandbox", "--gateway-block"),
 ) -> None:
     """Run the journey flow once: new CRM events, date/inactivity triggers, due steps, sends."""
-    from flows.journey import journey
+    with _prefect_session():
+        from flows.journey import journey
 
-    typer.echo(json.dumps(journey(journeys_dir=str(directory) if directory else None, gateway_block=gateway_block),
-                          ensure_ascii=False, indent=1, default=str))
+        result = journey(journeys_dir=str(directory) if directory else None, gateway_block=gateway_block)
+    typer.echo(json.dumps(result, ensure_ascii=False, indent=1, default=str))
 
 
 @app.command("serve")
@@ -317,9 +343,10 @@ def serve_cmd(
     port: int = typer.Option(8787, "--port"),
 ) -> None:
     """Start the callback/inbound service (receipts and replies are stored before the 2xx)."""
-    from service.app import run
+    with _prefect_session():
+        from service.app import run
 
-    run(host=host, port=port)
+        run(host=host, port=port)
 
 
 def main() -> None:  # pragma: no cover

@@ -361,3 +361,15 @@ class JourneyStep(Base):
     wake_run_id: Mapped[str | None] = mapped_column(String(64))  # the Prefect flow run scheduled for due_at
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Lease(Base):
+    """A named lock that expires unless its holder renews it (``store.leases``): whatever a dead
+    process held is free again ``ttl`` seconds after its last renewal."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    acquired_at: Mapped[datetime] = mapped_column(DateTime)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)

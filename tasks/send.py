@@ -31,6 +31,13 @@ from store.db import bulk_update, executemany, is_postgres, read_frame, utcnow
 
 log = logging.getLogger("smsflow.send")
 
+# A claim lives this long unless its sender renews it (before each part, once older than half of it):
+# after a crash, the next run takes over the dead sender's messages at most this long after its
+# last renewal. A gateway is held by one sender at a time through a store lease (``store.leases``)
+# that a dead holder loses after GATEWAY_LEASE_S.
+CLAIM_LEASE_S = 60.0
+GATEWAY_LEASE_S = 30.0
+
 
 class TokenBucket:
     """Token bucket: ``rate`` tokens per second, at most ``capacity`` banked."""
@@ -119,6 +126,24 @@ def release_unsent(engine, ids: list[int], claimer: str) -> None:
                           "AND claimed_by = :w"), {"now": utcnow(), "w": claimer})
 
 
+def next_takeover(engine, campaign_id: int, gateway: SmsGateway) -> tuple[datetime | None, int]:
+    """When the earliest message of the campaign left 'queued' by another (or a dead) sender can be
+    settled by ``recover_in_flight``: its claim has expired and, for a gateway whose lookup is not
+    authoritative, its evidence grace has passed (None when nothing is queued), and how many are queued."""
+    with engine.begin() as conn:
+        rows = conn.execute(text("SELECT claim_expires_at, queued_at FROM outbox WHERE campaign_id = :c "
+                                 "AND state = 'queued'"), {"c": campaign_id}).fetchall()
+    if not rows:
+        return None, 0
+    grace = timedelta(0 if gateway.lookup_is_authoritative else gateway.evidence_grace_s)
+
+    def ready(expires, queued) -> datetime:
+        expires, queued = (pd.Timestamp(v).to_pydatetime() if v is not None else None for v in (expires, queued))
+        return max(expires or utcnow(), (queued + grace) if queued else utcnow())
+
+    return min(ready(e, q) for e, q in rows), len(rows)
+
+
 @dataclass
 class SendStats:
     claimed: int = 0
@@ -177,7 +202,7 @@ def recover_in_flight(engine, campaign_id: int, gateway: SmsGateway, run_id: str
     return len(df) - len(still) + len(sub), len(rest)
 
 
-def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = 300,
+def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = CLAIM_LEASE_S,
           now: datetime | None = None, skip_contacts: Collection[int] = ()) -> pd.DataFrame:
     """Atomically take up to ``limit`` due planned messages (FOR UPDATE SKIP LOCKED on PostgreSQL;
     SQLite's single writer with BEGIN IMMEDIATE), then apply the contact policy as it is now
@@ -191,9 +216,11 @@ def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = 3
     from tasks.policy import enforce_at_claim
 
     started = time.monotonic()  # the lease runs from (at the latest) here
-    clock = now or datetime.now(timezone.utc)
+    clock = now or datetime.now(timezone.utc)  # the policy's clock (may be injected: dry runs, tests)
     naive = clock.astimezone(timezone.utc).replace(tzinfo=None)
-    expires = naive + timedelta(seconds=lease_s)
+    # the lease measures real time whatever the policy clock says: recovery compares it with the wall clock
+    wall = utcnow()
+    expires = wall + timedelta(seconds=lease_s)
     skip = ""
     if skip_contacts:
         skip = f"AND (contact_id IS NULL OR contact_id NOT IN ({','.join(str(int(c)) for c in sorted(skip_contacts))})) "
@@ -201,12 +228,12 @@ def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = 3
         lock = " FOR UPDATE SKIP LOCKED" if is_postgres(conn) else ""
         claimed = read_frame(
             conn,
-            "UPDATE outbox SET state = 'queued', queued_at = :now, claimed_by = :who, claim_expires_at = :exp, "
-            "attempts = attempts + 1, updated_at = :now "
+            "UPDATE outbox SET state = 'queued', queued_at = :wall, claimed_by = :who, claim_expires_at = :exp, "
+            "attempts = attempts + 1, updated_at = :wall "
             "WHERE id IN (SELECT id FROM outbox WHERE campaign_id = :c AND state = 'planned' "
             f"AND (send_after IS NULL OR send_after <= :now) {skip}ORDER BY id LIMIT :n{lock}) "
             "RETURNING id, idempotency_key, contact_id, phone_e164, text, encoding, segments, attempts",
-            {"now": naive, "who": claimer, "exp": expires, "c": campaign_id, "n": int(limit)},
+            {"now": naive, "wall": wall, "who": claimer, "exp": expires, "c": campaign_id, "n": int(limit)},
         )
         claimed.attrs["skipped_contacts"] = bool(skip_contacts)
         if claimed.empty:
@@ -230,7 +257,7 @@ def record_results(engine, ids_by_ref: dict[str, int], results: list[SubmitResul
         oid = ids_by_ref[r.reference]
         if r.in_doubt:
             # it may have gone out: never send again blindly; recovery settles it from receipts
-            doubt.append((r.error_code, r.error, now, now, oid))
+            doubt.append((r.error_code, r.error, utcnow(), now, oid))  # its claim ends now (wall clock)
             stats.in_doubt += 1
         elif r.accepted:
             sub.append(("submitted", r.gateway_message_id, now, None, now, oid))
@@ -569,7 +596,7 @@ def send_messages(
     claimer: str,
     max_messages: int,
     max_attempts: int = 5,
-    lease_s: float = 300,
+    lease_s: float = CLAIM_LEASE_S,
     stats: SendStats | None = None,
     now: datetime | None = None,
     breaker: "CircuitBreaker | None" = None,
@@ -595,18 +622,19 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 @task(name="send-batch", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
 def send_task(campaign_id: int, gateway: SmsGateway, rate: float, max_messages: int, database_url: str | None,
               now: datetime | None = None) -> SendStats:
-    """Send up to ``max_messages``; a retry first resolves what the failed attempt left in flight."""
-    from prefect.concurrency.sync import concurrency
+    """Send up to ``max_messages``; a retry first resolves what the failed attempt left in flight.
+    One sender per gateway at a time (a store lease ``gateway-<name>``, see ``store.leases``), so
+    campaigns sharing a provider share its rate limit; a dead sender's lease lapses by itself."""
     from prefect.context import get_run_context
 
     from store.db import get_engine
+    from store.leases import StoreLease, process_holder
 
     engine = get_engine(database_url)
     ctx = get_run_context()
     claimer = str(ctx.task_run.id)
     stats = SendStats()
-    stats.recovered_submitted, stats.recovered_replanned = recover_in_flight(engine, campaign_id, gateway, claimer)
-    # one global concurrency limit per gateway, if the operator created it (`prefect gcl create gateway-NAME`)
-    with concurrency(f"gateway-{gateway.gateway_name}", occupy=1, strict=False):
+    with StoreLease(engine, f"gateway-{gateway.gateway_name}", process_holder(claimer), ttl_s=GATEWAY_LEASE_S):
+        stats.recovered_submitted, stats.recovered_replanned = recover_in_flight(engine, campaign_id, gateway, claimer)
         return send_messages(engine, campaign_id=campaign_id, gateway=gateway, bucket=TokenBucket(rate), claimer=claimer,
                              max_messages=max_messages, stats=stats, now=now)

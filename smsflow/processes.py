@@ -1,0 +1,97 @@
+"""Process hygiene for long-running commands: children that die with us, signals that unwind.
+
+- ``die_with_parent``: a ``preexec_fn`` (Linux ``PR_SET_PDEATHSIG``) so a child process gets
+  SIGTERM when the process that started it dies, even by SIGKILL.
+- ``exit_on_signals``: SIGTERM (systemd, Docker, Kubernetes) unwinds like Ctrl-C: ``finally``
+  blocks and context managers run, so claims are released and children are stopped.
+- ``embedded_prefect_api``: without a configured ``PREFECT_API_URL``, the temporary Prefect API
+  that Prefect would start by itself, but as a child that dies with this process. Prefect's own
+  temporary server survives a SIGTERM or SIGKILL of its parent (seen with ``smsflow serve``, 3 of
+  3 times: ~190 MB uvicorn left running).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM):
+    """A ``preexec_fn``: the child gets ``sig`` when its parent exits (Linux; elsewhere a no-op)."""
+    parent = os.getpid()
+
+    def _set() -> None:
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return _set
+
+
+def _raise_exit(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def exit_on_signals() -> None:
+    """SIGTERM raises SystemExit(143) in the main thread (SIGINT already raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGTERM, _raise_exit)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def embedded_prefect_api(timeout_s: float = 60.0) -> Iterator[str | None]:
+    """Yields the API URL of a temporary Prefect API started for this command, or None when one is
+    configured (``PREFECT_API_URL``, a profile, a test harness): then nothing is started."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if get_current_settings().api.url:
+        yield None
+        return
+    port = _free_port()
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+           **get_current_settings().to_environment_variables(exclude_unset=True)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+        env=env, preexec_fn=die_with_parent(), stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client() as client:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the temporary Prefect API exited with code {proc.returncode}")
+                try:
+                    if client.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the temporary Prefect API did not answer within {timeout_s:.0f}s")
+                time.sleep(0.1)
+        os.environ["PREFECT_API_URL"] = url  # threads and child processes see it too
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

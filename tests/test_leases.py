@@ -1,0 +1,79 @@
+"""Store leases (one sender per gateway): exclusive while renewed, free once the holder stops
+renewing (a dead process), on SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta
+
+import pytest
+
+from store.leases import LeaseTimeout, StoreLease
+
+
+class Clock:
+    def __init__(self):
+        self.t = datetime(2030, 1, 1)
+
+    def __call__(self) -> datetime:
+        return self.t
+
+
+def test_exclusive_until_expired_or_released(engine):
+    clock = Clock()
+    a = StoreLease(engine, "gateway-x", "a", ttl_s=30, clock=clock)
+    b = StoreLease(engine, "gateway-x", "b", ttl_s=30, clock=clock)
+    assert a.try_acquire() and not b.try_acquire()
+    assert a.try_acquire()  # its own holder takes it again (a retry of the same task run)
+    clock.t += timedelta(seconds=20)
+    assert a.renew() and not b.try_acquire()
+    clock.t += timedelta(seconds=29)
+    assert not b.try_acquire()  # renewed 29 s ago: still a's
+    clock.t += timedelta(seconds=2)
+    assert b.try_acquire()  # a stopped renewing: b takes over
+    assert not a.renew() and a.lost  # a learns it lost the lease
+    b.release()
+    assert a.try_acquire()
+    assert StoreLease(engine, "gateway-y", "b", clock=clock).try_acquire()  # names are independent
+
+
+def test_waiting_times_out_with_a_clear_error(engine):
+    StoreLease(engine, "gateway-x", "a", ttl_s=30).try_acquire()
+    with pytest.raises(LeaseTimeout, match="gateway-x"):
+        StoreLease(engine, "gateway-x", "b", poll_s=0.05, timeout_s=0.3).acquire()
+
+
+def test_heartbeat_keeps_the_lease_while_the_block_runs(engine):
+    with StoreLease(engine, "gateway-x", "a", ttl_s=0.6) as held:
+        time.sleep(1.5)  # longer than the ttl: only the heartbeat keeps it
+        assert not StoreLease(engine, "gateway-x", "b", ttl_s=0.6).try_acquire()
+        assert not held.lost
+    assert StoreLease(engine, "gateway-x", "b").try_acquire()  # released on exit
+
+
+_HOLDER = """
+import sys, time
+from store.db import get_engine
+from store.leases import StoreLease
+with StoreLease(get_engine(sys.argv[1]), "gateway-x", "doomed", ttl_s=float(sys.argv[2])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_holder_killed_with_sigkill_loses_the_lease_by_itself(any_store):
+    from store.db import get_engine
+
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, any_store, "3"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        assert not StoreLease(get_engine(any_store), "gateway-x", "next").try_acquire()
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+        t0 = time.monotonic()
+        StoreLease(get_engine(any_store), "gateway-x", "next", poll_s=0.1, timeout_s=10).acquire()
+        assert time.monotonic() - t0 <= 3.5  # at most one ttl after the last renewal
+    finally:
+        p.kill()

@@ -246,12 +246,14 @@ def gateway_save_cmd(
     password: Optional[str] = typer.Option(None, "--password", help="stored as a secret; prefer SMSFLOW_GATEWAY_PASSWORD"),
     dlr_url: Optional[str] = typer.Option(None, "--dlr-url", help="our callback URL for receipts"),
     rate: Optional[float] = typer.Option(None, "--rate", help="messages per second"),
+    evidence_grace: Optional[float] = typer.Option(
+        None, "--evidence-grace", help="seconds a message left in flight by a crash waits for a late receipt"),
 ) -> None:
     """Save a gateway Block (credentials go into Secret fields, never into logs)."""
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
         _fail("block names use lowercase letters, digits and dashes")
     password = password or os.environ.get("SMSFLOW_GATEWAY_PASSWORD")
-    common = {"rate_per_second": rate} if rate else {}
+    common = {k: v for k, v in {"rate_per_second": rate, "evidence_grace_s": evidence_grace}.items() if v is not None}
     try:
         if kind == "sandbox":
             from blocks.gateway import SandboxGateway

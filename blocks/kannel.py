@@ -77,6 +77,7 @@ from urllib.parse import quote, urlsplit
 from pydantic import Field, SecretStr
 
 from blocks.gateway import GatewayUnavailable, OutgoingMessage, Receipt, SmsGateway, SubmitResult
+from smsflow.callback_auth import current_secret
 from smsflow.privacy import mask_phone, mask_phones_in
 
 log = logging.getLogger("smsflow.gateway.kannel")
@@ -320,6 +321,9 @@ class KannelGateway(SmsGateway):
         default="http://127.0.0.1:8787/callbacks/kannel/dlr",
         description="Base URL of the smsflow callback service's Kannel receipt endpoint; None: no receipts.",
     )
+    callback_secret: SecretStr | None = Field(
+        default=None, description="Secret appended to the dlr-url (key=...) so the callback service knows the "
+        "receipt comes from this gateway; default: the first value of SMSFLOW_CALLBACK_SECRET_<BLOCK NAME>.")
     dlr_mask: int = Field(default=31, ge=1, le=63, description="Kannel dlr-mask: 1 delivered, 2 undelivered, 4 queued "
                           "at SMSC, 8 accepted by SMSC, 16 rejected by SMSC.")
     sender: str | None = Field(default=None, description="Sender (from); default: sender_id.")
@@ -347,7 +351,9 @@ class KannelGateway(SmsGateway):
         base = self.dlr_url.replace("%", "%%")
         sep = "&" if "?" in base else "?"
         gw = quote(self.gateway_name, safe="-._~").replace("%", "%%")
-        return base + sep + "ref={ref}&type=%d&answer=%A&msgid=%F&smsc=%i&ts=%T&gw=" + gw
+        secret = self.callback_secret.get_secret_value() if self.callback_secret else current_secret(self.gateway_name)
+        key = "&key=" + quote(secret, safe="").replace("%", "%%") if secret else ""
+        return base + sep + "ref={ref}&type=%d&answer=%A&msgid=%F&smsc=%i&ts=%T&gw=" + gw + key
 
     @staticmethod
     def _is_ucs2(m: OutgoingMessage) -> bool:
@@ -675,6 +681,6 @@ class KannelGateway(SmsGateway):
             except ValueError:
                 event_at = None
         gmid = fields.get("id") or p.get("msgid", "").strip() or ref
-        raw = {k: v for k, v in p.items() if k not in ("password", "username")}
+        raw = {k: v for k, v in p.items() if k not in ("password", "username", "key")}
         return Receipt(gateway_message_id=gmid, reference=ref, status=status, error_code=error_code,
                        event_at=event_at, raw=raw)

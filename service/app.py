@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from service.webhooks import MAX_BODY
 from smsflow.privacy import mask_phone
 
 log = logging.getLogger("smsflow.service")
@@ -31,21 +32,67 @@ def _emit(event: str, resource_id: str, payload: dict[str, Any]) -> None:
         log.warning("could not emit %s: %s", event, type(exc).__name__)
 
 
+class BadInput(Exception):
+    """A request we cannot act on: answered with ``status`` (4xx) and the reason, never a 5xx."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+async def read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
+        raise BadInput(413 if declared.isdigit() else 400, "body too large" if declared.isdigit() else "bad Content-Length")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise BadInput(413, "body too large")
+    return body
+
+
 async def _params(request: Request) -> dict[str, str]:
-    """Query parameters plus form fields (Kannel uses GET, others POST forms)."""
+    """Query parameters plus form fields (Kannel uses GET, others POST forms) or a JSON object."""
     params = dict(request.query_params)
     if request.method == "POST":
-        ctype = request.headers.get("content-type", "")
-        if "application/x-www-form-urlencoded" in ctype:
-            from urllib.parse import parse_qsl
-
-            body = (await request.body()).decode("utf-8", errors="replace")
-            params.update(dict(parse_qsl(body, keep_blank_values=True)))
-        elif "json" in ctype:
-            body = await request.json()
-            if isinstance(body, dict):
-                params.update({k: str(v) for k, v in body.items()})
+        params.update(await _body_params(request))
+    if any("\x00" in k or "\x00" in v for k, v in params.items()):
+        raise BadInput(400, "NUL characters are not allowed")
     return params
+
+
+async def _body_params(request: Request) -> dict[str, str]:
+    params: dict[str, str] = {}
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await read_body(request)
+    if not body:
+        return params
+    try:
+        decoded = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadInput(400, "the body is not UTF-8") from None
+    if ctype == "application/x-www-form-urlencoded":
+        from urllib.parse import parse_qsl
+
+        params.update(dict(parse_qsl(decoded, keep_blank_values=True)))
+    elif ctype.endswith("json"):
+        import json
+
+        try:
+            data = json.loads(decoded)
+        except ValueError:
+            raise BadInput(400, "the body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise BadInput(422, "the JSON body must be an object")
+        params.update({str(k): str(v) for k, v in data.items()})
+    else:
+        raise BadInput(415, "send application/x-www-form-urlencoded or application/json (or GET parameters)")
+    return params
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "-"
 
 
 def create_app(database_url: str | None = None, *, emit_events: bool = True) -> FastAPI:
@@ -53,6 +100,36 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
 
     app = FastAPI(title="smsflow callbacks", version="1")
     engine = get_engine(database_url)  # migrates on start
+
+    @app.middleware("http")
+    async def log_every_call(request: Request, call_next):
+        """One line per call: method, path (never the query: it may hold a phone number or a key),
+        status and client. A failure of ours (the store is down) is a 503 the caller may retry."""
+        try:
+            response = await call_next(request)
+        except BadInput as exc:
+            response = JSONResponse({"error": str(exc)}, status_code=exc.status)
+        except Exception as exc:  # noqa: BLE001
+            log.error("%s %s failed: %s", request.method, request.url.path, type(exc).__name__)
+            response = JSONResponse({"error": "temporarily unavailable"}, status_code=503, headers={"Retry-After": "5"})
+        log.info("%s %s %d from %s", request.method, request.url.path, response.status_code, _client(request))
+        return response
+
+    @app.exception_handler(BadInput)
+    async def bad_input(_request: Request, exc: BadInput):
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    def authenticated_gateway(request: Request, params: dict[str, str], what: str) -> str:
+        """The gateway a Kannel-side callback claims to come from, once its key is checked."""
+        from smsflow.callback_auth import CallbackRefused, check
+
+        gw = params.get("gw") or "kannel"
+        try:
+            check(gw, params.get("key"))
+        except CallbackRefused as exc:
+            log.warning("%s refused from %s: %s", what, _client(request), exc)
+            raise BadInput(401, "unauthorized") from None
+        return gw
     writer = ReceiptWriter(engine)
     if emit_events:
         # import once, up front: a first import racing between request threads deadlocks on
@@ -70,12 +147,12 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
         from blocks.kannel import KannelGateway
 
         params = await _params(request)
+        gw = authenticated_gateway(request, params, "kannel dlr")
         try:
             receipt = KannelGateway.parse_dlr(params)
         except (ValueError, KeyError) as exc:
             log.warning("kannel dlr rejected: %s", exc)
             return JSONResponse({"error": str(exc)}, status_code=422)
-        gw = params.get("gw", "kannel")
         await writer.store(gw, receipt)
         log.info("kannel dlr ref=%s status=%s err=%s", receipt.reference, receipt.status, receipt.error_code)
         if emit_events:
@@ -115,14 +192,10 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
 
         from sqlalchemy import text as sql
 
-        from service.webhooks import MAX_BODY, WebhookError, authenticate, parse
+        from service.webhooks import WebhookError, authenticate, parse
         from store.db import utcnow
 
-        if int(request.headers.get("content-length") or 0) > MAX_BODY:
-            return JSONResponse({"error": "body too large"}, status_code=413)
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return JSONResponse({"error": "body too large"}, status_code=413)
+        body = await read_body(request)
         try:
             authenticate(kind, source, body, {k.lower(): v for k, v in request.headers.items()}, dict(request.query_params))
             events = parse(kind, body)
@@ -154,8 +227,9 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
     @app.api_route("/inbound/kannel", methods=["GET", "POST"])
     async def kannel_inbound(request: Request):
         params = await _params(request)
-        return await _inbound(params.get("gw", "kannel"), params.get("id") or None, params.get("from"), params.get("to"),
-                              params.get("text"), params)
+        gw = authenticated_gateway(request, params, "kannel inbound")
+        raw = {k: v for k, v in params.items() if k != "key"}
+        return await _inbound(gw, params.get("id") or None, params.get("from"), params.get("to"), params.get("text"), raw)
 
     async def _inbound(gateway: str, gid: str | None, sender: str | None, to: str | None, body: str | None,
                        raw: dict[str, Any]):

@@ -30,11 +30,15 @@ KILLS = 20
 
 
 @pytest.fixture
-def service(tmp_path):
-    """The callback service (uvicorn, in this process) writing receipts into the test store."""
+def service(tmp_path, monkeypatch):
+    """The callback service (uvicorn, in this process) writing receipts into the test store. The
+    gateways here are unsaved Blocks (named 'kannelgateway'): their callback secret comes from the
+    environment, which the sender subprocesses inherit."""
     import uvicorn
 
     from service.app import create_app
+
+    monkeypatch.setenv("SMSFLOW_CALLBACK_SECRET_KANNELGATEWAY", "dg-secret")
 
     url = f"sqlite:///{tmp_path / 'store.sqlite'}"
     (port,) = free_ports(1)

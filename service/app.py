@@ -32,6 +32,24 @@ def _emit(event: str, resource_id: str, payload: dict[str, Any]) -> None:
         log.warning("could not emit %s: %s", event, type(exc).__name__)
 
 
+class ReceiptSignal:
+    """``smsflow.receipt.received`` at most once per gateway per ``every_s``: the event only tells
+    reconcile that receipts are waiting (the store holds them all), and one event per receipt at
+    thousands a second filled Prefect's event queue until request handlers blocked on it."""
+
+    def __init__(self, every_s: float = 1.0):
+        import time
+
+        self.every_s, self._clock, self._last, self._count = every_s, time.monotonic, {}, {}
+
+    def __call__(self, gw: str) -> None:
+        now = self._clock()
+        self._count[gw] = self._count.get(gw, 0) + 1
+        if now - self._last.get(gw, -1e9) >= self.every_s:
+            self._last[gw] = now
+            _emit("smsflow.receipt.received", f"smsflow.gateway.{gw}", {"receipts": self._count.pop(gw)})
+
+
 class BadInput(Exception):
     """A request we cannot act on: answered with ``status`` (4xx) and the reason, never a 5xx."""
 
@@ -131,6 +149,7 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
             raise BadInput(401, "unauthorized") from None
         return gw
     writer = ReceiptWriter(engine)
+    receipt_signal = ReceiptSignal()
     if emit_events:
         # import once, up front: a first import racing between request threads deadlocks on
         # Python's module locks ("deadlock detected by _ModuleLock('prefect.events...')")
@@ -156,7 +175,7 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
         await writer.store(gw, receipt)
         log.info("kannel dlr ref=%s status=%s err=%s", receipt.reference, receipt.status, receipt.error_code)
         if emit_events:
-            _emit("smsflow.receipt.received", f"smsflow.gateway.{gw}", {"status": receipt.status})
+            receipt_signal(gw)
         return PlainTextResponse("OK")
 
     @app.post("/callbacks/twilio/status")
@@ -182,7 +201,7 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
         await writer.store(gw, receipt)
         log.info("twilio status ref=%s status=%s err=%s", receipt.reference, receipt.status, receipt.error_code)
         if emit_events:
-            _emit("smsflow.receipt.received", f"smsflow.gateway.{gw}", {"status": receipt.status})
+            receipt_signal(gw)
         return PlainTextResponse("OK")
 
     @app.post("/webhooks/{kind}/{source}")

@@ -52,6 +52,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _drain_prefect_workers(timeout_s: float = 3.0) -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (EventsWorker, APILogWorker):
+        try:
+            worker.drain_all(timeout=timeout_s)
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+
+
 @contextmanager
 def embedded_prefect_api(timeout_s: float = 60.0) -> Iterator[str | None]:
     """Yields the API URL of a temporary Prefect API started for this command, or None when one is
@@ -88,6 +99,7 @@ def embedded_prefect_api(timeout_s: float = 60.0) -> Iterator[str | None]:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
     finally:
+        _drain_prefect_workers()  # events and logs still queued go out while the API is up
         os.environ.pop("PREFECT_API_URL", None)
         proc.terminate()
         try:

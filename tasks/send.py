@@ -36,6 +36,7 @@ log = logging.getLogger("smsflow.send")
 # last renewal. A gateway is held by one sender at a time through a store lease (``store.leases``)
 # that a dead holder loses after GATEWAY_LEASE_S.
 CLAIM_LEASE_S = 60.0
+CLAIM_SECONDS = 5.0
 GATEWAY_LEASE_S = 30.0
 
 
@@ -130,18 +131,22 @@ def next_takeover(engine, campaign_id: int, gateway: SmsGateway) -> tuple[dateti
     """When the earliest message of the campaign left 'queued' by another (or a dead) sender can be
     settled by ``recover_in_flight``: its claim has expired and, for a gateway whose lookup is not
     authoritative, its evidence grace has passed (None when nothing is queued), and how many are queued."""
+    now = utcnow()
     with engine.begin() as conn:
-        rows = conn.execute(text("SELECT claim_expires_at, queued_at FROM outbox WHERE campaign_id = :c "
-                                 "AND state = 'queued'"), {"c": campaign_id}).fetchall()
+        rows = conn.execute(text(
+            "SELECT claim_expires_at, queued_at, EXISTS (SELECT 1 FROM leases l WHERE l.holder LIKE '%:' || o.claimed_by "
+            "AND l.expires_at >= :now) FROM outbox o WHERE o.campaign_id = :c AND o.state = 'queued'"),
+            {"c": campaign_id, "now": now}).fetchall()
     if not rows:
         return None, 0
-    grace = timedelta(0 if gateway.lookup_is_authoritative else gateway.evidence_grace_s)
+    grace = timedelta(seconds=0 if gateway.lookup_is_authoritative else gateway.evidence_grace_s)
 
-    def ready(expires, queued) -> datetime:
+    def ready(expires, queued, live) -> datetime:
         expires, queued = (pd.Timestamp(v).to_pydatetime() if v is not None else None for v in (expires, queued))
-        return max(expires or utcnow(), (queued + grace) if queued else utcnow())
+        claim_ends = (expires or now) if live else now  # a claimer without a live lease is dead
+        return max(claim_ends, (queued + grace) if queued else now)
 
-    return min(ready(e, q) for e, q in rows), len(rows)
+    return min(ready(*r) for r in rows), len(rows)
 
 
 @dataclass
@@ -160,7 +165,8 @@ class SendStats:
     held: dict[str, int] = field(default_factory=dict)  # by policy rule: deferred, held back or expired
 
 
-def recover_in_flight(engine, campaign_id: int, gateway: SmsGateway, run_id: str | None) -> tuple[int, int]:
+def recover_in_flight(engine, campaign_id: int, gateway: SmsGateway, run_id: str | None,
+                      claimers_hold_leases: bool = False) -> tuple[int, int]:
     """Resolve messages left 'queued' by a crashed or retried sender, before anything is sent again.
 
     1. Receipts already stored that name our reference settle them (reconcile's rules).
@@ -172,8 +178,12 @@ def recover_in_flight(engine, campaign_id: int, gateway: SmsGateway, run_id: str
     from tasks.reconcile import apply_receipts
 
     now = utcnow()
+    # with ``claimers_hold_leases`` (senders run by send_task hold a store lease named after their claimer
+    # while they have claims), a claim whose claimer holds no live lease is a dead sender's: at once
+    dead = ("OR NOT EXISTS (SELECT 1 FROM leases l WHERE l.holder LIKE '%:' || outbox.claimed_by "
+            "AND l.expires_at >= :now)" if claimers_hold_leases else "")
     query = ("SELECT id, idempotency_key, queued_at FROM outbox WHERE campaign_id = :c AND state = 'queued' "
-             "AND (claim_expires_at < :now OR claimed_by = :run)")
+             f"AND (claim_expires_at < :now OR claimed_by = :run {dead})")
     params = {"c": campaign_id, "now": now, "run": run_id or ""}
     with engine.begin() as conn:
         df = read_frame(conn, query, params, parse_dates=["queued_at"])
@@ -458,8 +468,11 @@ class _SendLoop:
 
     # ------------------------------------------------------------------ store jobs
     def _launch_claim(self, skip_contacts: Collection[int] = ()) -> Future | None:
-        """Claim the next batch (up to ``gateway.batch_size``) in the store thread."""
-        limit = min(self.gateway.batch_size, self.max_messages - self.taken)
+        """Claim the next batch in the store thread: up to ``gateway.batch_size``, and no more than
+        CLAIM_SECONDS of sending at the bucket's rate, so a crash leaves few messages claimed (those
+        wait for their lease and, without an authoritative lookup, for evidence before they go again)."""
+        per_claim = max(1, int(self.bucket.rate * CLAIM_SECONDS))
+        limit = min(self.gateway.batch_size, per_claim, self.max_messages - self.taken)
         if limit <= 0:
             return None
         return self.store.submit(claim, self.engine, self.campaign_id, limit, self.claimer, self.lease_s,
@@ -635,6 +648,7 @@ def send_task(campaign_id: int, gateway: SmsGateway, rate: float, max_messages: 
     claimer = str(ctx.task_run.id)
     stats = SendStats()
     with StoreLease(engine, f"gateway-{gateway.gateway_name}", process_holder(claimer), ttl_s=GATEWAY_LEASE_S):
-        stats.recovered_submitted, stats.recovered_replanned = recover_in_flight(engine, campaign_id, gateway, claimer)
+        stats.recovered_submitted, stats.recovered_replanned = recover_in_flight(engine, campaign_id, gateway, claimer,
+                                                                                 claimers_hold_leases=True)
         return send_messages(engine, campaign_id=campaign_id, gateway=gateway, bucket=TokenBucket(rate), claimer=claimer,
                              max_messages=max_messages, stats=stats, now=now)

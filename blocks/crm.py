@@ -168,16 +168,19 @@ class CsvCrm(CrmSource):
         except Exception:  # noqa: BLE001 - only a hint
             return None
 
-    def read_all(self) -> pd.DataFrame:
+    def read_all(self, nrows: int | None = None) -> pd.DataFrame:
+        """The export, renamed to our columns (``nrows``: only its first rows, for a quick check)."""
         p = Path(self.path)
         if not p.is_file():
             raise CrmSourceError(f"CSV CRM '{self.source_name}': file not found: {p}")
         try:
             if p.suffix.lower() in (".parquet", ".pq"):
                 df = pd.read_parquet(p)
-                df = df.astype(object).where(df.notna(), None)
+                df = (df.head(nrows) if nrows else df).astype(object)
+                df = df.where(df.notna(), None)
             else:
-                df = pd.read_csv(p, dtype=str, keep_default_na=False, sep=self.delimiter, encoding=self.encoding)
+                df = pd.read_csv(p, dtype=str, keep_default_na=False, sep=self.delimiter, encoding=self.encoding,
+                                 nrows=nrows)
                 df = df.astype(object)
         except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
             raise CrmSourceError(f"CSV CRM '{self.source_name}': cannot read {p.name}: {exc}") from exc

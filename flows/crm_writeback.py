@@ -4,13 +4,16 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.retrying import retry_if_transient
+
 from blocks.crm_writeback import CrmWriteBack
 from blocks.registry import load_crm
 from store.db import get_engine
 from tasks.writeback import write_back
 
 
-@task(name="crm-write-back", retries=2, retry_delay_seconds=30, cache_policy=NO_CACHE)
+@task(name="crm-write-back", retries=2, retry_delay_seconds=30,
+      retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def writeback_task(block, database_url: str | None):
     return write_back(get_engine(database_url), block, block.source_name)
 

@@ -25,12 +25,15 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 @contextmanager
 def _prefect_session():
-    """For commands that talk to Prefect: SIGTERM unwinds like Ctrl-C, and the temporary Prefect
-    API (when no server is configured) is a child of this process that ends with it."""
-    from smsflow.processes import embedded_prefect_api, exit_on_signals
+    """For commands that talk to Prefect: SIGTERM unwinds like Ctrl-C, the temporary Prefect API
+    (when no server is configured) is a child of this process that ends with it, and a failure is
+    reported in one line (tracebacks stay in the run's logs; SMSFLOW_TRACEBACKS=1 shows them here)."""
+    from smsflow.processes import console_without_tracebacks, embedded_prefect_api, exit_on_signals
 
     exit_on_signals()
     with embedded_prefect_api():
+        if not os.environ.get("SMSFLOW_TRACEBACKS"):
+            console_without_tracebacks()
         yield
 
 
@@ -125,9 +128,29 @@ def campaign_cmd(
         load_template(template)
     except TemplateError as exc:
         _fail(f"template {template}: {exc}")
+    _check_export(source_csv)
     with _prefect_session():
         _campaign(source_csv, template, name, gateway_block, segment, segments_file, rate, dry_run, wait, policy, end,
                   clock, plan_out)
+
+
+def _check_export(path: Path) -> None:
+    """Bad input fails here, at once and in one line, before any Prefect run starts (a run would
+    only fail later with the same error)."""
+    from blocks.crm import CrmSourceError, CsvCrm
+    from tasks.extract import REQUIRED_COLUMNS
+
+    try:
+        head = CsvCrm(path=str(path.resolve()), source_name=path.stem).read_all(nrows=5)
+    except CrmSourceError as exc:
+        _fail(str(exc))
+    missing = [c for c in REQUIRED_COLUMNS if c not in head.columns]
+    if missing:
+        cols = list(head.columns)
+        hint = ""
+        if len(cols) == 1 and any(d in cols[0] for d in ";\t|"):
+            hint = " (the file looks separated by something other than ',': it was read as one column)"
+        _fail(f"{path}: required column(s) {', '.join(missing)} not found; columns: {', '.join(map(str, cols))}{hint}")
 
 
 def _campaign(source_csv, template, name, gateway_block, segment, segments_file, rate, dry_run, wait, policy, end, clock,

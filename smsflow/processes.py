@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -35,6 +36,31 @@ def die_with_parent(sig: int = signal.SIGTERM):
             os._exit(1)
 
     return _set
+
+
+class _NoTraceback(logging.Formatter):
+    """Formats like ``inner`` without the exception's traceback (the message keeps its text)."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def console_without_tracebacks() -> None:
+    """Console log handlers (Prefect's included) print one line per record: a command that fails
+    says why in its last line, not under 200 lines of tracebacks."""
+    for name in ("", "prefect"):
+        for h in logging.getLogger(name).handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h.formatter, _NoTraceback):
+                h.setFormatter(_NoTraceback(h.formatter))
 
 
 def _raise_exit(signum, _frame) -> None:

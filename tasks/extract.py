@@ -671,8 +671,11 @@ def gc_paused():
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from tasks.retrying import retry_if_transient  # noqa: E402
 
-@task(name="extract-crm-batches", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)
+
+@task(name="extract-crm-batches", retries=2, retry_delay_seconds=[5, 30],
+      retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def extract_task(source: CrmSource, full_refresh: bool, batch_size: int, database_url: str | None,
                  default_region: str | None = None, processes: int | None = None) -> ExtractStats:
     """All new CRM batches into the store (one task run per source pull, not per row), each contact

@@ -580,8 +580,11 @@ def cancel_runs(run_ids: list[str]) -> int:
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from tasks.retrying import retry_if_transient  # noqa: E402
 
-@task(name="journey-events", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+
+@task(name="journey-events", retries=2, retry_delay_seconds=[2, 10],
+      retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def journey_events_task(journeys: list[Journey], database_url: str | None, now: datetime | None) -> JourneyStats:
     """CRM events -> instances, step schedules and exits; replies end journeys that ask for it."""
     from store.db import get_engine
@@ -592,14 +595,16 @@ def journey_events_task(journeys: list[Journey], database_url: str | None, now: 
     return stats
 
 
-@task(name="journey-contact-triggers", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+@task(name="journey-contact-triggers", retries=2, retry_delay_seconds=[2, 10],
+      retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def journey_triggers_task(journeys: list[Journey], database_url: str | None, now: datetime | None) -> JourneyStats:
     from store.db import get_engine
 
     return scan_contact_triggers(get_engine(database_url), journeys, now)
 
 
-@task(name="journey-due-steps", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+@task(name="journey-due-steps", retries=2, retry_delay_seconds=[2, 10],
+      retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def journey_plan_task(journeys: list[Journey], gateway: str, database_url: str | None, now: datetime | None) -> JourneyStats:
     """Due steps -> the outbox (a retry finds planned steps planned: nothing twice)."""
     from store.db import get_engine

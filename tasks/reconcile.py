@@ -146,8 +146,11 @@ def outstanding(engine, campaign_id: int | None = None) -> int:
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from tasks.retrying import retry_if_transient  # noqa: E402
 
-@task(name="reconcile-receipts", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+
+@task(name="reconcile-receipts", retries=2, retry_delay_seconds=5,
+      retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def reconcile_task(gateway, ttl_seconds: float, wait_seconds: float, campaign_id: int | None,
                    database_url: str | None) -> ReconcileStats:
     """Pull receipts from the gateway, apply them, expire the stale; optionally wait for the

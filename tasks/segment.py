@@ -256,8 +256,11 @@ def build_membership(engine, source: str, seg: SegmentDefinition, now: datetime)
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from tasks.retrying import retry_if_transient  # noqa: E402
 
-@task(name="build-segment", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+
+@task(name="build-segment", retries=1, retry_delay_seconds=5,
+      retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def segment_task(source: str, segment: SegmentDefinition, database_url: str | None) -> int:
     from store.db import get_engine, utcnow
 

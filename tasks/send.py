@@ -631,8 +631,11 @@ def send_messages(
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from tasks.retrying import retry_if_transient  # noqa: E402
 
-@task(name="send-batch", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+
+@task(name="send-batch", retries=3, retry_delay_seconds=[2, 10, 30],
+      retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def send_task(campaign_id: int, gateway: SmsGateway, rate: float, max_messages: int, database_url: str | None,
               now: datetime | None = None) -> SendStats:
     """Send up to ``max_messages``; a retry first resolves what the failed attempt left in flight.

@@ -373,8 +373,11 @@ def _dedup_candidates(conn, ids: list[int], chunk: int = 500) -> pd.DataFrame:
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from tasks.retrying import retry_if_transient  # noqa: E402
 
-@task(name="validate-and-dedup-contacts", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+
+@task(name="validate-and-dedup-contacts", retries=1, retry_delay_seconds=5,
+      retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def validate_task(source: str, default_region: str, processes: int, database_url: str | None) -> ValidateStats:
     from prefect.artifacts import create_markdown_artifact
 

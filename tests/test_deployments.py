@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -249,6 +251,108 @@ def test_scheduled_deployments_run_with_their_defaults(server, deployed, data_di
     assert not failures, "\n".join(failures) + f"\n--- worker log\n{_tail(worker.log, 80)}"
     # the nightly report covers all campaigns: report-<timestamp>.html in the worker's data dir
     assert [p for p in (data_dir / "reports").glob("report-*.html") if re.fullmatch(r"report-\d{8}-\d{6}\.html", p.name)]
+
+
+def _flow_run_pids(worker_pid: int, run_id: str) -> list[int]:
+    """The processes running flow run ``run_id`` under the worker (their environment names it)."""
+    from tests.prefect_stack import _descendants
+
+    out = []
+    for pid in _descendants(worker_pid):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"PREFECT__FLOW_RUN_ID={run_id}".encode() in env:
+            out.append(pid)
+    return out
+
+
+def _start_run(server, name: str, params: dict) -> str:
+    res = _cli([*PREFECT, "deployment", "run", name, "--param", f"params={json.dumps(params)}"], server.env())
+    m = re.search(r"UUID:\s*([0-9a-f-]{36})", res.stdout)
+    assert m, res.stdout
+    return m.group(1)
+
+
+def _handed_over(store, campaign: str) -> int:
+    try:
+        with sqlite3.connect(store, timeout=30) as db:
+            return db.execute("SELECT COUNT(*) FROM outbox o JOIN campaigns c ON c.id = o.campaign_id WHERE c.name = ? "
+                              "AND o.state NOT IN ('planned', 'queued')", (campaign,)).fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def _wait_state(server, run_id: str, states: set[str], timeout: float) -> str:
+    end = time.monotonic() + timeout
+    while True:
+        st = server.get(f"/flow_runs/{run_id}")["state_type"]
+        if st in states or time.monotonic() > end:
+            return st
+        time.sleep(1)
+
+
+def test_kill_9_of_a_deployment_run_and_of_the_worker_then_rerun(server, deployed, data_dir, worker,
+                                                                  tmp_path_factory):
+    """A campaign run by a worker is killed with SIGKILL while it sends (first its flow-run process,
+    then, in a second round, the worker together with it); a new run of the same deployment (a
+    retry from the UI) sends again within 60 s and the provider gets every message exactly once."""
+    from tests.helpers import wait_for
+
+    store = data_dir / "smsflow.sqlite"
+    resumed = []
+    current = worker
+    spare = []
+    names = []
+    try:
+        for round_ in ("flow-run process", "worker and flow-run process"):
+            name = f"crash-deploy-{len(names)}"  # a campaign of its own per round
+            names.append(name)
+            params = dict(deployed["campaign/on-demand"]["parameters"]["params"], now=POLICY_NOW, name=name, rate=4,
+                          wait_for_receipts_s=0, policy={"marketing_window": {"start": "00:00", "end": "23:59",
+                                                                                "skip_holidays": False}})
+            before = _handed_over(store, name)
+            run_id = _start_run(server, "campaign/on-demand", params)
+            wait_for(lambda: _handed_over(store, name) >= before + 10, f"{round_}: the run to send", RUN_TIMEOUT, 0.1)
+            pids = _flow_run_pids(current.popen.pid, run_id)
+            assert pids, f"no process for flow run {run_id}"
+            victims = pids + ([current.popen.pid] if round_.startswith("worker") else [])
+            for pid in victims:
+                os.kill(pid, signal.SIGKILL)
+            t_kill, at_kill = time.monotonic(), _handed_over(store, name)
+            wait_for(lambda: not any(Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text()
+                                     .split(") ")[1][:1] for p in victims), "the killed processes to go", 15)
+            if round_.startswith("worker"):
+                cwd = tmp_path_factory.mktemp("worker2-cwd")
+                current = Proc("worker2", [*PREFECT, "worker", "start", "--pool", POOL],
+                               server.env(SMSFLOW_DATA_DIR=str(data_dir), PREFECT_WORKER_QUERY_SECONDS="2"), cwd,
+                               cwd / "worker.log")
+                spare.append(current)
+            else:  # the worker saw its flow-run process die
+                assert _wait_state(server, run_id, {"CRASHED", "FAILED"}, 60) in {"CRASHED", "FAILED"}
+            rerun = _start_run(server, "campaign/on-demand", params)
+            wait_for(lambda: _handed_over(store, name) > at_kill, f"{round_}: the rerun to send", 90, 0.2)
+            resumed.append(time.monotonic() - t_kill)
+            assert _wait_state(server, rerun, {"COMPLETED", "FAILED", "CRASHED"}, RUN_TIMEOUT) == "COMPLETED", \
+                _tail(current.log, 80)
+    finally:
+        for p in spare:
+            p.stop(signal.SIGINT, grace=20)
+    TIMINGS["kill -9 -> rerun sending (flow-run process, worker+run)"] = max(resumed)
+    print(f"\nkill -9 -> rerun sending again, deployment (s): {[round(x, 1) for x in resumed]}", file=sys.stderr)
+    assert all(x < 60 for x in resumed), resumed
+    for name in names:
+        with sqlite3.connect(store) as db:
+            cid = db.execute("SELECT id FROM campaigns WHERE name = ?", (name,)).fetchone()[0]
+            states = dict(db.execute("SELECT state, COUNT(*) FROM outbox WHERE campaign_id = ? GROUP BY state", (cid,)))
+            planned = sum(states.values())
+        assert planned > 50 and states.get("queued", 0) == 0 and states.get("planned", 0) == 0, (name, states)
+        with sqlite3.connect(data_dir / "sandbox_gateway.sqlite") as sb:
+            got = sb.execute("SELECT COUNT(*) FROM messages WHERE reference LIKE ?", (f"c{cid}:%",)).fetchone()[0]
+            again = sb.execute("SELECT COUNT(*) FROM submit_calls WHERE reference LIKE ? AND outcome = 'duplicate'",
+                               (f"c{cid}:%",)).fetchone()[0]
+        assert got == planned - states.get("rejected", 0) and again == 0, (name, got, again, states)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -77,3 +77,57 @@ def test_a_holder_killed_with_sigkill_loses_the_lease_by_itself(any_store):
         assert time.monotonic() - t0 <= 3.5  # at most one ttl after the last renewal
     finally:
         p.kill()
+
+
+_PG_ADVISORY = """
+import sys, time
+from sqlalchemy import text
+from store.db import get_engine
+from tasks.journey import _LOCK_KEY
+with get_engine(sys.argv[1]).begin() as c:
+    c.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+_SQLITE_WRITER = """
+import sys, time
+from sqlalchemy import text
+from store.db import get_engine
+with get_engine(sys.argv[1]).begin() as c:  # BEGIN IMMEDIATE: the write lock
+    c.execute(text("UPDATE leases SET holder = holder"))
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_locks_of_a_process_killed_with_sigkill_are_free_at_once(any_store):
+    """The journey processor's PostgreSQL advisory lock and SQLite's write lock (every claim takes
+    it) belong to the connection: a killed holder's connection closes and the lock is free."""
+    from sqlalchemy import text
+
+    from store.db import get_engine, is_postgres
+    from tasks.journey import _LOCK_KEY
+
+    engine = get_engine(any_store)
+    with engine.connect() as c:
+        pg = is_postgres(c)
+    p = subprocess.Popen([sys.executable, "-c", _PG_ADVISORY if pg else _SQLITE_WRITER, any_store],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        if pg:
+            with engine.begin() as c:
+                assert c.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _LOCK_KEY}).scalar() is False
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+        t0 = time.monotonic()
+        with engine.begin() as c:
+            if pg:
+                c.execute(text("SET LOCAL lock_timeout = '5s'"))
+                c.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+            else:
+                c.execute(text("UPDATE leases SET holder = holder"))
+        assert time.monotonic() - t0 < 5
+    finally:
+        p.kill()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import os
 import socket
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 # A clock inside every default send window: Wednesday 25 Nov 2026, 12:00 in Moscow, not a holiday.
@@ -94,3 +95,56 @@ def service_unavailable(what: str, reason: str):
     if os.environ.get("CI"):
         pytest.fail(f"{what} is required under CI and could not start: {reason}")
     pytest.skip(f"{what} not available: {reason}")
+
+
+def descendants(pid: int) -> list[int]:
+    """Pids of every live descendant of pid (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    from pathlib import Path
+
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    for p in proc.iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            stat = (p / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(p.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@contextmanager
+def served_in_thread(app):
+    """An ASGI app on a free loopback port (uvicorn in a daemon thread); yields its base URL."""
+    import threading
+
+    import uvicorn
+
+    (port,) = free_ports(1)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    wait_for(lambda: server.started, "the service")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        th.join(10)

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers import descendants as _descendants
 from tests.helpers import free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -55,29 +56,6 @@ def _tail(path: Path, n: int = 60) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
     except OSError:
         return "<no log>"
-
-
-def _descendants(pid: int) -> list[int]:
-    """Pids of every live descendant of pid (Linux /proc; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return []
-    for p in proc.iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            stat = (p / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(p.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
 class Proc:

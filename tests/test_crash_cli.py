@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import text
 
 from store.db import get_engine
-from tests.helpers import contact, free_ports, wait_for, write_csv
+from tests.helpers import alive, contact, descendants, free_ports, wait_for, write_csv
 from tests.test_kannel import PASSWORD, kannel  # noqa: F401 - the module-scoped stack fixture
 
 N = 1200
@@ -40,29 +40,6 @@ def cli_env(tmp_path: Path, **extra: str) -> dict:
 
 def smsflow(*args: str) -> list[str]:
     return [sys.executable, "-m", "smsflow.cli", *args]
-
-
-def children(pid: int) -> list[int]:
-    """Every descendant of ``pid`` (from /proc)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                kids = [int(x) for x in (task / "children").read_text().split()]
-            except OSError:
-                kids = []
-            out += kids
-            todo += kids
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
 
 
 def outbox_states(store: str) -> dict[str, int]:
@@ -111,7 +88,7 @@ def kill_and_rerun(tmp_path: Path, env: dict, args: list[str], kills: int, seed:
                 assert time.monotonic() < deadline, "the command never got that far"
                 time.sleep(0.02)
         assert p.poll() is None, f"the command ended before the kill: {p.stderr.read()[-2000:]}"
-        family = children(p.pid)
+        family = descendants(p.pid)
         p.send_signal(signal.SIGKILL)
         p.wait(10)
         t_kill, at_kill = time.monotonic(), handed_over(store)
@@ -216,7 +193,7 @@ def test_sigterm_stops_serve_and_its_temporary_prefect_api(tmp_path):
                          stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: _healthy(port), "smsflow serve", 90, 0.5)
-        family = children(p.pid)
+        family = descendants(p.pid)
         assert family, "serve runs its temporary Prefect API as a child"
         p.send_signal(signal.SIGTERM)
         assert p.wait(20) in (0, 143)  # exits by itself, promptly
@@ -236,7 +213,7 @@ def test_signals_stop_a_running_campaign_with_its_children(tmp_path, sig):
     try:
         wait_for(lambda: handed_over(store) > 20 or p.poll() is not None, "the campaign to send", 120, 0.05)
         assert p.poll() is None, p.stderr.read()[-2000:]
-        family = children(p.pid)
+        family = descendants(p.pid)
         p.send_signal(sig)
         p.wait(30)
         assert p.returncode != 0  # interrupted, not finished

@@ -22,7 +22,7 @@ from sqlalchemy import text
 
 from store.db import bulk_insert, get_engine, utcnow
 from tasks.policy import always_open
-from tests.helpers import free_ports, wait_for
+from tests.helpers import served_in_thread, wait_for
 from tests.test_kannel import PASSWORD, kannel  # noqa: F401 - the module-scoped stack fixture
 
 N = 2000
@@ -34,22 +34,13 @@ def service(tmp_path, monkeypatch):
     """The callback service (uvicorn, in this process) writing receipts into the test store. The
     gateways here are unsaved Blocks (named 'kannelgateway'): their callback secret comes from the
     environment, which the sender subprocesses inherit."""
-    import uvicorn
-
     from service.app import create_app
 
     monkeypatch.setenv("SMSFLOW_CALLBACK_SECRET_KANNELGATEWAY", "dg-secret")
 
     url = f"sqlite:///{tmp_path / 'store.sqlite'}"
-    (port,) = free_ports(1)
-    server = uvicorn.Server(uvicorn.Config(create_app(url, emit_events=False), host="127.0.0.1", port=port,
-                                           log_level="warning", access_log=False))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    wait_for(lambda: server.started, "callback service")
-    yield url, f"http://127.0.0.1:{port}/callbacks/kannel/dlr"
-    server.should_exit = True
-    th.join(10)
+    with served_in_thread(create_app(url, emit_events=False)) as base:
+        yield url, f"{base}/callbacks/kannel/dlr"
 
 
 def _campaign(url: str, name: str = "crash", n: int = N, phone=lambda i: f"+7916{i:05d}12",

@@ -37,7 +37,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -255,10 +254,10 @@ def test_scheduled_deployments_run_with_their_defaults(server, deployed, data_di
 
 def _flow_run_pids(worker_pid: int, run_id: str) -> list[int]:
     """The processes running flow run ``run_id`` under the worker (their environment names it)."""
-    from tests.prefect_stack import _descendants
+    from tests.helpers import descendants
 
     out = []
-    for pid in _descendants(worker_pid):
+    for pid in descendants(worker_pid):
         try:
             env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
         except OSError:
@@ -298,7 +297,7 @@ def test_kill_9_of_a_deployment_run_and_of_the_worker_then_rerun(server, deploye
     """A campaign run by a worker is killed with SIGKILL while it sends (first its flow-run process,
     then, in a second round, the worker together with it); a new run of the same deployment (a
     retry from the UI) sends again within 60 s and the provider gets every message exactly once."""
-    from tests.helpers import wait_for
+    from tests.helpers import alive, wait_for
 
     store = data_dir / "smsflow.sqlite"
     resumed = []
@@ -321,8 +320,7 @@ def test_kill_9_of_a_deployment_run_and_of_the_worker_then_rerun(server, deploye
             for pid in victims:
                 os.kill(pid, signal.SIGKILL)
             t_kill, at_kill = time.monotonic(), _handed_over(store, name)
-            wait_for(lambda: not any(Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text()
-                                     .split(") ")[1][:1] for p in victims), "the killed processes to go", 15)
+            wait_for(lambda: not any(alive(p) for p in victims), "the killed processes to go", 15)
             if round_.startswith("worker"):
                 cwd = tmp_path_factory.mktemp("worker2-cwd")
                 current = Proc("worker2", [*PREFECT, "worker", "start", "--pool", POOL],

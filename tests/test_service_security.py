@@ -4,7 +4,6 @@ without the phone number, and nothing a caller sends produces a 5xx."""
 from __future__ import annotations
 
 import logging
-import threading
 
 import httpx
 import pytest
@@ -14,7 +13,7 @@ from sqlalchemy import text
 
 from blocks.kannel import KannelGateway
 from store.db import bulk_insert, get_engine, utcnow
-from tests.helpers import free_ports, wait_for
+from tests.helpers import served_in_thread
 
 PHONE = "+79161234567"
 SECRET = "k-3f9a"
@@ -23,8 +22,6 @@ SECRET = "k-3f9a"
 @pytest.fixture
 def served(any_store, monkeypatch):
     """``create_app`` on a real port (uvicorn in a thread), one contact and one submitted message."""
-    import uvicorn
-
     from service.app import create_app
 
     monkeypatch.setenv("SMSFLOW_CALLBACK_SECRET_KANNEL_MAIN", SECRET)
@@ -38,15 +35,8 @@ def served(any_store, monkeypatch):
                        "segments, cost, state, attempts, planned_at, updated_at, gateway_message_id, submitted_at) "
                        "SELECT 'ref-1', (SELECT MAX(id) FROM campaigns), (SELECT MAX(id) FROM contacts), 'main', :p, 'x', 'GSM-7', "
                        "1, 0, 'submitted', 1, :t, :t, 'ref-1', :t"), {"p": PHONE, "t": utcnow()})
-    (port,) = free_ports(1)
-    server = uvicorn.Server(uvicorn.Config(create_app(any_store, emit_events=False), host="127.0.0.1", port=port,
-                                           log_level="warning", access_log=False))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    wait_for(lambda: server.started, "callback service")
-    yield f"http://127.0.0.1:{port}", engine
-    server.should_exit = True
-    th.join(10)
+    with served_in_thread(create_app(any_store, emit_events=False)) as base:
+        yield base, engine
 
 
 def _opted_out(engine) -> bool:

@@ -68,8 +68,11 @@ def _raise_exit(signum, _frame) -> None:
 
 
 def exit_on_signals() -> None:
-    """SIGTERM raises SystemExit(143) in the main thread (SIGINT already raises KeyboardInterrupt)."""
+    """SIGTERM raises SystemExit(143) in the main thread, SIGINT KeyboardInterrupt, also when the
+    command was started with SIGINT ignored (a background job of a non-interactive shell inherits
+    that, and Python then never installs its Ctrl-C handler)."""
     signal.signal(signal.SIGTERM, _raise_exit)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _free_port() -> int:

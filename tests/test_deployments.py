@@ -292,6 +292,29 @@ def _wait_state(server, run_id: str, states: set[str], timeout: float) -> str:
         time.sleep(1)
 
 
+def test_cancelling_a_running_campaign_stops_its_process_and_releases_its_claims(server, deployed, data_dir, worker):
+    """Cancel from the UI: the worker stops the flow-run process with SIGTERM; the process is gone,
+    and the messages it had claimed but not submitted are back to 'planned' (not left to a lease)."""
+    from tests.helpers import alive, wait_for
+
+    store = data_dir / "smsflow.sqlite"
+    name = "cancel-me"
+    params = dict(deployed["campaign/on-demand"]["parameters"]["params"], now=POLICY_NOW, name=name, rate=3,
+                  wait_for_receipts_s=0, policy={"marketing_window": {"start": "00:00", "end": "23:59",
+                                                                        "skip_holidays": False}})
+    run_id = _start_run(server, "campaign/on-demand", params)
+    wait_for(lambda: _handed_over(store, name) >= 5, "the run to send", RUN_TIMEOUT, 0.1)
+    pids = _flow_run_pids(worker.popen.pid, run_id)
+    assert pids
+    server.post(f"/flow_runs/{run_id}/set_state", {"state": {"type": "CANCELLING"}, "force": True})
+    assert _wait_state(server, run_id, {"CANCELLED", "CRASHED", "FAILED"}, 90) == "CANCELLED", _tail(worker.log, 60)
+    wait_for(lambda: not any(alive(p) for p in pids), "the flow-run process to exit", 30)
+    with sqlite3.connect(store) as db:
+        states = dict(db.execute("SELECT o.state, COUNT(*) FROM outbox o JOIN campaigns c ON c.id = o.campaign_id "
+                                 "WHERE c.name = ? GROUP BY o.state", (name,)))
+    assert states.get("queued", 0) == 0 and states.get("planned", 0) > 0, states
+
+
 def test_kill_9_of_a_deployment_run_and_of_the_worker_then_rerun(server, deployed, data_dir, worker,
                                                                   tmp_path_factory):
     """A campaign run by a worker is killed with SIGKILL while it sends (first its flow-run process,

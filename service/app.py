@@ -124,9 +124,7 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
         """One line per call: method, path (never the query: it may hold a phone number or a key),
         status and client. A failure of ours (the store is down) is a 503 the caller may retry."""
         try:
-            response = await call_next(request)
-        except BadInput as exc:
-            response = JSONResponse({"error": str(exc)}, status_code=exc.status)
+            response = await call_next(request)  # BadInput is answered by its exception handler below
         except Exception as exc:  # noqa: BLE001
             log.error("%s %s failed: %s", request.method, request.url.path, type(exc).__name__)
             response = JSONResponse({"error": "temporarily unavailable"}, status_code=503, headers={"Retry-After": "5"})

@@ -38,6 +38,10 @@ log = logging.getLogger("smsflow.send")
 CLAIM_LEASE_S = 60.0
 CLAIM_SECONDS = 5.0
 GATEWAY_LEASE_S = 30.0
+# a claim's sender is alive while it holds a store lease named after its claimer (send_task holds the
+# gateway lease, holder "host:pid:<claimer>", for as long as it has claims); ``row``: the outbox alias
+_LIVE_CLAIMER = ("EXISTS (SELECT 1 FROM leases l WHERE l.holder LIKE '%:' || {row}.claimed_by "
+                 "AND l.expires_at >= :now)")
 
 
 class TokenBucket:
@@ -134,8 +138,8 @@ def next_takeover(engine, campaign_id: int, gateway: SmsGateway) -> tuple[dateti
     now = utcnow()
     with engine.begin() as conn:
         rows = conn.execute(text(
-            "SELECT claim_expires_at, queued_at, EXISTS (SELECT 1 FROM leases l WHERE l.holder LIKE '%:' || o.claimed_by "
-            "AND l.expires_at >= :now) FROM outbox o WHERE o.campaign_id = :c AND o.state = 'queued'"),
+            f"SELECT claim_expires_at, queued_at, {_LIVE_CLAIMER.format(row='o')} FROM outbox o "
+            "WHERE o.campaign_id = :c AND o.state = 'queued'"),
             {"c": campaign_id, "now": now}).fetchall()
     if not rows:
         return None, 0
@@ -180,8 +184,7 @@ def recover_in_flight(engine, campaign_id: int, gateway: SmsGateway, run_id: str
     now = utcnow()
     # with ``claimers_hold_leases`` (senders run by send_task hold a store lease named after their claimer
     # while they have claims), a claim whose claimer holds no live lease is a dead sender's: at once
-    dead = ("OR NOT EXISTS (SELECT 1 FROM leases l WHERE l.holder LIKE '%:' || outbox.claimed_by "
-            "AND l.expires_at >= :now)" if claimers_hold_leases else "")
+    dead = f"OR NOT {_LIVE_CLAIMER.format(row='outbox')}" if claimers_hold_leases else ""
     query = ("SELECT id, idempotency_key, queued_at FROM outbox WHERE campaign_id = :c AND state = 'queued' "
              f"AND (claim_expires_at < :now OR claimed_by = :run {dead})")
     params = {"c": campaign_id, "now": now, "run": run_id or ""}

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 
 import pytest
@@ -15,6 +16,15 @@ import pytest
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+if os.environ.get("TEST_CLOCK_SHIFT_DAYS"):
+    # Children (Prefect server, worker, CLI commands, the service) often run in another directory;
+    # a relative PYTHONPATH would leave them on the real clock, and a Prefect server a year behind
+    # its clients never hands out their runs. Make every entry absolute for the whole run.
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
+    if "time_machine" not in sys.modules:  # loaded by tests/clockshift/sitecustomize.py
+        raise RuntimeError("TEST_CLOCK_SHIFT_DAYS is set but the clock is not moved: PYTHONPATH must hold tests/clockshift")
 
 PG_ADMIN = os.environ.get("SMSFLOW_TEST_PG", "host=127.0.0.1 port=5432 dbname=postgres user=postgres")
 

@@ -2,7 +2,7 @@
 servers, workers), by TEST_CLOCK_SHIFT_DAYS, with time-machine (wall clock only: time.time,
 datetime.now; monotonic clocks and timed waits stay real). Proves the suite passes on any date:
 
-    TEST_CLOCK_SHIFT_DAYS=365 PYTHONPATH=tests/clockshift bash scripts/test.sh
+    TEST_CLOCK_SHIFT_DAYS=365 PYTHONPATH=$PWD/tests/clockshift bash scripts/test.sh
 
 (libfaketime was tried first: it fakes CLOCK_MONOTONIC too, and Python's timed lock waits then hang.)
 """

@@ -2,7 +2,7 @@
 
 One abstract interface, ``CrmSource``: it yields batches (DataFrames) of CRM rows whose
 columns are already renamed to our schema (``CONTACT_COLUMNS``), newer than a watermark.
-``SqlCrm`` reads any SQLAlchemy URL with a configurable query; ``CsvCrm`` reads a CSV or
+``SqlCrm`` reads any SQLAlchemy URL with a configurable query; ``CsvCrm`` reads a CSV, XLSX or
 Parquet export. REST CRMs (amoCRM, Bitrix24, HubSpot) implement the same interface.
 """
 from __future__ import annotations
@@ -10,10 +10,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
+
+from smsflow.exports import (EXCEL_SUFFIXES, PARQUET_SUFFIXES, ExportError, ExportFormat, delimiter_option,
+                             encoding_option, read_export, sniff)
 
 CONTACT_COLUMNS = (
     "id",
@@ -27,6 +31,19 @@ CONTACT_COLUMNS = (
     "consent_at",
     "updated_at",
 )
+
+
+def _log():
+    """The run's logger inside a flow or task run, else this module's."""
+    import logging
+
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("smsflow.crm")
 
 
 class CrmSourceError(RuntimeError):
@@ -147,22 +164,34 @@ def _records_frame(rows: list[tuple], cols: list[str]) -> pd.DataFrame:
 
 
 class CsvCrm(CrmSource):
-    """A CSV (or Parquet) export of a CRM; every value is read as text, nothing is coerced."""
+    """A CRM export: CSV (any usual encoding and delimiter, detected when not given), XLSX or
+    Parquet; every value is read as text, nothing is coerced."""
 
     _block_type_name = "CSV CRM"
 
-    path: str = Field(description="Path of the CSV or Parquet file.")
-    delimiter: str = Field(default=",")
-    encoding: str = Field(default="utf-8-sig")
+    path: str = Field(description="Path of the CSV, XLSX or Parquet file.")
+    delimiter: Optional[str] = Field(default=None, description="CSV delimiter (',', ';', tab); empty: detect.")
+    encoding: Optional[str] = Field(default=None, description="CSV encoding (utf-8, cp1251, utf-16); empty: detect.")
+    sheet: Optional[str] = Field(default=None, description="XLSX sheet name; empty: the first sheet.")
+
+    def export_format(self) -> ExportFormat:
+        """What the file is, as given or detected (raises CrmSourceError)."""
+        try:
+            return sniff(self.path, encoding=encoding_option(self.encoding), delimiter=delimiter_option(self.delimiter),
+                         sheet=self.sheet or None)
+        except ExportError as exc:
+            raise CrmSourceError(f"CSV CRM '{self.source_name}': {exc}") from None
 
     def estimate_rows(self, since: str | None = None) -> int | None:
         """Lines in the file (Parquet: rows in its metadata); ``since`` is ignored (an upper bound)."""
         p = Path(self.path)
         try:
-            if p.suffix.lower() in (".parquet", ".pq"):
+            if p.suffix.lower() in PARQUET_SUFFIXES:
                 import pyarrow.parquet as pq
 
                 return int(pq.ParquetFile(p).metadata.num_rows)
+            if p.suffix.lower() in EXCEL_SUFFIXES:
+                return None
             with open(p, "rb") as f:
                 return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
         except Exception:  # noqa: BLE001 - only a hint
@@ -173,17 +202,13 @@ class CsvCrm(CrmSource):
         p = Path(self.path)
         if not p.is_file():
             raise CrmSourceError(f"CSV CRM '{self.source_name}': file not found: {p}")
+        fmt = self.export_format()
+        if nrows is None:
+            _log().info("reading %s: %s", p.name, fmt.describe())
         try:
-            if p.suffix.lower() in (".parquet", ".pq"):
-                df = pd.read_parquet(p)
-                df = (df.head(nrows) if nrows else df).astype(object)
-                df = df.where(df.notna(), None)
-            else:
-                df = pd.read_csv(p, dtype=str, keep_default_na=False, sep=self.delimiter, encoding=self.encoding,
-                                 nrows=nrows)
-                df = df.astype(object)
-        except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-            raise CrmSourceError(f"CSV CRM '{self.source_name}': cannot read {p.name}: {exc}") from exc
+            df = read_export(p, fmt, nrows=nrows)
+        except ExportError as exc:
+            raise CrmSourceError(f"CSV CRM '{self.source_name}': {exc}") from None
         return self._rename(df)
 
     def fetch(self, since: str | None = None, batch_size: int = 50_000) -> Iterator[pd.DataFrame]:

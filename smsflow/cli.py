@@ -50,25 +50,54 @@ def sms_info_cmd(text: str = typer.Argument(..., help="Message text")) -> None:
     typer.echo(json.dumps(sms_info(text).to_dict(), ensure_ascii=False))
 
 
+ENCODING_HELP = "Encoding of a CSV export (utf-8, cp1251, utf-16, ...); default: detected"
+DELIMITER_HELP = "Delimiter of a CSV export (',', ';', tab); default: detected"
+SHEET_HELP = "Sheet of an XLSX export; default: the first"
+
+
+def _export_format(path: Path, encoding: Optional[str], delimiter: Optional[str], sheet: Optional[str]):
+    """The export's format from the options and detection, echoed to stderr (one error line if unreadable)."""
+    from smsflow.exports import ExportError, delimiter_option, encoding_option, sniff
+
+    try:
+        fmt = sniff(path, encoding=encoding_option(encoding), delimiter=delimiter_option(delimiter), sheet=sheet)
+    except ExportError as exc:
+        _fail(str(exc))
+    typer.echo(f"reading {path.name}: {fmt.describe()}", err=True)
+    return fmt
+
+
 @app.command("validate")
 def validate_cmd(
-    in_path: Path = typer.Argument(..., help="Input CSV"),
-    out: Path = typer.Option(..., "--out", help="Output CSV"),
+    in_path: Path = typer.Argument(..., help="Input export: CSV (any usual encoding/delimiter) or XLSX"),
+    out: Path = typer.Option(..., "--out", help="Output CSV (UTF-8, comma-separated)"),
     default_region: str = typer.Option("RU", "--default-region"),
     phone_column: str = typer.Option("phone", "--phone-column"),
+    encoding: Optional[str] = typer.Option(None, "--encoding", help=ENCODING_HELP),
+    delimiter: Optional[str] = typer.Option(None, "--delimiter", help=DELIMITER_HELP),
+    sheet: Optional[str] = typer.Option(None, "--sheet", help=SHEET_HELP),
 ) -> None:
     """Normalize phones to E.164 and mark bad rows and duplicates; every input row is kept in order."""
     from tasks.validate import ValidationInputError, validate_csv
 
+    if not in_path.exists():
+        _fail(f"input file not found: {in_path}")
+    fmt = _export_format(in_path, encoding, delimiter, sheet)
     try:
-        counts = validate_csv(in_path, out, default_region=default_region, phone_column=phone_column)
+        counts = validate_csv(in_path, out, default_region=default_region, phone_column=phone_column, fmt=fmt)
     except (ValidationInputError, FileNotFoundError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(counts, ensure_ascii=False), err=True)
 
 
 def _slug(text: str) -> str:
+    """For Block names (Prefect allows lowercase ASCII letters, digits and dashes)."""
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:40] or "x"
+
+
+def _name_part(text: str) -> str:
+    """For campaign names: letters of any script kept (``выгрузка-promo``)."""
+    return re.sub(r"[\W_]+", "-", text.lower()).strip("-")[:40] or "x"
 
 
 def _quiet_prefect_to_stderr() -> None:
@@ -90,7 +119,8 @@ def _save_gateway_if_missing(name: str) -> None:
 
 @app.command("campaign")
 def campaign_cmd(
-    source_csv: Path = typer.Option(..., "--source-csv", help="CRM export (CSV) with id, phone, ... columns"),
+    source_csv: Path = typer.Option(..., "--source-csv", "--source",
+                                    help="CRM export (CSV in any usual encoding/delimiter, XLSX or Parquet) with id, phone, ... columns"),
     template: Path = typer.Option(..., "--template", help="Jinja2 template file or YAML template with language variants"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan and price into the outbox, send nothing"),
     name: Optional[str] = typer.Option(None, "--name", help="Campaign name (rerun the same name to resume)"),
@@ -103,10 +133,16 @@ def campaign_cmd(
     plan_out: Optional[Path] = typer.Option(None, "--plan-out", help="With --dry-run: the send plan as CSV"),
     policy_file: Optional[Path] = typer.Option(None, "--policy", help="YAML contact policy (windows, caps, consent)"),
     ends_at: Optional[str] = typer.Option(None, "--ends-at", help="ISO-8601: messages not sent by then expire"),
+    encoding: Optional[str] = typer.Option(None, "--encoding", help=ENCODING_HELP),
+    delimiter: Optional[str] = typer.Option(None, "--delimiter", help=DELIMITER_HELP),
+    sheet: Optional[str] = typer.Option(None, "--sheet", help=SHEET_HELP),
+    phone_column: Optional[str] = typer.Option(None, "--phone-column", help="The export's phone column (default: phone)"),
+    columns: list[str] = typer.Option([], "--column", metavar="OURS=THEIRS",
+                                      help="Map one of our columns to the export's, e.g. --column id=ID (repeatable)"),
 ) -> None:
-    """Run the campaign flow on a CSV export; prints one JSON object (the accounting) last."""
+    """Run the campaign flow on a CRM export; prints one JSON object (the accounting) last."""
     if not source_csv.is_file():
-        _fail(f"source CSV not found: {source_csv}")
+        _fail(f"source export not found: {source_csv}")
     if not template.is_file():
         _fail(f"template not found: {template}")
     _quiet_prefect_to_stderr()
@@ -128,43 +164,106 @@ def campaign_cmd(
         load_template(template)
     except TemplateError as exc:
         _fail(f"template {template}: {exc}")
-    _check_export(source_csv)
+    column_map = _column_map(columns, phone_column)
+    fmt = _export_format(source_csv, encoding, delimiter, sheet)
+    source = _export_source(source_csv, fmt, column_map)
+    _check_export(source)
+    name = name or f"{_name_part(source_csv.stem)}-{_name_part(template.stem)}"
+    typer.echo(f"campaign: {name} (rerun with --name {name} to resume it)", err=True)
     with _prefect_session():
-        _campaign(source_csv, template, name, gateway_block, segment, segments_file, rate, dry_run, wait, policy, end,
+        _campaign(source, template, name, gateway_block, segment, segments_file, rate, dry_run, wait, policy, end,
                   clock, plan_out)
 
 
-def _check_export(path: Path) -> None:
+def _column_map(columns: list[str], phone_column: Optional[str]) -> dict[str, str]:
+    from blocks.crm import CONTACT_COLUMNS
+
+    out: dict[str, str] = {}
+    for item in columns:
+        ours, sep, theirs = item.partition("=")
+        if not sep or not ours.strip() or not theirs.strip():
+            _fail(f"--column {item!r}: use OURS=THEIRS, e.g. --column phone=Телефон")
+        if ours.strip() not in CONTACT_COLUMNS:
+            _fail(f"--column {item!r}: {ours.strip()!r} is not one of our columns: {', '.join(CONTACT_COLUMNS)}")
+        out[ours.strip()] = theirs.strip()
+    if phone_column:
+        out["phone"] = phone_column
+    return out
+
+
+def _export_source(path: Path, fmt, column_map: dict[str, str]):
+    """The CsvCrm source of a CLI export; its name (the contacts' source key) is stable per file path."""
+    from blocks.crm import CsvCrm
+
+    path = path.resolve()
+    name = f"csv-{_slug(path.stem)}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    return CsvCrm(path=str(path), source_name=name, column_map=column_map, encoding=fmt.encoding,
+                  delimiter=fmt.delimiter, sheet=fmt.sheet)
+
+
+def _check_export(source) -> None:
     """Bad input fails here, at once and in one line, before any Prefect run starts (a run would
     only fail later with the same error)."""
-    from blocks.crm import CrmSourceError, CsvCrm
+    from blocks.crm import CrmSourceError
+    from smsflow.exports import missing_columns_hint
     from tasks.extract import REQUIRED_COLUMNS
 
     try:
-        head = CsvCrm(path=str(path.resolve()), source_name=path.stem).read_all(nrows=5)
+        head = source.read_all(nrows=5)
     except CrmSourceError as exc:
         _fail(str(exc))
     missing = [c for c in REQUIRED_COLUMNS if c not in head.columns]
     if missing:
-        cols = list(head.columns)
-        hint = ""
-        if len(cols) == 1 and any(d in cols[0] for d in ";\t|"):
-            hint = " (the file looks separated by something other than ',': it was read as one column)"
-        _fail(f"{path}: required column(s) {', '.join(missing)} not found; columns: {', '.join(map(str, cols))}{hint}")
+        cols = [str(c) for c in head.columns]
+        theirs = [source.column_map.get(c, c) for c in missing]
+        hint = missing_columns_hint(cols) or (
+            " (map a column named differently with --phone-column or --column OURS=THEIRS)")
+        _fail(f"{source.path}: required column(s) {', '.join(theirs)} not found; columns: {', '.join(cols)}{hint}")
 
 
-def _campaign(source_csv, template, name, gateway_block, segment, segments_file, rate, dry_run, wait, policy, end, clock,
+def _campaign(source, template, name, gateway_block, segment, segments_file, rate, dry_run, wait, policy, end, clock,
               plan_out) -> None:
-    from blocks.crm import CsvCrm
-    from flows.campaign import CampaignParams, campaign
     from tasks.policy import preview_plan, write_plan_csv
 
-    path = source_csv.resolve()
-    block_name = f"csv-{_slug(path.stem)}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
-    CsvCrm(path=str(path), source_name=block_name).save(block_name, overwrite=True)
-    _save_gateway_if_missing(gateway_block)
+    # One Block per CLI run, removed afterwards (the UI keeps no csv-* Blocks); the name, the
+    # contacts' source key, is the same on every run over the same file.
+    block_name = source.source_name
+    source.save(block_name, overwrite=True)
+    try:
+        _save_gateway_if_missing(gateway_block)
+        result = _run_campaign(source, block_name, template, name, gateway_block, segment, segments_file, rate, dry_run,
+                               wait, policy, end, clock)
+    finally:
+        _delete_block("csv-crm", block_name)
+    if result.get("report"):
+        typer.echo(f"report: {result['report']}", err=True)
+    if plan_out:
+        from datetime import datetime, timezone
+
+        from store.db import get_engine
+
+        rows = preview_plan(get_engine(), result["campaign_id"], clock or datetime.now(timezone.utc))
+        write_plan_csv(rows, plan_out)
+        typer.echo(f"plan: {len(rows)} rows -> {plan_out}", err=True)
+    typer.echo(json.dumps(result["summary"], ensure_ascii=False))
+
+
+def _delete_block(block_type: str, name: str) -> None:
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.delete_block_document(client.read_block_document_by_name(name, block_type).id)
+    except Exception:  # noqa: BLE001 - cleanup only; the Block is overwritten by the next run anyway
+        pass
+
+
+def _run_campaign(source, block_name, template, name, gateway_block, segment, segments_file, rate, dry_run, wait, policy,
+                  end, clock) -> dict:
+    from flows.campaign import CampaignParams, campaign
+
     params = CampaignParams(
-        name=name or f"{_slug(path.stem)}-{_slug(template.stem)}",
+        name=name,
         source_block=block_name,
         template=str(template.resolve()),
         segment=segment,
@@ -178,20 +277,10 @@ def _campaign(source_csv, template, name, gateway_block, segment, segments_file,
         now=clock,
     )
     try:
-        result = campaign(params)
+        return campaign(params)
     except Exception as exc:  # noqa: BLE001 - one clear line, the traceback is in the Prefect logs
         _fail(f"campaign failed: {type(exc).__name__}: {exc}", 1)
-    if result.get("report"):
-        typer.echo(f"report: {result['report']}", err=True)
-    if plan_out:
-        from datetime import datetime, timezone
-
-        from store.db import get_engine
-
-        rows = preview_plan(get_engine(), result["campaign_id"], clock or datetime.now(timezone.utc))
-        write_plan_csv(rows, plan_out)
-        typer.echo(f"plan: {len(rows)} rows -> {plan_out}", err=True)
-    typer.echo(json.dumps(result["summary"], ensure_ascii=False))
+        raise
 
 
 def _parse_time(value: Optional[str], option: str):

@@ -27,7 +27,6 @@ per distinct (cleaned) string.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import re
@@ -41,6 +40,8 @@ import numpy as np
 import pandas as pd
 import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumberFormat, PhoneNumberType
+
+from smsflow.exports import ExportError, ExportFormat, missing_columns_hint, read_export, read_header, sniff
 
 __all__ = [
     "PHONE_STATUSES",
@@ -1012,6 +1013,8 @@ def _import_gx():
     gx_logger = logging.getLogger("great_expectations")
     if gx_logger.level == logging.NOTSET:  # don't override an explicit logging config
         gx_logger.setLevel(logging.WARNING)
+    # this one sets itself to INFO and announces a temporary docs directory on every context
+    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
     return gx
 
 
@@ -1024,32 +1027,17 @@ class ValidationInputError(ValueError):
     """Bad input for validate_csv; the message is meant to be shown to the user as is."""
 
 
-def _read_header(path: Path, shown: str) -> list[str]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            header = next(csv.reader(fh), None)
-    except FileNotFoundError:
-        raise ValidationInputError(f"input file not found: {shown}") from None
-    except IsADirectoryError:
-        raise ValidationInputError(f"input path is a directory, not a CSV file: {shown}") from None
-    except UnicodeDecodeError as exc:
-        raise ValidationInputError(f"{shown} is not UTF-8 encoded ({exc.reason} at byte {exc.start})") from None
-    except csv.Error as exc:
-        raise ValidationInputError(f"could not read CSV header of {shown}: {exc}") from None
-    if not header:
-        raise ValidationInputError(f"{shown} is empty (no header row)")
-    return header
-
-
 def validate_csv(
     in_path: str | os.PathLike,
     out_path: str | os.PathLike,
     default_region: str = "RU",
     phone_column: str = "phone",
+    fmt: ExportFormat | None = None,
 ) -> dict[str, int]:
-    """Validate and deduplicate the phone numbers of a CRM CSV export.
+    """Validate and deduplicate the phone numbers of a CRM export.
 
-    Reads ``in_path`` (UTF-8, optional BOM) with every column as text and
+    Reads ``in_path`` (CSV in any usual encoding and delimiter, detected unless ``fmt`` says, or
+    XLSX; see ``smsflow.exports``) with every column as text and
     writes ``out_path`` with every input row in order and every input column
     unchanged, plus ``phone_e164``, ``phone_status`` (``ok``, ``invalid``,
     ``not_mobile``, ``duplicate``, ``missing``), ``reason`` and
@@ -1066,25 +1054,23 @@ def validate_csv(
     """
     src = Path(in_path)
     shown = str(in_path)
-    header = _read_header(src, shown)
+    try:
+        fmt = fmt or sniff(src)
+        header = read_header(src, fmt)
+    except ExportError as exc:
+        raise ValidationInputError(str(exc)) from None
     if phone_column not in header:
-        raise ValidationInputError(f"column '{phone_column}' not found in {shown}; columns: {', '.join(header)}")
+        raise ValidationInputError(f"column '{phone_column}' not found in {shown}; columns: {', '.join(header)}"
+                                   f"{missing_columns_hint(header)}")
     clash = [c for c in CSV_OUTPUT_COLUMNS if c in header]
     if clash and len(clash) != len(CSV_OUTPUT_COLUMNS):
         raise ValidationInputError(
             f"{shown} already has column(s) {', '.join(clash)} which validate would overwrite; rename them first"
         )
     try:
-        df = pd.read_csv(
-            src,
-            dtype=str,
-            keep_default_na=False,
-            na_filter=False,
-            encoding="utf-8-sig",
-            index_col=False,
-        )
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
-        raise ValidationInputError(f"could not read {shown}: {exc}") from None
+        df = read_export(src, fmt)
+    except ExportError as exc:
+        raise ValidationInputError(str(exc)) from None
     if df.shape[1] != len(header):  # pragma: no cover - csv and pandas disagree on the header
         raise ValidationInputError(f"could not read {shown}: header has {len(header)} fields, parsed {df.shape[1]}")
     df.columns = pd.RangeIndex(len(header))  # positional; restores duplicate header names on write

@@ -62,3 +62,35 @@ def test_validate_errors_are_clear_and_nonzero(tmp_path):
     assert res.returncode != 0 and "phone" in res.stderr and "tel" in res.stderr
     res = run("validate", str(src), "--out", str(tmp_path / "o.csv"), "--phone-column", "tel")
     assert res.returncode == 0, res.stderr
+
+
+def test_validate_reads_russian_excel_exports(tmp_path):
+    """cp1251 + ';' detected and said on stderr; options override; XLSX read; output is UTF-8 ','."""
+    src = tmp_path / "crm.csv"
+    src.write_bytes("id;Имя;Телефон\n1;Иван;8 (916) 123-45-67\n2;Анна;+7 916 123-45-67\n".encode("cp1251"))
+    out = tmp_path / "out.csv"
+    res = run("validate", str(src), "--out", str(out), "--phone-column", "Телефон")
+    assert res.returncode == 0, res.stderr
+    assert "reading crm.csv: CSV, encoding cp1251 (detected), delimiter ';' (detected)" in res.stderr
+    with open(out, encoding="utf-8") as f:
+        got = list(csv.DictReader(f))
+    assert [(r["Имя"], r["phone_e164"], r["phone_status"]) for r in got] == [
+        ("Иван", "+79161234567", "ok"), ("Анна", "+79161234567", "duplicate")]
+    res = run("validate", str(src), "--out", str(out), "--phone-column", "Телефон", "--delimiter", ",")
+    assert res.returncode == 2 and "--delimiter ';'" in res.stderr and res.stderr.count("\n") <= 2, res.stderr
+    res = run("validate", str(src), "--out", str(out), "--phone-column", "Телефон", "--encoding", "utf-8")
+    assert res.returncode == 2 and "not valid utf-8" in res.stderr and "Traceback" not in res.stderr
+    res = run("validate", str(src), "--out", str(out), "--phone-column", "Телефон", "--encoding", "cp1251",
+              "--delimiter", "semicolon")
+    assert res.returncode == 0 and "encoding cp1251, delimiter ';'" in res.stderr
+
+    from openpyxl import Workbook
+
+    wb = Workbook()
+    wb.active.append(["id", "phone"])
+    wb.active.append([1, 79161234567])
+    wb.save(tmp_path / "crm.xlsx")
+    res = run("validate", str(tmp_path / "crm.xlsx"), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    with open(out, encoding="utf-8") as f:
+        assert [r["phone_e164"] for r in csv.DictReader(f)] == ["+79161234567"]

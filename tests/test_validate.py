@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from smsflow.exports import ExportFormat
 from tasks import validate as v
 from tasks.validate import (
     ExtractCheckResult,
@@ -534,8 +535,8 @@ def test_validate_csv_file_errors(tmp_path):
         validate_csv(empty, tmp_path / "out.csv")
     latin = tmp_path / "latin.csv"
     latin.write_bytes("phone,name\n1,Jos\xe9\n".encode("latin-1"))
-    with pytest.raises(ValidationInputError, match="not UTF-8"):
-        validate_csv(latin, tmp_path / "out.csv")
+    with pytest.raises(ValidationInputError, match="not valid utf-8.*--encoding"):
+        validate_csv(latin, tmp_path / "out.csv", fmt=ExportFormat("csv", encoding="utf-8", delimiter=","))
     clash = tmp_path / "clash.csv"
     clash.write_text("phone,reason\n1,x\n", encoding="utf-8")
     with pytest.raises(ValidationInputError, match="reason"):

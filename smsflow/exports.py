@@ -1,0 +1,221 @@
+"""Reading CRM exports as data teams have them, every value as text.
+
+CSV in UTF-8 (with or without BOM), UTF-16 (Excel's "Unicode text") or a single-byte code page
+(cp1251 from Russian Excel and 1C), separated by ``,``, ``;``, tab or ``|``; XLSX (openpyxl);
+Parquet. What is not given is detected: the encoding by the byte-order mark, strict UTF-8, then
+charset-normalizer; the delimiter by ``csv.Sniffer``, checked against the first lines (the
+sniffer alone is fooled by commas inside phone numbers and addresses). ``ExportFormat.describe()``
+says what was read and what was detected, for the run's log.
+"""
+from __future__ import annotations
+
+import codecs
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+SAMPLE_BYTES = 1 << 20
+DELIMITERS = ",;\t|"
+EXCEL_SUFFIXES = (".xlsx", ".xlsm")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+# charset-normalizer's names, in order of preference when a sample fits several
+CODE_PAGES = ("utf_16", "utf_32", "cp1251", "koi8_r", "cp1252", "cp866", "koi8_u", "mac_cyrillic", "iso8859_5",
+              "cp1250", "iso8859_15", "latin_1", "iso8859_2", "cp1253", "cp1254", "cp1257")
+_DELIMITER_NAMES = {",": "','", ";": "';'", "\t": "tab", "|": "'|'"}
+
+
+class ExportError(ValueError):
+    """An export that cannot be read; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    kind: str  # csv | xlsx | parquet
+    encoding: str | None = None
+    delimiter: str | None = None
+    sheet: str | None = None
+    detected: tuple[str, ...] = field(default=())  # which of encoding / delimiter were detected
+
+    def describe(self) -> str:
+        if self.kind == "xlsx":
+            return f"XLSX, sheet {self.sheet!r}" if self.sheet else "XLSX, first sheet"
+        if self.kind == "parquet":
+            return "Parquet"
+        enc = f"encoding {shown_encoding(self.encoding)}" + (" (detected)" if "encoding" in self.detected else "")
+        dlm = f"delimiter {_DELIMITER_NAMES.get(self.delimiter or ',', repr(self.delimiter))}" + (
+            " (detected)" if "delimiter" in self.detected else "")
+        return f"CSV, {enc}, {dlm}"
+
+
+def shown_encoding(name: str | None) -> str:
+    """``utf-8-sig`` (UTF-8, a BOM skipped if there is one) is shown as ``utf-8``."""
+    return "utf-8" if name == "utf-8-sig" else str(name)
+
+
+def delimiter_option(value: str | None) -> str | None:
+    """``--delimiter`` as people type it: ``;``, ``,``, ``tab``/``\\t``, ``|``; empty/``auto`` = detect."""
+    if value is None or value.strip().lower() in ("", "auto"):
+        return None
+    v = {"tab": "\t", "\\t": "\t", "semicolon": ";", "comma": ",", "pipe": "|"}.get(value.strip().lower(), value)
+    if len(v) != 1:
+        raise ExportError(f"delimiter must be one character (or 'tab'), got {value!r}")
+    return v
+
+
+def encoding_option(value: str | None) -> str | None:
+    """``--encoding``: any Python codec name (``cp1251``, ``utf-16``, ``utf-8``); empty/``auto`` = detect."""
+    if value is None or value.strip().lower() in ("", "auto"):
+        return None
+    try:
+        name = codecs.lookup(value.strip()).name
+    except LookupError:
+        raise ExportError(f"unknown encoding {value!r} (try cp1251, utf-8, utf-16)") from None
+    return "utf-8-sig" if name == "utf-8" else name  # a BOM is never part of the first column's name
+
+
+def detect_encoding(head: bytes) -> str:
+    """The encoding of a file starting with ``head``."""
+    if head.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    if head.count(0) > len(head) // 8:  # UTF-16 without a BOM: ASCII characters carry a zero byte
+        odd = head[1::2].count(0)
+        return "utf-16-le" if odd >= head[0::2].count(0) else "utf-16-be"
+    try:  # strict UTF-8; the sample may end inside a character
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        return "utf-8-sig"
+    except UnicodeDecodeError:
+        pass
+    from charset_normalizer import from_bytes
+
+    # Candidates are the code pages CRM exports come in (others: --encoding); on short samples
+    # several decode equally well, and then the Russian-market default wins (cp1251, then koi8-r).
+    # (tabs count as noise to charset-normalizer: a tab-separated export would look like binary)
+    matches = list(from_bytes(head.replace(b"\t", b" "), cp_isolation=list(CODE_PAGES), threshold=0.5))
+    if not matches:
+        raise ExportError("cannot tell the text encoding (is it a binary file? give it with --encoding)")
+    least = min(m.chaos for m in matches)
+    tied = {m.encoding for m in matches if m.chaos <= least + 0.01}
+    return next(cp for cp in CODE_PAGES if cp in tied)
+
+def _consistent_fields(lines: list[str], delimiter: str) -> int:
+    """Fields per line when every sampled line has the same number (> 1), else 0."""
+    counts = {len(r) for r in csv.reader(lines, delimiter=delimiter) if r}
+    return counts.pop() if len(counts) == 1 and min(counts or {0}) > 1 else 0
+
+
+def detect_delimiter(text: str) -> str:
+    """The delimiter of CSV text (its first lines); ``,`` when the file has a single column."""
+    lines = text.splitlines()[:50]
+    if len(lines) > 1 and not text.endswith(("\n", "\r")):
+        lines = lines[:-1]  # the sample may cut the last line
+    try:
+        sniffed = csv.Sniffer().sniff("\n".join(lines), delimiters=DELIMITERS).delimiter
+    except csv.Error:
+        sniffed = None
+    if sniffed and _consistent_fields(lines, sniffed):
+        return sniffed
+    scores = {d: _consistent_fields(lines, d) for d in DELIMITERS}
+    best = max(scores, key=lambda d: scores[d])
+    if scores[best]:
+        return best
+    header = lines[0] if lines else ""
+    return max(DELIMITERS, key=header.count) if any(d in header for d in DELIMITERS) else ","
+
+
+def sniff(path: str | Path, encoding: str | None = None, delimiter: str | None = None,
+          sheet: str | None = None) -> ExportFormat:
+    """The format of the export at ``path``; what is given is taken as is, the rest detected."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix in EXCEL_SUFFIXES:
+        return ExportFormat("xlsx", sheet=sheet)
+    if suffix in PARQUET_SUFFIXES:
+        return ExportFormat("parquet")
+    if suffix == ".xls":
+        raise ExportError(f"{p.name}: old Excel (.xls) files are not read; save it as .xlsx or CSV")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(SAMPLE_BYTES)
+    except FileNotFoundError:
+        raise ExportError(f"input file not found: {p}") from None
+    except IsADirectoryError:
+        raise ExportError(f"{p} is a directory, not an export file") from None
+    if head.startswith(b"PK\x03\x04"):
+        raise ExportError(f"{p.name} is a ZIP/XLSX file: name it .xlsx to read it as Excel")
+    if not head.strip():
+        raise ExportError(f"{p.name} is empty")
+    detected = []
+    if encoding is None:
+        encoding = detect_encoding(head)
+        detected.append("encoding")
+    if delimiter is None:
+        try:
+            text = codecs.getincrementaldecoder(encoding)(errors="replace").decode(head, final=False)
+        except LookupError:
+            raise ExportError(f"unknown encoding {encoding!r}") from None
+        delimiter = detect_delimiter(text)
+        detected.append("delimiter")
+    return ExportFormat("csv", encoding=encoding, delimiter=delimiter, detected=tuple(detected))
+
+
+def read_export(path: str | Path, fmt: ExportFormat | None = None, nrows: int | None = None) -> pd.DataFrame:
+    """The export as a DataFrame of text (``object`` columns, empty cells ``""``; Parquet keeps
+    its types, missing values ``None``). Raises ExportError with the file's name and a hint."""
+    p = Path(path)
+    fmt = fmt or sniff(p)
+    try:
+        if fmt.kind == "parquet":
+            df = pd.read_parquet(p)
+            df = (df.head(nrows) if nrows else df).astype(object)
+            return df.where(df.notna(), None)
+        if fmt.kind == "xlsx":
+            df = pd.read_excel(p, sheet_name=fmt.sheet or 0, dtype=str, keep_default_na=False, na_filter=False,
+                               nrows=nrows, engine="openpyxl")
+        else:
+            df = pd.read_csv(p, dtype=str, keep_default_na=False, na_filter=False, sep=fmt.delimiter,
+                             encoding=fmt.encoding, nrows=nrows, index_col=False)
+    except FileNotFoundError:
+        raise ExportError(f"input file not found: {p}") from None
+    except UnicodeDecodeError as exc:
+        raise ExportError(f"{p.name} is not valid {shown_encoding(fmt.encoding)} ({exc.reason} at byte {exc.start}); "
+                          "give the file's encoding with --encoding (e.g. cp1251, utf-16)") from None
+    except pd.errors.EmptyDataError:
+        raise ExportError(f"{p.name} is empty (no header row)") from None
+    except (ValueError, KeyError, pd.errors.ParserError, OSError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"cannot read {p.name} ({fmt.describe()}): {msg}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    return df.astype(object)
+
+
+def read_header(path: str | Path, fmt: ExportFormat | None = None) -> list[str]:
+    """The column names of the export (CSV: the raw header, duplicates kept)."""
+    p = Path(path)
+    fmt = fmt or sniff(p)
+    if fmt.kind != "csv":
+        return list(read_export(p, fmt, nrows=1).columns)
+    try:
+        with open(p, newline="", encoding=fmt.encoding) as fh:
+            header = next(csv.reader(fh, delimiter=fmt.delimiter), None)
+    except UnicodeDecodeError as exc:
+        raise ExportError(f"{p.name} is not valid {shown_encoding(fmt.encoding)} ({exc.reason} at byte {exc.start}); "
+                          "give the file's encoding with --encoding (e.g. cp1251, utf-16)") from None
+    except csv.Error as exc:
+        raise ExportError(f"could not read the header of {p.name}: {exc}") from None
+    if not header:
+        raise ExportError(f"{p.name} is empty (no header row)")
+    return [h.strip() for h in header]
+
+
+def missing_columns_hint(columns: list[str]) -> str:
+    """A hint when a file was read as one column (the delimiter given does not match)."""
+    if len(columns) == 1 and any(d in columns[0] for d in DELIMITERS):
+        found = next(d for d in DELIMITERS if d in columns[0])
+        return (f" (the file was read as one column: it looks separated by {_DELIMITER_NAMES[found]}; "
+                f"use --delimiter {'tab' if found == chr(9) else found!r})")
+    return ""
+

@@ -131,6 +131,8 @@ def campaign_cmd(
     wait: float = typer.Option(30.0, "--wait", help="Seconds to wait for final receipts"),
     now: Optional[str] = typer.Option(None, "--now", help="ISO-8601 clock for the send plan (default: now)"),
     plan_out: Optional[Path] = typer.Option(None, "--plan-out", help="With --dry-run: the send plan as CSV"),
+    quarantine_out: Optional[Path] = typer.Option(None, "--quarantine-out",
+                                                  help="Write what was held back and why to this CSV (phones masked)"),
     policy_file: Optional[Path] = typer.Option(None, "--policy", help="YAML contact policy (windows, caps, consent)"),
     ends_at: Optional[str] = typer.Option(None, "--ends-at", help="ISO-8601: messages not sent by then expire"),
     encoding: Optional[str] = typer.Option(None, "--encoding", help=ENCODING_HELP),
@@ -172,7 +174,7 @@ def campaign_cmd(
     typer.echo(f"campaign: {name} (rerun with --name {name} to resume it)", err=True)
     with _prefect_session():
         _campaign(source, template, name, gateway_block, segment, segments_file, rate, dry_run, wait, policy, end,
-                  clock, plan_out)
+                  clock, plan_out, quarantine_out)
 
 
 def _column_map(columns: list[str], phone_column: Optional[str]) -> dict[str, str]:
@@ -222,7 +224,7 @@ def _check_export(source) -> None:
 
 
 def _campaign(source, template, name, gateway_block, segment, segments_file, rate, dry_run, wait, policy, end, clock,
-              plan_out) -> None:
+              plan_out, quarantine_out) -> None:
     from tasks.policy import preview_plan, write_plan_csv
 
     # One Block per CLI run, removed afterwards (the UI keeps no csv-* Blocks); the name, the
@@ -245,7 +247,29 @@ def _campaign(source, template, name, gateway_block, segment, segments_file, rat
         rows = preview_plan(get_engine(), result["campaign_id"], clock or datetime.now(timezone.utc))
         write_plan_csv(rows, plan_out)
         typer.echo(f"plan: {len(rows)} rows -> {plan_out}", err=True)
+    held = _held_back(name, quarantine_out)
     typer.echo(json.dumps(result["summary"], ensure_ascii=False))
+    render_failed = sum(g["count"] for g in held if g["step"] == "render")
+    if render_failed and not result["summary"].get("planned"):
+        _fail(f"no message could be rendered ({render_failed} failed): fix the template and rerun with --name {name}", 1)
+
+
+def _held_back(campaign: str, out: Optional[Path]) -> list[dict]:
+    """Print what a campaign held back (counts per reason, one masked example each); optionally a CSV."""
+    from store.db import get_engine
+    from tasks import quarantine
+
+    engine = get_engine()
+    groups = quarantine.summary(engine, campaign=campaign)
+    if groups:
+        typer.echo(f"held back: {sum(g['count'] for g in groups)} rows "
+                   f"(all of them: smsflow quarantine --campaign {campaign})", err=True)
+        for line in quarantine.summary_lines(groups):
+            typer.echo(line, err=True)
+    if out:
+        n = quarantine.write_csv(quarantine.held_back(engine, campaign=campaign), out)
+        typer.echo(f"quarantine: {n} rows -> {out}", err=True)
+    return groups
 
 
 def _delete_block(block_type: str, name: str) -> None:
@@ -414,6 +438,39 @@ def forget_cmd(
     except ValueError as exc:
         _fail(str(exc))
     typer.echo(json.dumps(res.as_dict()))
+
+
+@app.command("quarantine")
+def quarantine_cmd(
+    campaign: Optional[str] = typer.Option(None, "--campaign", help="Only this campaign (its source's rows and its own)"),
+    step: Optional[str] = typer.Option(None, "--step", help="extract | validate | render"),
+    limit: int = typer.Option(50, "--limit", min=0, help="Rows listed after the summary (0: none)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write every row to this CSV instead of listing them"),
+) -> None:
+    """List what was held back and why: a summary per reason, then the rows (phones masked)."""
+    from store.db import get_engine
+    from tasks import quarantine
+
+    engine = get_engine()
+    try:
+        groups = quarantine.summary(engine, campaign=campaign, step=step)
+    except (quarantine.UnknownCampaign, ValueError) as exc:
+        _fail(str(exc))
+    total = sum(g["count"] for g in groups)
+    typer.echo(f"held back: {total} rows" + (f" in campaign {campaign}" if campaign else "") +
+               (f", step {step}" if step else ""))
+    for line in quarantine.summary_lines(groups):
+        typer.echo(line)
+    if out:
+        n = quarantine.write_csv(quarantine.held_back(engine, campaign=campaign, step=step), out)
+        typer.echo(f"{n} rows -> {out}")
+    elif limit and total:
+        typer.echo("")
+        typer.echo("step\treason_code\tcrm_id\tphone\treason")
+        for r in quarantine.held_back(engine, campaign=campaign, step=step, limit=limit):
+            typer.echo(f"{r.step}\t{r.reason_code}\t{r.crm_id}\t{r.phone}\t{r.reason}")
+        if total > limit:
+            typer.echo(f"... {total - limit} more (--limit, or --out FILE for all)")
 
 
 journey_app = typer.Typer(no_args_is_help=True, help="Triggered journeys (journeys/*.yaml).")

@@ -65,7 +65,8 @@ class SmsGateway(Block, ABC):
 
     rate_per_second: float = Field(default=50.0, gt=0, description="Provider rate limit, messages per second.")
     batch_size: int = Field(default=500, ge=1, description="Messages per submit call.")
-    price_per_segment: float = Field(default=0.0, ge=0, description="Price of one SMS segment, for cost estimates.")
+    price_per_segment: float = Field(default=0.0, ge=0, description="Price of one SMS part (segment), for costs.")
+    currency: str = Field(default="RUB", pattern=r"^[A-Z]{3}$", description="ISO 4217 currency of the price (RUB, USD, EUR).")
     sender_id: str = Field(default="SMSFLOW", description="Alphanumeric sender name or number.")
     evidence_grace_s: float = Field(
         default=120.0, ge=0,

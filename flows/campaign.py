@@ -21,6 +21,7 @@ from flows.validate_and_dedup import validate_and_dedup
 from store.db import get_engine
 from tasks.policy import ContactPolicy
 from tasks.accounting import campaign_accounting, finish_campaign, log_event
+from tasks.outcomes import message_outcomes
 
 
 class CampaignParams(BaseModel):
@@ -49,16 +50,19 @@ def campaign(params: CampaignParams, database_url: str | None = None) -> dict:
     validate_and_dedup(source, database_url=database_url)
     segment_flow(source, params.segment, params.segments_file, database_url)
     rendered = render(params.name, params.template, source, params.segment, gw.price_per_segment,
-                      params.gateway_block, database_url, params.policy, params.ends_at, gw.sender_id)
+                      params.gateway_block, database_url, params.policy, params.ends_at, gw.sender_id,
+                      getattr(gw, "currency", "RUB"))
     engine = get_engine(database_url)
     cid = rendered["campaign_id"]
-    log_event(engine, "campaign.planned", campaign_id=cid, payload={k: rendered[k] for k in ("planned", "segments", "cost")})
+    log_event(engine, "campaign.planned", campaign_id=cid, payload={k: rendered[k] for k in ("planned", "parts", "cost_planned", "currency")})
     result: dict = {}
     if not params.dry_run:
         result["send"] = send(params.name, params.gateway_block, params.rate, database_url, params.now)
         result["reconcile"] = reconcile(params.gateway_block, params.name, params.wait_for_receipts_s, None, database_url)
         result["report"] = report(params.name, None, database_url)["html"]
     summary = campaign_accounting(engine, cid)
+    if not params.dry_run:
+        summary.update(message_outcomes(engine, cid))
     finish_campaign(engine, cid, "planned" if params.dry_run else "sent")
     log_event(engine, "campaign.dry_run" if params.dry_run else "campaign.sent", campaign_id=cid, payload=summary)
     log.info("campaign %s: %s", params.name, summary)

@@ -17,7 +17,8 @@ from store.db import get_engine
 @flow(name="render")
 def render(campaign: str, template: str, source: str = "demo-crm", segment: str = "all",
            price_per_segment: float = 0.0, gateway: str | None = None, database_url: str | None = None,
-           policy: ContactPolicy | None = None, ends_at: datetime | None = None, sender_name: str | None = None) -> dict:
+           policy: ContactPolicy | None = None, ends_at: datetime | None = None, sender_name: str | None = None,
+           currency: str = "RUB") -> dict:
     """Render the campaign's messages; contacts already in the outbox are skipped (idempotent)."""
     s = get_settings()
     tpl = load_template(template)  # a broken template fails here, before any contact is rendered
@@ -25,13 +26,16 @@ def render(campaign: str, template: str, source: str = "demo-crm", segment: str 
         tpl = dataclasses.replace(tpl, sender_name=sender_name)  # marketing always names its sender
     cid = ensure_campaign(get_engine(database_url), name=campaign, source=source, segment=segment,
                           template_name=tpl.name, kind=tpl.kind, gateway=gateway, price_per_segment=price_per_segment,
-                          policy=policy.model_dump(mode="json") if policy else None, ends_at=_naive_utc(ends_at))
+                          policy=policy.model_dump(mode="json") if policy else None, ends_at=_naive_utc(ends_at),
+                          currency=currency)
     stats = plan_task(cid, source, segment, tpl, price_per_segment, gateway, s.batch_size, s.workers, database_url,
                       {"campaign": campaign})
-    get_run_logger().info("render %s: %d planned, %d no consent, %d quarantined, %d segments, cost %.2f",
-                          campaign, stats.planned, stats.no_consent, stats.render_failed, stats.segments, stats.cost)
+    get_run_logger().info("render %s: %d planned, %d no consent, %d failed to render, %d parts, planned cost %.2f %s",
+                          campaign, stats.planned, stats.no_consent, stats.render_failed, stats.segments, stats.cost,
+                          currency)
     return {"campaign": campaign, "campaign_id": cid, "planned": stats.planned, "no_consent": stats.no_consent,
-            "render_failed": stats.render_failed, "segments": stats.segments, "cost": round(stats.cost, 4)}
+            "render_failed": stats.render_failed, "parts": stats.segments, "cost_planned": round(stats.cost, 4),
+            "currency": currency}
 
 
 def _naive_utc(t: datetime | None) -> datetime | None:

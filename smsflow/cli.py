@@ -248,6 +248,8 @@ def _campaign(source, template, name, gateway_block, segment, segments_file, rat
         write_plan_csv(rows, plan_out)
         typer.echo(f"plan: {len(rows)} rows -> {plan_out}", err=True)
     held = _held_back(name, quarantine_out)
+    for line in _summary_lines(name, result["summary"]):
+        typer.echo(line, err=True)
     typer.echo(json.dumps(result["summary"], ensure_ascii=False))
     render_failed = sum(g["count"] for g in held if g["step"] == "render")
     if render_failed and not result["summary"].get("planned"):
@@ -332,16 +334,25 @@ def demo_cmd(
     name = f"demo-{datetime.now():%Y%m%d-%H%M%S}"
     with _prefect_session():
         result = _demo_run(name, contacts, seed, wait)
-    s = result["summary"]
-    send = result.get("send", {})
-    rec = result.get("reconcile", {})
-    typer.echo(
-        f"campaign {name}: {s['contacts']} contacts -> {s['planned']} planned, {s['quarantined']} quarantined, "
-        f"{s['duplicates']} duplicates, {s['no_consent']} without consent; {send.get('submitted', 0)} submitted, "
-        f"deferred/held by contact policy: {json.dumps(send.get('held', {}))}; "
-        f"final states: {json.dumps(rec.get('by_status', {}))}; {s['segments']} segments, cost {s['cost']:.2f}"
-    )
+    for line in _summary_lines(name, result["summary"]):
+        typer.echo(line)
     typer.echo(f"report: {result.get('report')}")
+
+
+def _summary_lines(name: str, s: dict) -> list[str]:
+    """The contact funnel, then (after a send) where every planned message ended and what it cost."""
+    from tasks.outcomes import money, outcome_line
+
+    funnel = (f"campaign {name}: {s['contacts']} CRM rows -> {s['planned']} planned, {s['quarantined']} quarantined, "
+              f"{s['duplicates']} duplicates, {s['no_consent']} without consent"
+              + (f", {s['not_in_segment']} not in the segment" if s.get("not_in_segment") else ""))
+    lines = [funnel]
+    if "outcomes" in s:
+        lines.append(f"messages: {outcome_line(s, s['currency'])} (planned {money(s['cost_planned'], s['currency'])})")
+    else:
+        lines.append(f"messages: {s['planned']} planned, {s['parts']} parts, planned cost "
+                     f"{money(s['cost_planned'], s['currency'])}")
+    return lines
 
 
 def _demo_run(name: str, contacts: int, seed: int, wait: float) -> dict:

@@ -139,6 +139,7 @@ class Campaign(Base):
     kind: Mapped[str] = mapped_column(String(20), default="marketing")
     gateway: Mapped[str | None] = mapped_column(String(100))
     price_per_segment: Mapped[float] = mapped_column(Float, default=0.0)
+    currency: Mapped[str] = mapped_column(String(3), default="RUB", server_default="RUB")  # of every cost
     status: Mapped[str] = mapped_column(String(20), default="created")
     params: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     policy: Mapped[dict[str, Any] | None] = mapped_column(JsonType)  # tasks.policy.ContactPolicy

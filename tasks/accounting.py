@@ -11,7 +11,7 @@ from store.db import utcnow
 
 def ensure_campaign(engine, *, name: str, source: str, segment: str, template_name: str, kind: str,
                     gateway: str | None, price_per_segment: float, params: dict[str, Any] | None = None,
-                    policy: dict[str, Any] | None = None, ends_at=None) -> int:
+                    policy: dict[str, Any] | None = None, ends_at=None, currency: str = "RUB") -> int:
     """The campaign's id; created on first run, reused when a campaign of that name is rerun."""
     import json
 
@@ -23,12 +23,14 @@ def ensure_campaign(engine, *, name: str, source: str, segment: str, template_na
             conn.execute(text("UPDATE campaigns SET status = 'running', gateway = COALESCE(:g, gateway), "
                               "policy = COALESCE(:pol, policy), ends_at = COALESCE(:end, ends_at) WHERE id = :i"),
                          {"g": gateway, "i": row[0], "pol": json.dumps(policy) if policy else None, "end": ends_at})
+            # the currency stays what it was when the first message was priced
             return int(row[0])
         conn.execute(
-            text("INSERT INTO campaigns (name, source, segment, template_name, kind, gateway, price_per_segment, status, "
-                 "params, policy, ends_at, created_at, started_at) "
-                 "VALUES (:n, :s, :g, :t, :k, :gw, :p, 'running', :params, :pol, :end, :now, :now)"),
+            text("INSERT INTO campaigns (name, source, segment, template_name, kind, gateway, price_per_segment, currency, "
+                 "status, params, policy, ends_at, created_at, started_at) "
+                 "VALUES (:n, :s, :g, :t, :k, :gw, :p, :cur, 'running', :params, :pol, :end, :now, :now)"),
             {"n": name, "s": source, "g": segment, "t": template_name, "k": kind, "gw": gateway, "p": price_per_segment,
+             "cur": currency,
              "params": json.dumps(params or {}, default=str), "pol": json.dumps(policy) if policy else None,
              "end": ends_at, "now": utcnow()},
         )
@@ -42,12 +44,14 @@ def finish_campaign(engine, campaign_id: int, status: str) -> None:
 
 
 def campaign_accounting(engine, campaign_id: int) -> dict[str, Any]:
-    """{"contacts", "quarantined", "duplicates", "no_consent", "planned", "segments", "cost"}
-    where contacts = quarantined + duplicates + no_consent + planned (+ not_in_segment when a
-    segment narrows the audience)."""
+    """The contact funnel: ``{"contacts", "quarantined", "duplicates", "no_consent", "planned", "parts",
+    "cost_planned", "currency"}`` where contacts = quarantined + duplicates + no_consent + planned
+    (+ not_in_segment when a segment narrows the audience); parts and cost_planned are those of every
+    planned message (what was sent and spent: ``tasks.outcomes``)."""
     q = text(
         """
         WITH camp AS (SELECT id, source, segment FROM campaigns WHERE id = :c),
+        camp_currency AS (SELECT currency FROM campaigns WHERE id = :c),
         src AS (SELECT ct.id, ct.status, ct.sms_consent, ct.opted_out_at FROM contacts ct, camp WHERE ct.source = camp.source),
         member AS (SELECT m.contact_id FROM segment_memberships m, camp WHERE m.segment = camp.segment),
         planned AS (SELECT contact_id FROM outbox WHERE campaign_id = :c AND contact_id IS NOT NULL),
@@ -69,7 +73,8 @@ def campaign_accounting(engine, campaign_id: int) -> dict[str, Any]:
              AND id NOT IN (SELECT contact_id FROM rq) AND id NOT IN (SELECT contact_id FROM member)) AS not_in_segment,
           (SELECT COUNT(*) FROM outbox WHERE campaign_id = :c) AS planned,
           (SELECT COALESCE(SUM(segments), 0) FROM outbox WHERE campaign_id = :c) AS segments,
-          (SELECT COALESCE(SUM(cost), 0) FROM outbox WHERE campaign_id = :c) AS cost
+          (SELECT COALESCE(SUM(cost), 0) FROM outbox WHERE campaign_id = :c) AS cost,
+          (SELECT currency FROM camp_currency) AS currency
         """
     )
     with engine.begin() as conn:
@@ -81,8 +86,9 @@ def campaign_accounting(engine, campaign_id: int) -> dict[str, Any]:
         "duplicates": int(r["extract_dup"] + r["dup"]),
         "no_consent": int(r["no_consent"]),
         "planned": int(r["planned"]),
-        "segments": int(r["segments"]),
-        "cost": round(float(r["cost"]), 4),
+        "parts": int(r["segments"]),
+        "cost_planned": round(float(r["cost"]), 4),
+        "currency": r["currency"] or "RUB",
     }
     if r["not_in_segment"]:
         out["not_in_segment"] = int(r["not_in_segment"])

@@ -390,30 +390,33 @@ def enforce_at_claim(conn, campaign_id: int, claimed, now: datetime) -> tuple[li
 
 # ----------------------------------------------------------------------------- preview (dry runs)
 
-PLAN_COLUMNS = ("contact_id", "phone_e164", "timezone", "send_at_local", "send_at_utc", "rule")
+PLAN_COLUMNS = ("contact_id", "phone", "timezone", "send_at_local", "send_at_utc", "rule", "text", "parts", "cost",
+                "currency")
 
 
 def preview_plan(engine, campaign_id: int, now: datetime) -> list[dict]:
-    """One row per planned message (when it would go out under the policy at ``now``) and one per
-    contact held back (no consent, opted out, capped, erased), with empty times and the rule."""
+    """One row per planned message (when it would go out under the policy at ``now``, its text,
+    parts and cost) and one per contact held back (no consent, opted out, capped, erased), with
+    empty times and the rule. Phones are masked."""
 
     from sqlalchemy import text
 
-    from smsflow.privacy import phone_hash
+    from smsflow.privacy import mask_phone, phone_hash
     from store.db import read_frame
 
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
     with engine.begin() as conn:
-        camp = conn.execute(text("SELECT kind, policy, ends_at, source, segment FROM campaigns WHERE id = :c"),
+        camp = conn.execute(text("SELECT kind, policy, ends_at, source, segment, currency FROM campaigns WHERE id = :c"),
                             {"c": campaign_id}).one()
         kind, policy, ends_at, source, segment = camp[0], load_policy(camp[1]), camp[2], camp[3], camp[4]
+        currency = camp[5]
         if isinstance(ends_at, str):
             ends_at = datetime.fromisoformat(ends_at)
         df = read_frame(
             conn,
             "SELECT c.id, c.crm_id, c.phone_e164, c.timezone, c.sms_consent, c.opted_out_at, c.attributes, "
-            "o.id AS oid, o.state "
+            "o.id AS oid, o.state, o.text, o.segments, o.cost "
             "FROM segment_memberships m JOIN contacts c ON c.id = m.contact_id "
             "LEFT JOIN outbox o ON o.campaign_id = :cid AND o.contact_id = c.id "
             "WHERE m.segment = :g AND c.source = :s AND c.status = 'valid' ORDER BY c.id",
@@ -440,14 +443,18 @@ def preview_plan(engine, campaign_id: int, now: datetime) -> list[dict]:
                 d = Decision(action="hold", rule="render_error", timezone=d.timezone)
         elif r.state not in ("planned", "queued"):
             continue  # already sent or final: not part of the plan
+        planned = r.oid is not None and r.oid == r.oid
+        message = {"text": r.text, "parts": int(r.segments), "cost": round(float(r.cost or 0), 4),
+                   "currency": currency} if planned else {"text": "", "parts": "", "cost": "", "currency": ""}
         if d.action in ("send", "defer"):
             local = d.send_at.astimezone(zone(d.timezone))
-            rows.append({"contact_id": r.crm_id, "phone_e164": r.phone_e164, "timezone": d.timezone,
+            rows.append({"contact_id": r.crm_id, "phone": mask_phone(r.phone_e164), "timezone": d.timezone,
                          "send_at_local": local.isoformat(timespec="seconds"),
-                         "send_at_utc": d.send_at.astimezone(UTC).isoformat(timespec="seconds"), "rule": d.rule})
+                         "send_at_utc": d.send_at.astimezone(UTC).isoformat(timespec="seconds"), "rule": d.rule,
+                         **message})
         else:
-            rows.append({"contact_id": r.crm_id, "phone_e164": r.phone_e164, "timezone": d.timezone,
-                         "send_at_local": "", "send_at_utc": "", "rule": d.rule})
+            rows.append({"contact_id": r.crm_id, "phone": mask_phone(r.phone_e164), "timezone": d.timezone,
+                         "send_at_local": "", "send_at_utc": "", "rule": d.rule, **message})
     return rows
 
 

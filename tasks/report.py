@@ -11,60 +11,102 @@ from typing import Any
 
 import pandas as pd
 
+from sqlalchemy import text
+
 from store.db import read_frame, utcnow
+from tasks.outcomes import BUCKET_SQL, OUTCOMES, SENT_SQL, money, pct
 
 FINAL = ("delivered", "undelivered", "expired", "rejected", "failed")
+
+
+GUARANTEE = ("Every CRM row is accounted for (planned, quarantined with a reason, merged as a duplicate, or "
+             "excluded by consent); a message is submitted at most once per idempotency key, across retries, reruns "
+             "and crashes; consent and opt-outs are checked again at send time.")
+FUNNEL = {"contacts": "CRM rows", "quarantined": "quarantined", "duplicates": "duplicates", "no_consent": "no consent",
+          "not_in_segment": "not in segment", "planned": "planned"}
 
 
 @dataclass
 class CampaignReport:
     generated_at: datetime
-    rows: list[dict[str, Any]]  # one per campaign x segment
+    rows: list[dict[str, Any]]  # one per campaign x segment: counts per outcome bucket, rates as fractions
     failures: list[dict[str, Any]]  # campaign, reason, count
     held: list[dict[str, Any]] = None  # campaign, rule, outcome (deferred | held back | expired), count
+    funnel: dict[str, Any] | None = None  # one campaign's contact funnel (tasks.accounting)
+    quarantine: list[dict[str, Any]] | None = None  # one campaign's quarantine reasons (tasks.quarantine)
+    campaign: str | None = None
     html_path: Path | None = None
 
+    def buckets(self) -> list[str]:
+        """The outcome buckets shown: every one that holds a message in some row."""
+        return [b for b in OUTCOMES if any(r[b] for r in self.rows)]
+
+    def display_rows(self) -> list[dict[str, str]]:
+        """The rows as people read them (markdown, HTML, the table artifact): the same strings everywhere."""
+        out = []
+        for r in self.rows:
+            d = {"campaign": r["campaign"], "segment": r["segment"], "planned": str(r["planned"])}
+            d.update({OUTCOMES[b].split(" (")[0]: str(r[b]) for b in self.buckets()})
+            d.update({"sent": str(r["sent"]), "delivery rate": pct(r["delivered"], r["sent"]),
+                      "parts sent": str(r["parts_sent"]), "planned cost": money(r["cost_planned"], r["currency"]),
+                      "spent": money(r["cost_spent"], r["currency"]), "opt-outs": str(r["opt_outs"])})
+            out.append(d)
+        return out
+
+    def funnel_row(self) -> dict[str, str] | None:
+        if not self.funnel:
+            return None
+        return {label: str(self.funnel[k]) for k, label in FUNNEL.items() if k in self.funnel}
+
     def markdown(self) -> str:
-        lines = [f"# Campaign report ({self.generated_at:%Y-%m-%d %H:%M} UTC)", ""]
+        title = f"Campaign report: {self.campaign}" if self.campaign else "Campaign report"
+        lines = [f"# {title} ({self.generated_at:%Y-%m-%d %H:%M} UTC)", "", f"> {GUARANTEE}", ""]
         if not self.rows:
             return "\n".join(lines + ["No campaigns yet."])
-        cols = ["campaign", "segment", "planned", "sent", "delivered", "failed", "pending", "delivery_rate",
-                "segments", "cost", "opt_outs"]
-        lines.append("| " + " | ".join(cols) + " |")
-        lines.append("|" + "---|" * len(cols))
-        for r in self.rows:
-            vals = [f"{r[c]:.1%}" if c == "delivery_rate" else (f"{r[c]:.2f}" if c == "cost" else str(r[c])) for c in cols]
-            lines.append("| " + " | ".join(vals) + " |")
+
+        def table(rows: list[dict[str, str]]) -> list[str]:
+            cols = list(rows[0])
+            return (["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] +
+                    ["| " + " | ".join(r[c] for c in cols) + " |" for r in rows])
+
+        if self.funnel_row():
+            lines += ["## Contacts", ""] + table([self.funnel_row()]) + [""]
+        lines += ["## Messages", "", "Each planned message is counted in exactly one outcome column; "
+                  "delivery rate = delivered / sent; costs in the gateway's currency.", ""]
+        lines += table(self.display_rows())
         if self.failures:
-            lines += ["", "## Failures by reason", "", "| campaign | state | reason | count |", "|---|---|---|---|"]
-            for f in self.failures:
-                lines.append(f"| {f['campaign']} | {f['state']} | {f['reason']} | {f['count']} |")
+            lines += ["", "## Failures by reason", ""] + table(
+                [{k: str(v) for k, v in f.items()} for f in self.failures])
         if self.held:
-            lines += ["", "## Held back by contact policy", "", "| campaign | rule | outcome | count |", "|---|---|---|---|"]
-            for h in self.held:
-                lines.append(f"| {h['campaign']} | {h['rule']} | {h['outcome']} | {h['count']} |")
+            lines += ["", "## Held back by contact policy", ""] + table(
+                [{k: str(v) for k, v in h.items()} for h in self.held])
+        if self.quarantine:
+            lines += ["", "## Quarantine reasons", ""] + table(self.quarantine_rows())
         return "\n".join(lines)
+
+    def quarantine_rows(self) -> list[dict[str, str]]:
+        return [{"step": g["step"], "reason": g["reason_code"], "count": str(g["count"]),
+                 "example": f"{g['example']['crm_id']} {g['example']['phone']}: {g['example']['reason']}".strip()}
+                for g in self.quarantine or []]
 
 
 def collect(engine, campaign: str | None = None) -> CampaignReport:
     where = "WHERE c.name = :name" if campaign else ""
     params = {"name": campaign} if campaign else {}
+    bucket_sums = ", ".join(f"SUM(CASE WHEN {BUCKET_SQL} = '{b}' THEN 1 ELSE 0 END) AS {b}" for b in OUTCOMES)
     with engine.begin() as conn:
         agg = read_frame(
             conn,
-            "SELECT c.name AS campaign, COALESCE(o.segment, c.segment) AS segment, c.started_at, "
-            "COUNT(o.id) AS planned, "
-            "SUM(CASE WHEN o.state IN ('submitted','delivered','undelivered','expired') OR "
-            "(o.state = 'rejected' AND o.submitted_at IS NOT NULL) THEN 1 ELSE 0 END) AS sent, "
-            "SUM(CASE WHEN o.state = 'delivered' THEN 1 ELSE 0 END) AS delivered, "
-            "SUM(CASE WHEN o.state IN ('undelivered','expired','rejected','failed') THEN 1 ELSE 0 END) AS failed, "
-            "SUM(CASE WHEN o.state IN ('planned','queued','submitted') THEN 1 ELSE 0 END) AS pending, "
-            "SUM(CASE WHEN o.state IN ('submitted','delivered','undelivered','expired') THEN o.segments ELSE 0 END) AS segments, "
-            "SUM(CASE WHEN o.state IN ('submitted','delivered','undelivered','expired') THEN o.cost ELSE 0 END) AS cost, "
+            "SELECT c.name AS campaign, COALESCE(o.segment, c.segment) AS segment, c.started_at, c.currency, "
+            f"COUNT(o.id) AS planned, {bucket_sums}, "
+            f"SUM(CASE WHEN {SENT_SQL} THEN 1 ELSE 0 END) AS sent, "
+            f"SUM(CASE WHEN {SENT_SQL} THEN o.segments ELSE 0 END) AS parts_sent, "
+            "SUM(COALESCE(o.cost, 0)) AS cost_planned, "
+            f"SUM(CASE WHEN {SENT_SQL} THEN o.cost ELSE 0 END) AS cost_spent, "
             "SUM(CASE WHEN ct.opted_out_at IS NOT NULL AND o.submitted_at IS NOT NULL AND ct.opted_out_at >= o.submitted_at "
             "THEN 1 ELSE 0 END) AS opt_outs "
             f"FROM campaigns c LEFT JOIN outbox o ON o.campaign_id = c.id LEFT JOIN contacts ct ON ct.id = o.contact_id {where} "
-            "GROUP BY c.name, COALESCE(o.segment, c.segment), c.started_at ORDER BY c.started_at, c.name",
+            "GROUP BY c.name, COALESCE(o.segment, c.segment), c.started_at, c.currency ORDER BY c.started_at, c.name",
             params,
         )
         fails = read_frame(
@@ -85,32 +127,32 @@ def collect(engine, campaign: str | None = None) -> CampaignReport:
             "THEN 'expired' WHEN o.state = 'rejected' THEN 'held back' ELSE 'deferred, then sent' END ORDER BY count DESC",
             params,
         )
+        cid = conn.execute(text("SELECT id FROM campaigns WHERE name = :name"), params).scalar() if campaign else None
     rows = []
     for r in agg.to_dict("records"):
-        sent = int(r["sent"] or 0)
-        delivered = int(r["delivered"] or 0)
-        rows.append(
-            {
-                "campaign": r["campaign"],
-                "segment": r["segment"],
-                "planned": int(r["planned"] or 0),
-                "sent": sent,
-                "delivered": delivered,
-                "failed": int(r["failed"] or 0),
-                "pending": int(r["pending"] or 0),
-                "delivery_rate": (delivered / sent) if sent else 0.0,
-                "segments": int(r["segments"] or 0),
-                "cost": round(float(r["cost"] or 0.0), 2),
-                "opt_outs": int(r["opt_outs"] or 0),
-            }
-        )
+        row = {"campaign": r["campaign"], "segment": r["segment"], "currency": r["currency"] or "RUB",
+               "planned": int(r["planned"] or 0)}
+        row.update({b: int(r[b] or 0) for b in OUTCOMES})
+        row.update({"sent": int(r["sent"] or 0), "parts_sent": int(r["parts_sent"] or 0),
+                    "cost_planned": round(float(r["cost_planned"] or 0.0), 2),
+                    "cost_spent": round(float(r["cost_spent"] or 0.0), 2), "opt_outs": int(r["opt_outs"] or 0)})
+        row["delivery_rate"] = row["delivered"] / row["sent"] if row["sent"] else 0.0
+        rows.append(row)
     failures = [
         {"campaign": f["campaign"], "state": f["state"], "reason": describe_error(f["state"], f["code"]), "count": int(f["count"])}
         for f in fails.to_dict("records")
     ]
     held_rows = [{"campaign": h["campaign"], "rule": h["rule"], "outcome": h["outcome"], "count": int(h["count"])}
                  for h in held.to_dict("records")]
-    return CampaignReport(generated_at=utcnow(), rows=rows, failures=failures, held=held_rows)
+    funnel = quarantine = None
+    if cid is not None:
+        from tasks import quarantine as q
+        from tasks.accounting import campaign_accounting
+
+        funnel = campaign_accounting(engine, cid)
+        quarantine = q.summary(engine, campaign=campaign)
+    return CampaignReport(generated_at=utcnow(), rows=rows, failures=failures, held=held_rows, funnel=funnel,
+                          quarantine=quarantine, campaign=campaign)
 
 
 ERROR_TEXT = {
@@ -144,9 +186,14 @@ def _chart_png(report: CampaignReport) -> str:
     fig, ax = plt.subplots(figsize=(8, max(2.5, 0.5 * len(df) + 1.5)))
     labels = [f"{r.campaign} / {r.segment}" for r in df.itertuples()]
     left = [0] * len(df)
-    for col, color in (("delivered", "#2e7d32"), ("failed", "#c62828"), ("pending", "#9e9e9e")):
-        ax.barh(labels, df[col], left=left, color=color, label=col)
-        left = [a + b for a, b in zip(left, df[col])]
+    groups = (("delivered", ("delivered",), "#2e7d32"),
+              ("failed", ("undelivered", "expired", "rejected", "failed", "expired_unsent"), "#c62828"),
+              ("held back", ("held_back",), "#ef6c00"),
+              ("pending", ("awaiting_receipt", "deferred", "not_sent_yet"), "#9e9e9e"))
+    for label, cols, color in groups:
+        values = df[list(cols)].sum(axis=1)
+        ax.barh(labels, values, left=left, color=color, label=label)
+        left = [a + b for a, b in zip(left, values)]
     ax.set_xlabel("messages")
     ax.set_title("Delivery by campaign and segment")
     ax.legend(loc="lower right")
@@ -157,17 +204,35 @@ def _chart_png(report: CampaignReport) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _html_table(rows: list[dict[str, str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in r.values()) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 def write_html(report: CampaignReport, out_dir: Path, name: str = "report") -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}-{report.generated_at:%Y%m%d-%H%M%S}.html"
-    table = pd.DataFrame(report.rows).to_html(index=False, float_format=lambda v: f"{v:.3f}") if report.rows else "<p>No campaigns.</p>"
-    fails = pd.DataFrame(report.failures).to_html(index=False) if report.failures else "<p>No failures.</p>"
-    held = pd.DataFrame(report.held).to_html(index=False) if report.held else "<p>Nothing held back.</p>"
+
+    def section(title: str, rows: list[dict[str, Any]] | None, empty: str) -> str:
+        rows = [{k: str(v) for k, v in r.items()} for r in rows or []]
+        return f"<h2>{html.escape(title)}</h2>" + (_html_table(rows) if rows else f"<p>{html.escape(empty)}</p>")
+
+    funnel = section("Contacts", [report.funnel_row()], "") if report.funnel else ""
     chart = f'<img alt="delivery chart" src="data:image/png;base64,{_chart_png(report)}">' if report.rows else ""
+    title = f"SMS campaign report: {report.campaign}" if report.campaign else "SMS campaign report"
     doc = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(name)}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}</style>
-</head><body><h1>SMS campaign report</h1><p>Generated {report.generated_at:%Y-%m-%d %H:%M:%S} UTC</p>
-<h2>By campaign and segment</h2>{table}<h2>Chart</h2>{chart}<h2>Failures by reason</h2>{fails}<h2>Held back by contact policy</h2>{held}</body></html>"""
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
+blockquote{{color:#444;border-left:4px solid #2e7d32;margin:1em 0;padding-left:1em}}</style>
+</head><body><h1>{html.escape(title)}</h1><p>Generated {report.generated_at:%Y-%m-%d %H:%M:%S} UTC</p>
+<blockquote>{html.escape(GUARANTEE)}</blockquote>{funnel}
+{section("Messages", report.display_rows(), "No campaigns.")}
+<p>Each planned message is counted in exactly one outcome column; delivery rate = delivered / sent.</p>
+<h2>Chart</h2>{chart}
+{section("Failures by reason", report.failures, "No failures.")}
+{section("Held back by contact policy", report.held, "Nothing held back.")}
+{section("Quarantine reasons", report.quarantine_rows(), "Nothing quarantined.") if report.campaign else ""}
+</body></html>"""
     path.write_text(doc, encoding="utf-8")
     report.html_path = path
     return path
@@ -189,5 +254,5 @@ def report_task(campaign: str | None, out_dir: str, database_url: str | None) ->
     create_markdown_artifact(report.markdown() + f"\n\nHTML: `{report.html_path}`", key="campaign-report",
                              description="Delivery, failures, cost per campaign and segment")
     if report.rows:
-        create_table_artifact(report.rows, key="campaign-metrics", description="Per campaign and segment")
+        create_table_artifact(report.display_rows(), key="campaign-metrics", description="Per campaign and segment")
     return report

@@ -37,6 +37,9 @@ def test_demo_campaign_accounts_for_every_contact(tmp_path):
     assert s["contacts"] == 2000
     assert s["quarantined"] + s["duplicates"] + s["no_consent"] + s["planned"] == 2000
     assert min(s["quarantined"], s["duplicates"], s["no_consent"], s["planned"]) > 0  # the demo data exercises every path
+    assert sum(s["outcomes"].values()) == s["planned"]  # every planned message ends in exactly one bucket
+    assert s["outcomes"]["rejected"] > 0 and s["outcomes"]["delivered"] > 0  # the sandbox rejects some
+    assert s["cost_spent"] < s["cost_planned"] and s["currency"] == "RUB"
 
     engine = get_engine()
     db = sqlite3.connect(crm)
@@ -154,10 +157,13 @@ def test_cli_campaign_dry_run_prints_the_accounting(tmp_path):
     res = CliRunner().invoke(app, ["campaign", "--source-csv", str(csv_path), "--template", str(tpl), "--dry-run"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert set(out) == {"contacts", "quarantined", "duplicates", "no_consent", "planned", "segments", "cost"}
+    assert set(out) == {"contacts", "quarantined", "duplicates", "no_consent", "planned", "parts", "cost_planned",
+                        "currency"}
     assert out["contacts"] == 30
     assert (out["quarantined"], out["duplicates"], out["no_consent"], out["planned"]) == (1, 1, 1, 27)
-    assert out["segments"] >= 27 and out["cost"] == pytest.approx(out["segments"] * SandboxGateway().price_per_segment)
+    assert out["parts"] >= 27 and out["cost_planned"] == pytest.approx(out["parts"] * SandboxGateway().price_per_segment)
+    assert out["currency"] == SandboxGateway().currency == "RUB"
+    assert f"messages: 27 planned, {out['parts']} parts, planned cost" in res.stderr
     assert _scalar(get_engine(), "SELECT COUNT(*) FROM outbox WHERE state <> 'planned'") == 0  # nothing sent
     assert not (get_settings().data_dir / "sandbox_gateway.sqlite").exists() or \
         SandboxGateway().sent_count_by_reference() == {}
@@ -242,8 +248,11 @@ def test_cli_dry_run_plan_out_follows_local_time(tmp_path):
     assert res.exit_code == 0, res.output
     with open(plan, encoding="utf-8") as f:
         got = {r["contact_id"]: r for r in csv_mod.DictReader(f)}
-    assert list(next(iter(got.values())).keys()) == ["contact_id", "phone_e164", "timezone", "send_at_local",
-                                                     "send_at_utc", "rule"]
+    assert list(next(iter(got.values())).keys()) == ["contact_id", "phone", "timezone", "send_at_local",
+                                                     "send_at_utc", "rule", "text", "parts", "cost", "currency"]
+    assert got["C00000"]["phone"] == "+7916***0000" and "скидки!" in got["C00000"]["text"]
+    assert int(got["C00000"]["parts"]) >= 1 and float(got["C00000"]["cost"]) == int(got["C00000"]["parts"]) * 2.5
+    assert got["C00003"]["text"] == "" and got["C00000"]["currency"] == "RUB"
     assert set(got) == {"C00000", "C00001", "C00002", "C00003", "C00005"}
     assert got["C00000"]["send_at_local"] == "2026-11-25T10:00:00+03:00" and got["C00000"]["rule"] == "quiet_hours"
     assert got["C00000"]["send_at_utc"] == "2026-11-25T07:00:00+00:00"

@@ -138,8 +138,8 @@ def test_plan_renders_skips_no_consent_and_quarantines_failures(engine, tmp_path
     assert q(engine, "SELECT COUNT(*) FROM outbox WHERE encoding='UCS-2' AND segments >= 1 AND cost = segments * 2.0") == 17
     acc = campaign_accounting(engine, cid)
     assert acc == {"contacts": 20, "quarantined": 1, "duplicates": 0, "no_consent": 2, "planned": 17,
-                   "segments": acc["segments"], "cost": acc["cost"]}
-    assert acc["cost"] == pytest.approx(acc["segments"] * 2.0)
+                   "parts": acc["parts"], "cost_planned": acc["cost_planned"], "currency": "RUB"}
+    assert acc["parts"] >= 17 and acc["cost_planned"] == pytest.approx(acc["parts"] * 2.0)
 
 
 def test_plan_rerun_creates_nothing_twice(engine, tmp_path):
@@ -342,17 +342,32 @@ def test_report_counts_and_html(engine, tmp_path):
     cid, gw = _submitted(engine, tmp_path, 20, undelivered_rate=0.5)
     store_receipts(engine, "sandbox", gw.fetch_receipts())
     apply_receipts(engine)
+    from tasks.outcomes import OUTCOMES, message_outcomes
+
     rep = collect(engine, "camp")
     row = rep.rows[0]
     assert row["planned"] == 20 and row["sent"] == 20
-    assert row["delivered"] + row["failed"] == 20
+    assert sum(row[b] for b in OUTCOMES) == 20  # every planned message in exactly one bucket
+    final = ("delivered", "undelivered", "expired", "rejected", "failed")
+    assert sum(row[b] for b in final) == 20 and 0 < row["undelivered"] < 20
     assert row["delivered"] == q(engine, "SELECT COUNT(*) FROM outbox WHERE state='delivered'")
     assert row["delivery_rate"] == pytest.approx(row["delivered"] / 20)
-    assert sum(f["count"] for f in rep.failures) == row["failed"]
+    assert sum(f["count"] for f in rep.failures) == 20 - row["delivered"]
+    o = message_outcomes(engine, cid)  # the CLI's summary and the report agree
+    assert {b: row[b] for b in OUTCOMES} == o["outcomes"] and o["sent"] == row["sent"]
+    assert o["cost_spent"] == pytest.approx(row["cost_spent"]) and row["currency"] == "RUB"
+    assert rep.funnel["planned"] == 20 and rep.funnel["contacts"] == 20
+    rate = f"{100 * row['delivered'] / 20:.1f} %"
+    shown = rep.display_rows()[0]
+    assert shown["delivery rate"] == rate and shown["spent"].endswith(" RUB")
     path = write_html(rep, tmp_path / "reports", "r")
     html = path.read_text(encoding="utf-8")
     assert "data:image/png;base64," in html and "camp" in html
-    assert "| camp | all | 20 | 20 |" in rep.markdown()
+    md = rep.markdown()
+    assert f"| camp | all | 20 | {row['delivered']} | {row['undelivered']} |" in md
+    for text_ in (md, html):  # one vocabulary: the same rate string, no raw fractions, a currency
+        assert rate in text_ and "RUB" in text_ and "at most once per idempotency key" in text_
+        assert f"{row['delivery_rate']:.3f}" not in text_
 
 
 def test_gateway_outage_mid_campaign_loses_nothing_and_doubles_nothing(engine, tmp_path, monkeypatch):

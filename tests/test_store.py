@@ -26,7 +26,7 @@ def test_migrate_is_idempotent(any_store):
     eng = get_engine(any_store)
     migrate(eng)  # second upgrade to head is a no-op
     with eng.connect() as c:
-        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0005"
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0006"
     dispose_engines()
 
 

@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 
 from blocks.registry import load_crm, load_gateway
+from smsflow import progress
 from flows.crm_extract import crm_extract
 from flows.reconcile import reconcile
 from flows.render import render
@@ -46,20 +47,31 @@ def campaign(params: CampaignParams, database_url: str | None = None) -> dict:
     log = get_run_logger()
     source = load_crm(params.source_block).source_name
     gw = load_gateway(params.gateway_block)
-    crm_extract(params.source_block, params.full_refresh, database_url)
-    validate_and_dedup(source, database_url=database_url)
-    segment_flow(source, params.segment, params.segments_file, database_url)
+    progress.step("campaign", f"{params.name}: extract from {params.source_block}, then validate, segment, render"
+                  + ("" if params.dry_run else ", send, reconcile, report"))
+    ex = crm_extract(params.source_block, params.full_refresh, database_url)
+    progress.step("extract", f"{ex['rows']} CRM rows read, {ex['quarantined']} quarantined")
+    va = validate_and_dedup(source, database_url=database_url)
+    progress.step("validate", f"{va['checked']} checked: {va['valid']} valid, {va['quarantined']} quarantined, "
+                              f"{va['duplicates']} duplicates")
+    seg = segment_flow(source, params.segment, params.segments_file, database_url)
+    progress.step("segment", f"{seg['segment']}: {seg['members']} contacts")
     rendered = render(params.name, params.template, source, params.segment, gw.price_per_segment,
                       params.gateway_block, database_url, params.policy, params.ends_at, gw.sender_id,
                       getattr(gw, "currency", "RUB"))
     engine = get_engine(database_url)
     cid = rendered["campaign_id"]
     log_event(engine, "campaign.planned", campaign_id=cid, payload={k: rendered[k] for k in ("planned", "parts", "cost_planned", "currency")})
+    progress.step("render", f"{rendered['planned']} planned, {rendered['no_consent']} without consent, "
+                            f"{rendered['render_failed']} failed to render, {rendered['parts']} parts")
     result: dict = {}
     if not params.dry_run:
         result["send"] = send(params.name, params.gateway_block, params.rate, database_url, params.now)
+        progress.step("send", f"{result['send'].get('submitted', 0)} handed to {params.gateway_block}")
+        progress.step("reconcile", f"waiting up to {params.wait_for_receipts_s:.0f} s for final receipts")
         result["reconcile"] = reconcile(params.gateway_block, params.name, params.wait_for_receipts_s, None, database_url)
         result["report"] = report(params.name, None, database_url)["html"]
+        progress.step("report", "written")
     summary = campaign_accounting(engine, cid)
     if not params.dry_run:
         summary.update(message_outcomes(engine, cid))

@@ -15,8 +15,20 @@ if [ ! -x .venv/bin/python ]; then
     rm -rf .venv && "$PY" -m venv .venv
   fi
 fi
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-# requirements.lock pins every dependency (pip freeze of a verified environment)
-.venv/bin/python -m pip install -q -c requirements.lock -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import prefect, great_expectations, pandas, sqlalchemy, smsflow" \
-  || { echo "dependency installation failed" >&2; exit 1; }
+# Nothing to do when the locked dependencies and the project's metadata did not change since the
+# last successful install (the demo then starts at once); pip's output is shown only if it fails.
+STAMP=.venv/.smsflow-installed
+WANT=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+  echo "installing the locked dependencies into .venv (first run: a few minutes)" >&2
+  LOG=$(mktemp)
+  if ! { .venv/bin/python -m pip install -q --upgrade pip \
+         && .venv/bin/python -m pip install -q -c requirements.lock -e ".[test]"; } >"$LOG" 2>&1; then
+    grep -v "^WARNING: Location" "$LOG" >&2; rm -f "$LOG"
+    echo "dependency installation failed" >&2; exit 1
+  fi
+  rm -f "$LOG"
+  .venv/bin/python -c "import prefect, great_expectations, pandas, sqlalchemy, smsflow" \
+    || { echo "dependency installation failed" >&2; exit 1; }
+  echo "$WANT" > "$STAMP"
+fi

@@ -31,6 +31,10 @@ def _prefect_session():
     from smsflow.processes import console_without_tracebacks, embedded_prefect_api, exit_on_signals
 
     exit_on_signals()
+    if not os.environ.get("PREFECT_API_URL"):
+        from smsflow import progress
+
+        progress.step("prefect", "starting a temporary local Prefect API (set PREFECT_API_URL to use a server)")
     with embedded_prefect_api():
         if not os.environ.get("SMSFLOW_TRACEBACKS"):
             console_without_tracebacks()
@@ -101,8 +105,11 @@ def _name_part(text: str) -> str:
 
 
 def _quiet_prefect_to_stderr() -> None:
-    """Prefect's console logs must not mix with the JSON on stdout."""
+    """Prefect's console logs must not mix with the JSON on stdout; our steps' progress goes to stderr."""
+    from smsflow import progress
+
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    progress.show_on_stderr()
 
 
 def _save_gateway_if_missing(name: str) -> None:

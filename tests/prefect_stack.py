@@ -140,12 +140,14 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("prefect-server")
     home = base / "home"
     home.mkdir()
-    (port,) = free_ports(1)
+    (port,) = free_ports(1)  # never 4200: the README's order of commands must work on any port
     env = _clean_env(
         home,
         # Schedules are stored and checked, but no scheduled run is created (see module doc).
         PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false",
-    )  # and no PREFECT_API_URL for the server itself
+        # as the README says: exported before the server starts, so the UI looks for its API here
+        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+    )
     t0 = time.monotonic()
     proc = Proc("server", [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                 env, base, base / "server.log")

@@ -94,3 +94,13 @@ def test_validate_reads_russian_excel_exports(tmp_path):
     assert res.returncode == 0, res.stderr
     with open(out, encoding="utf-8") as f:
         assert [r["phone_e164"] for r in csv.DictReader(f)] == ["+79161234567"]
+
+
+def test_setup_is_silent_and_instant_when_nothing_changed():
+    """scripts/setup.sh after a successful install (the suite runs after one): no pip run, no output."""
+    from smsflow.settings import PROJECT_ROOT
+
+    res = subprocess.run(["bash", "scripts/setup.sh"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    again = subprocess.run(["bash", "scripts/setup.sh"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert (again.returncode, again.stdout, again.stderr) == (0, "", "")

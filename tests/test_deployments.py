@@ -11,7 +11,7 @@ What runs (all in subprocesses, nothing in this process talks to Prefect):
    SMSFLOW_DATA_DIR; a worker is started OUTSIDE the repository (its cwd is a tmp dir: the
    pull step must find the code) with SMSFLOW_DATA_DIR in its environment, which its
    flow-run processes inherit.
-4. ``prefect deployment run 'campaign/on-demand' --param params=... --watch`` (the
+4. ``prefect deployment run 'campaign/run-campaign' --param params=... --watch`` (the
    deployment's own default parameters, relative template path included, plus a pinned
    policy clock: see POLICY_NOW) must finish COMPLETED with every step's subflow COMPLETED,
    and the outbox in the tmp store must hold the campaign's messages, delivered ones among
@@ -50,13 +50,13 @@ EXPECTED = {  # "flow/deployment" -> entrypoint
     "crm-extract/hourly-incremental": "flows/crm_extract.py:crm_extract",
     "reconcile/every-5-minutes": "flows/reconcile.py:reconcile",
     "report/nightly-metrics": "flows/report.py:report",
-    "validate-and-dedup/on-demand": "flows/validate_and_dedup.py:validate_and_dedup",
-    "segment/on-demand": "flows/segment.py:segment",
-    "render/on-demand": "flows/render.py:render",
-    "send/on-demand": "flows/send.py:send",
+    "validate-and-dedup/revalidate-contacts": "flows/validate_and_dedup.py:validate_and_dedup",
+    "segment/rebuild-segment": "flows/segment.py:segment",
+    "render/plan-messages": "flows/render.py:render",
+    "send/send-planned-now": "flows/send.py:send",
     "send/due-every-10-minutes": "flows/send.py:send",
-    "campaign/on-demand": "flows/campaign.py:campaign",
-    "crm-writeback/on-demand": "flows/crm_writeback.py:crm_writeback",
+    "campaign/run-campaign": "flows/campaign.py:campaign",
+    "crm-writeback/write-back-to-crm": "flows/crm_writeback.py:crm_writeback",
     "journey/crm-events": "flows/journey.py:journey",
 }
 FINAL_STATES = {"delivered", "undelivered", "expired", "rejected", "failed"}
@@ -116,6 +116,9 @@ def worker(server, deployed, data_dir, tmp_path_factory):
 # ----------------------------------------------------------------------------- tests
 def test_every_deployment_and_schedule(server, deployed):
     assert set(deployed) == set(EXPECTED), f"deployed: {sorted(deployed)}"
+    # the UI served on a port other than 4200 finds its API (the README's order of commands)
+    assert not server.api.startswith("http://127.0.0.1:4200")
+    assert server.http.get(server.api.removesuffix("/api") + "/ui-settings").json()["api_url"] == server.api
     pull = [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO_ROOT)}}]
     for key, entrypoint in EXPECTED.items():
         d = deployed[key]
@@ -131,9 +134,11 @@ def test_every_deployment_and_schedule(server, deployed):
         assert all(x["active"] for x in s), (key, s)
         return [x["schedule"] for x in s]
 
-    for key in EXPECTED:
-        if key.endswith("/on-demand"):
-            assert schedules(key) == [], key
+    on_demand = {"campaign/run-campaign", "validate-and-dedup/revalidate-contacts", "segment/rebuild-segment",
+                  "render/plan-messages", "send/send-planned-now", "crm-writeback/write-back-to-crm"}
+    for key in on_demand:
+        assert schedules(key) == [], key
+    assert len({k.split("/")[1] for k in EXPECTED}) == len(EXPECTED)  # names that tell the deployments apart
 
     (nightly,) = schedules("report/nightly-metrics")
     assert nightly.get("cron") == "0 2 * * *" and nightly.get("timezone") == "Europe/Moscow", nightly
@@ -162,7 +167,7 @@ def test_every_deployment_and_schedule(server, deployed):
     assert trig.get("expect") == ["crm.*"] and trig.get("match", {}).get("prefect.resource.id") == "crm.*", trig
     assert automations[0]["enabled"]
 
-    camp = deployed["campaign/on-demand"]["parameters"]["params"]
+    camp = deployed["campaign/run-campaign"]["parameters"]["params"]
     assert camp["name"] == "demo-campaign" and camp["template"] == "templates/demo_promo.yaml", camp
     assert (REPO_ROOT / camp["template"]).is_file()
 
@@ -188,9 +193,9 @@ def test_campaign_deployment_runs_on_a_worker(server, deployed, data_dir, worker
     # addition: the policy clock. Marketing goes out 10:00-21:00 in the contact's local time and
     # not on Russian public holidays; at the real "now" (a night, a holiday) every message may
     # rightly be deferred. POLICY_NOW is inside the window for most demo time zones.
-    params = dict(deployed["campaign/on-demand"]["parameters"]["params"], now=POLICY_NOW)
-    _, took = _run(server, "campaign/on-demand", worker, "--param", f"params={json.dumps(params)}")
-    TIMINGS["run campaign/on-demand (--watch)"] = took
+    params = dict(deployed["campaign/run-campaign"]["parameters"]["params"], now=POLICY_NOW)
+    _, took = _run(server, "campaign/run-campaign", worker, "--param", f"params={json.dumps(params)}")
+    TIMINGS["run campaign/run-campaign (--watch)"] = took
 
     # every step ran as a subflow of the campaign and completed
     runs = server.post("/flow_runs/filter")
@@ -299,10 +304,10 @@ def test_cancelling_a_running_campaign_stops_its_process_and_releases_its_claims
 
     store = data_dir / "smsflow.sqlite"
     name = "cancel-me"
-    params = dict(deployed["campaign/on-demand"]["parameters"]["params"], now=POLICY_NOW, name=name, rate=3,
+    params = dict(deployed["campaign/run-campaign"]["parameters"]["params"], now=POLICY_NOW, name=name, rate=3,
                   wait_for_receipts_s=0, policy={"marketing_window": {"start": "00:00", "end": "23:59",
                                                                         "skip_holidays": False}})
-    run_id = _start_run(server, "campaign/on-demand", params)
+    run_id = _start_run(server, "campaign/run-campaign", params)
     wait_for(lambda: _handed_over(store, name) >= 5, "the run to send", RUN_TIMEOUT, 0.1)
     pids = _flow_run_pids(worker.popen.pid, run_id)
     assert pids
@@ -331,11 +336,11 @@ def test_kill_9_of_a_deployment_run_and_of_the_worker_then_rerun(server, deploye
         for round_ in ("flow-run process", "worker and flow-run process"):
             name = f"crash-deploy-{len(names)}"  # a campaign of its own per round
             names.append(name)
-            params = dict(deployed["campaign/on-demand"]["parameters"]["params"], now=POLICY_NOW, name=name, rate=4,
+            params = dict(deployed["campaign/run-campaign"]["parameters"]["params"], now=POLICY_NOW, name=name, rate=4,
                           wait_for_receipts_s=0, policy={"marketing_window": {"start": "00:00", "end": "23:59",
                                                                                 "skip_holidays": False}})
             before = _handed_over(store, name)
-            run_id = _start_run(server, "campaign/on-demand", params)
+            run_id = _start_run(server, "campaign/run-campaign", params)
             wait_for(lambda: _handed_over(store, name) >= before + 10, f"{round_}: the run to send", RUN_TIMEOUT, 0.1)
             pids = _flow_run_pids(current.popen.pid, run_id)
             assert pids, f"no process for flow run {run_id}"
@@ -352,7 +357,7 @@ def test_kill_9_of_a_deployment_run_and_of_the_worker_then_rerun(server, deploye
                 spare.append(current)
             else:  # the worker saw its flow-run process die
                 assert _wait_state(server, run_id, {"CRASHED", "FAILED"}, 60) in {"CRASHED", "FAILED"}
-            rerun = _start_run(server, "campaign/on-demand", params)
+            rerun = _start_run(server, "campaign/run-campaign", params)
             wait_for(lambda: _handed_over(store, name) > at_kill, f"{round_}: the rerun to send", 90, 0.2)
             resumed.append(time.monotonic() - t_kill)
             assert _wait_state(server, rerun, {"COMPLETED", "FAILED", "CRASHED"}, RUN_TIMEOUT) == "COMPLETED", \

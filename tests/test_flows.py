@@ -299,6 +299,7 @@ def test_cli_campaign_reads_the_exports_people_have(tmp_path, kind):
     said = {"cp1251-semicolon": "CSV, encoding cp1251 (detected), delimiter ';' (detected)",
             "utf16-tab": "CSV, encoding utf-16 (detected), delimiter tab (detected)", "xlsx": "XLSX, first sheet"}[kind]
     assert f"reading {path.name}: {said}" in res.stderr
+    assert "extract   12 CRM rows read" in res.stderr and "render    12 planned" in res.stderr  # progress per step
     assert "campaign: выгрузка-t (rerun with --name выгрузка-t" in res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["contacts"] == 12 and out["planned"] == 12

@@ -21,6 +21,7 @@ from flows.send import send
 from flows.validate_and_dedup import validate_and_dedup
 from store.db import get_engine
 from tasks.policy import ContactPolicy
+from tasks.render import template_library
 from tasks.accounting import campaign_accounting, finish_campaign, log_event
 from tasks.outcomes import message_outcomes
 
@@ -28,22 +29,26 @@ from tasks.outcomes import message_outcomes
 class CampaignParams(BaseModel):
     name: str = Field(description="Campaign name; rerunning the same name resumes it.", min_length=1, max_length=200)
     source_block: str = Field(default="demo-crm", description="CRM source Block name.")
-    template: str = Field(description="Template file (YAML with language variants, or a Jinja2 file).")
-    segment: str = Field(default="all")
+    template: str = Field(description="Template from the project's library (templates/*.yaml, e.g. demo_promo); "
+                          "the CLI may give any template file's path.",
+                          json_schema_extra={"enum": template_library()})
+    segment: str = Field(default="all", description="Audience: 'all' or a segment from the segments file.")
     segments_file: str | None = Field(default=None, description="YAML file with segment definitions.")
     gateway_block: str = Field(default="sandbox", description="SMS gateway Block name.")
     rate: float | None = Field(default=None, gt=0, description="Messages per second (default: the gateway's).")
     dry_run: bool = Field(default=False, description="Plan and price the messages, send nothing.")
     wait_for_receipts_s: float = Field(default=30.0, ge=0, description="How long to wait for final receipts.")
     full_refresh: bool = Field(default=False, description="Ignore the extract watermark.")
-    policy: ContactPolicy | None = Field(default=None, description="Send windows, caps, consent rules (default: "
-                                         "marketing 10:00-21:00 local, not on Russian public holidays).")
+    policy: ContactPolicy = Field(default_factory=ContactPolicy, description="Send windows, caps, consent rules "
+                                  "(default: marketing 10:00-21:00 local, not on Russian public holidays).")
     ends_at: datetime | None = Field(default=None, description="Messages not sent by then expire.")
     now: datetime | None = Field(default=None, description="The clock for policy decisions (previews and tests).")
 
 
 @flow(name="campaign")
-def campaign(params: CampaignParams, database_url: str | None = None) -> dict:
+def campaign(params: CampaignParams) -> dict:
+    """The whole campaign. The store is the worker's (SMSFLOW_DATABASE_URL), never a form field."""
+    database_url = None
     log = get_run_logger()
     source = load_crm(params.source_block).source_name
     gw = load_gateway(params.gateway_block)

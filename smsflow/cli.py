@@ -305,7 +305,7 @@ def _run_campaign(source, block_name, template, name, gateway_block, segment, se
         rate=rate,
         dry_run=dry_run,
         wait_for_receipts_s=wait,
-        policy=policy,
+        **({"policy": policy} if policy is not None else {}),
         ends_at=end,
         now=clock,
     )

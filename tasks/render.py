@@ -391,8 +391,26 @@ def _load_jinja_group(base: str, files: list[tuple[Path, str | None]], *, defaul
         ) from exc.__cause__
 
 
+def template_library(directory: str | Path | None = None) -> list[str]:
+    """Names of the project's templates (``templates/*.yaml``): what the UI's campaign form offers."""
+    from smsflow.settings import PROJECT_ROOT
+
+    d = Path(directory) if directory else PROJECT_ROOT / "templates"
+    return sorted(p.stem for p in d.glob("*") if p.suffix.lower() in YAML_SUFFIXES) if d.is_dir() else []
+
+
+def resolve_template(name_or_path: str | Path) -> Path:
+    """A template name from the library (``demo_promo``) or a path, as a path."""
+    from smsflow.settings import PROJECT_ROOT
+
+    p = Path(name_or_path)
+    if p.suffix or p.is_file() or len(p.parts) > 1:
+        return p
+    return PROJECT_ROOT / "templates" / f"{p}.yaml"
+
+
 def load_template(path: str | Path) -> MessageTemplate:
-    """Load one template.
+    """Load one template (a path, or the name of one in the project's ``templates/``).
 
     * ``*.yaml`` / ``*.yml``: mapping with ``name`` (default: file stem),
       ``kind``, ``default_language``, ``variants``, ``footer``, ``sender_name``
@@ -404,7 +422,7 @@ def load_template(path: str | Path) -> MessageTemplate:
       whole group.  The plain ``<name>.<ext>`` file, if present, is the
       ``default_language`` ("ru") variant.
     """
-    path = Path(path)
+    path = resolve_template(path)
     suffix = path.suffix.lower()
     if suffix in YAML_SUFFIXES:
         return _load_yaml(path)

@@ -168,8 +168,14 @@ def test_every_deployment_and_schedule(server, deployed):
     assert automations[0]["enabled"]
 
     camp = deployed["campaign/run-campaign"]["parameters"]["params"]
-    assert camp["name"] == "demo-campaign" and camp["template"] == "templates/demo_promo.yaml", camp
-    assert (REPO_ROOT / camp["template"]).is_file()
+    assert camp["name"] == "demo-campaign" and camp["template"] == "demo_promo", camp
+    assert (REPO_ROOT / "templates" / f"{camp['template']}.yaml").is_file()
+    # the UI's form: what a marketer fills in (templates by name, policy fields), no internal settings
+    schema = deployed["campaign/run-campaign"]["parameter_openapi_schema"]
+    assert list(schema["properties"]) == ["params"]  # no database_url
+    form = schema["definitions"]["CampaignParams"]["properties"]
+    assert {"demo_promo", "order_shipped"} <= set(form["template"]["enum"])
+    assert form["policy"].get("$ref", "").endswith("/ContactPolicy") or "allOf" in form["policy"], form["policy"]
 
 
 def _run(server, name: str, worker, *extra: str) -> tuple[str, float]:

@@ -11,6 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.send import send
 from smsflow.settings import get_settings
 from store.db import get_engine
+from store.leases import StoreLease, process_holder
 from tasks.journey import (
     JourneyStats,
     cancel_runs,
@@ -26,6 +27,18 @@ from tasks.journey import (
 from tasks.journey_defs import load_journeys
 
 
+# One journey run at a time, through a store lease rather than a Prefect deployment concurrency limit:
+# Prefect renews a deployment slot's lease for 300 s, so a run killed with SIGKILL blocked the next
+# journey run for up to 5 minutes; this lease is free JOURNEY_LEASE_S after its holder's last renewal.
+JOURNEY_LEASE_S = 30.0
+
+
+def _run_holder() -> str:
+    from prefect.runtime import flow_run
+
+    return process_holder(f"journey:{flow_run.id or 'local'}")
+
+
 def _deployment_id():
     """The deployment this run belongs to (wake-ups are runs of it); None for a local run."""
     from prefect.runtime import deployment
@@ -38,10 +51,16 @@ def journey(journeys_dir: str | None = None, gateway_block: str = "sandbox", dat
             now: datetime | None = None, event: str | None = None) -> dict:
     """Process new CRM events and date/inactivity triggers, send every journey step that is due,
     and schedule a wake-up run for the next ones. Safe to run any number of times, concurrently
-    too: each (journey, entity, step) sends at most once. ``event`` only labels a triggered run."""
+    too: each (journey, entity, step) sends at most once; runs take turns (a store lease) so that
+    they do not repeat each other's work. ``event`` only labels a triggered run."""
     log = get_run_logger()
     journeys = load_journeys(journeys_dir or get_settings().journeys_dir)
     engine = get_engine(database_url)
+    with StoreLease(engine, "journey-runs", _run_holder(), ttl_s=JOURNEY_LEASE_S):
+        return _journey(log, journeys, engine, gateway_block, database_url, now, event)
+
+
+def _journey(log, journeys, engine, gateway_block, database_url, now, event) -> dict:
     stats = JourneyStats()
     stats.add(journey_events_task(journeys, database_url, now))
     stats.add(journey_triggers_task(journeys, database_url, now))

@@ -222,3 +222,43 @@ def test_signals_stop_a_running_campaign_with_its_children(tmp_path, sig):
         assert outbox_states(store).get("queued", 0) == 0, outbox_states(store)
     finally:
         p.kill()
+
+
+def test_kill_9_of_a_journey_run_frees_the_next_run_within_the_lease(tmp_path):
+    """`smsflow journey run` killed while it holds the `journey-runs` lease: the next run (the command
+    again, the next scheduled or event-triggered run) goes ahead within the lease's 30 s, not after
+    Prefect's 300-s deployment slot."""
+    from flows.journey import JOURNEY_LEASE_S
+    from smsflow.settings import PROJECT_ROOT
+
+    env = cli_env(tmp_path)
+    store = f"sqlite:///{tmp_path / 'data' / 'smsflow.sqlite'}"
+    args = smsflow("journey", "run", "--dir", str(PROJECT_ROOT / "journeys"))
+    p = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    kids = []
+    deadline = time.monotonic() + 120
+    held = None
+    while held is None and p.poll() is None and time.monotonic() < deadline:
+        try:
+            with get_engine(store).begin() as c:
+                held = c.execute(text("SELECT holder FROM leases WHERE name = 'journey-runs'")).scalar()
+        except Exception:  # noqa: BLE001 - the store is created by the run
+            pass
+        if held is None:
+            kids = descendants(p.pid) or kids
+            time.sleep(0.01)
+    assert held is not None, f"the journey run never took its lease (exit {p.poll()}): {p.stderr.read()[-2000:]}"
+    kids = descendants(p.pid) or kids
+    p.kill()
+    killed_at = time.monotonic()
+    p.wait(10)
+    assert f":{p.pid}:journey:" in held
+    t0 = time.monotonic()
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
+    took = time.monotonic() - t0
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["journeys"], again.stdout
+    since_kill = time.monotonic() - killed_at
+    print(f"\njourney run killed -> next run finished: {since_kill:.1f} s (the rerun itself: {took:.1f} s)")
+    assert since_kill < JOURNEY_LEASE_S + 30  # lease + the command's own start-up, not 300 s
+    wait_for(lambda: not any(alive(k) for k in kids), "the killed run's temporary Prefect API to stop", 20)

@@ -167,6 +167,10 @@ def test_every_deployment_and_schedule(server, deployed):
     assert trig.get("expect") == ["crm.*"] and trig.get("match", {}).get("prefect.resource.id") == "crm.*", trig
     assert automations[0]["enabled"]
 
+    # journey runs take turns through a store lease: no deployment slot a killed run could keep for 300 s
+    j = deployed["journey/crm-events"]
+    assert not j.get("concurrency_limit") and not j.get("global_concurrency_limit"), j
+
     camp = deployed["campaign/run-campaign"]["parameters"]["params"]
     assert camp["name"] == "demo-campaign" and camp["template"] == "demo_promo", camp
     assert (REPO_ROOT / "templates" / f"{camp['template']}.yaml").is_file()

@@ -204,7 +204,7 @@ def test_order_journeys_end_to_end(server, deployed, stack):
     status = dict(_q(stack, "SELECT entity_id, status FROM journey_instances"))
     assert status == {"shop:X": "completed", "shop:Y": "exited", "shop:Z": "exited"}, status
     # X's review had its own wake-up run; it ends COMPLETED (it may find the step already planned
-    # by an event-triggered run that waited for the deployment's concurrency slot: nothing twice)
+    # by an event-triggered run that waited for the journey-runs lease: nothing twice)
     (x_wake, due, planned), = _q(
         stack, "SELECT s.wake_run_id, s.due_at, o.planned_at FROM journey_steps s JOIN journey_instances i "
                "ON i.id = s.instance_id JOIN outbox o ON o.idempotency_key = s.outbox_key "

@@ -253,8 +253,15 @@ class RawConn:
         self.sock, self.buf = None, b""
 
 
+# the callback service authenticates every receipt (SMSFLOW_CALLBACK_SECRET_<GATEWAY>): the raw client's
+# "bench-raw" and the project's unsaved KannelGateway ("kannelgateway") get one
+BENCH_CALLBACK_SECRET = "bench-secret-0123456789"
+for _gw in ("BENCH_RAW", "KANNELGATEWAY"):
+    os.environ.setdefault(f"SMSFLOW_CALLBACK_SECRET_{_gw}", BENCH_CALLBACK_SECRET)
+
+
 def raw_requests(stack: Stack, dlr_base: str, n: int, run: str, ucs2: bool) -> list[bytes]:
-    pattern = dlr_base + "?ref={ref}&type=%d&answer=%A&msgid=%F&smsc=%i&ts=%T&gw=bench-raw"
+    pattern = dlr_base + f"?ref={{ref}}&type=%d&answer=%A&msgid=%F&smsc=%i&ts=%T&gw=bench-raw&key={BENCH_CALLBACK_SECRET}"
     common = (f"username={USER}&password={quote(PASSWORD, safe='')}&from=SMSFLOW&dlr-mask=31&charset=UTF-8"
               + ("&coding=2" if ucs2 else ""))
     out = []

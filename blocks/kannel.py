@@ -357,14 +357,14 @@ class KannelGateway(SmsGateway):
 
     @staticmethod
     def _is_ucs2(m: OutgoingMessage) -> bool:
-        from tasks.sms_encoding import UCS2, is_gsm7
+        from smsflow.sms_encoding import UCS2, is_gsm7
 
         return m.encoding == UCS2 or not is_gsm7(m.text)
 
     def _segments(self, m: OutgoingMessage) -> int:
         if len(m.text) * 2 <= 67 * self.max_parts:  # certainly short enough, skip the exact count
             return m.segments
-        from tasks.sms_encoding import sms_info
+        from smsflow.sms_encoding import sms_info
 
         return max(m.segments, sms_info(m.text).segments)
 

@@ -116,7 +116,7 @@ def queue_auto_reply(conn, inbound_id: int, contact_id: int | None, phone: str, 
                      gateway: str) -> None:
     """Plan the auto-reply in the outbox (transactional campaign 'auto-replies'); the send flow
     delivers it like any message, at most once per inbound message."""
-    from tasks.sms_encoding import sms_info
+    from smsflow.sms_encoding import sms_info
 
     now = utcnow()
     cid = conn.execute(text("SELECT id FROM campaigns WHERE name = :n"), {"n": AUTO_REPLY_CAMPAIGN}).scalar()

@@ -394,7 +394,7 @@ def _contact_context(conn: Connection, contact_id: int | None) -> dict[str, Any]
 def _plan_one(conn: Connection, j: Journey, step: Step, row, gateway: str | None, now: datetime,
               stats: JourneyStats) -> None:
     from tasks.render import RenderError, render_contact
-    from tasks.sms_encoding import sms_info
+    from smsflow.sms_encoding import sms_info
 
     def finish(status: str, reason: str | None = None, key: str | None = None) -> bool:
         return bool(conn.execute(update(JourneyStep).where(JourneyStep.id == row.step_id, JourneyStep.status == "scheduled")

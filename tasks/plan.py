@@ -17,7 +17,8 @@ from typing import Any
 from sqlalchemy import text
 
 from store.db import Columns, bulk_insert, read_frame, utcnow
-from tasks.extract import gc_paused, write_quarantine
+from store.quarantine import write_quarantine
+from tasks.extract import gc_paused
 from tasks.render import MessageTemplate, init_render_worker, render_batch, render_chunk
 
 OUTBOX_INSERT_FIELDS = (

@@ -50,7 +50,7 @@ from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError
 from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
-from tasks.sms_encoding import sms_info_batch
+from smsflow.sms_encoding import sms_info_batch
 
 __all__ = [
     "DEFAULT_FOOTERS",

@@ -33,7 +33,7 @@ class CampaignReport:
     failures: list[dict[str, Any]]  # campaign, reason, count
     held: list[dict[str, Any]] = None  # campaign, rule, outcome (deferred | held back | expired), count
     funnel: dict[str, Any] | None = None  # one campaign's contact funnel (tasks.accounting)
-    quarantine: list[dict[str, Any]] | None = None  # one campaign's quarantine reasons (tasks.quarantine)
+    quarantine: list[dict[str, Any]] | None = None  # one campaign's quarantine reasons (store.quarantine)
     campaign: str | None = None
     html_path: Path | None = None
 
@@ -146,7 +146,7 @@ def collect(engine, campaign: str | None = None) -> CampaignReport:
                  for h in held.to_dict("records")]
     funnel = quarantine = None
     if cid is not None:
-        from tasks import quarantine as q
+        from store import quarantine as q
         from tasks.accounting import campaign_accounting
 
         funnel = campaign_accounting(engine, cid)

@@ -15,7 +15,6 @@ the bookkeeping; the docstring of ``_SendLoop`` says why that keeps every guaran
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection
@@ -27,7 +26,8 @@ import pandas as pd
 from sqlalchemy import text
 
 from blocks.gateway import GatewayUnavailable, OutgoingMessage, SmsGateway, SubmitResult
-from store.db import bulk_update, executemany, is_postgres, read_frame, utcnow
+from smsflow.ratelimit import TokenBucket
+from store.db import executemany, is_postgres, read_frame, utcnow
 
 log = logging.getLogger("smsflow.send")
 
@@ -42,40 +42,6 @@ GATEWAY_LEASE_S = 30.0
 # gateway lease, holder "host:pid:<claimer>", for as long as it has claims); ``row``: the outbox alias
 _LIVE_CLAIMER = ("EXISTS (SELECT 1 FROM leases l WHERE l.holder LIKE '%:' || {row}.claimed_by "
                  "AND l.expires_at >= :now)")
-
-
-class TokenBucket:
-    """Token bucket: ``rate`` tokens per second, at most ``capacity`` banked."""
-
-    def __init__(self, rate: float, capacity: float | None = None, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
-        if rate <= 0:
-            raise ValueError("rate must be positive")
-        self.rate = float(rate)
-        self.capacity = float(capacity if capacity is not None else max(1.0, rate / 10))
-        self._clock = clock
-        self._sleep = sleep
-        self._tokens = self.capacity
-        self._last = clock()
-        self._lock = threading.Lock()
-
-    def acquire(self, n: int = 1) -> float:
-        """Block until ``n`` tokens are available; returns seconds waited."""
-        waited = 0.0
-        need = float(n)
-        with self._lock:
-            while True:
-                now = self._clock()
-                self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
-                self._last = now
-                take = min(need, self._tokens)
-                self._tokens -= take
-                need -= take
-                if need <= 1e-9:
-                    return waited
-                delay = min(need, self.capacity) / self.rate
-                self._sleep(delay)
-                waited += delay
 
 
 class CircuitBreaker:

@@ -18,6 +18,7 @@ import pandas as pd
 from sqlalchemy import bindparam, text
 
 from store.db import bulk_update, executemany, is_postgres, read_columns, read_frame, utcnow
+from store.quarantine import write_quarantine
 from tasks.validate import ExtractCheckResult, check_extract, find_duplicates, normalize_phones_parallel
 
 RECEIPT_KIND = "extract.validated"  # a validated extract batch not yet reported by validate_and_dedup
@@ -141,8 +142,6 @@ class BatchValidation:
     def store(self, conn, rows, verdicts: Verdicts, check: ExtractCheckResult) -> None:
         """Quarantine rows for the batch's bad phones, stale ones cleared for its valid contacts, and the
         receipt validate_and_dedup reports from; in the batch's transaction."""
-        from tasks.extract import write_quarantine
-
         crm = rows["crm_id"]
         bad = [i for i, c in enumerate(verdicts.codes) if c != "ok"]
         if self.quarantined:  # contacts quarantined before whose phone is fine now (usually none)
@@ -284,8 +283,6 @@ def _validate_new(engine, source: str, default_region: str, processes: int, stat
                  "(SELECT id FROM contacts WHERE source = :s AND status = 'valid')"),
             {"s": source},
         )
-        from tasks.extract import write_quarantine
-
         write_quarantine(conn, quarantine)
     _add_counts(stats.by_status, norm["phone_status"].value_counts().to_dict())
     stats.quarantined += int((~ok).sum())

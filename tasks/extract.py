@@ -19,6 +19,8 @@ from store.db import Columns, bulk_insert, json_text, utcnow
 from store.quarantine import write_quarantine
 from tasks.validate import ExtractSchemaError, PhoneClassifier
 from tasks.validate_store import BatchValidation, apply_verdicts, check_values
+from smsflow.settings import get_settings
+from store.db import executemany, get_engine, is_postgres
 
 REQUIRED_COLUMNS = ("id", "phone")
 TRUTHY = {"1", "true", "t", "yes", "y", "да", "д", "on"}
@@ -301,7 +303,6 @@ def audit_consent_changes(conn: Connection, source: str, rows: ContactBatch, kno
     inserted (ids above ``after_id``, the largest id before this batch's upsert in the same
     transaction): no per-row round trip, which matters on a first import where nearly every contact
     is 'granted'. Without ``after_id`` they go the general way, with the changed known contacts."""
-    from store.db import executemany, is_postgres
 
     now = utcnow()
     changes = []
@@ -657,14 +658,12 @@ def extract_task(source: CrmSource, full_refresh: bool, batch_size: int, databas
     written once with its validation verdict (see :func:`extract_source`)."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-    from store.db import get_engine
 
     progress = create_progress_artifact(0.0, description=f"extract {source.source_name}")
 
     def on_batch(s: ExtractStats) -> None:
         update_progress_artifact(progress, 50.0, description=f"{s.rows} rows extracted")
 
-    from smsflow.settings import get_settings
 
     settings = get_settings()
     stats = extract_source(get_engine(database_url), source, full_refresh=full_refresh, batch_size=batch_size,

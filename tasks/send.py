@@ -28,6 +28,10 @@ from sqlalchemy import text
 from blocks.gateway import GatewayUnavailable, OutgoingMessage, SmsGateway, SubmitResult
 from smsflow.ratelimit import TokenBucket
 from store.db import executemany, is_postgres, read_frame, utcnow
+from store.db import get_engine
+from store.leases import process_holder, StoreLease
+from tasks.policy import enforce_at_claim
+from tasks.reconcile import apply_receipts
 
 log = logging.getLogger("smsflow.send")
 
@@ -145,7 +149,6 @@ def recover_in_flight(engine, campaign_id: int, gateway: SmsGateway, run_id: str
        for a gateway whose lookup is authoritative (it would know), otherwise only after
        ``evidence_grace_s`` since the claim, by when its receipts would have arrived.
     Returns (settled as submitted or final, planned again)."""
-    from tasks.reconcile import apply_receipts
 
     now = utcnow()
     # with ``claimers_hold_leases`` (senders run by send_task hold a store lease named after their claimer
@@ -192,7 +195,6 @@ def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = C
     (the send loop claims the next batch while submitting the current one). Their other messages
     stay 'planned' for a later claim, because frequency caps count what is recorded as submitted
     and would not see the message in flight yet."""
-    from tasks.policy import enforce_at_claim
 
     started = time.monotonic()  # the lease runs from (at the latest) here
     clock = now or datetime.now(timezone.utc)  # the policy's clock (may be injected: dry runs, tests)
@@ -612,8 +614,6 @@ def send_task(campaign_id: int, gateway: SmsGateway, rate: float, max_messages: 
     campaigns sharing a provider share its rate limit; a dead sender's lease lapses by itself."""
     from prefect.context import get_run_context
 
-    from store.db import get_engine
-    from store.leases import StoreLease, process_holder
 
     engine = get_engine(database_url)
     ctx = get_run_context()

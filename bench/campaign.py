@@ -473,7 +473,7 @@ def phase_naive(n: int, d: Path, args) -> dict:
     from store.db import get_engine
     from store.models import Campaign, Contact, Outbox
     from tasks.render import DEFAULT_FOOTERS
-    from tasks.sms_encoding import sms_info
+    from smsflow.sms_encoding import sms_info
 
     m = min(n, args.naive_max)
     engine = get_engine(f"sqlite:///{d}/naive.sqlite")  # schema creation not timed

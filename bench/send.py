@@ -479,7 +479,7 @@ class TimedGateway:
 
 
 def timed_bucket(rate: float, breakdown: Breakdown | None = None, releases: list | None = None):
-    from tasks.send import TokenBucket
+    from smsflow.ratelimit import TokenBucket
 
     class TimedBucket(TokenBucket):
         def acquire(self, n: int = 1) -> float:
@@ -597,7 +597,7 @@ def smpp_bench(gw, n: int, ucs2: bool) -> dict:
     measure as the raw client's "accepted". Separately: start -> every final receipt spooled (the
     gateway keeps its binds open up to receipt_linger_s and stops as soon as the last one is in)."""
     from blocks.gateway import OutgoingMessage
-    from tasks.sms_encoding import sms_info
+    from smsflow.sms_encoding import sms_info
 
     run = "smpp" + uuid.uuid4().hex[:6]
     msgs = []

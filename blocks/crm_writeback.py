@@ -42,6 +42,7 @@ from pydantic import Field
 
 from blocks.crm import CONTACT_COLUMNS, CrmSource, CrmSourceError
 from smsflow.privacy import mask_phones_in
+from smsflow.ratelimit import TokenBucket
 
 log = logging.getLogger("smsflow.crm")
 
@@ -540,8 +541,6 @@ class RestCrmSource(CrmSource, CrmWriteBack):
         if active is not None:
             yield active
             return
-        from tasks.send import TokenBucket
-
         client = httpx.Client(base_url=self._base_url(), headers=self._headers(), timeout=self.timeout_s,
                               transport=getattr(self, "_transport", None))
         call = RestCaller(client, vendor=f"{self._vendor} '{self.source_name}'", classify=self._classify,

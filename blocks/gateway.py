@@ -24,6 +24,7 @@ from pathlib import Path
 
 from prefect.blocks.core import Block
 from pydantic import Field
+from smsflow.settings import get_settings
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,6 @@ class SandboxGateway(SmsGateway):
     def _path(self) -> Path:
         if self.state_path:
             return Path(self.state_path)
-        from smsflow.settings import get_settings
 
         return get_settings().data_dir / "sandbox_gateway.sqlite"
 

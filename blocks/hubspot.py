@@ -56,6 +56,7 @@ from blocks.crm_writeback import (
     retry_after_seconds,
     truthy,
 )
+from smsflow.ratelimit import TokenBucket
 
 NOTE_TO_CONTACT = 202
 
@@ -96,8 +97,6 @@ class HubSpotCrm(RestCrmSource):
         return self.note_batch_size
 
     def _on_session_open(self, call: RestCaller) -> None:
-        from tasks.send import TokenBucket
-
         call.search_bucket = TokenBucket(self.search_rate_per_second, capacity=1)
 
     def _classify(self, r: httpx.Response) -> Verdict:

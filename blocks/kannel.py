@@ -79,6 +79,7 @@ from pydantic import Field, SecretStr
 from blocks.gateway import GatewayUnavailable, OutgoingMessage, Receipt, SmsGateway, SubmitResult
 from smsflow.callback_auth import current_secret
 from smsflow.privacy import mask_phone, mask_phones_in
+from smsflow.sms_encoding import is_gsm7, sms_info, UCS2
 
 log = logging.getLogger("smsflow.gateway.kannel")
 
@@ -357,14 +358,12 @@ class KannelGateway(SmsGateway):
 
     @staticmethod
     def _is_ucs2(m: OutgoingMessage) -> bool:
-        from tasks.sms_encoding import UCS2, is_gsm7
 
         return m.encoding == UCS2 or not is_gsm7(m.text)
 
     def _segments(self, m: OutgoingMessage) -> int:
         if len(m.text) * 2 <= 67 * self.max_parts:  # certainly short enough, skip the exact count
             return m.segments
-        from tasks.sms_encoding import sms_info
 
         return max(m.segments, sms_info(m.text).segments)
 

@@ -19,7 +19,7 @@ Submitting
 
   Encoding: GSM-7 text goes as data_coding 0, GSM 03.38 *unpacked* (one septet per byte,
   extension characters as ESC 0x1B + code); anything else (or ``encoding == "UCS-2"``) as
-  data_coding 8, UTF-16-BE. Longer messages are split with ``tasks.sms_encoding.split_parts``
+  data_coding 8, UTF-16-BE. Longer messages are split with ``smsflow.sms_encoding.split_parts``
   and each part carries a concatenation UDH (esm_class 0x40, ``05 00 03 ref total seq``);
   the parts of one message go one after the other on the same session (the next part once the
   previous one is accepted), and the message's id is the first part's.
@@ -79,6 +79,9 @@ from pydantic import Field, PrivateAttr, SecretStr
 
 from blocks.gateway import GatewayUnavailable, OutgoingMessage, Receipt, SmsGateway, SubmitResult
 from smsflow.privacy import mask_phone
+from blocks.kannel import KannelGateway
+from smsflow.settings import get_settings
+from smsflow.sms_encoding import is_gsm7, split_parts, UCS2
 
 log = logging.getLogger("smsflow.gateway.smpp")
 
@@ -164,7 +167,6 @@ def _split_ucs2(text: str, limit: int) -> list[str]:
 
 def encode_message(text: str, ucs2: bool) -> tuple[int, list[bytes]]:
     """(data_coding, [payload of each part without UDH])."""
-    from tasks.sms_encoding import is_gsm7, split_parts
 
     if not ucs2 and is_gsm7(text):
         return 0, [gsm7_encode(p) for p in split_parts(text)]
@@ -187,7 +189,6 @@ def decode_short_message(data_coding: int, raw: bytes, dcs0: str = "gsm") -> str
 
 
 def parse_receipt_text(text: str) -> dict[str, str]:
-    from blocks.kannel import KannelGateway
 
     return KannelGateway.parse_receipt_text(text)
 
@@ -829,7 +830,6 @@ class SmppGateway(SmsGateway):
     def _spool(self) -> _Spool:
         if self.spool_path:
             return _Spool(Path(self.spool_path))
-        from smsflow.settings import get_settings
 
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.gateway_name)
         return _Spool(get_settings().data_dir / f"smpp_spool_{safe}.sqlite")
@@ -880,7 +880,6 @@ class SmppGateway(SmsGateway):
 
     # ------------------------------------------------------------------ submit
     def _prepare(self, m: OutgoingMessage) -> tuple[int, list[bytes]] | SubmitResult:
-        from tasks.sms_encoding import UCS2
 
         dst = m.phone_e164.lstrip("+")
         if not dst.isdigit() or len(dst) > 20:

@@ -8,14 +8,14 @@ from blocks.registry import load_gateway
 from smsflow.settings import get_settings
 from store.db import get_engine
 from tasks.reconcile import reconcile_task
+from tasks.inbound import store_and_apply
+from tasks.validate import normalize_phones
 
 
 def store_inbound(gw, database_url: str | None) -> int:
     """Replies pulled from a gateway (SMPP deliver_sm MO) go through the same keyword handling as the service's."""
     import pandas as pd
 
-    from tasks.inbound import store_and_apply
-    from tasks.validate import normalize_phones
 
     msgs = gw.fetch_inbound()
     if not msgs:

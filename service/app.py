@@ -18,6 +18,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from service.webhooks import MAX_BODY
 from smsflow.privacy import mask_phone
+from blocks.http_gateway import HttpGateway, verify_twilio_signature
+from blocks.kannel import KannelGateway
+from service.webhooks import authenticate, parse, WebhookError
+from smsflow.callback_auth import CallbackRefused, check
+from store.db import get_engine, utcnow
+from tasks.inbound import store_and_apply
+from tasks.reconcile import store_receipts
+from tasks.validate import normalize_phones
 
 log = logging.getLogger("smsflow.service")
 
@@ -114,7 +122,6 @@ def _client(request: Request) -> str:
 
 
 def create_app(database_url: str | None = None, *, emit_events: bool = True) -> FastAPI:
-    from store.db import get_engine
 
     app = FastAPI(title="smsflow callbacks", version="1")
     engine = get_engine(database_url)  # migrates on start
@@ -137,7 +144,6 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
 
     def authenticated_gateway(request: Request, params: dict[str, str], what: str) -> str:
         """The gateway a Kannel-side callback claims to come from, once its key is checked."""
-        from smsflow.callback_auth import CallbackRefused, check
 
         gw = params.get("gw") or "kannel"
         try:
@@ -161,7 +167,6 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
 
     @app.api_route("/callbacks/kannel/dlr", methods=["GET", "POST"])
     async def kannel_dlr(request: Request):
-        from blocks.kannel import KannelGateway
 
         params = await _params(request)
         gw = authenticated_gateway(request, params, "kannel dlr")
@@ -180,7 +185,6 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
     async def twilio_status(request: Request):
         import os
 
-        from blocks.http_gateway import HttpGateway, verify_twilio_signature
 
         token = os.environ.get("SMSFLOW_TWILIO_AUTH_TOKEN", "")
         form = await _params(request)
@@ -209,8 +213,6 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
 
         from sqlalchemy import text as sql
 
-        from service.webhooks import WebhookError, authenticate, parse
-        from store.db import utcnow
 
         body = await read_body(request)
         try:
@@ -250,8 +252,6 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
 
     async def _inbound(gateway: str, gid: str | None, sender: str | None, to: str | None, body: str | None,
                        raw: dict[str, Any]):
-        from tasks.inbound import store_and_apply
-        from tasks.validate import normalize_phones
 
         if not sender:
             return JSONResponse({"error": "missing sender ('from')"}, status_code=422)
@@ -299,7 +299,6 @@ class ReceiptWriter:
         import queue
         import time
 
-        from tasks.reconcile import store_receipts
 
         while True:
             items = [self.q.get()]

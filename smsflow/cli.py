@@ -49,7 +49,7 @@ def _fail(message: str, code: int = 2) -> None:
 @app.command("sms-info")
 def sms_info_cmd(text: str = typer.Argument(..., help="Message text")) -> None:
     """Encoding, characters, units and segments of a message, as one JSON object."""
-    from tasks.sms_encoding import sms_info
+    from smsflow.sms_encoding import sms_info
 
     typer.echo(json.dumps(sms_info(text).to_dict(), ensure_ascii=False))
 
@@ -266,7 +266,7 @@ def _campaign(source, template, name, gateway_block, segment, segments_file, rat
 def _held_back(campaign: str, out: Optional[Path]) -> list[dict]:
     """Print what a campaign held back (counts per reason, one masked example each); optionally a CSV."""
     from store.db import get_engine
-    from tasks import quarantine
+    from store import quarantine
 
     engine = get_engine()
     groups = quarantine.summary(engine, campaign=campaign)
@@ -467,7 +467,7 @@ def quarantine_cmd(
 ) -> None:
     """List what was held back and why: a summary per reason, then the rows (phones masked)."""
     from store.db import get_engine
-    from tasks import quarantine
+    from store import quarantine
 
     engine = get_engine()
     try:

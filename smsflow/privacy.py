@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from smsflow.settings import get_settings
 
 _PHONE_RE = re.compile(r"\+?\d[\d\s().-]{7,}\d")
 
@@ -33,7 +34,6 @@ def _salt() -> bytes:
     env = os.environ.get("SMSFLOW_SUPPRESSION_SALT")
     if env:
         return env.encode()
-    from smsflow.settings import get_settings
 
     path = get_settings().data_dir / ".suppression_salt"
     cached = _SALTS.get(str(path))

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
+from smsflow.settings import get_settings
 
 _ENGINES: dict[str, Engine] = {}
 _LOCK = threading.Lock()
@@ -62,7 +63,6 @@ def _sqlite_setup(engine: Engine) -> None:
 def get_engine(url: str | None = None) -> Engine:
     """One engine per URL per process; the schema is migrated on first use."""
     if url is None:
-        from smsflow.settings import get_settings
 
         url = get_settings().store_url
     with _LOCK:

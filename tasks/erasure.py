@@ -11,6 +11,7 @@ from sqlalchemy import text
 
 from smsflow.privacy import phone_hash
 from store.db import utcnow
+from tasks.validate import normalize_phones
 
 log = logging.getLogger("smsflow.erasure")
 
@@ -35,7 +36,6 @@ def _in(ids) -> str:
 
 def forget(engine, who: str, default_region: str = "RU") -> ErasureResult:
     """``who`` is a phone number (any format) or a CRM id. Everything happens in one transaction."""
-    from tasks.validate import normalize_phones
 
     who = who.strip()
     if not who:

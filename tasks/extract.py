@@ -16,7 +16,11 @@ from sqlalchemy.engine import Connection
 
 from blocks.crm import CONTACT_COLUMNS, CrmSource
 from store.db import Columns, bulk_insert, json_text, utcnow
-from tasks.validate import ExtractSchemaError
+from store.quarantine import write_quarantine
+from tasks.validate import ExtractSchemaError, PhoneClassifier
+from tasks.validate_store import BatchValidation, apply_verdicts, check_values
+from smsflow.settings import get_settings
+from store.db import executemany, get_engine, is_postgres
 
 REQUIRED_COLUMNS = ("id", "phone")
 TRUTHY = {"1", "true", "t", "yes", "y", "да", "д", "on"}
@@ -290,24 +294,6 @@ def upsert_contacts(conn: Connection, rows: ContactBatch) -> int:
     )
 
 
-QUARANTINE_FIELDS = ("step", "source", "row_key", "campaign_id", "contact_id", "reason_code", "reason", "payload")
-
-
-def write_quarantine(conn: Connection, rows: list[dict[str, Any]]) -> int:
-    """Quarantine rows, idempotent per (step, source, row_key): a rerun does not count them twice."""
-    if not rows:
-        return 0
-    return bulk_insert(
-        conn,
-        "quarantine",
-        QUARANTINE_FIELDS,
-        Columns([[r.get(f) for r in rows] for f in QUARANTINE_FIELDS]),  # converted column by column
-        on_conflict="update",
-        conflict_columns=("step", "source", "row_key"),
-        update_columns=("reason_code", "reason", "payload", "contact_id"),
-    )
-
-
 def audit_consent_changes(conn: Connection, source: str, rows: ContactBatch, known: dict[str, bool],
                           after_id: int | None = None) -> int:
     """One consent_changes row per contact whose CRM consent is new or different ('granted' /
@@ -317,7 +303,6 @@ def audit_consent_changes(conn: Connection, source: str, rows: ContactBatch, kno
     inserted (ids above ``after_id``, the largest id before this batch's upsert in the same
     transaction): no per-row round trip, which matters on a first import where nearly every contact
     is 'granted'. Without ``after_id`` they go the general way, with the changed known contacts."""
-    from store.db import executemany, is_postgres
 
     now = utcnow()
     changes = []
@@ -439,8 +424,6 @@ def _prepare_batch(df: pd.DataFrame, name: str, classifier) -> _Prepared:
     A big batch has both handed to the classifier's workers at once (the phones speculatively: their
     verdicts are dropped if the checks fail); a small one is checked here first, and its phones parsed
     only if it passed."""
-    from tasks.validate_store import check_values
-
     clock = _Clock()
     rows, quarantine = prepare_contacts(df, name)
     job = _Prepared(rows, quarantine, len(df))
@@ -457,8 +440,6 @@ def _prepare_batch(df: pd.DataFrame, name: str, classifier) -> _Prepared:
 
 def _finish(job: _Prepared, suppressed) -> _Prepared:
     """Wait for the batch's checks and phones; if it passed, apply the verdicts (status, E.164, reason ...)."""
-    from tasks.validate_store import apply_verdicts
-
     if callable(job.check):
         clock = _Clock()
         job.check = job.check()
@@ -498,8 +479,6 @@ def _reader_process(out, source: CrmSource, since, batch_size: int, region: str,
     """Child process: read, check and classify batches, hand them to the parent (which writes them).
     The checks and the phone parsing of big batches go to ``processes - 1`` more workers."""
     import pickle
-
-    from tasks.validate import PhoneClassifier
 
     try:
         with gc_paused(), PhoneClassifier(region, processes, workers=max(1, processes - 1)) as classifier:
@@ -607,9 +586,6 @@ def extract_source(
     verdict; ``validate_and_dedup`` then only reports, merges duplicates and handles what stayed
     'new' (a batch that failed its checks). With ``processes`` > 1 the reading, checking and
     classifying run in a child process (and its phone workers) while this process writes."""
-    from tasks.validate import PhoneClassifier
-    from tasks.validate_store import BatchValidation
-
     stats = ExtractStats()
     name = source.source_name
     with engine.begin() as conn:
@@ -682,14 +658,12 @@ def extract_task(source: CrmSource, full_refresh: bool, batch_size: int, databas
     written once with its validation verdict (see :func:`extract_source`)."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-    from store.db import get_engine
 
     progress = create_progress_artifact(0.0, description=f"extract {source.source_name}")
 
     def on_batch(s: ExtractStats) -> None:
         update_progress_artifact(progress, 50.0, description=f"{s.rows} rows extracted")
 
-    from smsflow.settings import get_settings
 
     settings = get_settings()
     stats = extract_source(get_engine(database_url), source, full_refresh=full_refresh, batch_size=batch_size,

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import text
 
 from store.db import utcnow
+from smsflow.sms_encoding import sms_info
 
 STOP_WORDS = frozenset(
     {"STOP", "STOPALL", "UNSUBSCRIBE", "END", "QUIT", "CANCEL", "OPTOUT", "OPT-OUT", "OPT OUT", "REVOKE",
@@ -116,7 +117,6 @@ def queue_auto_reply(conn, inbound_id: int, contact_id: int | None, phone: str, 
                      gateway: str) -> None:
     """Plan the auto-reply in the outbox (transactional campaign 'auto-replies'); the send flow
     delivers it like any message, at most once per inbound message."""
-    from tasks.sms_encoding import sms_info
 
     now = utcnow()
     cid = conn.execute(text("SELECT id FROM campaigns WHERE name = :n"), {"n": AUTO_REPLY_CAMPAIGN}).scalar()

@@ -31,6 +31,13 @@ from sqlalchemy.engine import Connection
 from store.db import is_postgres, utcnow
 from store.models import JourneyInstance, JourneyStep
 from tasks.journey_defs import EventMatch, Journey, Step, evaluate
+from blocks.registry import load_crm
+from smsflow.sms_encoding import sms_info
+from store.db import get_engine
+from store.models import Campaign, CrmEvent
+from tasks.policy import load_policy, resolve_timezone, zone
+from tasks.render import render_contact, RenderError
+from tasks.validate import normalize_phones
 
 ACTIVE, COMPLETED, EXITED = "active", "completed", "exited"
 TERMINAL_STEP_STATES = ("planned", "skipped", "cancelled", "failed")
@@ -106,7 +113,6 @@ def event_fields(event_type: str, payload: Any) -> dict[str, Any]:
 def record_event(conn: Connection, source: str, event_type: str, entity_id: str | None, payload: dict[str, Any],
                  dedup_key: str, received_at: datetime | None = None) -> bool:
     """Store a CRM event as the webhook service does (tests and imports use this)."""
-    from store.models import CrmEvent
 
     return _insert_ignore(conn, CrmEvent.__table__, dict(
         source=source, dedup_key=dedup_key, event_type=event_type, entity_id=entity_id, payload=payload,
@@ -122,7 +128,6 @@ def _resolve_contact(conn: Connection, j: Journey, source: str, fields: dict[str
     """(contact id, E.164 phone, language) of the customer an event names: by CRM id (same source
     preferred), else by phone number; an unknown customer with a phone still gets transactional
     messages (the send-time policy decides)."""
-    from tasks.validate import normalize_phones
 
     crm_id = fields.get(j.contact.crm_id) if j.contact.crm_id else None
     lang = fields.get(j.contact.language) if j.contact.language else None
@@ -155,7 +160,6 @@ _BLOCKS: dict[str, Any] = {}
 def _crm_block(name: str):
     """A CRM source Block, loaded once per process."""
     if name not in _BLOCKS:
-        from blocks.registry import load_crm
 
         _BLOCKS[name] = load_crm(name)
     return _BLOCKS[name]
@@ -324,7 +328,6 @@ def scan_contact_triggers(engine, journeys: list[Journey], now: datetime | None 
     """Date triggers (a birthday at ``at`` local time, once a year) and inactivity triggers
     (no activity for N days, once per quiet spell): instances keyed by contact and anchor.
     A value that is not a date is skipped (CRM data must not stop the scan)."""
-    from tasks.policy import load_policy, resolve_timezone, zone
 
     now = _naive(now)
     aware = now.replace(tzinfo=timezone.utc)
@@ -368,7 +371,6 @@ def scan_contact_triggers(engine, journeys: list[Journey], now: datetime | None 
 
 
 def _campaign_id(conn: Connection, j: Journey, step: Step, gateway: str | None, now: datetime) -> int:
-    from store.models import Campaign
 
     name = j.campaign_name(step)
     _insert_ignore(conn, Campaign.__table__, dict(
@@ -393,8 +395,6 @@ def _contact_context(conn: Connection, contact_id: int | None) -> dict[str, Any]
 
 def _plan_one(conn: Connection, j: Journey, step: Step, row, gateway: str | None, now: datetime,
               stats: JourneyStats) -> None:
-    from tasks.render import RenderError, render_contact
-    from tasks.sms_encoding import sms_info
 
     def finish(status: str, reason: str | None = None, key: str | None = None) -> bool:
         return bool(conn.execute(update(JourneyStep).where(JourneyStep.id == row.step_id, JourneyStep.status == "scheduled")
@@ -587,7 +587,6 @@ from tasks.retrying import retry_if_transient  # noqa: E402
       retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def journey_events_task(journeys: list[Journey], database_url: str | None, now: datetime | None) -> JourneyStats:
     """CRM events -> instances, step schedules and exits; replies end journeys that ask for it."""
-    from store.db import get_engine
 
     engine = get_engine(database_url)
     stats = process_events(engine, journeys, now)
@@ -598,7 +597,6 @@ def journey_events_task(journeys: list[Journey], database_url: str | None, now: 
 @task(name="journey-contact-triggers", retries=2, retry_delay_seconds=[2, 10],
       retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def journey_triggers_task(journeys: list[Journey], database_url: str | None, now: datetime | None) -> JourneyStats:
-    from store.db import get_engine
 
     return scan_contact_triggers(get_engine(database_url), journeys, now)
 
@@ -607,6 +605,5 @@ def journey_triggers_task(journeys: list[Journey], database_url: str | None, now
       retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def journey_plan_task(journeys: list[Journey], gateway: str, database_url: str | None, now: datetime | None) -> JourneyStats:
     """Due steps -> the outbox (a retry finds planned steps planned: nothing twice)."""
-    from store.db import get_engine
 
     return plan_due_steps(get_engine(database_url), journeys, now, gateway)

@@ -23,6 +23,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.render import MessageTemplate, TemplateError
+from tasks.policy import ContactPolicy
 
 
 class JourneyError(ValueError):
@@ -182,7 +183,6 @@ class Journey(BaseModel):
         for s in self.steps:
             self.template_for(s)  # compiles, footers present for marketing
         if self.policy is not None:
-            from tasks.policy import ContactPolicy
 
             ContactPolicy.model_validate(self.policy)
         return self

@@ -17,8 +17,10 @@ from typing import Any
 from sqlalchemy import text
 
 from store.db import Columns, bulk_insert, read_frame, utcnow
-from tasks.extract import gc_paused, write_quarantine
+from store.quarantine import write_quarantine
+from tasks.extract import gc_paused
 from tasks.render import MessageTemplate, init_render_worker, render_batch, render_chunk
+from store.db import get_engine
 
 OUTBOX_INSERT_FIELDS = (
     "idempotency_key",
@@ -271,7 +273,6 @@ def plan_task(campaign_id: int, source: str, segment: str, template: MessageTemp
               extra: dict[str, Any] | None = None) -> PlanStats:
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-    from store.db import get_engine
 
     progress = create_progress_artifact(0.0, description="render into the outbox")
     engine = get_engine(database_url)

@@ -20,6 +20,9 @@ from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, Field, field_validator, model_validator
+from smsflow.privacy import mask_phone, phone_hash
+from store.db import executemany, read_frame
+from tasks.extract import TRUTHY
 
 UTC = timezone.utc
 PERIOD_DAYS = {"day": 1, "week": 7, "month": 30}
@@ -290,7 +293,6 @@ def agreed_to_days_off(attributes, policy: ContactPolicy) -> bool:
     """The contact's CRM attribute that lifts weekend/holiday rules (same truthy words as the CRM import)."""
     import json
 
-    from tasks.extract import TRUTHY
 
     if isinstance(attributes, str):
         attributes = json.loads(attributes) if attributes else {}
@@ -316,8 +318,6 @@ def enforce_at_claim(conn, campaign_id: int, claimed, now: datetime) -> tuple[li
 
     from sqlalchemy import text
 
-    from smsflow.privacy import phone_hash
-    from store.db import executemany
 
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
@@ -401,8 +401,6 @@ def preview_plan(engine, campaign_id: int, now: datetime) -> list[dict]:
 
     from sqlalchemy import text
 
-    from smsflow.privacy import mask_phone, phone_hash
-    from store.db import read_frame
 
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)

@@ -16,6 +16,7 @@ from sqlalchemy import text
 
 from blocks.gateway import Receipt
 from store.db import bulk_insert, bulk_update, read_frame, utcnow
+from store.db import get_engine
 
 RECEIPT_RANK = {"accepted": 2, "enroute": 2, "unknown": 2, "delivered": 3, "undelivered": 3, "expired": 3, "rejected": 3}
 STATE_RANK = {"planned": 0, "queued": 1, "submitted": 2, "delivered": 3, "undelivered": 3, "expired": 3, "rejected": 3, "failed": 3}
@@ -157,7 +158,6 @@ def reconcile_task(gateway, ttl_seconds: float, wait_seconds: float, campaign_id
     campaign's outstanding messages (polling inside one task run)."""
     import time
 
-    from store.db import get_engine
 
     engine = get_engine(database_url)
     total = ReconcileStats()

@@ -50,7 +50,8 @@ from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError
 from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
-from tasks.sms_encoding import sms_info_batch
+from smsflow.sms_encoding import sms_info_batch
+from smsflow.settings import PROJECT_ROOT
 
 __all__ = [
     "DEFAULT_FOOTERS",
@@ -393,7 +394,6 @@ def _load_jinja_group(base: str, files: list[tuple[Path, str | None]], *, defaul
 
 def template_library(directory: str | Path | None = None) -> list[str]:
     """Names of the project's templates (``templates/*.yaml``): what the UI's campaign form offers."""
-    from smsflow.settings import PROJECT_ROOT
 
     d = Path(directory) if directory else PROJECT_ROOT / "templates"
     return sorted(p.stem for p in d.glob("*") if p.suffix.lower() in YAML_SUFFIXES) if d.is_dir() else []
@@ -401,7 +401,6 @@ def template_library(directory: str | Path | None = None) -> list[str]:
 
 def resolve_template(name_or_path: str | Path) -> Path:
     """A template name from the library (``demo_promo``) or a path, as a path."""
-    from smsflow.settings import PROJECT_ROOT
 
     p = Path(name_or_path)
     if p.suffix or p.is_file() or len(p.parts) > 1:

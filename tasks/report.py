@@ -14,7 +14,10 @@ import pandas as pd
 from sqlalchemy import text
 
 from store.db import read_frame, utcnow
+from store.quarantine import summary as quarantine_summary
+from tasks.accounting import campaign_accounting
 from tasks.outcomes import BUCKET_SQL, OUTCOMES, SENT_SQL, money, pct
+from store.db import get_engine
 
 FINAL = ("delivered", "undelivered", "expired", "rejected", "failed")
 
@@ -33,7 +36,7 @@ class CampaignReport:
     failures: list[dict[str, Any]]  # campaign, reason, count
     held: list[dict[str, Any]] = None  # campaign, rule, outcome (deferred | held back | expired), count
     funnel: dict[str, Any] | None = None  # one campaign's contact funnel (tasks.accounting)
-    quarantine: list[dict[str, Any]] | None = None  # one campaign's quarantine reasons (tasks.quarantine)
+    quarantine: list[dict[str, Any]] | None = None  # one campaign's quarantine reasons (store.quarantine)
     campaign: str | None = None
     html_path: Path | None = None
 
@@ -146,11 +149,8 @@ def collect(engine, campaign: str | None = None) -> CampaignReport:
                  for h in held.to_dict("records")]
     funnel = quarantine = None
     if cid is not None:
-        from tasks import quarantine as q
-        from tasks.accounting import campaign_accounting
-
         funnel = campaign_accounting(engine, cid)
-        quarantine = q.summary(engine, campaign=campaign)
+        quarantine = quarantine_summary(engine, campaign=campaign)
     return CampaignReport(generated_at=utcnow(), rows=rows, failures=failures, held=held_rows, funnel=funnel,
                           quarantine=quarantine, campaign=campaign)
 
@@ -247,7 +247,6 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 def report_task(campaign: str | None, out_dir: str, database_url: str | None) -> CampaignReport:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from store.db import get_engine
 
     report = collect(get_engine(database_url), campaign)
     write_html(report, Path(out_dir), name=f"report-{campaign}" if campaign else "report")

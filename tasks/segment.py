@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import yaml
 from pydantic import BaseModel, Field, model_validator
+from store.db import bulk_insert, get_engine, read_frame, utcnow
 
 Op = Literal["eq", "ne", "in", "not_in", "gt", "gte", "lt", "lte", "contains", "exists", "missing"]
 
@@ -203,7 +204,6 @@ def build_membership(engine, source: str, seg: SegmentDefinition, now: datetime)
     so no contact needs to travel through Python. Otherwise only the columns the rules use are read."""
     from sqlalchemy import text
 
-    from store.db import bulk_insert, read_frame, utcnow
 
     members = None
     if not selects_everyone(seg):
@@ -262,6 +262,5 @@ from tasks.retrying import retry_if_transient  # noqa: E402
 @task(name="build-segment", retries=1, retry_delay_seconds=5,
       retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def segment_task(source: str, segment: SegmentDefinition, database_url: str | None) -> int:
-    from store.db import get_engine, utcnow
 
     return build_membership(get_engine(database_url), source, segment, utcnow())

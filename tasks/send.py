@@ -15,7 +15,6 @@ the bookkeeping; the docstring of ``_SendLoop`` says why that keeps every guaran
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection
@@ -27,7 +26,12 @@ import pandas as pd
 from sqlalchemy import text
 
 from blocks.gateway import GatewayUnavailable, OutgoingMessage, SmsGateway, SubmitResult
-from store.db import bulk_update, executemany, is_postgres, read_frame, utcnow
+from smsflow.ratelimit import TokenBucket
+from store.db import executemany, is_postgres, read_frame, utcnow
+from store.db import get_engine
+from store.leases import process_holder, StoreLease
+from tasks.policy import enforce_at_claim
+from tasks.reconcile import apply_receipts
 
 log = logging.getLogger("smsflow.send")
 
@@ -42,40 +46,6 @@ GATEWAY_LEASE_S = 30.0
 # gateway lease, holder "host:pid:<claimer>", for as long as it has claims); ``row``: the outbox alias
 _LIVE_CLAIMER = ("EXISTS (SELECT 1 FROM leases l WHERE l.holder LIKE '%:' || {row}.claimed_by "
                  "AND l.expires_at >= :now)")
-
-
-class TokenBucket:
-    """Token bucket: ``rate`` tokens per second, at most ``capacity`` banked."""
-
-    def __init__(self, rate: float, capacity: float | None = None, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
-        if rate <= 0:
-            raise ValueError("rate must be positive")
-        self.rate = float(rate)
-        self.capacity = float(capacity if capacity is not None else max(1.0, rate / 10))
-        self._clock = clock
-        self._sleep = sleep
-        self._tokens = self.capacity
-        self._last = clock()
-        self._lock = threading.Lock()
-
-    def acquire(self, n: int = 1) -> float:
-        """Block until ``n`` tokens are available; returns seconds waited."""
-        waited = 0.0
-        need = float(n)
-        with self._lock:
-            while True:
-                now = self._clock()
-                self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
-                self._last = now
-                take = min(need, self._tokens)
-                self._tokens -= take
-                need -= take
-                if need <= 1e-9:
-                    return waited
-                delay = min(need, self.capacity) / self.rate
-                self._sleep(delay)
-                waited += delay
 
 
 class CircuitBreaker:
@@ -179,7 +149,6 @@ def recover_in_flight(engine, campaign_id: int, gateway: SmsGateway, run_id: str
        for a gateway whose lookup is authoritative (it would know), otherwise only after
        ``evidence_grace_s`` since the claim, by when its receipts would have arrived.
     Returns (settled as submitted or final, planned again)."""
-    from tasks.reconcile import apply_receipts
 
     now = utcnow()
     # with ``claimers_hold_leases`` (senders run by send_task hold a store lease named after their claimer
@@ -226,7 +195,6 @@ def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = C
     (the send loop claims the next batch while submitting the current one). Their other messages
     stay 'planned' for a later claim, because frequency caps count what is recorded as submitted
     and would not see the message in flight yet."""
-    from tasks.policy import enforce_at_claim
 
     started = time.monotonic()  # the lease runs from (at the latest) here
     clock = now or datetime.now(timezone.utc)  # the policy's clock (may be injected: dry runs, tests)
@@ -646,8 +614,6 @@ def send_task(campaign_id: int, gateway: SmsGateway, rate: float, max_messages: 
     campaigns sharing a provider share its rate limit; a dead sender's lease lapses by itself."""
     from prefect.context import get_run_context
 
-    from store.db import get_engine
-    from store.leases import StoreLease, process_holder
 
     engine = get_engine(database_url)
     ctx = get_run_context()

@@ -18,7 +18,11 @@ import pandas as pd
 from sqlalchemy import bindparam, text
 
 from store.db import bulk_update, executemany, is_postgres, read_columns, read_frame, utcnow
+from store.quarantine import write_quarantine
 from tasks.validate import ExtractCheckResult, check_extract, find_duplicates, normalize_phones_parallel
+from smsflow.privacy import phone_hash
+from store.db import get_engine
+from tasks.erasure import suppressed_hashes
 
 RECEIPT_KIND = "extract.validated"  # a validated extract batch not yet reported by validate_and_dedup
 REPORTED_KIND = "extract.validated.reported"
@@ -70,7 +74,6 @@ def suppress(codes: list[str], e164: list, reasons: list[str], hashes) -> None:
     """Numbers of erased people (salted hashes on the suppression list) are never imported again."""
     if not hashes:
         return
-    from smsflow.privacy import phone_hash
 
     for i, (code, phone) in enumerate(zip(codes, e164)):
         if code == "ok" and phone and phone_hash(phone) in hashes:
@@ -132,7 +135,6 @@ class BatchValidation:
 
     @classmethod
     def start(cls, conn, source: str) -> "BatchValidation":
-        from tasks.erasure import suppressed_hashes
 
         keys = {r[0] for r in conn.execute(
             text("SELECT row_key FROM quarantine WHERE step = 'validate' AND source = :s"), {"s": source})}
@@ -141,8 +143,6 @@ class BatchValidation:
     def store(self, conn, rows, verdicts: Verdicts, check: ExtractCheckResult) -> None:
         """Quarantine rows for the batch's bad phones, stale ones cleared for its valid contacts, and the
         receipt validate_and_dedup reports from; in the batch's transaction."""
-        from tasks.extract import write_quarantine
-
         crm = rows["crm_id"]
         bad = [i for i, c in enumerate(verdicts.codes) if c != "ok"]
         if self.quarantined:  # contacts quarantined before whose phone is fine now (usually none)
@@ -284,8 +284,6 @@ def _validate_new(engine, source: str, default_region: str, processes: int, stat
                  "(SELECT id FROM contacts WHERE source = :s AND status = 'valid')"),
             {"s": source},
         )
-        from tasks.extract import write_quarantine
-
         write_quarantine(conn, quarantine)
     _add_counts(stats.by_status, norm["phone_status"].value_counts().to_dict())
     stats.quarantined += int((~ok).sum())
@@ -294,8 +292,6 @@ def _validate_new(engine, source: str, default_region: str, processes: int, stat
 
 def _apply_suppression(engine, norm: pd.DataFrame) -> None:
     """Numbers of erased people (salted hashes on the suppression list) are never imported again."""
-    from smsflow.privacy import phone_hash
-    from tasks.erasure import suppressed_hashes
 
     with engine.begin() as conn:
         hashes = suppressed_hashes(conn)
@@ -381,7 +377,6 @@ from tasks.retrying import retry_if_transient  # noqa: E402
 def validate_task(source: str, default_region: str, processes: int, database_url: str | None) -> ValidateStats:
     from prefect.artifacts import create_markdown_artifact
 
-    from store.db import get_engine
 
     try:
         stats = validate_new_contacts(get_engine(database_url), source, default_region, processes)

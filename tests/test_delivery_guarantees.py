@@ -133,7 +133,8 @@ def test_kannel_down_for_60_s_mid_campaign(kannel, service):  # noqa: F811
     nothing is marked failed, every message reaches the SMSC after recovery, none twice."""
     from blocks.kannel import KannelGateway
     from tasks.reconcile import apply_receipts
-    from tasks.send import CircuitBreaker, TokenBucket, send_messages
+    from smsflow.ratelimit import TokenBucket
+    from tasks.send import CircuitBreaker, send_messages
 
     url, dlr_url = service
     n = 600
@@ -211,7 +212,8 @@ def test_pipelined_send_keeps_caps_for_contacts_in_flight_and_leaves_nothing_beh
     be claimed before the loop ends."""
     from blocks.gateway import SandboxGateway
     from tasks.policy import ContactPolicy, FrequencyCap
-    from tasks.send import TokenBucket, send_messages
+    from smsflow.ratelimit import TokenBucket
+    from tasks.send import send_messages
     from tests.helpers import DAYTIME
 
     engine = get_engine(f"sqlite:///{tmp_path / 'store.sqlite'}")

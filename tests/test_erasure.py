@@ -14,7 +14,8 @@ from tasks.inbound import store_and_apply
 from tasks.plan import plan_messages
 from tasks.policy import always_open
 from tasks.segment import ALL, build_membership
-from tasks.send import TokenBucket, send_messages
+from smsflow.ratelimit import TokenBucket
+from tasks.send import send_messages
 from tests.helpers import DAYTIME, contact, load_csv, write_csv
 from tests.test_steps import TPL
 

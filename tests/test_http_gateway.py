@@ -120,7 +120,8 @@ def test_lost_answer_is_in_doubt_and_never_resent_blindly(sqlite_engine, tmp_pat
     import httpx
 
     from store.db import bulk_insert, utcnow
-    from tasks.send import TokenBucket, send_messages
+    from smsflow.ratelimit import TokenBucket
+    from tasks.send import send_messages
 
     fake = FakeTwilio()
 

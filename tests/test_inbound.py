@@ -74,7 +74,8 @@ def test_opt_out_mid_campaign_stops_the_next_message(sqlite_engine, tmp_path):
     from blocks.gateway import SandboxGateway
     from store.db import bulk_insert, utcnow
     from tasks.inbound import store_and_apply
-    from tasks.send import TokenBucket, send_messages
+    from smsflow.ratelimit import TokenBucket
+    from tasks.send import send_messages
 
     eng = sqlite_engine
     with eng.begin() as c:

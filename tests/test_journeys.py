@@ -18,7 +18,8 @@ from blocks.gateway import SandboxGateway
 from store.db import get_engine
 from tasks.journey import exit_on_replies, plan_due_steps, process_events, record_event, scan_contact_triggers
 from tasks.journey_defs import JourneyError, load_journey, load_journeys, parse_duration
-from tasks.send import TokenBucket, send_messages
+from smsflow.ratelimit import TokenBucket
+from tasks.send import send_messages
 from tests.helpers import DAYTIME, contact, load_csv, write_csv
 
 REPO = Path(__file__).resolve().parents[1]

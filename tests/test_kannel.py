@@ -153,7 +153,7 @@ def kannel(tmp_path_factory):
 
 
 def _msg(ref: str, phone: str, text: str) -> OutgoingMessage:
-    from tasks.sms_encoding import sms_info
+    from smsflow.sms_encoding import sms_info
 
     info = sms_info(text)
     return OutgoingMessage(ref, phone, text, info.encoding, info.segments)
@@ -502,7 +502,8 @@ def test_unanswered_request_is_settled_by_its_receipt_or_sent_again_after_the_gr
     from store.db import bulk_insert, utcnow
     from tasks.policy import always_open
     from tasks.reconcile import store_receipts
-    from tasks.send import TokenBucket, recover_in_flight, send_messages
+    from smsflow.ratelimit import TokenBucket
+    from tasks.send import recover_in_flight, send_messages
 
     engine, now = sqlite_engine, utcnow()
     with engine.begin() as c:

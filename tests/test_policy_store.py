@@ -11,7 +11,8 @@ from sqlalchemy import text
 from blocks.gateway import SandboxGateway
 from store.db import bulk_insert, get_engine
 from tasks.policy import ContactPolicy, FrequencyCap, allowed_now, resolve_timezone
-from tasks.send import TokenBucket, send_messages
+from smsflow.ratelimit import TokenBucket
+from tasks.send import send_messages
 
 UTC = timezone.utc
 ZONES = ["Europe/Kaliningrad", "Europe/Moscow", "Asia/Kamchatka", "Europe/London", "Pacific/Auckland", ""]

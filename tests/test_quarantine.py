@@ -1,4 +1,4 @@
-"""tasks/quarantine.py and the commands that show it: what was held back, why, phones masked
+"""store/quarantine.py and the commands that show it: what was held back, why, phones masked
 (SQLite and PostgreSQL), and a campaign whose every message fails to render exits non-zero."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from store.db import utcnow
-from tasks import quarantine
+from store import quarantine
 from tasks.accounting import ensure_campaign
 from tasks.plan import plan_messages
 from tasks.policy import always_open

@@ -21,7 +21,7 @@ from tasks.render import (
     render_batch,
     render_contact,
 )
-from tasks.sms_encoding import sms_info
+from smsflow.sms_encoding import sms_info
 
 RU_FOOTER = DEFAULT_FOOTERS["ru"]
 EN_FOOTER = DEFAULT_FOOTERS["en"]

@@ -106,7 +106,7 @@ def sim(tmp_path_factory):
 
 
 def _msg(ref: str, phone: str, text: str) -> OutgoingMessage:
-    from tasks.sms_encoding import sms_info
+    from smsflow.sms_encoding import sms_info
 
     info = sms_info(text)
     return OutgoingMessage(ref, phone, text, info.encoding, info.segments)

@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.sms_encoding import (
+from smsflow.sms_encoding import (
     GSM_BASIC_CHARS,
     GSM_EXTENSION_CHARS,
     SmsInfo,

@@ -14,7 +14,8 @@ from tasks.policy import always_open
 from tasks.reconcile import apply_receipts, expire_stale, store_receipts
 from tasks.render import MessageTemplate
 from tasks.segment import ALL, AttributeFilter, Range, RfmRule, SegmentDefinition, build_membership, evaluate
-from tasks.send import TokenBucket, claim, recover_in_flight, send_messages
+from smsflow.ratelimit import TokenBucket
+from tasks.send import claim, recover_in_flight, send_messages
 from tasks.validate_store import ExtractCheckFailed, validate_new_contacts
 from tests.helpers import contact, load_csv, write_csv
 

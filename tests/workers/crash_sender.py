@@ -14,7 +14,8 @@ def main() -> int:
     url, campaign_id, rate = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     from blocks.kannel import KannelGateway
     from store.db import get_engine
-    from tasks.send import TokenBucket, recover_in_flight, send_messages
+    from smsflow.ratelimit import TokenBucket
+    from tasks.send import recover_in_flight, send_messages
 
     gw = KannelGateway(**json.loads(os.environ["CRASH_GATEWAY"]))
     engine = get_engine(url)

@@ -1,5 +1,8 @@
-"""What was held back and why: the quarantine of a campaign (its source's extract and validate
-rows and its own render rows) or of the whole store, read for people (summaries, listings, a CSV).
+"""The quarantine: rows a step could not use, kept with the reason (never silently dropped).
+
+Written by the extract, validate and render steps (``write_quarantine``); read for people: a
+campaign's (its source's extract and validate rows and its own render rows) or the whole store's,
+as summaries, listings and a CSV.
 
 Phones are masked everywhere (``+7916***4567``); nothing else personal is shown but the CRM id.
 """
@@ -10,13 +13,32 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.engine import Connection
 
 from smsflow.privacy import mask_phone
+from store.db import Columns, bulk_insert
 
 STEPS = ("extract", "validate", "render")
 CSV_FIELDS = ("step", "reason_code", "reason", "crm_id", "phone", "campaign", "source")
+QUARANTINE_FIELDS = ("step", "source", "row_key", "campaign_id", "contact_id", "reason_code", "reason", "payload")
+
+
+def write_quarantine(conn: Connection, rows: list[dict[str, Any]]) -> int:
+    """Quarantine rows, idempotent per (step, source, row_key): a rerun does not count them twice."""
+    if not rows:
+        return 0
+    return bulk_insert(
+        conn,
+        "quarantine",
+        QUARANTINE_FIELDS,
+        Columns([[r.get(f) for r in rows] for f in QUARANTINE_FIELDS]),  # converted column by column
+        on_conflict="update",
+        conflict_columns=("step", "source", "row_key"),
+        update_columns=("reason_code", "reason", "payload", "contact_id"),
+    )
 
 
 class UnknownCampaign(LookupError):

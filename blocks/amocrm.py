@@ -52,8 +52,8 @@ from blocks.crm_writeback import (
     keys_in,
     parse_since,
     retry_after_seconds,
-    truthy,
 )
+from smsflow.values import truthy
 
 
 class AmoCrm(RestCrmSource):

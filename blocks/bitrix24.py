@@ -53,8 +53,8 @@ from blocks.crm_writeback import (
     keys_in,
     parse_since,
     retry_after_seconds,
-    truthy,
 )
+from smsflow.values import truthy
 
 RATE_ERRORS = {"QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT"}
 AUTH_ERRORS = {"INVALID_CREDENTIALS", "expired_token", "invalid_token", "NO_AUTH_FOUND", "WRONG_AUTH_TYPE",

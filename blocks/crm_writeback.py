@@ -51,7 +51,6 @@ KINDS = ("delivery", "opt_out", "reply")
 _KEY_CHARS = r"A-Za-z0-9_.:@/+=-"
 _KEY_RE = re.compile(rf"^[{_KEY_CHARS}]{{1,200}}$")
 MARKER_RE = re.compile(rf"\[smsflow:([{_KEY_CHARS}]{{1,200}})\]")
-TRUTHY = {"1", "true", "t", "yes", "y", "да", "д", "on", "checked"}
 
 
 def marker(key: str) -> str:
@@ -61,16 +60,6 @@ def marker(key: str) -> str:
 def keys_in(text: str | None) -> set[str]:
     """The write-back keys marked in a note/comment text."""
     return set(MARKER_RE.findall(text or ""))
-
-
-def truthy(value: Any) -> bool:
-    if value is None:
-        return False
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)):
-        return value != 0
-    return str(value).strip().lower() in TRUTHY
 
 
 def parse_since(since: str | None) -> datetime | None:

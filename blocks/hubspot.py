@@ -54,8 +54,8 @@ from blocks.crm_writeback import (
     ms_epoch,
     parse_since,
     retry_after_seconds,
-    truthy,
 )
+from smsflow.values import truthy
 from smsflow.ratelimit import TokenBucket
 
 NOTE_TO_CONTACT = 202

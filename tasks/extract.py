@@ -17,13 +17,13 @@ from sqlalchemy.engine import Connection
 from blocks.crm import CONTACT_COLUMNS, CrmSource
 from store.db import Columns, bulk_insert, json_text, utcnow
 from store.quarantine import write_quarantine
+from smsflow.values import truthy
 from tasks.validate import ExtractSchemaError, PhoneClassifier
 from tasks.validate_store import BatchValidation, apply_verdicts, check_values
 from smsflow.settings import get_settings
 from store.db import executemany, get_engine, is_postgres
 
 REQUIRED_COLUMNS = ("id", "phone")
-TRUTHY = {"1", "true", "t", "yes", "y", "да", "д", "on"}
 _CONTACT_FIELDS = (
     "source",
     "crm_id",
@@ -243,7 +243,7 @@ def prepare_contacts(df: pd.DataFrame, source: str) -> tuple[ContactBatch, list[
         return cleaned[name]
 
     consent = _memo_map(
-        lambda v: bool(v) if isinstance(v, bool) else (str(v).strip().lower() in TRUTHY if v is not None else False),
+        truthy,
         values("sms_consent"),
     )
     if "consent_at" in df.columns:

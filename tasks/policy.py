@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, Field, field_validator, model_validator
 from smsflow.privacy import mask_phone, phone_hash
 from store.db import executemany, read_frame
-from tasks.extract import TRUTHY
+from smsflow.values import truthy
 
 UTC = timezone.utc
 PERIOD_DAYS = {"day": 1, "week": 7, "month": 30}
@@ -297,7 +297,7 @@ def agreed_to_days_off(attributes, policy: ContactPolicy) -> bool:
     if isinstance(attributes, str):
         attributes = json.loads(attributes) if attributes else {}
     value = (attributes or {}).get(policy.holiday_optin_attribute)
-    return value is True or str(value).strip().lower() in TRUTHY
+    return truthy(value)
 
 
 def load_policy(raw) -> ContactPolicy:

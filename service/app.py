@@ -22,7 +22,8 @@ from blocks.http_gateway import HttpGateway, verify_twilio_signature
 from blocks.kannel import KannelGateway
 from service.webhooks import authenticate, parse, WebhookError
 from smsflow.callback_auth import CallbackRefused, check
-from store.db import get_engine, utcnow
+from store.db import get_engine
+from store.events import record_event
 from tasks.inbound import store_and_apply
 from tasks.reconcile import store_receipts
 from tasks.validate import normalize_phones
@@ -209,11 +210,6 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
     @app.post("/webhooks/{kind}/{source}")
     async def crm_webhook(kind: str, source: str, request: Request):
         """CRM events (amoCRM, Bitrix24, generic JSON): authenticated, stored, then emitted."""
-        import json as _json
-
-        from sqlalchemy import text as sql
-
-
         body = await read_body(request)
         try:
             authenticate(kind, source, body, {k.lower(): v for k, v in request.headers.items()}, dict(request.query_params))
@@ -226,13 +222,9 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
             new = []
             with engine.begin() as conn:
                 for e in events:
-                    row = conn.execute(sql(
-                        "INSERT INTO crm_events (source, dedup_key, event_type, entity_id, payload, received_at) "
-                        "VALUES (:s, :k, :t, :e, :p, :now) ON CONFLICT (source, dedup_key) DO NOTHING RETURNING id"),
-                        {"s": source, "k": e.dedup_key, "t": e.event_type, "e": e.entity_id,
-                         "p": _json.dumps(e.payload, ensure_ascii=False), "now": utcnow()}).first()
-                    if row is not None:
-                        new.append((int(row[0]), e))
+                    event_id = record_event(conn, source, e.event_type, e.entity_id, e.payload, e.dedup_key)
+                    if event_id is not None:
+                        new.append((int(event_id), e))
             return new
 
         new = await _in_thread(store)

@@ -82,7 +82,7 @@ def validate_cmd(
     sheet: Optional[str] = typer.Option(None, "--sheet", help=SHEET_HELP),
 ) -> None:
     """Normalize phones to E.164 and mark bad rows and duplicates; every input row is kept in order."""
-    from tasks.validate import ValidationInputError, validate_csv
+    from tasks.validate_csv import ValidationInputError, validate_csv
 
     if not in_path.exists():
         _fail(f"input file not found: {in_path}")

@@ -372,13 +372,6 @@ def set_watermark(conn: Connection, source: str, mark: str | None, rows: int) ->
     )
 
 
-def batch_watermark(df: pd.DataFrame) -> str | None:
-    """The largest updated-at of a batch, in the source's own format."""
-    if "updated_at" not in df.columns or df.empty:
-        return None
-    return _watermark_of(df["updated_at"], _to_utc_naive(df["updated_at"]))
-
-
 def _later(a: str | None, b: str | None) -> str | None:
     if a is None:
         return b

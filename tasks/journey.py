@@ -28,13 +28,14 @@ from typing import Any
 from sqlalchemy import select, text, update
 from sqlalchemy.engine import Connection
 
-from store.db import is_postgres, utcnow
+from store.db import is_postgres
 from store.models import JourneyInstance, JourneyStep
 from tasks.journey_defs import EventMatch, Journey, Step, evaluate
 from blocks.registry import load_crm
 from smsflow.sms_encoding import sms_info
 from store.db import get_engine
-from store.models import Campaign, CrmEvent
+from store.events import insert_ignore, record_event  # noqa: F401 - record_event: the journeys' event writer
+from store.models import Campaign
 from tasks.policy import load_policy, resolve_timezone, zone
 from tasks.render import render_contact, RenderError
 from tasks.validate import normalize_phones
@@ -89,12 +90,7 @@ def _lock(conn: Connection) -> None:
 
 def _insert_ignore(conn: Connection, table, values: dict[str, Any]) -> bool:
     """INSERT .. ON CONFLICT DO NOTHING; True when the row is new."""
-    if is_postgres(conn):
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    pk = list(table.primary_key.columns)[0]
-    return conn.execute(insert(table).values(**values).on_conflict_do_nothing().returning(pk)).first() is not None
+    return insert_ignore(conn, table, values) is not None
 
 
 # ----------------------------------------------------------------------------- events
@@ -108,15 +104,6 @@ def event_fields(event_type: str, payload: Any) -> dict[str, Any]:
         out.update(p["data"])
     out["event_type"] = event_type
     return out
-
-
-def record_event(conn: Connection, source: str, event_type: str, entity_id: str | None, payload: dict[str, Any],
-                 dedup_key: str, received_at: datetime | None = None) -> bool:
-    """Store a CRM event as the webhook service does (tests and imports use this)."""
-
-    return _insert_ignore(conn, CrmEvent.__table__, dict(
-        source=source, dedup_key=dedup_key, event_type=event_type, entity_id=entity_id, payload=payload,
-        received_at=_naive(received_at) if received_at else utcnow()))
 
 
 def entity_key(source: str, entity_id: str) -> str:

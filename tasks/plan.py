@@ -7,7 +7,6 @@ a template that fails for one contact quarantines that message with the reason.
 from __future__ import annotations
 
 import itertools
-import os
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -253,10 +252,6 @@ def _has_render_quarantine(conn, campaign_id: int) -> bool:
     which would scan the campaign's whole outbox once per chunk, is skipped."""
     return conn.execute(text("SELECT 1 FROM quarantine WHERE step = 'render' AND campaign_id = :c LIMIT 1"),
                         {"c": campaign_id}).first() is not None
-
-
-def default_processes() -> int:
-    return max(1, min(os.cpu_count() or 1, 4))
 
 
 # --------------------------------------------------------------------------- Prefect task

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -60,7 +60,6 @@ __all__ = [
     "MessageTemplate",
     "RenderError",
     "TemplateCompileError",
-    "TemplateLibrary",
     "TemplateLoadError",
     "build_context",
     "load_template",
@@ -440,85 +439,6 @@ def load_template(path: str | Path) -> MessageTemplate:
         f"unsupported template file {str(path)!r}; expected one of "
         f"{YAML_SUFFIXES + JINJA_SUFFIXES}", path=str(path),
     )
-
-
-class TemplateLibrary:
-    """All templates of a directory (non-recursive), by name.
-
-    Every file is loaded and compiled up front; if any is broken a single
-    :class:`TemplateLoadError` listing all problems is raised (the original
-    exception when there is just one).
-    """
-
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        if not self.directory.is_dir():
-            raise TemplateLoadError(f"template directory {str(self.directory)!r} does not exist")
-        self._templates: dict[str, MessageTemplate] = {}
-        errors: list[TemplateLoadError] = []
-        groups: dict[str, list[tuple[Path, str | None]]] = {}
-        loaded: list[MessageTemplate] = []
-        for path in sorted(self.directory.iterdir()):
-            if not path.is_file() or path.name.startswith("."):
-                continue
-            suffix = path.suffix.lower()
-            if suffix in YAML_SUFFIXES:
-                try:
-                    loaded.append(_load_yaml(path))
-                except TemplateLoadError as exc:
-                    errors.append(exc)
-            elif suffix in JINJA_SUFFIXES:
-                base, lang = _split_jinja_name(path)
-                groups.setdefault(base, []).append((path, lang))
-        for base, files in groups.items():
-            try:
-                loaded.append(_load_jinja_group(base, files))
-            except TemplateLoadError as exc:
-                errors.append(exc)
-        for tmpl in loaded:
-            other = self._templates.get(tmpl.name)
-            if other is not None:
-                errors.append(TemplateLoadError(
-                    f"template {tmpl.name!r} defined twice: {other.origin} and {tmpl.origin}",
-                    template=tmpl.name, path=tmpl.origin,
-                ))
-                continue
-            self._templates[tmpl.name] = tmpl
-        if len(errors) == 1:
-            raise errors[0]
-        if errors:
-            err = TemplateLoadError(
-                f"{len(errors)} broken templates in {str(self.directory)!r}:\n"
-                + "\n".join(f"  - {e}" for e in errors),
-                path=str(self.directory),
-            )
-            err.errors = errors  # type: ignore[attr-defined]
-            raise err
-
-    def get(self, name: str) -> MessageTemplate:
-        try:
-            return self._templates[name]
-        except KeyError:
-            raise KeyError(
-                f"no template {name!r} in {str(self.directory)!r}; available: {sorted(self._templates)}"
-            ) from None
-
-    __getitem__ = get
-
-    def names(self) -> list[str]:
-        return sorted(self._templates)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._templates
-
-    def __iter__(self) -> Iterator[MessageTemplate]:
-        return iter(self._templates.values())
-
-    def __len__(self) -> int:
-        return len(self._templates)
-
-    def __repr__(self) -> str:
-        return f"TemplateLibrary({str(self.directory)!r}, templates={self.names()})"
 
 
 # --------------------------------------------------------------------------

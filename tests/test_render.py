@@ -14,7 +14,6 @@ from tasks.render import (
     MessageTemplate,
     RenderError,
     TemplateCompileError,
-    TemplateLibrary,
     TemplateLoadError,
     build_context,
     load_template,
@@ -359,39 +358,6 @@ def test_sibling_conflict_and_broken_sibling(tmp_path):
     write(tmp_path / "b.en.j2", "line\n{{ oops ")
     with pytest.raises(TemplateCompileError, match=r"variant 'en' \(.*b\.en\.j2\).*line 2"):
         load_template(tmp_path / "b.j2")
-
-
-def test_template_library(tmp_path):
-    write(tmp_path / "promo.yaml", "variants: {ru: 'Скидка', en: 'Sale'}\n")
-    write(tmp_path / "code.yml", "name: otp\nkind: transactional\nvariants: {ru: 'Код {{ code }}'}\n")
-    write(tmp_path / "flash.j2", "Flash")
-    write(tmp_path / "flash.en.j2", "Flash EN")
-    write(tmp_path / "README.md", "ignored")
-    lib = TemplateLibrary(tmp_path)
-    assert lib.names() == ["flash", "otp", "promo"]
-    assert "otp" in lib and len(lib) == 3
-    assert lib.get("otp").kind == "transactional"
-    assert lib["flash"].variants == {"en": "Flash EN", "ru": "Flash"}
-    with pytest.raises(KeyError, match="available"):
-        lib.get("nope")
-
-
-def test_template_library_reports_broken_templates(tmp_path):
-    write(tmp_path / "good.j2", "ok")
-    write(tmp_path / "bad.j2", "{% for x in %}")
-    with pytest.raises(TemplateCompileError, match="template 'bad'"):
-        TemplateLibrary(tmp_path)
-    write(tmp_path / "worse.yaml", "variants: {ru: '{{ }'}\n")
-    with pytest.raises(TemplateLoadError, match="2 broken templates") as ei:
-        TemplateLibrary(tmp_path)
-    assert "'bad'" in str(ei.value) and "'worse'" in str(ei.value)
-
-
-def test_template_library_duplicate_names(tmp_path):
-    write(tmp_path / "promo.j2", "a")
-    write(tmp_path / "x.yaml", "name: promo\nvariants: {ru: b}\n")
-    with pytest.raises(TemplateLoadError, match="defined twice"):
-        TemplateLibrary(tmp_path)
 
 
 def test_compiled_once_and_shared(tmp_path):

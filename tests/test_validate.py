@@ -19,13 +19,12 @@ from tasks import validate as v
 from tasks.validate import (
     ExtractCheckResult,
     ExtractSchemaError,
-    ValidationInputError,
     check_extract,
     find_duplicates,
     normalize_phones,
     normalize_phones_parallel,
-    validate_csv,
 )
+from tasks.validate_csv import CSV_STATUSES, ValidationInputError, validate_csv
 
 COLUMNS = ["phone_e164", "phone_status", "reason", "number_type", "region"]
 RU = phonenumbers.PhoneMetadata.metadata_for_region("RU")
@@ -505,7 +504,7 @@ def test_validate_csv_default_region(tmp_path):
 def test_validate_csv_header_only(tmp_path):
     src, dst = tmp_path / "in.csv", tmp_path / "out.csv"
     src.write_text("id,name,phone\n", encoding="utf-8")
-    assert validate_csv(src, dst) == dict.fromkeys(v.CSV_STATUSES, 0)
+    assert validate_csv(src, dst) == dict.fromkeys(CSV_STATUSES, 0)
     assert _read(dst) == [["id", "name", "phone", "phone_e164", "phone_status", "reason", "duplicate_of"]]
 
 

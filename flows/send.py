@@ -6,20 +6,17 @@ from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from sqlalchemy import text
 
 from blocks.registry import load_gateway
 from store.db import get_engine, utcnow
-from tasks.send import CLAIM_LEASE_S, SendStats, next_takeover, send_task
+from tasks.send import CLAIM_LEASE_S, SendStats, campaigns_to_send, next_takeover, send_task, unsent_count
 
 SEND_CHUNK = 50_000  # messages per task run: task runs grow with volume / SEND_CHUNK, never per message
 
 
 def _send_campaign(cid: int, name: str, gw, rate: float | None, database_url: str | None, now: datetime | None) -> SendStats:
     engine = get_engine(database_url)
-    with engine.begin() as conn:
-        todo = conn.execute(text("SELECT COUNT(*) FROM outbox WHERE campaign_id = :c AND state IN ('planned', 'queued')"),
-                            {"c": cid}).scalar() or 0
+    todo = unsent_count(engine, cid)
     progress = create_progress_artifact(0.0, description=f"send {name}: {todo} to go")
     total = SendStats()
     waited = 0.0
@@ -58,20 +55,8 @@ def send(campaign: str | None = None, gateway_block: str = "sandbox", rate: floa
     """Send a campaign's planned messages (rerunning resumes and never submits a message twice).
     Without a campaign: every campaign with messages due now (deferred ones whose window opened,
     auto-replies), each through its own gateway Block."""
-    engine = get_engine(database_url)
     clock = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).replace(tzinfo=None)
-    with engine.begin() as conn:
-        if campaign is not None:
-            rows = conn.execute(text("SELECT id, name, gateway FROM campaigns WHERE name = :n"), {"n": campaign}).fetchall()
-            if not rows:
-                raise ValueError(f"no campaign named '{campaign}': render it first")
-        else:
-            rows = conn.execute(text(
-                "SELECT DISTINCT c.id, c.name, c.gateway FROM campaigns c JOIN outbox o ON o.campaign_id = c.id "
-                "WHERE (o.state = 'planned' AND (o.send_after IS NULL OR o.send_after <= :now)) "
-                # in doubt or left by a crashed sender: the send task's recovery settles or re-plans them
-                "OR (o.state = 'queued' AND o.claim_expires_at < :now) ORDER BY c.id"),
-                {"now": clock}).fetchall()
+    rows = campaigns_to_send(get_engine(database_url), campaign, clock)
     results = {}
     for cid, name, gw_name in rows:
         gw = load_gateway(gateway_block if campaign is not None else (gw_name or gateway_block))

@@ -37,6 +37,12 @@ def ensure_campaign(engine, *, name: str, source: str, segment: str, template_na
         return int(conn.execute(text("SELECT id FROM campaigns WHERE name = :n"), {"n": name}).scalar())
 
 
+def campaign_id(engine, name: str) -> int | None:
+    with engine.begin() as conn:
+        found = conn.execute(text("SELECT id FROM campaigns WHERE name = :n"), {"n": name}).scalar()
+    return None if found is None else int(found)
+
+
 def finish_campaign(engine, campaign_id: int, status: str) -> None:
     with engine.begin() as conn:
         conn.execute(text("UPDATE campaigns SET status = :s, finished_at = :now WHERE id = :i"),

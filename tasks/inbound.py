@@ -12,10 +12,12 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
+import pandas as pd
 from sqlalchemy import text
 
 from store.db import utcnow
 from smsflow.sms_encoding import sms_info
+from tasks.validate import normalize_phones
 
 STOP_WORDS = frozenset(
     {"STOP", "STOPALL", "UNSUBSCRIBE", "END", "QUIT", "CANCEL", "OPTOUT", "OPT-OUT", "OPT OUT", "REVOKE",
@@ -133,3 +135,18 @@ def queue_auto_reply(conn, inbound_id: int, contact_id: int | None, phone: str, 
         {"k": f"inbound:{inbound_id}:help", "c": cid, "ct": contact_id, "p": phone, "l": language or "ru", "t": body,
          "e": info.encoding, "s": info.segments, "g": gateway, "now": now},
     )
+
+
+def store_pulled_replies(engine, gw) -> int:
+    """Replies pulled from a gateway (SMPP deliver_sm MO) go through the same keyword handling as the
+    service's; the number stored."""
+    msgs = gw.fetch_inbound()
+    if not msgs:
+        return 0
+    phones = normalize_phones(pd.Series([m.get("from") for m in msgs]))["phone_e164"]
+    with engine.begin() as conn:
+        for m, e164 in zip(msgs, phones):
+            store_and_apply(conn, gateway=gw.gateway_name, gateway_message_id=m.get("gateway_message_id"),
+                            from_e164=e164 or m.get("from"), to=m.get("to"), body=m.get("text"), raw={"to": m.get("to")})
+    return len(msgs)
+

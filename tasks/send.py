@@ -77,6 +77,31 @@ class CircuitBreaker:
         self.failures = 0
 
 
+def unsent_count(engine, campaign_id: int) -> int:
+    """Messages of a campaign not yet handed to the gateway (planned, or claimed and in flight)."""
+    with engine.begin() as conn:
+        return int(conn.execute(text("SELECT COUNT(*) FROM outbox WHERE campaign_id = :c AND state IN ('planned', 'queued')"),
+                                {"c": campaign_id}).scalar() or 0)
+
+
+def campaigns_to_send(engine, campaign: str | None, now: datetime) -> list[tuple[int, str, str | None]]:
+    """(id, name, gateway Block) of the campaign named, or of every campaign with messages due at
+    ``now`` (naive UTC): planned ones whose window opened, and claims a crashed sender left behind."""
+    with engine.begin() as conn:
+        if campaign is not None:
+            rows = conn.execute(text("SELECT id, name, gateway FROM campaigns WHERE name = :n"), {"n": campaign}).fetchall()
+            if not rows:
+                raise ValueError(f"no campaign named '{campaign}': render it first")
+        else:
+            rows = conn.execute(text(
+                "SELECT DISTINCT c.id, c.name, c.gateway FROM campaigns c JOIN outbox o ON o.campaign_id = c.id "
+                "WHERE (o.state = 'planned' AND (o.send_after IS NULL OR o.send_after <= :now)) "
+                # in doubt or left by a crashed sender: the send task's recovery settles or re-plans them
+                "OR (o.state = 'queued' AND o.claim_expires_at < :now) ORDER BY c.id"),
+                {"now": now}).fetchall()
+    return [(int(r[0]), r[1], r[2]) for r in rows]
+
+
 def renew_lease(engine, ids: list[int], claimer: str, lease_s: float) -> set[int]:
     """Extend our claims; returns the ids still ours (queued and claimed by us)."""
     if not ids:

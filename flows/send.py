@@ -9,7 +9,8 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from blocks.registry import load_gateway
 from store.db import get_engine, utcnow
-from tasks.send import CLAIM_LEASE_S, SendStats, campaigns_to_send, next_takeover, send_task, unsent_count
+from store.outbox import unsent_count
+from tasks.send import CLAIM_LEASE_S, SendStats, campaigns_to_send, next_takeover, send_task
 
 SEND_CHUNK = 50_000  # messages per task run: task runs grow with volume / SEND_CHUNK, never per message
 

@@ -27,7 +27,8 @@ from sqlalchemy import text
 
 from blocks.gateway import GatewayUnavailable, OutgoingMessage, SmsGateway, SubmitResult
 from smsflow.ratelimit import TokenBucket
-from store.db import executemany, is_postgres, read_frame, utcnow
+from store.outbox import release_unsent, renew_lease, update_if_queued
+from store.db import is_postgres, read_frame, utcnow
 from store.db import get_engine
 from store.leases import process_holder, StoreLease
 from tasks.policy import enforce_at_claim
@@ -77,13 +78,6 @@ class CircuitBreaker:
         self.failures = 0
 
 
-def unsent_count(engine, campaign_id: int) -> int:
-    """Messages of a campaign not yet handed to the gateway (planned, or claimed and in flight)."""
-    with engine.begin() as conn:
-        return int(conn.execute(text("SELECT COUNT(*) FROM outbox WHERE campaign_id = :c AND state IN ('planned', 'queued')"),
-                                {"c": campaign_id}).scalar() or 0)
-
-
 def campaigns_to_send(engine, campaign: str | None, now: datetime) -> list[tuple[int, str, str | None]]:
     """(id, name, gateway Block) of the campaign named, or of every campaign with messages due at
     ``now`` (naive UTC): planned ones whose window opened, and claims a crashed sender left behind."""
@@ -100,30 +94,6 @@ def campaigns_to_send(engine, campaign: str | None, now: datetime) -> list[tuple
                 "OR (o.state = 'queued' AND o.claim_expires_at < :now) ORDER BY c.id"),
                 {"now": now}).fetchall()
     return [(int(r[0]), r[1], r[2]) for r in rows]
-
-
-def renew_lease(engine, ids: list[int], claimer: str, lease_s: float) -> set[int]:
-    """Extend our claims; returns the ids still ours (queued and claimed by us)."""
-    if not ids:
-        return set()
-    exp = utcnow() + timedelta(seconds=lease_s)
-    marks = ",".join(str(int(i)) for i in ids)
-    with engine.begin() as conn:
-        conn.execute(text(f"UPDATE outbox SET claim_expires_at = :e WHERE id IN ({marks}) AND state = 'queued' "
-                          "AND claimed_by = :w"), {"e": exp, "w": claimer})
-        return {int(r[0]) for r in conn.execute(text(
-            f"SELECT id FROM outbox WHERE id IN ({marks}) AND state = 'queued' AND claimed_by = :w"), {"w": claimer})}
-
-
-def release_unsent(engine, ids: list[int], claimer: str) -> None:
-    """Claimed messages that provably never reached the gateway go back to 'planned' (attempt not counted)."""
-    if not ids:
-        return
-    marks = ",".join(str(int(i)) for i in ids)
-    with engine.begin() as conn:
-        conn.execute(text(f"UPDATE outbox SET state = 'planned', claimed_by = NULL, claim_expires_at = NULL, "
-                          f"attempts = attempts - 1, updated_at = :now WHERE id IN ({marks}) AND state = 'queued' "
-                          "AND claimed_by = :w"), {"now": utcnow(), "w": claimer})
 
 
 def next_takeover(engine, campaign_id: int, gateway: SmsGateway) -> tuple[datetime | None, int]:
@@ -287,52 +257,6 @@ def record_results(engine, ids_by_ref: dict[str, int], results: list[SubmitResul
     stats.rejected += len(rej)
     stats.failed += len(failed)
     stats.retry_later += len(again)
-
-
-def update_if_queued(conn, rows: list[tuple], set_clause: str) -> None:
-    """Apply ``SET set_clause`` (qmark style) to each row's id, only while it is still 'queued':
-    states only move forward, and a receipt that arrived first is never overwritten.
-
-    On SQLite the rows go in as ONE ``UPDATE ... FROM (VALUES ...)`` statement per chunk instead of
-    one statement per row: the driver releases the GIL around every statement step, and each
-    re-acquisition can wait a whole switch interval behind a busy thread (the callback service,
-    the gateway's workers), so per-row statements cost milliseconds each under load. A column
-    with the same value in every row (state, timestamps) is bound once, not per row."""
-    if not rows:
-        return
-    if is_postgres(conn):
-        executemany(conn, f"UPDATE outbox SET {set_clause} WHERE id = ? AND state = 'queued'", rows)
-        return
-    cols = [c.split("=")[0].strip() for c in set_clause.split(",")]
-    first = rows[0]
-    same = [all(r[j] == first[j] for r in rows) for j in range(len(cols))]
-    varying = [j for j in range(len(cols)) if not same[j]] + [len(cols)]  # the id comes last
-    sets = ", ".join(f"{c} = ?" if same[j] else f"{c} = v.column{varying.index(j) + 1}" for j, c in enumerate(cols))
-    consts = [_sqlite_param(first[j]) for j in range(len(cols)) if same[j]]
-    width = len(varying)
-    cur = conn.connection.driver_connection.cursor()
-    try:
-        step = _SQLITE_MAX_PARAMS // width
-        for start in range(0, len(rows), step):
-            chunk = rows[start : start + step]
-            values = ",".join(["(" + ",".join("?" * width) + ")"] * len(chunk))
-            cur.execute(f"UPDATE outbox SET {sets} FROM (VALUES {values}) AS v "
-                        f"WHERE outbox.id = v.column{width} AND outbox.state = 'queued'",
-                        consts + [_sqlite_param(row[j]) for row in chunk for j in varying])
-    finally:
-        cur.close()
-
-
-def _sqlite_param(value):
-    """Datetimes in the store's SQLite text format (as ``store.db`` binds them); the rest as is."""
-    if isinstance(value, datetime):
-        if value.tzinfo is not None:
-            value = value.astimezone(timezone.utc).replace(tzinfo=None)
-        return value.isoformat(" ", "microseconds")
-    return value
-
-
-_SQLITE_MAX_PARAMS = 32_000  # SQLite >= 3.32 allows 32,766 bound parameters per statement
 
 
 @dataclass

@@ -250,7 +250,7 @@ TIMED = (
     ("tasks.validate", "_assemble"),
     ("tasks.validate", "find_duplicates"), ("tasks.validate_store", "dedup_source"),
     ("tasks.validate_store", "_apply_suppression"), ("tasks.segment", "expand_attributes"), ("tasks.segment", "evaluate"),
-    ("tasks.plan", "_contacts_for"), ("tasks.plan", "_store_chunk"),
+    ("tasks.render", "_contacts_for"), ("tasks.render", "_store_chunk"),
 )
 
 
@@ -351,8 +351,8 @@ def phase_pipeline(n: int, d: Path, args) -> dict:
     from store.db import get_engine, utcnow
     from tasks.accounting import ensure_campaign
     from tasks.extract import extract_source
-    from tasks.plan import plan_messages
-    from tasks.render import load_template
+    from tasks.render import plan_messages
+    from smsflow.templates import load_template
     from tasks.segment import ALL, build_membership
     from tasks.validate_store import validate_new_contacts
 
@@ -472,7 +472,7 @@ def phase_naive(n: int, d: Path, args) -> dict:
 
     from store.db import get_engine
     from store.models import Campaign, Contact, Outbox
-    from tasks.render import DEFAULT_FOOTERS
+    from smsflow.templates import DEFAULT_FOOTERS
     from smsflow.sms_encoding import sms_info
 
     m = min(n, args.naive_max)

@@ -21,7 +21,7 @@ from flows.send import send
 from flows.validate_and_dedup import validate_and_dedup
 from store.db import get_engine
 from tasks.policy import ContactPolicy
-from tasks.render import template_library
+from smsflow.templates import template_library
 from tasks.accounting import campaign_accounting, finish_campaign, log_event
 from tasks.outcomes import message_outcomes
 

@@ -8,9 +8,9 @@ from prefect import flow, get_run_logger
 
 from smsflow.settings import get_settings
 from tasks.accounting import ensure_campaign
-from tasks.plan import plan_task
+from tasks.render import plan_task
 from tasks.policy import ContactPolicy
-from tasks.render import load_template
+from smsflow.templates import load_template
 from store.db import get_engine
 
 

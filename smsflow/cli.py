@@ -156,7 +156,7 @@ def campaign_cmd(
         _fail(f"template not found: {template}")
     _quiet_prefect_to_stderr()
     from tasks.policy import load_policy
-    from tasks.render import TemplateError, load_template
+    from smsflow.templates import TemplateError, load_template
 
     clock = _parse_time(now, "--now")
     end = _parse_time(ends_at, "--ends-at")

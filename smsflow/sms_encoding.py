@@ -21,7 +21,7 @@ Rules implemented
 * Empty text: reported as **1 segment with 0 units** (GSM-7).  That is what
   handsets display and what an SMSC would bill if it accepted the message;
   ``split_parts("") == [""]`` keeps ``len(parts) == segments``.  Callers that
-  must not send empty messages (``tasks.render``) reject them beforehand.
+  must not send empty messages (``smsflow.templates``) reject them beforehand.
 """
 
 from __future__ import annotations

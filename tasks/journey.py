@@ -37,7 +37,7 @@ from store.db import get_engine
 from store.events import insert_ignore, record_event  # noqa: F401 - record_event: the journeys' event writer
 from store.models import Campaign
 from tasks.policy import load_policy, resolve_timezone, zone
-from tasks.render import render_contact, RenderError
+from smsflow.templates import render_contact, RenderError
 from tasks.validate import normalize_phones
 
 ACTIVE, COMPLETED, EXITED = "active", "completed", "exited"

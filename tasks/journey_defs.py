@@ -22,7 +22,7 @@ import yaml
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.render import MessageTemplate, TemplateError
+from smsflow.templates import MessageTemplate, TemplateError
 from tasks.policy import ContactPolicy
 
 

@@ -1,710 +1,284 @@
-"""Jinja2 rendering of SMS texts for CRM contacts (plain functions, no Prefect).
+"""Render a campaign into the outbox: one planned message per (campaign, contact, step).
 
-Template language
------------------
-* Jinja2 ``SandboxedEnvironment`` with ``StrictUndefined`` and autoescape off
-  (SMS is plain text).  A variable that is missing for a contact is an error
-  for that contact unless the template gives a fallback:
-  ``{{ first_name | default("клиент") }}``.  Because of ``StrictUndefined``,
-  test optional values with ``{% if promo_code is defined %}`` rather than
-  ``{% if promo_code %}``.
-* Sources are compiled once, when a :class:`MessageTemplate` is created (i.e.
-  when it is loaded), and compiled code is cached by source text.  A syntax
-  error raises :class:`TemplateCompileError` naming template, variant and line
-  -- before any contact is rendered.
-
-Context of one contact (later entries win)
-------------------------------------------
-Jinja globals < ``sender_name`` of the template < ``extra`` (campaign-wide
-values) < keys of the nested ``attributes`` mapping < top-level contact keys.
-``attributes`` itself stays available as a (cleaned) mapping.  Values that
-are ``None``, NaN (float / numpy NaN, ``pandas.NA``, ``NaT``) or strings that
-are empty after stripping are dropped, so they are *undefined* and
-``default(...)`` applies; other strings are stripped of surrounding blanks.
-A top-level key whose value is dropped does not hide an attribute of the
-same name.
-
-Variant and footer
-------------------
-The variant is the contact's language if the template has it (``ru-RU``,
-``RU`` and ``ru_RU`` all match a ``ru`` variant), else the template's
-``default_language``, else the first variant.  Marketing messages get the
-opt-out footer of the chosen variant's language appended on a new line
-(``FOOTER_SEPARATOR = "\\n"``, one septet / unit, same cost as a space);
-transactional messages get none.  A body that already ends with the footer
-is not given a second one.
+Creating a message twice is a no-op (unique idempotency key), so a rerun only renders the
+contacts that have no message yet. Contacts without consent or opted out are not planned;
+a template that fails for one contact quarantines that message with the reason.
 """
-
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Mapping
+import itertools
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
+from multiprocessing import get_context
 from typing import Any
 
-import yaml
-from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError
-from jinja2.exceptions import SecurityError, UndefinedError
-from jinja2.sandbox import SandboxedEnvironment
+from sqlalchemy import text
 
-from smsflow.sms_encoding import sms_info_batch
-from smsflow.settings import PROJECT_ROOT
+from store.db import Columns, bulk_insert, read_frame, utcnow
+from store.quarantine import write_quarantine
+from tasks.extract import gc_paused
+from smsflow.templates import MessageTemplate, init_render_worker, render_batch, render_chunk
+from store.db import get_engine
 
-__all__ = [
-    "DEFAULT_FOOTERS",
-    "FOOTER_SEPARATOR",
-    "KINDS",
-    "MessageTemplate",
-    "RenderError",
-    "TemplateCompileError",
-    "TemplateLoadError",
-    "build_context",
-    "load_template",
-    "normalize_language",
-    "render_batch",
-    "render_contact",
-]
-
-KINDS = ("marketing", "transactional")
-DEFAULT_FOOTERS: dict[str, str] = {
-    "ru": "Для отказа ответьте СТОП",
-    "en": "Reply STOP to opt out",
-}
-FOOTER_SEPARATOR = "\n"
-
-YAML_SUFFIXES = (".yaml", ".yml")
-JINJA_SUFFIXES = (".j2", ".jinja", ".jinja2", ".txt")
-_YAML_KEYS = {"name", "kind", "default_language", "variants", "footer", "sender_name", "description"}
-# "promo.ru" / "promo.pt-BR" -> base "promo", language "ru" / "pt-br"
-_LANG_SUFFIX = re.compile(r"^(?P<base>.+)\.(?P<lang>[A-Za-z]{2}(?:[-_][A-Za-z0-9]{2,8})?)$")
-
-
-# --------------------------------------------------------------------------
-# errors
-
-
-class TemplateLoadError(TemplateError):
-    """A template file or definition is invalid (raised at load time)."""
-
-    def __init__(self, message: str, *, template: str | None = None, path: str | None = None):
-        super().__init__(message)
-        self.template = template
-        self.path = path
-
-
-class TemplateCompileError(TemplateLoadError):
-    """Jinja syntax error in one variant of a template."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        template: str | None = None,
-        language: str | None = None,
-        lineno: int | None = None,
-        path: str | None = None,
-    ):
-        super().__init__(message, template=template, path=path)
-        self.language = language
-        self.lineno = lineno
-
-
-class RenderError(Exception):
-    """Rendering failed for one contact; ``str(err)`` is the human reason."""
-
-
-# --------------------------------------------------------------------------
-# environment and compilation
-
-_ENV = SandboxedEnvironment(
-    undefined=StrictUndefined,
-    autoescape=False,
-    keep_trailing_newline=False,
-    auto_reload=False,
+OUTBOX_INSERT_FIELDS = (
+    "idempotency_key",
+    "campaign_id",
+    "contact_id",
+    "step",
+    "segment",
+    "phone_e164",
+    "language",
+    "text",
+    "encoding",
+    "segments",
+    "cost",
+    "state",
+    "attempts",
+    "gateway",
+    "planned_at",
+    "updated_at",
 )
 
 
-@lru_cache(maxsize=4096)
-def _compile(source: str):
-    return _ENV.from_string(source)
+def idempotency_key(campaign_id: int, contact_id: int, step: str = "main") -> str:
+    return f"c{campaign_id}:{contact_id}:{step}"
 
 
-def normalize_language(value: Any) -> str | None:
-    """``" RU_ru "`` -> ``"ru-ru"``; non-strings / blanks -> ``None``."""
-    if not isinstance(value, str):
-        return None
-    value = value.strip().lower().replace("_", "-")
-    return value or None
+@dataclass
+class PlanStats:
+    candidates: int = 0
+    no_consent: int = 0
+    planned: int = 0
+    already_planned: int = 0
+    render_failed: int = 0
+    segments: int = 0
+    cost: float = 0.0
+    failures: list[dict[str, Any]] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class _Variant:
-    language: str
-    template: Any  # jinja2.Template
-    suffix: str  # separator + footer, or ""
-    footer: str  # footer text, or ""
+def _render_chunk(args: tuple[list[dict[str, Any]], MessageTemplate, float, dict[str, Any]]):
+    contacts, template, price, extra = args
+    return render_batch(contacts, template, price_per_segment=price, extra=extra)
 
 
-@dataclass(frozen=True, kw_only=True, eq=False)
-class MessageTemplate:
-    """An SMS template: one Jinja2 source per language.
-
-    ``footer`` overrides / extends :data:`DEFAULT_FOOTERS` per language; an
-    empty string explicitly disables the footer for that language.  A
-    marketing template must have a footer for every variant language.
-    Compilation happens here, so constructing a broken template raises
-    :class:`TemplateCompileError`.
-    """
-
-    name: str
-    variants: dict[str, str]
-    kind: str = "marketing"
-    default_language: str = "ru"
-    footer: dict[str, str] | None = None
-    sender_name: str | None = None
-    origin: str | None = field(default=None, compare=False)  # file it came from
-    _compiled: dict[str, _Variant] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        where = f" ({self.origin})" if self.origin else ""
-        if not isinstance(self.name, str) or not self.name.strip():
-            raise TemplateLoadError(f"template name must be a non-empty string{where}", path=self.origin)
-        name = self.name
-        if self.kind not in KINDS:
-            raise TemplateLoadError(
-                f"template {name!r}{where}: kind must be one of {KINDS}, got {self.kind!r}",
-                template=name, path=self.origin,
-            )
-        default_language = normalize_language(self.default_language)
-        if default_language is None:
-            raise TemplateLoadError(
-                f"template {name!r}{where}: default_language must be a non-empty string",
-                template=name, path=self.origin,
-            )
-        if not isinstance(self.variants, Mapping) or not self.variants:
-            raise TemplateLoadError(
-                f"template {name!r}{where}: 'variants' must be a non-empty mapping language -> text",
-                template=name, path=self.origin,
-            )
-        variants: dict[str, str] = {}
-        for lang, src in self.variants.items():
-            key = normalize_language(lang)
-            if key is None:
-                raise TemplateLoadError(
-                    f"template {name!r}{where}: invalid variant language {lang!r}",
-                    template=name, path=self.origin,
-                )
-            if key in variants:
-                raise TemplateLoadError(
-                    f"template {name!r}{where}: variant {key!r} defined twice",
-                    template=name, path=self.origin,
-                )
-            if not isinstance(src, str):
-                raise TemplateLoadError(
-                    f"template {name!r}{where}: variant {key!r} must be a string, got {type(src).__name__}",
-                    template=name, path=self.origin,
-                )
-            variants[key] = src
-        footers = dict(DEFAULT_FOOTERS)
-        if self.footer is not None:
-            if not isinstance(self.footer, Mapping):
-                raise TemplateLoadError(
-                    f"template {name!r}{where}: 'footer' must be a mapping language -> text",
-                    template=name, path=self.origin,
-                )
-            for lang, text in self.footer.items():
-                key = normalize_language(lang)
-                if key is None or not isinstance(text, str):
-                    raise TemplateLoadError(
-                        f"template {name!r}{where}: invalid footer entry {lang!r}: {text!r}",
-                        template=name, path=self.origin,
-                    )
-                footers[key] = text.strip()
-
-        compiled: dict[str, _Variant] = {}
-        for lang, src in variants.items():
-            try:
-                tmpl = _compile(src)
-            except TemplateSyntaxError as exc:
-                raise TemplateCompileError(
-                    f"template {name!r} variant {lang!r}{where}: syntax error at line "
-                    f"{exc.lineno}: {exc.message}",
-                    template=name, language=lang, lineno=exc.lineno, path=self.origin,
-                ) from exc
-            footer_text = ""
-            if self.kind == "marketing":
-                footer_text = footers.get(lang)
-                if footer_text is None:
-                    footer_text = footers.get(lang.split("-", 1)[0])
-                if footer_text is None:
-                    raise TemplateLoadError(
-                        f"template {name!r}{where}: marketing variant {lang!r} has no opt-out "
-                        f"footer; add 'footer: {{{lang}: ...}}'",
-                        template=name, path=self.origin,
-                    )
-            suffix = FOOTER_SEPARATOR + footer_text if footer_text else ""
-            compiled[lang] = _Variant(lang, tmpl, suffix, footer_text)
-
-        object.__setattr__(self, "variants", variants)
-        object.__setattr__(self, "default_language", default_language)
-        object.__setattr__(self, "_compiled", compiled)
-
-    def __reduce__(self):
-        # compiled Jinja code is not picklable: ship the definition and
-        # recompile on the other side (ProcessPoolExecutor, Prefect caching)
-        return (_rebuild_template, (self._definition(),))
-
-    def _definition(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "variants": dict(self.variants),
-            "kind": self.kind,
-            "default_language": self.default_language,
-            "footer": dict(self.footer) if self.footer is not None else None,
-            "sender_name": self.sender_name,
-            "origin": self.origin,
-        }
-
-    # ---------------------------------------------------------------- helpers
-    @property
-    def languages(self) -> list[str]:
-        return list(self.variants)
-
-    def choose_language(self, language: Any) -> str:
-        """Variant language used for a contact whose language is *language*."""
-        lang = normalize_language(language)
-        compiled = self._compiled
-        if lang is not None:
-            if lang in compiled:
-                return lang
-            primary = lang.split("-", 1)[0]
-            if primary in compiled:
-                return primary
-        if self.default_language in compiled:
-            return self.default_language
-        return next(iter(compiled))
-
-    def footer_for(self, language: str) -> str:
-        """Footer appended to the variant *language* ("" for none)."""
-        return self._compiled[self.choose_language(language)].footer
-
-    @classmethod
-    def from_string(cls, name: str, source: str, **kwargs: Any) -> "MessageTemplate":
-        """Single-variant template (variant = ``default_language``)."""
-        lang = kwargs.get("default_language", "ru")
-        return cls(name=name, variants={lang: source}, **kwargs)
+_CANDIDATES_SQL = (
+    "SELECT c.id AS contact_id, c.first_name, c.last_name, c.email, c.language, c.timezone, "
+    "c.phone_e164, c.sms_consent, c.opted_out_at, c.attributes "
+    "FROM segment_memberships m JOIN contacts c ON c.id = m.contact_id "
+    "WHERE m.segment = :g AND c.source = :s AND c.status = 'valid' "
+    "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.campaign_id = :cid AND o.contact_id = c.id) "
+)
 
 
-def _rebuild_template(definition: dict[str, Any]) -> MessageTemplate:
-    return MessageTemplate(**definition)
+def _contacts_for(engine, campaign_id: int, source: str, segment: str, after: int | None = None,
+                  limit: int | None = None):
+    """Candidates of the campaign in id order; one page (ids > ``after``, at most ``limit``) when given."""
+    sql = _CANDIDATES_SQL
+    params: dict[str, Any] = {"g": segment, "s": source, "cid": campaign_id}
+    if after is not None:
+        sql += "AND c.id > :after "
+        params["after"] = after
+    sql += "ORDER BY c.id"
+    if limit is not None:
+        sql += " LIMIT :lim"
+        params["lim"] = int(limit)
+    with engine.begin() as conn:
+        return read_frame(conn, sql, params, objects=True)  # object columns: no str-dtype round trip
 
 
-# --------------------------------------------------------------------------
-# loading
-
-
-def _read_text(path: Path, name: str | None) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise TemplateLoadError(
-            f"template file {str(path)!r} is not valid UTF-8: {exc}", template=name, path=str(path)
-        ) from exc
-    except OSError as exc:
-        raise TemplateLoadError(
-            f"cannot read template file {str(path)!r}: {exc}", template=name, path=str(path)
-        ) from exc
-
-
-def _split_jinja_name(path: Path) -> tuple[str, str | None]:
-    """``promo.ru.j2`` -> ("promo", "ru"); ``promo.j2`` -> ("promo", None)."""
-    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
-    m = _LANG_SUFFIX.match(stem)
-    if m:
-        return m.group("base"), normalize_language(m.group("lang"))
-    return stem, None
-
-
-def _load_yaml(path: Path) -> MessageTemplate:
-    text = _read_text(path, None)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise TemplateLoadError(
-            f"template file {str(path)!r}: invalid YAML at{line}: {problem}", path=str(path)
-        ) from exc
-    if not isinstance(data, dict):
-        raise TemplateLoadError(
-            f"template file {str(path)!r}: expected a YAML mapping with keys "
-            f"{sorted(_YAML_KEYS - {'description'})}", path=str(path),
-        )
-    unknown = set(data) - _YAML_KEYS
-    if unknown:
-        raise TemplateLoadError(
-            f"template file {str(path)!r}: unknown keys {sorted(map(str, unknown))}; "
-            f"allowed: {sorted(_YAML_KEYS)}", path=str(path),
-        )
-    if "variants" not in data:
-        raise TemplateLoadError(f"template file {str(path)!r}: missing 'variants'", path=str(path))
-    name = data.get("name")
-    if name is None:
-        name = path.name[: -len(path.suffix)]
-    kwargs = {k: data[k] for k in ("kind", "default_language", "footer", "sender_name") if data.get(k) is not None}
-    return MessageTemplate(name=str(name), variants=data["variants"], origin=str(path), **kwargs)
-
-
-def _load_jinja_group(base: str, files: list[tuple[Path, str | None]], *, default_language: str = "ru") -> MessageTemplate:
-    """Template from ``base.j2`` and/or ``base.<lang>.j2`` files."""
-    variants: dict[str, str] = {}
-    paths: dict[str, Path] = {}
-    default_language = normalize_language(default_language) or "ru"
-    # explicit languages first, so a base file conflicts with them clearly
-    for path, lang in sorted(files, key=lambda f: (f[1] is None, f[0].name)):
-        key = lang or default_language
-        if key in variants:
-            raise TemplateLoadError(
-                f"template {base!r}: both {paths[key].name!r} and {path.name!r} define the "
-                f"{key!r} variant", template=base, path=str(path),
-            )
-        variants[key] = _read_text(path, base)
-        paths[key] = path
-    origin = str(next((p for p, lang in files if lang is None), files[0][0]))
-    try:
-        return MessageTemplate(
-            name=base, variants=variants, kind="marketing",
-            default_language=default_language, origin=origin,
-        )
-    except TemplateCompileError as exc:
-        # point at the file of the broken variant
-        path = paths.get(exc.language or "")
-        if path is None or str(path) == origin:
-            raise
-        raise TemplateCompileError(
-            str(exc).replace(f"({origin})", f"({path})"),
-            template=exc.template, language=exc.language, lineno=exc.lineno, path=str(path),
-        ) from exc.__cause__
-
-
-def template_library(directory: str | Path | None = None) -> list[str]:
-    """Names of the project's templates (``templates/*.yaml``): what the UI's campaign form offers."""
-
-    d = Path(directory) if directory else PROJECT_ROOT / "templates"
-    return sorted(p.stem for p in d.glob("*") if p.suffix.lower() in YAML_SUFFIXES) if d.is_dir() else []
-
-
-def resolve_template(name_or_path: str | Path) -> Path:
-    """A template name from the library (``demo_promo``) or a path, as a path."""
-
-    p = Path(name_or_path)
-    if p.suffix or p.is_file() or len(p.parts) > 1:
-        return p
-    return PROJECT_ROOT / "templates" / f"{p}.yaml"
-
-
-def load_template(path: str | Path) -> MessageTemplate:
-    """Load one template (a path, or the name of one in the project's ``templates/``).
-
-    * ``*.yaml`` / ``*.yml``: mapping with ``name`` (default: file stem),
-      ``kind``, ``default_language``, ``variants``, ``footer``, ``sender_name``
-      (and an ignored ``description``).
-    * ``*.j2`` / ``*.jinja`` / ``*.jinja2`` / ``*.txt``: plain Jinja source, a
-      marketing template whose single variant serves every language.  Sibling
-      files ``<name>.<lang>.<ext>`` (e.g. ``promo.ru.j2``, ``promo.en.j2``)
-      add per-language variants; loading any file of the group loads the
-      whole group.  The plain ``<name>.<ext>`` file, if present, is the
-      ``default_language`` ("ru") variant.
-    """
-    path = resolve_template(path)
-    suffix = path.suffix.lower()
-    if suffix in YAML_SUFFIXES:
-        return _load_yaml(path)
-    if suffix in JINJA_SUFFIXES:
-        if not path.is_file():
-            raise TemplateLoadError(f"template file {str(path)!r} does not exist", path=str(path))
-        base, _lang = _split_jinja_name(path)
-        files = []
-        for p in path.parent.iterdir():
-            if p.is_file() and p.suffix.lower() in JINJA_SUFFIXES:
-                b, lang = _split_jinja_name(p)
-                if b == base:
-                    files.append((p, lang))
-        return _load_jinja_group(base, files)
-    raise TemplateLoadError(
-        f"unsupported template file {str(path)!r}; expected one of "
-        f"{YAML_SUFFIXES + JINJA_SUFFIXES}", path=str(path),
-    )
-
-
-# --------------------------------------------------------------------------
-# context
-
-
-class _Missing:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "<missing>"
-
-
-_MISSING = _Missing()
-_NA_TYPES = frozenset({"NAType", "NaTType"})
-
-
-def _clean(v: Any) -> Any:
-    """Value for the context, or ``_MISSING`` when it should be undefined."""
-    if v is None:
-        return _MISSING
-    if isinstance(v, str):
-        v = v.strip()
-        return v if v else _MISSING
-    if isinstance(v, (int, float)):  # bool, numpy float64 are subclasses
-        return _MISSING if v != v else v
-    if type(v).__name__ in _NA_TYPES:  # pandas.NA, pandas.NaT
-        return _MISSING
-    try:
-        if bool(v != v):  # numpy.float32('nan'), Decimal('NaN'), numpy NaT
-            return _MISSING
-    except Exception:  # arrays, NA-like objects with ambiguous truth value
-        pass
-    return v
-
-
-def _clean_mapping(m: Mapping) -> dict:
-    out = {}
-    for k, v in m.items():
-        v = _clean(v)
-        if v is not _MISSING:
-            out[k] = v
+def _records(df) -> list[dict[str, Any]]:
+    """Contacts with consent as render records; attributes stay JSON text (the renderer parses them)."""
+    cols = list(df.columns)
+    ids = df["contact_id"].astype("int64").tolist()
+    values = [ids if c == "contact_id" else _plain(df[c]) for c in cols]
+    out = [dict(zip(cols, row)) for row in zip(*values)]
+    for r in out:
+        a = r["attributes"]
+        if not a:
+            r["attributes"] = {}
     return out
 
 
-def _attributes(value: Any) -> dict | None:
-    if isinstance(value, Mapping):
-        return _clean_mapping(value)
-    if isinstance(value, str) and value.lstrip().startswith("{"):
-        try:  # JSON column straight from a database / CSV
-            decoded = json.loads(value)
-        except ValueError:
-            return None
-        if isinstance(decoded, dict):
-            return _clean_mapping(decoded)
-    return None
+def _plain(col) -> list:
+    """Column values with every missing one as None."""
+    values = col.tolist()
+    if col.dtype == object and all(v is None or type(v) in (str, int) for v in values):
+        return values
+    return col.astype(object).where(col.notna(), None).tolist()
 
 
-def _fill(ctx: dict, contact: Mapping) -> None:
-    """Add cleaned attributes, then cleaned top-level values of *contact*."""
-    attrs = contact.get("attributes")
-    cleaned = _attributes(attrs) if attrs is not None else None
-    if cleaned is not None:
-        ctx.update(cleaned)
-    for k, v in contact.items():
-        tv = type(v)
-        if tv is str:
-            v = v.strip()
-            if not v:
-                continue
-        elif tv is int:
-            pass
-        elif v is None:
-            continue
-        elif tv is float:
-            if v != v:
-                continue
-        else:
-            v = _clean(v)
-            if v is _MISSING:
-                continue
-        ctx[k] = v
-    if cleaned is not None:
-        ctx["attributes"] = cleaned
+def _pages(engine, campaign_id: int, source: str, segment: str, page_size: int, stats: PlanStats):
+    """Consenting candidates, page by page (bounded memory), in id order."""
+    after = None
+    while True:
+        df = _contacts_for(engine, campaign_id, source, segment, after=after if after is not None else -1, limit=page_size)
+        if df.empty:
+            return
+        n_raw = len(df)
+        after = int(df["contact_id"].iloc[-1])
+        stats.candidates += n_raw
+        consent = df["sms_consent"].astype(bool) & df["opted_out_at"].isna()
+        stats.no_consent += int((~consent).sum())
+        df = df[consent.to_numpy()]
+        if len(df):
+            yield _records(df)
+        if n_raw < page_size:
+            return
 
 
-def _base_context(template: MessageTemplate, extra: Mapping | None) -> dict:
-    base: dict[str, Any] = {}
-    if template.sender_name:
-        base["sender_name"] = template.sender_name
-    if extra:
-        base.update(_clean_mapping(extra))
-    return base
-
-
-def build_context(contact: Mapping, template: MessageTemplate | None = None, extra: Mapping | None = None) -> dict:
-    """The variables a template sees for *contact* (without Jinja globals)."""
-    ctx = _base_context(template, extra) if template is not None else (_clean_mapping(extra) if extra else {})
-    _fill(ctx, contact)
-    return ctx
-
-
-# --------------------------------------------------------------------------
-# rendering
-
-
-def _template_lineno(exc: BaseException) -> int | None:
-    tb = exc.__traceback__
-    lineno = None
-    while tb is not None:
-        tmpl = tb.tb_frame.f_globals.get("__jinja_template__")
-        if tmpl is not None:
-            try:
-                lineno = tmpl.get_corresponding_lineno(tb.tb_lineno)
-            except Exception:  # pragma: no cover - defensive
-                pass
-        tb = tb.tb_next
-    return lineno
-
-
-def _reason(template: MessageTemplate, language: str, exc: BaseException) -> str:
-    if isinstance(exc, UndefinedError):
-        msg = str(exc)
-    elif isinstance(exc, SecurityError):
-        msg = f"blocked by sandbox: {exc}"
-    else:
-        msg = f"{type(exc).__name__}: {exc}"
-    lineno = _template_lineno(exc)
-    line = f" (line {lineno})" if lineno else ""
-    return f"template {template.name!r} ({language}): {msg}{line}"
-
-
-class _Renderer:
-    """Per-call state: base context and per-language render callables."""
-
-    __slots__ = ("template", "variants", "_lang_cache")
-
-    def __init__(self, template: MessageTemplate, extra: Mapping | None):
-        if not isinstance(template, MessageTemplate):
-            raise TypeError(f"template must be a MessageTemplate, not {type(template).__name__}")
-        self.template = template
-        base = _base_context(template, extra)
-        self.variants: dict[str, tuple] = {}
-        for lang, var in template._compiled.items():
-            tmpl = var.template
-            start = dict(tmpl.globals)  # flatten Jinja's ChainMap once per call
-            start.update(base)
-            self.variants[lang] = (lang, tmpl.root_render_func, tmpl.new_context, start, var.suffix, var.footer)
-        self._lang_cache: dict[Any, tuple] = {}
-
-    def variant(self, language: Any) -> tuple:
-        if not isinstance(language, str):  # None / NaN / NA: one cache slot
-            language = None
-        try:
-            return self._lang_cache[language]
-        except KeyError:
-            var = self.variants[self.template.choose_language(language)]
-            self._lang_cache[language] = var
-            return var
-
-    def render(self, contact: Mapping) -> tuple[str, str]:
-        """``(language, text)``; raises :class:`RenderError` with a human reason."""
-        lang, render_func, new_context, start, suffix, footer = self.variant(contact.get("language"))
-        ctx = start.copy()
-        try:
-            _fill(ctx, contact)
-            # shared=True: ctx already holds the globals, no second dict copy
-            body = "".join(render_func(new_context(ctx, True))).strip()
-        except Exception as exc:
-            raise RenderError(_reason(self.template, lang, exc)) from exc
-        if not body:
-            raise RenderError(f"template {self.template.name!r} ({lang}): rendered text is empty")
-        if suffix and not body.endswith(footer):
-            body += suffix
-        sender = self.sender_for(lang)
-        if sender and sender.casefold() not in body.casefold():
-            body = f"{sender}: {body}"  # sender identity on every marketing message
-        return lang, body
-
-    def sender_for(self, lang: str) -> str | None:
-        """The sender's name for a marketing message in ``lang`` (str, or a mapping per language)."""
-        if self.template.kind != "marketing":
-            return None
-        sender = self.template.sender_name
-        if isinstance(sender, Mapping):
-            sender = sender.get(lang) or sender.get(self.template.default_language)
-        return sender.strip() if isinstance(sender, str) and sender.strip() else None
-
-
-def render_contact(contact: Mapping, template: MessageTemplate, extra: Mapping | None = None) -> tuple[str, str]:
-    """Render one contact: ``(language, text)`` or :class:`RenderError`."""
-    if not isinstance(contact, Mapping):
-        raise RenderError(f"contact must be a mapping, not {type(contact).__name__}")
-    return _Renderer(template, extra).render(contact)
-
-
-def render_batch(
-    contacts: list[dict],
+def plan_messages(
+    engine,
+    *,
+    campaign_id: int,
+    source: str,
+    segment: str,
     template: MessageTemplate,
-    price_per_segment: float = 0.0,
-    extra: dict | None = None,
-) -> tuple[list[dict], list[dict]]:
-    """Render *template* for every contact.
+    price_per_segment: float,
+    gateway: str | None,
+    batch_size: int = 50_000,
+    processes: int = 1,
+    extra: dict[str, Any] | None = None,
+    on_batch=None,
+) -> PlanStats:
+    """Render the segment's consenting contacts into planned outbox messages (see the module doc)."""
+    with gc_paused():  # millions of short-lived records: no collector passes over the whole heap
+        return _plan_messages(engine, campaign_id, source, segment, template, price_per_segment, gateway,
+                              batch_size, processes, extra, on_batch)
 
-    Returns ``(rendered, failed)``:
 
-    * rendered rows ``{contact_id, language, text, encoding, characters,
-      units, segments, cost}`` (``cost = round(segments * price, 4)``),
-    * failed rows ``{contact_id, reason}``.
+def _plan_messages(engine, campaign_id, source, segment, template, price_per_segment, gateway, batch_size,
+                   processes, extra, on_batch) -> PlanStats:
+    stats = PlanStats()
+    extra = extra or {}
+    page_size = max(1, int(batch_size))
+    pages = _pages(engine, campaign_id, source, segment, page_size, stats)
 
-    One failing contact never stops the batch; input order is preserved in
-    both lists.
-    """
-    render = _Renderer(template, extra).render
-    ids: list[Any] = []
-    langs: list[str] = []
-    texts: list[str] = []
-    failed: list[dict] = []
-    for contact in contacts:
-        if not isinstance(contact, Mapping):
-            failed.append({
-                "contact_id": None,
-                "reason": f"contact must be a mapping, not {type(contact).__name__}",
-            })
-            continue
-        try:
-            lang, text = render(contact)
-        except RenderError as exc:
-            failed.append({"contact_id": contact.get("contact_id"), "reason": str(exc)})
-            continue
-        ids.append(contact.get("contact_id"))
-        langs.append(lang)
-        texts.append(text)
+    def store(rendered, failed, records) -> None:
+        phones = {int(r["contact_id"]): r["phone_e164"] for r in records}
+        _store_chunk(engine, rendered, failed, stats, campaign_id, source, segment, template, gateway, phones)
+        if on_batch:
+            on_batch(stats)
 
-    encodings, characters, units, segments = sms_info_batch(texts)
-    price = float(price_per_segment or 0.0)
-    rendered = [
-        {
-            "contact_id": cid,
-            "language": lang,
-            "text": text,
-            "encoding": enc,
-            "characters": nchar,
-            "units": nunits,
-            "segments": nseg,
-            "cost": round(nseg * price, 4),
-        }
-        for cid, lang, text, enc, nchar, nunits, nseg in zip(
-            ids, langs, texts, encodings, characters, units, segments
-        )
+    # look ahead until it is clear whether a worker pool pays off (> 20,000 contacts to render)
+    ahead: list[list[dict[str, Any]]] = []
+    seen = 0
+    for page in pages:
+        ahead.append(page)
+        seen += len(page)
+        if seen > 20_000:
+            break
+    if processes > 1 and seen > 20_000:
+        # CPU-bound: spread fixed-size chunks over processes (spawn: safe beside Prefect's threads); at most
+        # 2 chunks per worker in flight, so memory does not grow with the campaign
+        per = max(1_000, min(page_size, 10_000))
+
+        def chunks():
+            for page in itertools.chain(ahead, pages):
+                for i in range(0, len(page), per):
+                    yield page[i : i + per]
+
+        with ProcessPoolExecutor(max_workers=processes, mp_context=get_context("spawn"),
+                                 initializer=init_render_worker,
+                                 initargs=(template, price_per_segment, extra)) as pool:
+            inflight: deque = deque()
+            for c in chunks():
+                inflight.append((pool.submit(render_chunk, c), c))
+                if len(inflight) >= 2 * processes:
+                    fut, recs = inflight.popleft()
+                    store(*fut.result(), recs)
+            while inflight:
+                fut, recs = inflight.popleft()
+                store(*fut.result(), recs)
+    else:
+        for page in itertools.chain(ahead, pages):
+            for i in range(0, len(page), page_size):
+                c = page[i : i + page_size]
+                rendered, failed = _render_chunk((c, template, price_per_segment, extra))
+                store(rendered, failed, c)
+    return stats
+
+
+def _store_chunk(engine, rendered, failed, stats, campaign_id, source, segment, template, gateway, phones) -> None:
+    now = utcnow()
+    step = template.name
+    n = len(rendered)
+    cids = [int(r["contact_id"]) for r in rendered]
+    segs = [int(r["segments"]) for r in rendered]
+    costs = [float(r["cost"]) for r in rendered]
+    rows = Columns([
+        [idempotency_key(campaign_id, c, step) for c in cids],
+        [campaign_id] * n,
+        cids,
+        [step] * n,
+        [segment] * n,
+        [phones[c] for c in cids],
+        [r["language"] for r in rendered],
+        [r["text"] for r in rendered],
+        [r["encoding"] for r in rendered],
+        segs,
+        costs,
+        ["planned"] * n,
+        [0] * n,
+        [gateway] * n,
+        [now] * n,
+        [now] * n,
+    ])
+    quarantine = [
+        dict(step="render", source=source, row_key=f"{campaign_id}:{int(f['contact_id'])}", campaign_id=campaign_id,
+             contact_id=int(f["contact_id"]), reason_code="render_error", reason=str(f["reason"]),
+             payload={"template": template.name})
+        for f in failed
     ]
-    return rendered, failed
+    with engine.begin() as conn:
+        bulk_insert(conn, "outbox", OUTBOX_INSERT_FIELDS, rows, on_conflict="ignore", conflict_columns=("idempotency_key",))
+        write_quarantine(conn, quarantine)
+        if rendered and _has_render_quarantine(conn, campaign_id):
+            # contacts that failed in an earlier run and render now are no longer quarantined
+            conn.execute(
+                text("DELETE FROM quarantine WHERE step = 'render' AND campaign_id = :c AND contact_id IN "
+                     "(SELECT contact_id FROM outbox WHERE campaign_id = :c)"),
+                {"c": campaign_id},
+            )
+    stats.planned += len(rendered)
+    stats.render_failed += len(failed)
+    stats.segments += sum(segs)
+    stats.cost += sum(costs)
+    stats.failures.extend(failed[: max(0, 20 - len(stats.failures))])
 
 
-# --------------------------------------------------------------------------
-# process-pool worker (a pure module: spawned workers import no Prefect)
-
-_WORKER_STATE: dict[str, Any] = {}
-
-
-def init_render_worker(template: MessageTemplate, price_per_segment: float, extra: dict | None) -> None:
-    """Pool initializer: the template is unpickled (compiled) once per worker, not once per chunk."""
-    _WORKER_STATE["args"] = (template, price_per_segment, extra)
+def _has_render_quarantine(conn, campaign_id: int) -> bool:
+    """Whether the campaign has quarantined renders at all: usually not, and then the clean-up below,
+    which would scan the campaign's whole outbox once per chunk, is skipped."""
+    return conn.execute(text("SELECT 1 FROM quarantine WHERE step = 'render' AND campaign_id = :c LIMIT 1"),
+                        {"c": campaign_id}).first() is not None
 
 
-def render_chunk(contacts: list[dict]) -> tuple[list[dict], list[dict]]:
-    """:func:`render_batch` with the template set by :func:`init_render_worker`."""
-    template, price, extra = _WORKER_STATE["args"]
-    return render_batch(contacts, template, price_per_segment=price, extra=extra)
+# --------------------------------------------------------------------------- Prefect task
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from tasks.retrying import retry_if_transient  # noqa: E402
+
+
+@task(name="render-into-outbox", retries=1, retry_delay_seconds=5,
+      retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
+def plan_task(campaign_id: int, source: str, segment: str, template: MessageTemplate, price_per_segment: float,
+              gateway: str | None, batch_size: int, processes: int, database_url: str | None,
+              extra: dict[str, Any] | None = None) -> PlanStats:
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+
+    progress = create_progress_artifact(0.0, description="render into the outbox")
+    engine = get_engine(database_url)
+
+    def on_batch(s: PlanStats) -> None:
+        done = s.planned + s.render_failed
+        total = max(1, s.candidates - s.no_consent)
+        update_progress_artifact(progress, min(100.0, 100.0 * done / total), description=f"{done} of {total} rendered")
+
+    stats = plan_messages(engine, campaign_id=campaign_id, source=source, segment=segment, template=template,
+                          price_per_segment=price_per_segment, gateway=gateway, batch_size=batch_size,
+                          processes=processes, extra=extra, on_batch=on_batch)
+    update_progress_artifact(progress, 100.0, description=f"{stats.planned} planned, {stats.render_failed} quarantined")
+    return stats

@@ -11,7 +11,7 @@ from blocks.gateway import SandboxGateway
 from store.db import utcnow
 from tasks.erasure import forget
 from tasks.inbound import store_and_apply
-from tasks.plan import plan_messages
+from tasks.render import plan_messages
 from tasks.policy import always_open
 from tasks.segment import ALL, build_membership
 from smsflow.ratelimit import TokenBucket

@@ -132,7 +132,7 @@ def test_each_step_flow_runs_alone(tmp_path):
 
 def test_broken_template_stops_before_anything_is_planned(tmp_path):
     from flows.render import render
-    from tasks.render import TemplateError
+    from smsflow.templates import TemplateError
 
     bad = tmp_path / "bad.j2"
     bad.write_text("Привет, {{ first_name ", encoding="utf-8")

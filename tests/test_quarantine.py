@@ -10,9 +10,9 @@ import pytest
 from store.db import utcnow
 from store import quarantine
 from tasks.accounting import ensure_campaign
-from tasks.plan import plan_messages
+from tasks.render import plan_messages
 from tasks.policy import always_open
-from tasks.render import MessageTemplate
+from smsflow.templates import MessageTemplate
 from tasks.segment import ALL, build_membership
 from tests.helpers import contact, load_csv, write_csv
 

@@ -9,10 +9,10 @@ from sqlalchemy import text
 from blocks.gateway import SandboxGateway, SubmitResult
 from store.db import utcnow
 from tasks.accounting import campaign_accounting, ensure_campaign
-from tasks.plan import plan_messages
+from tasks.render import plan_messages
 from tasks.policy import always_open
 from tasks.reconcile import apply_receipts, expire_stale, store_receipts
-from tasks.render import MessageTemplate
+from smsflow.templates import MessageTemplate
 from tasks.segment import ALL, AttributeFilter, Range, RfmRule, SegmentDefinition, build_membership, evaluate
 from smsflow.ratelimit import TokenBucket
 from tasks.send import claim, recover_in_flight, send_messages

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.render import (
+from smsflow.templates import (
     DEFAULT_FOOTERS,
     FOOTER_SEPARATOR,
     MessageTemplate,
@@ -378,7 +378,7 @@ def test_template_pickles_for_process_pools():
 
 
 def test_marketing_messages_carry_the_sender_name_per_language():
-    from tasks.render import MessageTemplate, render_batch
+    from smsflow.templates import MessageTemplate, render_batch
 
     tpl = MessageTemplate(name="p", variants={"ru": "Скидка 10%", "en": "10% off"},
                           sender_name={"ru": "Магазин Ромашка", "en": "Romashka Shop"})

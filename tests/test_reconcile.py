@@ -1,0 +1,77 @@
+"""tasks/reconcile.py: receipts to final states."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import pytest
+from sqlalchemy import text
+
+from blocks.gateway import SandboxGateway, SubmitResult
+from store.db import utcnow
+from tasks.accounting import campaign_accounting, ensure_campaign
+from tasks.render import plan_messages
+from tasks.policy import always_open
+from tasks.reconcile import apply_receipts, expire_stale, store_receipts
+from smsflow.templates import MessageTemplate
+from tasks.segment import ALL, AttributeFilter, Range, RfmRule, SegmentDefinition, build_membership, evaluate
+from smsflow.ratelimit import TokenBucket
+from tasks.send import claim, recover_in_flight, send_messages
+from tasks.validate_store import ExtractCheckFailed, validate_new_contacts
+from tests.helpers import contact, load_csv, write_csv
+from tests.pipeline import TPL, _base, _gw, _planned, _submitted, q  # noqa: F401
+
+
+def test_receipts_out_of_order_and_twice_end_in_the_right_state(engine, tmp_path):
+    cid, gw = _submitted(engine, tmp_path, 30, duplicate_receipt_rate=1.0, late_intermediate_rate=1.0,
+                         undelivered_rate=0.3)
+    receipts = gw.fetch_receipts()
+    assert len(receipts) == 90  # final + duplicate + late 'enroute' for each
+    store_receipts(engine, "sandbox", list(reversed(receipts)))
+    s = apply_receipts(engine)
+    assert s.applied == 30
+    again = apply_receipts(engine)
+    assert again.applied == 0
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state IN ('delivered','undelivered','expired')") == 30
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state='undelivered' AND error_code IS NOT NULL") >= 1
+    # a late intermediate receipt after everything: still final
+    store_receipts(engine, "sandbox", [r for r in receipts if r.status == "enroute"])
+    apply_receipts(engine)
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state='submitted'") == 0
+
+
+def test_receipt_before_submit_is_recorded(engine, tmp_path):
+    from blocks.gateway import Receipt
+
+    cid, _ = _planned(engine, tmp_path, 3)
+    df = claim(engine, cid, 3, "x")
+    ref = df["idempotency_key"].iloc[0]
+    store_receipts(engine, "sandbox", [Receipt("gw-1", ref, "delivered", "000", utcnow(), {})])
+    assert apply_receipts(engine).applied == 1
+    from tasks.send import SendStats, record_results
+
+    ids = dict(zip(df["idempotency_key"], df["id"].astype(int)))
+    record_results(engine, ids, [SubmitResult(k, True, f"gw-{i}") for i, k in enumerate(df["idempotency_key"], 1)],
+                   5, {}, SendStats())
+    assert q(engine, "SELECT state FROM outbox WHERE idempotency_key=:k", k=ref) == "delivered"
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state='submitted'") == 2
+
+
+def test_unknown_receipt_waits_then_applies(engine, tmp_path):
+    from blocks.gateway import Receipt
+
+    cid, gw = _submitted(engine, tmp_path, 2)
+    store_receipts(engine, "sandbox", [Receipt("not-yet-known", None, "delivered", "000", utcnow(), {})])
+    s = apply_receipts(engine)
+    assert s.applied == 0 and s.pending == 1
+    with engine.begin() as c:
+        c.execute(text("UPDATE outbox SET gateway_message_id='not-yet-known' WHERE id=(SELECT MIN(id) FROM outbox)"))
+    assert apply_receipts(engine).applied == 1
+
+
+def test_ttl_expiry_and_a_real_receipt_still_wins(engine, tmp_path):
+    cid, gw = _submitted(engine, tmp_path, 4)
+    assert expire_stale(engine, timedelta(hours=1), now=utcnow() + timedelta(hours=2)) == 4
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state='expired' AND error_code='TTL'") == 4
+    store_receipts(engine, "sandbox", gw.fetch_receipts())
+    apply_receipts(engine)
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE error_code='TTL'") == 0

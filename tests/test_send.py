@@ -1,0 +1,207 @@
+"""tasks/send.py (claims, the send loop, recovery, the breaker) and smsflow/ratelimit.py."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import pytest
+from sqlalchemy import text
+
+from blocks.gateway import SandboxGateway, SubmitResult
+from store.db import utcnow
+from tasks.accounting import campaign_accounting, ensure_campaign
+from tasks.render import plan_messages
+from tasks.policy import always_open
+from tasks.reconcile import apply_receipts, expire_stale, store_receipts
+from smsflow.templates import MessageTemplate
+from tasks.segment import ALL, AttributeFilter, Range, RfmRule, SegmentDefinition, build_membership, evaluate
+from smsflow.ratelimit import TokenBucket
+from tasks.send import claim, recover_in_flight, send_messages
+from tasks.validate_store import ExtractCheckFailed, validate_new_contacts
+from tests.helpers import contact, load_csv, write_csv
+from tests.pipeline import TPL, _base, _gw, _planned, _submitted, q  # noqa: F401
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, s):
+        self.t += s
+
+
+@pytest.mark.parametrize("rate", [50, 500])
+def test_token_bucket_rate_is_accurate(rate):
+    clock = FakeClock()
+    b = TokenBucket(rate, clock=clock, sleep=clock.sleep)
+    n = rate * 20
+    for _ in range(n // 10):
+        b.acquire(10)
+    achieved = n / clock.t
+    assert abs(achieved - rate) / rate < 0.02
+
+
+def test_send_submits_each_message_once_and_checks_optout_at_send_time(engine, tmp_path):
+    cid, _ = _planned(engine, tmp_path, 40)
+    with engine.begin() as c:  # opted out after planning: must not be sent
+        c.execute(text("UPDATE contacts SET opted_out_at = CURRENT_TIMESTAMP WHERE crm_id IN ('C00001', 'C00002')"))
+    gw = _gw(tmp_path, rejected_rate=0.1, batch_size=7)
+    stats = send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="t", max_messages=10_000)
+    assert stats.policy_blocked == 2
+    assert stats.submitted + stats.rejected == 38
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state='rejected' AND error_code='POLICY_OPTED_OUT'") == 2
+    counts = gw.sent_count_by_reference()
+    assert len(counts) == stats.submitted and set(counts.values()) == {1}
+    # a second sender finds nothing left
+    again = send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="t2", max_messages=10_000)
+    assert again.claimed == 0
+    assert set(gw.sent_count_by_reference().values()) == {1}
+
+
+def test_crash_between_gateway_accept_and_commit_is_resolved_without_resending(engine, tmp_path, monkeypatch):
+    """The dangerous window: the gateway accepted, the process died before recording it."""
+    import tasks.send as send_mod
+
+    cid, _ = _planned(engine, tmp_path, 30)
+    gw = _gw(tmp_path, rejected_rate=0.0, batch_size=10)
+
+    class Crash(BaseException):
+        pass
+
+    calls = {"n": 0}
+    real = send_mod.record_results
+
+    def crashing_record(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise Crash()  # second batch: submitted at the gateway, never recorded
+        return real(*a, **k)
+
+    monkeypatch.setattr(send_mod, "record_results", crashing_record)
+    with pytest.raises(Crash):
+        send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="run1", max_messages=100,
+                      lease_s=0)
+    monkeypatch.setattr(send_mod, "record_results", real)
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state='queued'") == 10
+    recovered, replanned = recover_in_flight(engine, cid, gw, "run2")
+    assert (recovered, replanned) == (10, 0)
+    done = q(engine, "SELECT COUNT(*) FROM outbox WHERE state='submitted'")
+    stats = send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="run2", max_messages=100)
+    # only the third batch was left (the pipelined loop may have submitted and recorded it while
+    # the second batch's record was failing: then nothing was left)
+    assert stats.submitted == 30 - done and done in (20, 30)
+    counts = gw.sent_count_by_reference()
+    assert len(counts) == 30 and set(counts.values()) == {1}
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state='submitted' AND gateway_message_id IS NOT NULL") == 30
+
+
+def test_crash_before_the_gateway_got_it_is_sent_once_after_recovery(engine, tmp_path):
+    cid, _ = _planned(engine, tmp_path, 5)
+    gw = _gw(tmp_path, rejected_rate=0.0)
+    claim(engine, cid, 5, "dead-worker", lease_s=0)  # claimed, then the process died
+    assert recover_in_flight(engine, cid, gw, "new") == (0, 5)
+    stats = send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="new", max_messages=100)
+    assert stats.submitted == 5
+    assert q(engine, "SELECT MAX(attempts) FROM outbox") == 2
+
+
+def test_live_claims_of_another_sender_are_not_stolen(engine, tmp_path):
+    cid, _ = _planned(engine, tmp_path, 5)
+    gw = _gw(tmp_path)
+    claim(engine, cid, 5, "alive", lease_s=600)
+    assert recover_in_flight(engine, cid, gw, "other") == (0, 0)
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state='queued'") == 5
+
+
+def test_transient_errors_go_back_to_planned_then_fail_after_max_attempts(engine, tmp_path):
+    cid, _ = _planned(engine, tmp_path, 6)
+    gw = _gw(tmp_path, throttle_rate=1.0)
+    s = send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="a", max_messages=6,
+                      max_attempts=2)
+    assert s.retry_later == 6 and s.submitted == 0
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state='planned' AND error_code='0x00000058'") == 6
+    s2 = send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="b", max_messages=6,
+                       max_attempts=2)
+    assert s2.failed == 6
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state='failed'") == 6
+    assert gw.sent_count_by_reference() == {}
+
+
+def test_gateway_outage_mid_campaign_loses_nothing_and_doubles_nothing(engine, tmp_path, monkeypatch):
+    """The gateway is down for a while after two batches: the breaker backs off (exponentially),
+    the same messages are retried after recovery, nothing is failed, nothing is sent twice."""
+    from blocks.gateway import GatewayUnavailable
+    from tasks.send import CircuitBreaker
+
+    cid, _ = _planned(engine, tmp_path, 50)
+    gw = _gw(tmp_path, rejected_rate=0.0, batch_size=10)
+    real_submit = SandboxGateway.submit
+    state = {"calls": 0}
+
+    def flaky(self, messages):
+        state["calls"] += 1
+        if 3 <= state["calls"] <= 6:  # four tries fail while the gateway is down
+            raise GatewayUnavailable("connection refused")
+        return real_submit(self, messages)
+
+    slept: list[float] = []
+    monkeypatch.setattr(SandboxGateway, "submit", flaky)
+    stats = send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="task-1",
+                          max_messages=100, breaker=CircuitBreaker(sleep=slept.append))
+    assert slept == [1.0, 2.0, 4.0, 8.0] and stats.outages == 4
+    assert stats.submitted == 50
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state IN ('failed','rejected','planned','queued')") == 0
+    counts = gw.sent_count_by_reference()
+    assert len(counts) == 50 and set(counts.values()) == {1}
+
+
+def test_breaker_gives_up_and_releases_what_was_never_tried(engine, tmp_path, monkeypatch):
+    from blocks.gateway import GatewayUnavailable
+    from tasks.send import CircuitBreaker
+
+    cid, _ = _planned(engine, tmp_path, 12)
+    gw = _gw(tmp_path, batch_size=5)
+    monkeypatch.setattr(SandboxGateway, "submit", lambda self, m: (_ for _ in ()).throw(GatewayUnavailable("down")))
+    t = {"now": 0.0}
+    breaker = CircuitBreaker(max_open_s=60, clock=lambda: t["now"], sleep=lambda d: t.__setitem__("now", t["now"] + d))
+    with pytest.raises(GatewayUnavailable, match="giving up"):
+        send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="x", max_messages=100,
+                      breaker=breaker)
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state = 'planned' AND attempts = 0") == 12
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state IN ('failed', 'rejected', 'queued')") == 0
+
+
+def test_policy_at_send_time_defers_holds_and_reports(engine, tmp_path):
+    """At 23:30 in Moscow nothing marketing goes out: deferred to 10:00 local, not dropped; an
+    opted-out contact is held back; the report counts both by rule."""
+    from tasks.report import collect
+    from tasks.send import claim
+
+    path = _base(tmp_path, 6, {5: {"timezone": "Asia/Kamchatka"}})  # 08:30 next morning there
+    load_csv(engine, path)
+    build_membership(engine, "test", ALL, utcnow())
+    cid = ensure_campaign(engine, name="camp", source="test", segment="all", template_name="promo", kind="marketing",
+                          gateway="sandbox", price_per_segment=1.0)  # default policy
+    plan_messages(engine, campaign_id=cid, source="test", segment="all", template=TPL, price_per_segment=1.0, gateway="sandbox")
+    with engine.begin() as c:
+        c.execute(text("UPDATE contacts SET opted_out_at = CURRENT_TIMESTAMP WHERE crm_id = 'C00001'"))
+    night = datetime(2026, 11, 24, 20, 30, tzinfo=__import__("datetime").timezone.utc)
+    gw = _gw(tmp_path, rejected_rate=0.0)
+    s = send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="a", max_messages=100, now=night)
+    assert s.submitted == 0 and s.held == {"quiet_hours": 5, "opted_out": 1}
+    assert gw.sent_count_by_reference() == {}
+    with engine.begin() as c:
+        rows = dict(c.execute(text("SELECT ct.crm_id, o.send_after FROM outbox o JOIN contacts ct ON ct.id = o.contact_id "
+                                   "WHERE o.state = 'planned'")).fetchall())
+    assert str(rows["C00000"]).startswith("2026-11-25 07:00")  # 10:00 Moscow
+    assert str(rows["C00005"]).startswith("2026-11-24 22:00")  # 10:00 Kamchatka
+    assert claim(engine, cid, 100, "b", now=night).empty  # deferred messages are not claimable before their time
+    morning = datetime(2026, 11, 25, 7, 0, tzinfo=__import__("datetime").timezone.utc)
+    s2 = send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="c", max_messages=100, now=morning)
+    assert s2.submitted == 5
+    rep = collect(engine, "camp")
+    held = {(h["rule"], h["outcome"]): h["count"] for h in rep.held}
+    assert held == {("quiet_hours", "deferred, then sent"): 5, ("opted_out", "held back"): 1}
+    assert "Held back by contact policy" in rep.markdown()

@@ -17,7 +17,7 @@ from tasks.segment import ALL, build_membership
 from smsflow.ratelimit import TokenBucket
 from tasks.send import send_messages
 from tests.helpers import DAYTIME, contact, load_csv, write_csv
-from tests.test_steps import TPL
+from tests.pipeline import TPL
 
 
 def _everything(engine, needle: str) -> list[str]:

@@ -42,17 +42,19 @@ from pydantic import Field, SecretStr
 
 from blocks.crm import CrmSourceError
 from blocks.crm_writeback import (
-    RestCrmSource,
-    Verdict,
     VendorRejected,
     WriteBackItem,
     WriteBackResult,
     chunks,
-    iso_utc,
     keys_in,
-    parse_since,
-    retry_after_seconds,
 )
+from blocks.rest_crm import (
+    RestCrmSource,
+    Verdict,
+    iso_utc,
+    parse_since,
+)
+from smsflow.ratelimit import retry_after_seconds
 from smsflow.values import truthy
 
 

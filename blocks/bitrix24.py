@@ -42,18 +42,20 @@ from pydantic import Field, SecretStr
 
 from blocks.crm import CrmSourceError
 from blocks.crm_writeback import (
-    RestCrmSource,
-    Verdict,
     VendorRejected,
     WriteBackItem,
     WriteBackResult,
     WriteBackTransient,
     chunks,
-    iso_utc,
     keys_in,
-    parse_since,
-    retry_after_seconds,
 )
+from blocks.rest_crm import (
+    RestCrmSource,
+    Verdict,
+    iso_utc,
+    parse_since,
+)
+from smsflow.ratelimit import retry_after_seconds
 from smsflow.values import truthy
 
 RATE_ERRORS = {"QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT"}

@@ -24,7 +24,7 @@ from urllib.parse import urlencode
 import httpx
 from pydantic import Field, SecretStr
 
-from blocks.crm_writeback import retry_after_seconds
+from smsflow.ratelimit import retry_after_seconds
 from blocks.gateway import GatewayUnavailable, OutgoingMessage, Receipt, SmsGateway, SubmitResult
 
 # Twilio error codes we treat specially

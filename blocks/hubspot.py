@@ -41,20 +41,22 @@ import httpx
 from pydantic import Field, SecretStr
 
 from blocks.crm_writeback import (
-    RestCrmSource,
-    RestCaller,
-    Verdict,
     VendorRejected,
     WriteBackItem,
     WriteBackResult,
     chunks,
-    iso_utc,
     keys_in,
     marker,
+)
+from blocks.rest_crm import (
+    RestCrmSource,
+    RestCaller,
+    Verdict,
+    iso_utc,
     ms_epoch,
     parse_since,
-    retry_after_seconds,
 )
+from smsflow.ratelimit import retry_after_seconds
 from smsflow.values import truthy
 from smsflow.ratelimit import TokenBucket
 

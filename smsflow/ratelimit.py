@@ -1,10 +1,12 @@
-"""Rate limiting for anything that calls a provider (gateways, CRM APIs): a token bucket.
-A standard-library leaf, like kombu's ``utils/limits``."""
+"""Rate limiting for anything that calls a provider (gateways, CRM APIs): a token bucket, and the
+provider's ``Retry-After`` read. A standard-library leaf, like kombu's ``utils/limits``."""
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 
 
 class TokenBucket:
@@ -39,3 +41,16 @@ class TokenBucket:
                 delay = min(need, self.capacity) / self.rate
                 self._sleep(delay)
                 waited += delay
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date); None if absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
+        except (TypeError, ValueError):
+            return None

@@ -62,6 +62,11 @@ def write_inputs(tmp_path: Path, n: int = N) -> tuple[Path, Path]:
     csv = write_csv(tmp_path / "crm.csv", rows)
     tpl = tmp_path / "promo.txt"
     tpl.write_text("Скидка 10% для вас [ref:{{ first_name }}]", encoding="utf-8")
+    # windows open all day, every day: these tests are about crashes, and must pass at any hour (the
+    # default marketing window, 10:00-21:00 Moscow, would defer everything in the evening)
+    (tmp_path / "policy.yaml").write_text(
+        'marketing_window: {start: "00:00:00", end: "23:59:59.999999", skip_holidays: false}\n'
+        'transactional_window: {start: "00:00:00", end: "23:59:59.999999", skip_holidays: false}\n', encoding="utf-8")
     return csv, tpl
 
 
@@ -112,7 +117,7 @@ def kill_and_rerun(tmp_path: Path, env: dict, args: list[str], kills: int, seed:
 def test_kill_9_of_the_campaign_command_then_rerun_sandbox(tmp_path):
     csv, tpl = write_inputs(tmp_path)
     env = cli_env(tmp_path)
-    args = ["campaign", "--source-csv", str(csv), "--template", str(tpl), "--name", "crash-cli", "--rate", "60",
+    args = ["campaign", "--source-csv", str(csv), "--template", str(tpl), "--policy", str(tmp_path / "policy.yaml"), "--name", "crash-cli", "--rate", "60",
             "--wait", "0"]
     resumed, summary = kill_and_rerun(tmp_path, env, args, kills=3, seed=int(time.time()))
     print(f"\nkill -9 -> rerun sending again (s): {[round(s, 1) for s in resumed]}", file=sys.stderr)
@@ -146,7 +151,7 @@ def test_kill_9_of_the_campaign_command_then_rerun_kannel(tmp_path, kannel):  # 
                            env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
         before = kannel.stats(detail=True)["by_ref"]
-        args = ["campaign", "--source-csv", str(csv), "--template", str(tpl), "--name", "crash-kannel",
+        args = ["campaign", "--source-csv", str(csv), "--template", str(tpl), "--policy", str(tmp_path / "policy.yaml"), "--name", "crash-kannel",
                 "--gateway-block", "kannel-crash", "--wait", "0"]
         resumed, summary = kill_and_rerun(tmp_path, env, args, kills=2, seed=int(time.time()) + 1)
         print(f"\nkill -9 -> rerun sending again through Kannel (s): {[round(s, 1) for s in resumed]}", file=sys.stderr)
@@ -207,7 +212,7 @@ def test_signals_stop_a_running_campaign_with_its_children(tmp_path, sig):
     csv, tpl = write_inputs(tmp_path, 600)
     env = cli_env(tmp_path)
     store = f"sqlite:///{tmp_path / 'data' / 'smsflow.sqlite'}"
-    p = subprocess.Popen(smsflow("campaign", "--source-csv", str(csv), "--template", str(tpl), "--name", "sig",
+    p = subprocess.Popen(smsflow("campaign", "--source-csv", str(csv), "--template", str(tpl), "--policy", str(tmp_path / "policy.yaml"), "--name", "sig",
                                  "--rate", "20", "--wait", "0"), env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:

@@ -45,23 +45,27 @@ def test_bad_input_is_not_retried(exc):
     assert not retry_if_transient(None, None, Failed(data=exc))
 
 
-@pytest.mark.parametrize("content,says", [
-    (b"id,name\n1,x\n", "required column(s) phone not found"),
-    (b"", "No columns to parse"),
-    ("id;first_name;phone\n1;Анна;89161234567\n".encode(), "separated by something other than ','"),
-    ("id,phone\n1,Анна\n".encode("cp1251"), "cannot read"),
+@pytest.mark.parametrize("content,extra,says", [
+    (b"id,name\n1,x\n", [], "required column(s) phone not found"),
+    (b"", [], "export.csv is empty"),
+    ("id;first_name;phone\n1;Анна;89161234567\n".encode(), ["--delimiter", ","], "use --delimiter ';'"),
+    ("id,phone\n1,Анна\n".encode("cp1251"), ["--encoding", "utf-8"], "is not valid utf-8"),
+    (b"id,phone\n1,89161234567\n", ["--encoding", "klingon"], "unknown encoding"),
 ])
-def test_campaign_on_a_bad_export_fails_at_once_in_one_line(tmp_path, content, says):
+def test_campaign_on_a_bad_export_fails_at_once_in_one_line(tmp_path, content, extra, says):
+    """Bad input: one 'error:' line, at once, before any Prefect run (the only other line allowed is
+    the one saying how the file was read)."""
     src = tmp_path / "export.csv"
     src.write_bytes(content)
     tpl = tmp_path / "t.txt"
     tpl.write_text("Привет {{ first_name }}", encoding="utf-8")
     r = subprocess.run([sys.executable, "-m", "smsflow.cli", "campaign", "--source-csv", str(src), "--template",
-                        str(tpl), "--dry-run"], env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and r.stdout == ""
+                        str(tpl), "--dry-run", *extra], env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], r.stderr
-    assert "Traceback" not in r.stderr
+    assert [ln for ln in lines if not ln.startswith("reading export.csv: ")] == lines[-1:], r.stderr
+    assert lines[-1].startswith("error: ") and says in lines[-1], r.stderr
+    assert "Traceback" not in r.stderr and "prefect" not in r.stderr.lower()
 
 
 def test_a_failure_inside_the_flow_is_one_line_too(tmp_path):

@@ -245,11 +245,11 @@ TIMED = (
     ("store.db", "read_frame"), ("store.db", "read_columns"), ("store.db", "bulk_insert"), ("store.db", "bulk_update"),
     ("store.db", "executemany"),
     ("tasks.extract", "prepare_contacts"), ("tasks.extract", "write_quarantine"), ("tasks.extract", "audit_consent_changes"),
-    ("tasks.validate_store", "apply_verdicts"), ("tasks.validate_store", "_contact_ids"),
-    ("tasks.validate", "check_extract"), ("tasks.validate", "normalize_phones_parallel"), ("tasks.validate", "_prepare"),
-    ("tasks.validate", "_assemble"),
-    ("tasks.validate", "find_duplicates"), ("tasks.validate_store", "dedup_source"),
-    ("tasks.validate_store", "_apply_suppression"), ("tasks.segment", "expand_attributes"), ("tasks.segment", "evaluate"),
+    ("tasks.validate", "apply_verdicts"), ("tasks.validate", "_contact_ids"),
+    ("tasks.validate", "check_extract"), ("tasks.validate", "normalize_phones_parallel"), ("smsflow.phones", "_prepare"),
+    ("smsflow.phones", "_assemble"),
+    ("tasks.dedup", "find_duplicates"), ("tasks.validate", "dedup_source"),
+    ("tasks.validate", "_apply_suppression"), ("tasks.segment", "expand_attributes"), ("tasks.segment", "evaluate"),
     ("tasks.render", "_contacts_for"), ("tasks.render", "_store_chunk"),
 )
 
@@ -354,7 +354,7 @@ def phase_pipeline(n: int, d: Path, args) -> dict:
     from tasks.render import plan_messages
     from smsflow.templates import load_template
     from tasks.segment import ALL, build_membership
-    from tasks.validate_store import validate_new_contacts
+    from tasks.validate import validate_new_contacts
 
     imports = time.perf_counter() - t_imp
     bd = Breakdown() if args.breakdown and not args.profile else None

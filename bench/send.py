@@ -9,7 +9,7 @@ This is a benchmark, not a test: it prints numbers.
 
 What one run does (everything in a fresh temp dir, always torn down):
 
-* starts ``gateway_stack/kannel/start.sh STATE`` on free ports (same env as tests/test_kannel.py's
+* starts ``gateway_stack/kannel/start.sh STATE`` on free ports (same env as tests/e2e/test_kannel.py's
   ``kannel`` fixture: KANNEL_*_PORT, SIM_SMPP_PORT/SIM_CTL_PORT, SIM_DLR_DELAY, KANNEL_SENDSMS_USER/PASSWORD,
   SMSFLOW_GATEWAY_PYTHON) and stops it with ``stop.sh`` at the end, whatever happened;
 * starts the callback service (``service.app.create_app(store_url, emit_events=False)``, uvicorn in a
@@ -86,6 +86,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 STACK_DIR = ROOT / "gateway_stack" / "kannel"
+
+from smsflow.processes import free_ports  # noqa: E402 - after the path
 FINAL = ("delivered", "undelivered", "expired", "rejected", "failed")
 PASSWORD = "kannel-bench-" + uuid.uuid4().hex[:8]
 USER = "smsflow"
@@ -95,17 +97,6 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def wait_for(pred, what: str, timeout: float, interval: float = 0.1):
@@ -577,8 +568,8 @@ def throttle_check(engine, rate: float, seconds: float, gateway, ucs2: bool) -> 
 # --------------------------------------------------------------------------- smpp (optional)
 def smpp_gateway(stack: Stack, tmp: Path, receipt_timeout: float):
     """(gateway, None) or (None, why not)."""
-    if not (ROOT / "blocks" / "smpp.py").exists():
-        return None, "blocks/smpp.py does not exist"
+    if not (ROOT / "blocks" / "smpp").is_dir():
+        return None, "blocks/smpp/ does not exist"
     try:
         from blocks.smpp import SmppGateway
     except Exception as exc:  # noqa: BLE001
@@ -634,7 +625,7 @@ def main() -> int:
     ap.add_argument("--receipt-timeout", type=float, default=90.0, help="max seconds to wait for receipts per phase")
     ap.add_argument("--no-throttle", action="store_true", help="skip the throttle-accuracy runs")
     ap.add_argument("--throttle-gateway", choices=("sandbox", "kannel"), default="sandbox")
-    ap.add_argument("--smpp", action="store_true", help="also SmppGateway straight to the simulator (if blocks/smpp.py)")
+    ap.add_argument("--smpp", action="store_true", help="also SmppGateway straight to the simulator (blocks/smpp/)")
     ap.add_argument("--profile", action="store_true", help="cProfile a second project run and print the top functions")
     ap.add_argument("--service-process", action="store_true",
                     help="run the callback service in a child process instead of a thread of this one (diagnostic)")

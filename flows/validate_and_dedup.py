@@ -4,7 +4,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from smsflow.settings import get_settings
-from tasks.validate_store import validate_task
+from tasks.validate import validate_task
 
 
 @flow(name="validate-and-dedup")

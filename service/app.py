@@ -26,7 +26,7 @@ from store.db import get_engine
 from store.events import record_event
 from tasks.inbound import store_and_apply
 from tasks.reconcile import store_receipts
-from tasks.validate import normalize_phones
+from smsflow.phones import normalize_phones
 
 log = logging.getLogger("smsflow.service")
 

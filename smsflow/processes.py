@@ -75,10 +75,18 @@ def exit_on_signals() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on loopback (all held open together while they are picked)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _drain_prefect_workers(timeout_s: float = 3.0) -> None:
@@ -102,7 +110,7 @@ def embedded_prefect_api(timeout_s: float = 60.0) -> Iterator[str | None]:
     if get_current_settings().api.url:
         yield None
         return
-    port = _free_port()
+    port = free_ports(1)[0]
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
            **get_current_settings().to_environment_variables(exclude_unset=True)}
     proc = subprocess.Popen(

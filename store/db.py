@@ -40,7 +40,7 @@ def _sqlite_setup(engine: Engine) -> None:
     Connections are not pooled (NullPool): a connection kept open between transactions lets the
     thread that just committed take SQLite's write lock again at once, while the other writers of
     the process sleep in SQLite's busy handler (1 ms growing to 100 ms per retry) and starve
-    (tests/test_store.py's concurrent claims end up in one thread). The fresh connection per
+    (tests/store/test_store.py's concurrent claims end up in one thread). The fresh connection per
     transaction costs about a millisecond; the send loop runs a few transactions per batch."""
 
     @event.listens_for(engine, "connect")

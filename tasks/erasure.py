@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from smsflow.privacy import phone_hash
 from store.db import utcnow
-from tasks.validate import normalize_phones
+from smsflow.phones import normalize_phones
 
 log = logging.getLogger("smsflow.erasure")
 

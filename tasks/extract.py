@@ -18,8 +18,9 @@ from blocks.crm import CONTACT_COLUMNS, CrmSource
 from store.db import Columns, bulk_insert, json_text, utcnow
 from store.quarantine import write_quarantine
 from smsflow.values import truthy
-from tasks.validate import ExtractSchemaError, PhoneClassifier
-from tasks.validate_store import BatchValidation, apply_verdicts, check_values
+from smsflow.phones import PhoneClassifier
+from tasks.expectations import ExtractSchemaError
+from tasks.validate import BatchValidation, apply_verdicts, check_values
 from smsflow.settings import get_settings
 from store.db import executemany, get_engine, is_postgres
 
@@ -192,7 +193,7 @@ def prepare_contacts(df: pd.DataFrame, source: str) -> tuple[ContactBatch, list[
 
     Rows without a CRM id are quarantined ('missing_crm_id'); older rows of a CRM id that
     appears twice are recorded as merged duplicates ('duplicate_crm_id'). Nothing is dropped
-    silently. The validate columns start as 'new' (see ``tasks.validate_store.apply_verdicts``).
+    silently. The validate columns start as 'new' (see ``tasks.validate.apply_verdicts``).
     """
     check_columns(df, source)
     now = utcnow()
@@ -389,9 +390,9 @@ class _Prepared:
     rows: ContactBatch
     quarantine: list[dict[str, Any]]
     source_rows: int
-    check: Any = None  # tasks.validate.ExtractCheckResult when the batch was checked
+    check: Any = None  # tasks.expectations.ExtractCheckResult when the batch was checked
     phones: Any = None  # callable -> normalize_phones DataFrame while the workers parse (not picklable)
-    verdicts: Any = None  # tasks.validate_store.Verdicts once applied to ``rows``
+    verdicts: Any = None  # tasks.validate.Verdicts once applied to ``rows``
     timings: dict[str, float] = field(default_factory=dict)  # seconds spent reading and preparing it, by phase
 
 

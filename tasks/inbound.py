@@ -17,7 +17,7 @@ from sqlalchemy import text
 
 from store.db import utcnow
 from smsflow.sms_encoding import sms_info
-from tasks.validate import normalize_phones
+from smsflow.phones import normalize_phones
 
 STOP_WORDS = frozenset(
     {"STOP", "STOPALL", "UNSUBSCRIBE", "END", "QUIT", "CANCEL", "OPTOUT", "OPT-OUT", "OPT OUT", "REVOKE",

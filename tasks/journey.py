@@ -38,7 +38,7 @@ from store.events import insert_ignore, record_event  # noqa: F401 - record_even
 from store.models import Campaign
 from tasks.policy import load_policy, resolve_timezone, zone
 from smsflow.templates import render_contact, RenderError
-from tasks.validate import normalize_phones
+from smsflow.phones import normalize_phones
 
 ACTIVE, COMPLETED, EXITED = "active", "completed", "exited"
 TERMINAL_STEP_STATES = ("planned", "skipped", "cancelled", "failed")

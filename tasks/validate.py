@@ -1,1008 +1,327 @@
-"""Validate-and-dedup step: phone normalisation, duplicate detection, extract checks.
+"""The validate-and-dedup step against the store: contacts -> valid | quarantined | duplicate.
 
-Plain functions only (no Prefect imports) so they can be used from flows, the
-CLI and tests alike.
-
-Public API
-----------
-normalize_phones(raw, default_region="RU") -> DataFrame
-normalize_phones_parallel(raw, default_region="RU", processes=None, min_parallel=50_000) -> DataFrame
-find_duplicates(e164, updated_at=None) -> Series[Int64]
-check_extract(df, phone_column="phone", id_column="id", ...) -> ExtractCheckResult
-validate_csv(in_path, out_path, default_region="RU", phone_column="phone") -> dict[str, int]
-
-Speed
------
-``phonenumbers`` parses ~19k numbers/s.  To handle millions of contacts,
-:func:`normalize_phones` runs an *exact* vectorised fast path for the dominant
-case (Russian mobile numbers written as ``+7XXXXXXXXXX``, ``8XXXXXXXXXX``,
-``7XXXXXXXXXX`` or bare ``XXXXXXXXXX``, with any spaces, NBSPs, dots, dashes and
-parentheses).  The fast path is built at import time from phonenumbers' own RU
-metadata and replicates every decision phonenumbers makes for such strings
-(see :func:`_build_fast_path`); if any structural precondition does not hold
-for the installed metadata the fast path is disabled and everything goes
-through phonenumbers.  Everything else goes through phonenumbers, called once
-per distinct (cleaned) string.
+Normally the extract does the per-contact work (see ``tasks.extract.extract_source``): each batch is
+checked with the Great Expectations suite and its phones classified *before* it is written, so a
+contact is written once, with its verdict, and the batch leaves a receipt (an ``extract.validated``
+event: counts and check results). ``validate_new_contacts`` then reports those receipts (stats, the
+expectations artifact), validates whatever is still 'new' (a batch that failed its checks, or contacts
+extracted without validation) and merges duplicates over the whole source.
 """
-
 from __future__ import annotations
 
-import math
-import os
-import re
-from collections.abc import Collection, Sequence
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pandas as pd
-import phonenumbers
-from phonenumbers import NumberParseException, PhoneNumberFormat, PhoneNumberType
-
-
-__all__ = [
-    "PHONE_STATUSES",
-    "SMS_CAPABLE_TYPES",
-    "ExtractCheckResult",
-    "ExtractSchemaError",
-    "check_extract",
-    "find_duplicates",
-    "normalize_phones",
-    "normalize_phones_parallel",
-]
-
-#: Statuses produced by :func:`normalize_phones`.
-PHONE_STATUSES: tuple[str, ...] = ("ok", "invalid", "not_mobile", "missing")
-
-#: Number types that can receive SMS.
-SMS_CAPABLE_TYPES = frozenset({PhoneNumberType.MOBILE, PhoneNumberType.FIXED_LINE_OR_MOBILE})
-
-NORMALIZED_COLUMNS: tuple[str, ...] = ("phone_e164", "phone_status", "reason", "number_type", "region")
-
-_TYPE_NAMES: dict[int, str] = {
-    value: name for name, value in vars(PhoneNumberType).items() if name.isupper() and isinstance(value, int)
-}
-
-_NOT_MOBILE_REASONS: dict[int, str] = {
-    PhoneNumberType.FIXED_LINE: "fixed-line number cannot receive SMS",
-    PhoneNumberType.TOLL_FREE: "toll-free number cannot receive SMS",
-    PhoneNumberType.PREMIUM_RATE: "premium-rate number cannot receive SMS",
-    PhoneNumberType.SHARED_COST: "shared-cost number cannot receive SMS",
-    PhoneNumberType.VOIP: "VoIP number cannot receive SMS",
-    PhoneNumberType.PERSONAL_NUMBER: "personal (forwarding) number cannot receive SMS",
-    PhoneNumberType.PAGER: "pager number cannot receive SMS",
-    PhoneNumberType.UAN: "UAN (company) number cannot receive SMS",
-    PhoneNumberType.VOICEMAIL: "voicemail number cannot receive SMS",
-    PhoneNumberType.UNKNOWN: "number of unknown type cannot receive SMS",
-}
-
-_MISSING_REASON = "no phone number"
-
-# phonenumbers refuses inputs longer than this (checked on the raw string).
-_MAX_INPUT_LEN = 250
-
-# Separators removed by the pre-clean.  All of them are in phonenumbers'
-# _VALID_PUNCTUATION, i.e. phonenumbers itself ignores them between digits.
-# (Tabs/newlines are deliberately NOT removed in the middle of a string:
-# phonenumbers rejects them there.)
-_SEPARATORS: tuple[str, ...] = (" ", "\u00a0", "-", ".", "(", ")")
-
-# A cleaned string of this shape is "simple": phonenumbers gives the same
-# result for it as for the raw string it came from (>= 3 digits: phonenumbers'
-# viability regex treats punctuation between digits identically; with fewer
-# digits punctuation changes the parse error, so such strings keep raw keys).
-_SIMPLE_RE = r"\+?[0-9]{3,}"
-
-
-# ---------------------------------------------------------------------------
-# Slow path: phonenumbers itself
-# ---------------------------------------------------------------------------
-
-Row = tuple[Any, str, str, str, str]  # (e164 | None, status, reason, number_type, region)
-
-
-def _classify(text: str, default_region: str | None) -> Row:
-    """Classify one non-missing phone string with phonenumbers (reference semantics)."""
-    try:
-        num = phonenumbers.parse(text, default_region)
-    except NumberParseException as exc:
-        msg = getattr(exc, "_msg", None) or str(exc)
-        return None, "invalid", f"could not parse: {msg}", "", ""
-    except Exception as exc:  # never let one odd CRM value kill a million-row run
-        return None, "invalid", f"could not parse: {type(exc).__name__}: {exc}", "", ""
-    if not phonenumbers.is_valid_number(num):
-        cc = num.country_code
-        region = phonenumbers.region_code_for_number(num) or phonenumbers.region_code_for_country_code(cc)
-        if region in (None, "ZZ", "001"):
-            reason = f"not a valid number (country code +{cc})"
-        else:
-            reason = f"not a valid number for region {region}"
-        possible = phonenumbers.is_possible_number_with_reason(num)
-        if possible == phonenumbers.ValidationResult.TOO_SHORT:
-            reason += " (too short)"
-        elif possible == phonenumbers.ValidationResult.TOO_LONG:
-            reason += " (too long)"
-        return None, "invalid", reason, "", ""
-    ntype = phonenumbers.number_type(num)
-    e164 = phonenumbers.format_number(num, PhoneNumberFormat.E164)
-    region = phonenumbers.region_code_for_number(num) or ""
-    type_name = _TYPE_NAMES.get(ntype, str(ntype))
-    if ntype in SMS_CAPABLE_TYPES:
-        return e164, "ok", "", type_name, region
-    reason = _NOT_MOBILE_REASONS.get(ntype, f"{type_name.lower()} number cannot receive SMS")
-    return e164, "not_mobile", reason, type_name, region
-
-
-def _lean_classifier():
-    """A :func:`_classify` that asks phonenumbers for the number's region and type once.
-
-    ``is_valid_number``, ``number_type`` and our region lookup each call ``region_code_for_number``
-    (which, for calling codes shared by several regions such as +7 and +44, runs the type patterns of
-    each candidate region) and the type patterns again. This does the same steps as those three
-    functions (phonenumbers' own code, inlined) with each result computed once: same results, about
-    half the work. Falls back to :func:`_classify` if the helpers it relies on are missing."""
-    from phonenumbers import phonenumberutil as pnu
-
-    try:
-        type_helper = pnu._number_type_helper
-        meta_for = pnu.PhoneMetadata.metadata_for_region_or_calling_code
-        cc_for_region = pnu.country_code_for_valid_region
-        nsn_of = pnu.national_significant_number
-        non_geo = pnu.REGION_CODE_FOR_NON_GEO_ENTITY
-    except AttributeError:  # pragma: no cover - another phonenumbers layout
-        return _classify
-    parse, region_for, format_number = phonenumbers.parse, phonenumbers.region_code_for_number, phonenumbers.format_number
-    unknown = PhoneNumberType.UNKNOWN
-
-    def classify(text: str, default_region: str | None) -> Row:
-        try:
-            num = parse(text, default_region)
-        except Exception:  # noqa: BLE001 - the reasons are worded by _classify
-            return _classify(text, default_region)
-        cc = num.country_code
-        region = region_for(num)
-        ntype = unknown
-        if region is not None:  # is_valid_number_for_region(num, region), keeping the type it computes
-            metadata = meta_for(cc, region.upper())
-            if metadata is not None and (region == non_geo or cc == cc_for_region(region)):
-                ntype = type_helper(nsn_of(num), metadata)
-        if ntype == unknown:
-            return _classify(text, default_region)  # invalid: the reason is worded by _classify
-        e164 = format_number(num, PhoneNumberFormat.E164)
-        type_name = _TYPE_NAMES.get(ntype, str(ntype))
-        if ntype in SMS_CAPABLE_TYPES:
-            return e164, "ok", "", type_name, region
-        reason = _NOT_MOBILE_REASONS.get(ntype, f"{type_name.lower()} number cannot receive SMS")
-        return e164, "not_mobile", reason, type_name, region
-
-    return classify
-
-
-_classify_lean = _lean_classifier()
-
-
-def _classify_many(texts: Sequence[str], default_region: str | None) -> list[Row]:
-    """Worker entry point (module level so it pickles under spawn)."""
-    return [_classify_lean(t, default_region) for t in texts]
-
-
-# ---------------------------------------------------------------------------
-# Fast path: exact vectorised RU-mobile recogniser built from phonenumbers metadata
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _FastPath:
-    region: str  # "RU"
-    country_code: str  # "7"
-    national_prefix: str  # "8"
-    mobile: str  # RU mobile national_number_pattern
-    general: str  # RU general_desc pattern
-    leading_digits: str  # RU leading_digits (region resolution for +7)
-    national_prefix_for_parsing: str
-    international_prefix: str | None
-    excluded: tuple[str, ...]  # patterns of types phonenumbers checks before MOBILE
-    nsn_length: int = 10
-
-
-def _build_fast_path() -> tuple[_FastPath | None, str]:
-    """Derive the fast-path spec from phonenumbers' RU metadata and verify its preconditions.
-
-    A string takes the fast path only if phonenumbers provably returns
-    ``(+7<nsn>, MOBILE, region RU, valid)`` for it.  For a national
-    significant number ``nsn`` (10 ASCII digits) that needs, per
-    phonenumbers' algorithm:
-
-    * region resolution for +7 picks RU: RU is the first region for calling
-      code 7 and ``nsn`` matches RU ``leading_digits`` (KZ shares +7);
-    * ``_number_type_helper`` says MOBILE: ``nsn`` matches general_desc and
-      mobile, and none of the types tested before mobile (premium rate, toll
-      free, shared cost, VoIP, personal, pager, UAN, voicemail, fixed line);
-      possible lengths of general_desc and mobile allow 10 digits;
-      mobile and fixed-line patterns are not declared identical;
-    * parsing does not strip anything off ``nsn``: it does not start with the
-      national prefix for parsing, nor (for strings without '+') with the
-      international dialling prefix or the country code; for ``7<nsn>`` the
-      11-digit string itself is not a valid RU national number, so
-      phonenumbers strips the leading 7 as the country code;
-    * the national prefix for parsing is a literal equal to the national
-      prefix with no transform rule, so ``8<nsn>`` strips exactly the '8'.
-
-    The per-number conditions are evaluated vectorised in
-    :func:`_fast_path`; the structural ones are checked here.
-    Returns ``(spec, "")`` or ``(None, why_disabled)``.
-    """
-    region = "RU"
-    md = phonenumbers.PhoneMetadata.metadata_for_region(region, None)
-    if md is None:
-        return None, "no RU metadata"
-    cc = md.country_code
-    regions = phonenumbers.region_codes_for_country_code(cc)
-    if not regions or regions[0] != region:
-        return None, f"RU is not the first region for +{cc}: {regions}"
-    mobile = md.mobile
-    general = md.general_desc
-    if mobile is None or not mobile.national_number_pattern or general is None or not general.national_number_pattern:
-        return None, "RU metadata has no mobile/general pattern"
-    for desc in (mobile, general):
-        if desc.possible_length and 10 not in desc.possible_length:
-            return None, "10-digit numbers are not possible for RU mobile"
-    if md.same_mobile_and_fixed_line_pattern:
-        return None, "RU mobile and fixed-line patterns are identical"
-    if not md.leading_digits:
-        return None, "RU metadata has no leading_digits"
-    npfp = md.national_prefix_for_parsing
-    nprefix = md.national_prefix
-    if not nprefix or not nprefix.isdigit() or npfp not in (nprefix, re.escape(nprefix)):
-        return None, f"national prefix for parsing {npfp!r} is not the literal national prefix {nprefix!r}"
-    if md.national_prefix_transform_rule:
-        return None, "RU has a national prefix transform rule"
-    if nprefix.startswith(str(cc)) or str(cc).startswith(nprefix):
-        return None, "national prefix and country code overlap"
-    excluded = tuple(
-        d.national_number_pattern
-        for d in (
-            md.premium_rate,
-            md.toll_free,
-            md.shared_cost,
-            md.voip,
-            md.personal_number,
-            md.pager,
-            md.uan,
-            md.voicemail,
-            md.fixed_line,
-        )
-        if d is not None and d.national_number_pattern
-    )
-    patterns = (mobile.national_number_pattern, general.national_number_pattern, md.leading_digits, npfp, *excluded)
-    if md.international_prefix:
-        patterns += (md.international_prefix,)
-    for pat in patterns:
-        try:
-            re.compile(pat)
-        except re.error as exc:  # pragma: no cover - metadata is always valid
-            return None, f"unusable pattern {pat!r}: {exc}"
-    spec = _FastPath(
-        region=region,
-        country_code=str(cc),
-        national_prefix=nprefix,
-        mobile=mobile.national_number_pattern,
-        general=general.national_number_pattern,
-        leading_digits=md.leading_digits,
-        national_prefix_for_parsing=npfp,
-        international_prefix=md.international_prefix or None,
-        excluded=excluded,
-    )
-    # Self-check on a known-good sample: the fast path must agree with phonenumbers.
-    sample = f"+{spec.country_code}9161234567"
-    if _classify(sample, region) != (sample, "ok", "", "MOBILE", region):
-        return None, "self-check failed"
-    return spec, ""
-
-
-_FAST, FAST_PATH_DISABLED_REASON = _build_fast_path()
-#: True when the vectorised RU-mobile fast path is active.
-FAST_PATH_ENABLED: bool = _FAST is not None
-
-
-def _as_text(raw: pd.Series) -> pd.Series:
-    """Return the values as a pandas ``str`` Series (NaN for missing), preserving positions."""
-    if isinstance(raw.dtype, pd.StringDtype):
-        return raw.astype("str")
-    if pd.api.types.is_bool_dtype(raw.dtype):
-        return raw.astype(object).map(lambda v: None if pd.isna(v) else str(v)).astype("str")
-    if pd.api.types.is_integer_dtype(raw.dtype) or pd.api.types.is_float_dtype(raw.dtype):
-        return raw.astype(object).map(_to_text).astype("str")
-    if pd.api.types.infer_dtype(raw, skipna=True) in ("string", "empty"):
-        return raw.astype("str")
-    return raw.astype(object).map(_to_text).astype("str")
-
-
-def _to_text(v: Any) -> str | None:
-    if v is None or v is pd.NA or v is pd.NaT:
-        return None
-    if isinstance(v, str):
-        return v
-    if isinstance(v, (float, np.floating)):
-        if math.isnan(v):
-            return None
-        if float(v).is_integer():
-            return str(int(v))  # 79161234567.0 from a numeric column
-        return str(v)
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    if isinstance(v, bytes):
-        return v.decode("utf-8", "replace")
-    try:
-        if pd.isna(v):
-            return None
-    except (TypeError, ValueError):
-        pass
-    return str(v)
-
-
-def _clean(stripped: pd.Series) -> pd.Series:
-    cleaned = stripped
-    for ch in _SEPARATORS:
-        cleaned = cleaned.str.replace(ch, "", regex=False)
-    return cleaned
-
-
-def _fast_path(cleaned: pd.Series, default_region: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """Vectorised: which cleaned strings are RU mobiles that phonenumbers accepts as they are.
-
-    ``cleaned`` must be a ``str`` Series of ``\\+?[0-9]{3,}`` strings whose raw
-    form is at most 250 characters.  Returns the positions (into ``cleaned``)
-    that take the fast path and their 10-digit national numbers.
-    """
-    spec = _FAST
-    n = len(cleaned)
-    none = (np.empty(0, dtype=np.int64), np.empty(0, dtype=object))
-    if spec is None or n == 0:
-        return none
-    cc, np_, L = spec.country_code, spec.national_prefix, spec.nsn_length
-    length = cleaned.str.len().to_numpy(dtype="float64", na_value=np.nan)
-    first = cleaned.str.slice(0, 1)
-    plus = (first == "+").to_numpy(dtype=bool, na_value=False)
-    # +7XXXXXXXXXX: works for any default region.
-    form_plus = plus & (length == 1 + len(cc) + L) & cleaned.str.startswith("+" + cc).to_numpy(dtype=bool, na_value=False)
-    national = np.zeros(n, dtype=bool)
-    if default_region == spec.region:
-        form_np = ~plus & (length == len(np_) + L) & cleaned.str.startswith(np_).to_numpy(dtype=bool, na_value=False)
-        form_cc = ~plus & (length == len(cc) + L) & cleaned.str.startswith(cc).to_numpy(dtype=bool, na_value=False)
-        form_bare = ~plus & (length == L)
-        national = form_np | form_cc | form_bare
-        # 7XXXXXXXXXX: phonenumbers strips the 7 only if the 11 digits are not
-        # themselves a viable RU national number.
-        if form_cc.any():
-            idx = np.flatnonzero(form_cc)
-            viable = cleaned.iloc[idx].str.fullmatch(spec.general).to_numpy(dtype=bool, na_value=True)
-            form_cc[idx[viable]] = False
-            national = form_np | form_cc | form_bare
-        # Never let phonenumbers see an international dialling prefix (810...).
-        if spec.international_prefix and national.any():
-            idx = np.flatnonzero(national)
-            idd = cleaned.iloc[idx].str.match(spec.international_prefix).to_numpy(dtype=bool, na_value=True)
-            national[idx[idd]] = False
-    cand = form_plus | national
-    if not cand.any():
-        return none
-    idx = np.flatnonzero(cand)
-    sub = cleaned.iloc[idx].str.slice(-L)
-    ok = sub.str.fullmatch(spec.mobile).to_numpy(dtype=bool, na_value=False).copy()
-
-    def narrow(pattern: str, *, full: bool, want: bool) -> None:
-        nonlocal ok
-        live = np.flatnonzero(ok)
-        if live.size == 0:
-            return
-        s = sub.iloc[live]
-        hit = (s.str.fullmatch(pattern) if full else s.str.match(pattern)).to_numpy(dtype=bool, na_value=not want)
-        ok[live[hit != want]] = False
-
-    narrow(spec.general, full=True, want=True)
-    narrow(spec.leading_digits, full=False, want=True)
-    narrow(spec.national_prefix_for_parsing, full=False, want=False)
-    narrow(re.escape(cc), full=False, want=False)  # conservative: no country-code-looking nsn
-    for pat in spec.excluded:
-        narrow(pat, full=True, want=False)
-    return idx[ok], sub.to_numpy(dtype=object)[ok]
-
-
-# ---------------------------------------------------------------------------
-# normalize_phones
-# ---------------------------------------------------------------------------
-
-
-def _prepare(raw: pd.Series, default_region: str | None) -> dict[str, Any]:
-    """Missing detection, fast path, and the distinct slow-path keys."""
-    if not isinstance(raw, pd.Series):
-        raw = pd.Series(raw)
-    n = len(raw)
-    text = _as_text(raw.reset_index(drop=True))
-    stripped = text.str.strip()
-    missing = (stripped.isna() | (stripped == "")).to_numpy(dtype=bool, na_value=True)
-    cleaned = _clean(stripped)
-    short = (text.str.len() <= _MAX_INPUT_LEN).to_numpy(dtype=bool, na_value=False)
-    simple = (cleaned.str.fullmatch(_SIMPLE_RE).to_numpy(dtype=bool, na_value=False)) & short & ~missing
-    fast = np.zeros(n, dtype=bool)
-    nsn = None
-    if _FAST is not None and simple.any():
-        idx = np.flatnonzero(simple)
-        sub_pos, sub_nsn = _fast_path(cleaned.iloc[idx].reset_index(drop=True), default_region)
-        fast[idx[sub_pos]] = True
-        nsn = (idx[sub_pos], sub_nsn)
-    slow_clean = simple & ~fast
-    slow_raw = ~missing & ~simple
-    pos_c = np.flatnonzero(slow_clean)
-    pos_r = np.flatnonzero(slow_raw)
-    codes_c, uniq_c = pd.factorize(cleaned.iloc[pos_c].to_numpy(dtype=object))
-    codes_r, uniq_r = pd.factorize(text.iloc[pos_r].to_numpy(dtype=object))
-    return {
-        "n": n,
-        "index": raw.index,
-        "missing": missing,
-        "fast_nsn": nsn,
-        "pos_c": pos_c,
-        "codes_c": codes_c,
-        "pos_r": pos_r,
-        "codes_r": codes_r,
-        "keys": [*uniq_c.tolist(), *uniq_r.tolist()],
-        "n_uniq_c": len(uniq_c),
-    }
-
-
-def _assemble(prep: dict[str, Any], results: list[Row]) -> pd.DataFrame:
-    n = prep["n"]
-    e164 = np.full(n, None, dtype=object)
-    status = np.full(n, "missing", dtype=object)
-    reason = np.full(n, _MISSING_REASON, dtype=object)
-    ntype = np.full(n, "", dtype=object)
-    region = np.full(n, "", dtype=object)
-    fast_rows = 0
-    if prep["fast_nsn"] is not None:
-        pos, nsn = prep["fast_nsn"]
-        fast_rows = len(pos)
-        if fast_rows:
-            e164[pos] = (("+" + _FAST.country_code) + pd.Series(nsn, dtype="str")).to_numpy(dtype=object)
-            status[pos] = "ok"
-            reason[pos] = ""
-            ntype[pos] = "MOBILE"
-            region[pos] = _FAST.region
-    if results:
-        cols = [np.array(col, dtype=object) for col in zip(*results)]
-        for pos, codes in ((prep["pos_c"], prep["codes_c"]), (prep["pos_r"], prep["codes_r"] + prep["n_uniq_c"])):
-            if len(pos):
-                for out, col in zip((e164, status, reason, ntype, region), cols):
-                    out[pos] = col[codes]
-    df = pd.DataFrame(
-        {
-            "phone_e164": pd.Series(e164, dtype=object),
-            "phone_status": pd.Series(status, dtype="str"),
-            "reason": pd.Series(reason, dtype="str"),
-            "number_type": pd.Series(ntype, dtype="str"),
-            "region": pd.Series(region, dtype="str"),
-        }
-    )
-    df.index = prep["index"]
-    df.attrs["fast_path_rows"] = int(fast_rows)
-    df.attrs["phonenumbers_calls"] = len(prep["keys"])
-    return df
-
-
-def normalize_phones(raw: pd.Series, default_region: str = "RU") -> pd.DataFrame:
-    """Normalise phone strings to E.164 and classify them for SMS.
-
-    Returns a DataFrame with the same index as ``raw`` and columns
-
-    * ``phone_e164`` - ``"+79161234567"`` for valid numbers (also for
-      ``not_mobile`` ones), else ``None``;
-    * ``phone_status`` - ``ok`` | ``invalid`` | ``not_mobile`` | ``missing``;
-    * ``reason`` - human-readable explanation, ``""`` for ``ok``;
-    * ``number_type`` - phonenumbers type name (``MOBILE``, ``FIXED_LINE``,
-      ``FIXED_LINE_OR_MOBILE``, ``TOLL_FREE`` ...) or ``""`` if invalid/missing;
-    * ``region`` - region of the number (``RU``, ``KZ``, ``GB`` ...) or ``""``.
-
-    Only ``MOBILE`` and ``FIXED_LINE_OR_MOBILE`` are ``ok``.  None, NaN, empty
-    and whitespace-only values are ``missing``.  The result is identical to
-    calling phonenumbers on every value; RU mobiles take an exact vectorised
-    fast path and phonenumbers runs once per distinct remaining string.
-    ``df.attrs`` reports ``fast_path_rows`` and ``phonenumbers_calls``.
-    """
-    prep = _prepare(raw, default_region)
-    results = _classify_many(prep["keys"], default_region) if prep["keys"] else []
-    return _assemble(prep, results)
-
-
-def normalize_phones_parallel(
-    raw: pd.Series,
-    default_region: str = "RU",
-    processes: int | None = None,
-    min_parallel: int = 50_000,
-) -> pd.DataFrame:
-    """Like :func:`normalize_phones`, parsing the slow-path remainder in worker processes.
-
-    Workers are only started when more than ``min_parallel`` distinct strings
-    need phonenumbers (otherwise process start-up costs more than it saves)
-    and ``processes`` (default: CPU count) is > 1.  Workers use the ``spawn``
-    start method, so this is safe from threaded callers (Prefect); call it
-    from code guarded by ``if __name__ == "__main__"`` when used in a script.
-    If the pool cannot be started, it falls back to in-process parsing.
-    """
-    prep = _prepare(raw, default_region)
-    keys = prep["keys"]
-    procs = processes if processes is not None else (os.cpu_count() or 1)
-    if procs > 1 and len(keys) > min_parallel:
-        results = _classify_parallel(keys, default_region, procs)
-    else:
-        results = _classify_many(keys, default_region) if keys else []
-    return _assemble(prep, results)
-
-
-def _classify_parallel(keys: list[str], default_region: str | None, procs: int) -> list[Row]:
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    n_chunks = procs * 4
-    size = max(1, -(-len(keys) // n_chunks))
-    chunks = [keys[i : i + size] for i in range(0, len(keys), size)]
-    try:
-        with ProcessPoolExecutor(max_workers=procs, mp_context=mp.get_context("spawn")) as pool:
-            parts = list(pool.map(_classify_many, chunks, [default_region] * len(chunks)))
-    except (OSError, RuntimeError, ImportError):
-        # e.g. BrokenProcessPool (a RuntimeError) or no fork/spawn allowed here.
-        return _classify_many(keys, default_region)
-    return [row for part in parts for row in part]
-
-
-class PhoneClassifier:
-    """:func:`normalize_phones` for a stream of batches, the phonenumbers slow path running in
-    worker processes *while the caller goes on* (e.g. writes the previous batch to the store).
-
-    ``submit(raw)`` does the vectorised part at once and returns a callable that gives the
-    DataFrame :func:`normalize_phones` would return. The ``spawn`` pool is started on the first
-    batch with at least ``min_parallel`` distinct slow-path strings (small extracts never pay the
-    start-up) and lives until :meth:`close`; if it cannot start or breaks, parsing falls back to
-    this process, with the same results.
-    """
-
-    def __init__(self, default_region: str = "RU", processes: int = 1, min_parallel: int = 2_000,
-                 workers: int | None = None):
-        self.default_region = default_region
-        self.processes = max(1, int(processes or 1))
-        self.workers = max(1, int(workers or self.processes))  # pool size (when processes > 1)
-        self.min_parallel = min_parallel
-        self._pool = None
-        self._pool_failed = False
-
-    def _get_pool(self):
-        if self._pool_failed:
-            return None
-        if self._pool is None:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
-
-            try:
-                self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"))
-            except (OSError, RuntimeError, ImportError):
-                self._pool_failed = True
-        return self._pool
-
-    def submit(self, raw: pd.Series):
-        prep = _prepare(raw, self.default_region)
-        keys, region = prep["keys"], self.default_region
-        pool = self._get_pool() if self.processes > 1 and len(keys) >= self.min_parallel else None
-        if pool is None:
-            results = _classify_many(keys, region) if keys else []
-            return lambda: _assemble(prep, results)
-        size = max(1, -(-len(keys) // (2 * self.workers)))
-        try:
-            futures = [pool.submit(_classify_many, keys[i : i + size], region) for i in range(0, len(keys), size)]
-        except (OSError, RuntimeError):  # the pool broke (BrokenProcessPool is a RuntimeError)
-            self._pool_failed = True
-            results = _classify_many(keys, region)
-            return lambda: _assemble(prep, results)
-
-        def result() -> pd.DataFrame:
-            try:
-                rows = [row for f in futures for row in f.result()]
-            except (OSError, RuntimeError):  # BrokenProcessPool is a RuntimeError
-                self._pool_failed = True
-                rows = _classify_many(keys, region)
-            return _assemble(prep, rows)
-
-        return result
-
-    def call(self, fn, *args, parallel: bool = True):
-        """``fn(*args)`` in a worker when ``parallel`` (and workers are allowed), else here and now;
-        returns a callable giving the result. ``fn`` must be a module-level function (it is pickled)."""
-        pool = self._get_pool() if parallel and self.processes > 1 else None
-        if pool is not None:
-            try:
-                future = pool.submit(fn, *args)
-            except (OSError, RuntimeError):
-                self._pool_failed = True
-            else:
-                def result():
-                    try:
-                        return future.result()
-                    except (OSError, RuntimeError) as exc:
-                        if type(exc).__name__ != "BrokenProcessPool":
-                            raise
-                        self._pool_failed = True
-                        return fn(*args)
-
-                return result
-        value = fn(*args)
-        return lambda: value
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-
-    def __enter__(self) -> "PhoneClassifier":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-# ---------------------------------------------------------------------------
-# find_duplicates
-# ---------------------------------------------------------------------------
-
-
-def _to_utc(values: pd.Series) -> pd.Series:
-    """Parse timestamps to UTC; unparseable/missing -> NaT.  ISO 8601 is vectorised,
-    anything else (e.g. "25.11.2025 10:00", day first) is retried per element."""
-    if isinstance(values.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_dtype(values.dtype):
-        return pd.to_datetime(values, utc=True)
-    values = values.reset_index(drop=True)
-    ts = pd.to_datetime(values, utc=True, errors="coerce", format="ISO8601")
-    present = np.array(values.notna(), dtype=bool)
-    if values.dtype == object or pd.api.types.is_string_dtype(values.dtype):
-        text = values.astype("str").str.strip()
-        present &= np.array((text != "").fillna(False), dtype=bool)
-    retry = present & np.array(ts.isna(), dtype=bool)
-    if retry.any():
-        again = pd.to_datetime(values[retry], utc=True, errors="coerce", format="mixed", dayfirst=True)
-        ts = ts.copy()
-        ts[retry] = again
-    return ts
-
-
-def find_duplicates(e164: pd.Series, updated_at: pd.Series | None = None) -> pd.Series:
-    """Mark rows whose E.164 number already occurs in another, preferred row.
-
-    Rows with the same non-null (and non-empty) ``e164`` form a group; the
-    kept row of a group is the one with the latest ``updated_at`` (parsed
-    with ``utc=True``; unparseable or missing timestamps count as oldest),
-    ties broken by the first row in order; without ``updated_at`` the first
-    row is kept.  ``updated_at`` is aligned by position and must have the
-    same length.
-
-    Returns a Series with ``e164``'s index: for each duplicate row the index
-    label of the kept row, ``<NA>`` otherwise (kept rows, unique numbers,
-    nulls).  The dtype is nullable ``Int64`` for integer indexes, ``object``
-    otherwise.
-    """
-    n = len(e164)
-    index = e164.index
-    values = e164.to_numpy(dtype=object)
-    valid = ~pd.isna(values)
-    if valid.any():
-        valid &= values != ""
-    pos = np.flatnonzero(valid)
-    keeper = np.full(n, -1, dtype=np.int64)
-    if pos.size:
-        codes, _ = pd.factorize(values[pos])
-        if updated_at is not None:
-            if len(updated_at) != n:
-                raise ValueError(f"updated_at has {len(updated_at)} rows, e164 has {n}")
-            upd = updated_at if isinstance(updated_at, pd.Series) else pd.Series(updated_at)
-            ts = _to_utc(upd.reset_index(drop=True).iloc[pos])
-            # native resolution (pandas 3 may use us/s): no overflow for years < 1677 or > 2262
-            ts_int = np.asarray(ts.dt.tz_convert(None).to_numpy()).view(np.int64)
-            nat = np.array(ts.isna(), dtype=bool)
-            # ascending sort key: latest first, NaT last
-            ts_key = np.where(nat, np.iinfo(np.int64).max, -ts_int)
-            order = np.lexsort((pos, ts_key, codes))
-        else:
-            order = np.lexsort((pos, codes))
-        sorted_codes = codes[order]
-        first = np.ones(order.size, dtype=bool)
-        first[1:] = sorted_codes[1:] != sorted_codes[:-1]
-        keeper_for_code = np.empty(int(codes.max()) + 1, dtype=np.int64)
-        keeper_for_code[sorted_codes[first]] = pos[order[first]]
-        k = keeper_for_code[codes]
-        dup = k != pos
-        keeper[pos[dup]] = k[dup]
-    is_dup = keeper >= 0
-    if pd.api.types.is_integer_dtype(index.dtype):
-        labels = np.zeros(n, dtype=np.int64)
-        labels[is_dup] = index.to_numpy()[keeper[is_dup]]
-        return pd.Series(pd.arrays.IntegerArray(labels, ~is_dup), index=index, name="duplicate_of")
-    out = np.full(n, pd.NA, dtype=object)
-    out[is_dup] = index.to_numpy(dtype=object)[keeper[is_dup]]
-    return pd.Series(out, index=index, dtype=object, name="duplicate_of")
-
-
-# ---------------------------------------------------------------------------
-# Great Expectations check of the raw extract
-# ---------------------------------------------------------------------------
-
-
-class ExtractSchemaError(ValueError):
-    """A required column is missing from the extract (the run must stop)."""
+from sqlalchemy import bindparam, text
+
+from smsflow.phones import normalize_phones_parallel
+from smsflow.privacy import phone_hash
+from store.db import bulk_update, executemany, get_engine, is_postgres, read_frame, utcnow
+from store.quarantine import write_quarantine
+from tasks.dedup import dedup_source
+from tasks.erasure import suppressed_hashes
+from tasks.expectations import ExtractCheckResult, check_extract
+
+RECEIPT_KIND = "extract.validated"  # a validated extract batch not yet reported by validate_and_dedup
+REPORTED_KIND = "extract.validated.reported"
+SUPPRESSED_REASON = "erased person: the number is on the suppression list"
+
+
+class ExtractCheckFailed(RuntimeError):
+    """The Great Expectations suite failed on the extract: the run stops before anything is sent."""
 
 
 @dataclass
-class ExtractCheckResult:
-    """Outcome of :func:`check_extract`.
-
-    ``success`` is False when any *critical* expectation failed (broken
-    extract: caller should stop the run).  ``warning`` expectations (e.g.
-    duplicate CRM ids, unknown languages) are reported but never fail.
-    Each entry of ``results``: ``expectation``, ``column``, ``success``,
-    ``unexpected_count``, ``unexpected_percent`` plus ``severity``
-    (``critical``/``warning``), ``description``, ``mostly`` and ``error``.
-    """
-
-    success: bool
-    results: list[dict] = field(default_factory=list)
-    row_count: int = 0
-
-    def to_dict(self) -> dict:
-        """JSON-safe form (stored with the extract batch it was computed on)."""
-        return {"success": self.success, "results": self.results, "row_count": self.row_count}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ExtractCheckResult":
-        return cls(success=bool(data["success"]), results=list(data.get("results") or []),
-                   row_count=int(data.get("row_count") or 0))
-
-    @classmethod
-    def combine(cls, parts: "Sequence[ExtractCheckResult]") -> "ExtractCheckResult | None":
-        """One result for an extract checked chunk by chunk: counts are summed, percentages and
-        ``mostly`` verdicts recomputed over all rows (a weighted mean: when every chunk passes a
-        ``mostly`` expectation, so does the whole). Expectations without ``mostly`` pass when every
-        chunk passed them (id uniqueness is thus checked within chunks only, as documented)."""
-        parts = [p for p in parts if p is not None]
-        if len(parts) <= 1:
-            return parts[0] if parts else None
-        groups: dict[tuple, list[dict]] = {}
-        for part in parts:
-            for r in part.results:
-                groups.setdefault((r["expectation"], r["column"], r["description"]), []).append(r)
-        results = [_combine_entries(entries) for entries in groups.values()]
-        success = all(r["success"] for r in results if r["severity"] == "critical")
-        return cls(success=success, results=results, row_count=sum(p.row_count for p in parts))
-
-    @property
-    def failures(self) -> list[dict]:
-        return [r for r in self.results if not r["success"] and r["severity"] == "critical"]
-
-    @property
-    def warnings(self) -> list[dict]:
-        return [r for r in self.results if not r["success"] and r["severity"] != "critical"]
-
-    def summary(self) -> str:
-        """One-line message, e.g. for stopping a run."""
-        if self.success and not self.warnings:
-            return f"extract check passed ({self.row_count} rows)"
-        parts = []
-        for r in self.failures + self.warnings:
-            txt = f"{r['description']}"
-            if r.get("unexpected_percent") is not None:
-                txt += f" ({r['unexpected_count']} rows, {r['unexpected_percent']:.1f}% unexpected)"
-            if r.get("error"):
-                txt += f" (error: {r['error']})"
-            parts.append(("FAILED: " if r["severity"] == "critical" else "warning: ") + txt)
-        head = "extract check failed" if not self.success else "extract check passed with warnings"
-        return f"{head} ({self.row_count} rows): " + "; ".join(parts)
-
-    def markdown(self) -> str:
-        """Markdown table (for a Prefect artifact)."""
-        head = "**Extract check: {}** ({} rows)\n\n".format("passed" if self.success else "FAILED", self.row_count)
-        lines = [
-            "| result | severity | check | column | unexpected | unexpected % |",
-            "|---|---|---|---|---:|---:|",
-        ]
-        for r in self.results:
-            mark = "pass" if r["success"] else ("FAIL" if r["severity"] == "critical" else "warn")
-            cnt = "" if r.get("unexpected_count") is None else str(r["unexpected_count"])
-            pct = "" if r.get("unexpected_percent") is None else f"{r['unexpected_percent']:.2f}"
-            desc = r["description"] + (f" (error: {r['error']})" if r.get("error") else "")
-            desc = desc.replace("|", "\\|")
-            lines.append(f"| {mark} | {r['severity']} | {desc} | {r['column'] or ''} | {cnt} | {pct} |")
-        return head + "\n".join(lines) + "\n"
+class ValidateStats:
+    checked: int = 0
+    valid: int = 0
+    quarantined: int = 0
+    duplicates: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    expectations_markdown: str = ""
+    expectations_success: bool = True
 
 
-def _combine_entries(entries: list[dict]) -> dict:
-    """One expectation's results over several chunks (see :meth:`ExtractCheckResult.combine`)."""
-    out = dict(entries[0])
-    counts = [e.get("unexpected_count") for e in entries]
-    checked = [e.get("checked_count") for e in entries]
-    error = next((e["error"] for e in entries if e.get("error")), None)
-    out["error"] = error
-    if all(c is None for c in counts):
-        out["success"] = all(e["success"] for e in entries)
+def _payload(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items() if v is not None and k != "attributes"}
+
+
+def _add_counts(into: dict[str, int], counts: dict[str, int]) -> None:
+    for k, v in counts.items():
+        into[str(k)] = into.get(str(k), 0) + int(v)
+
+
+# --------------------------------------------------------------------------- verdicts (shared with the extract)
+
+
+@dataclass
+class Verdicts:
+    """Phone status code (ok, invalid, not_mobile, missing, suppressed) and reason per contact of a batch."""
+
+    codes: list[str]
+    reasons: list[str]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in self.codes:
+            out[c] = out.get(c, 0) + 1
         return out
-    unexpected = sum(c or 0 for c in counts)
-    out["unexpected_count"] = unexpected
-    if all(c is not None for c in checked):
-        total = sum(checked)
-        out["checked_count"] = total
-        out["unexpected_percent"] = 100.0 * unexpected / total if total else 0.0
-        mostly = out.get("mostly")
-        if mostly is not None:
-            out["success"] = error is None and (not total or 1.0 - unexpected / total >= mostly)
-            return out
-    out["success"] = all(e["success"] for e in entries)
+
+
+def suppress(codes: list[str], e164: list, reasons: list[str], hashes) -> None:
+    """Numbers of erased people (salted hashes on the suppression list) are never imported again."""
+    if not hashes:
+        return
+
+    for i, (code, phone) in enumerate(zip(codes, e164)):
+        if code == "ok" and phone and phone_hash(phone) in hashes:
+            codes[i] = "suppressed"
+            reasons[i] = SUPPRESSED_REASON
+
+
+def apply_verdicts(rows, norm: pd.DataFrame, suppressed) -> Verdicts:
+    """Fill the validate columns of an extract batch (``tasks.extract.ContactBatch``) from its classified
+    phones, by the same rules as the 'new' path below: ok -> valid with its E.164 number, anything else
+    -> quarantined with the reason."""
+    codes = norm["phone_status"].tolist()
+    e164 = norm["phone_e164"].tolist()
+    reasons = norm["reason"].tolist()
+    suppress(codes, e164, reasons, suppressed)
+    ok = [c == "ok" for c in codes]
+    n = len(codes)
+    rows["phone_e164"] = [p if k else None for p, k in zip(e164, ok)]
+    rows["phone_region"] = [r or None for r in norm["region"].tolist()]
+    rows["status"] = ["valid" if k else "quarantined" for k in ok]
+    rows["status_reason"] = [None if k else r for r, k in zip(reasons, ok)]
+    rows["duplicate_of"] = [None] * n
+    rows["validated_at"] = [utcnow()] * n
+    return Verdicts(codes, reasons)
+
+
+def check_batch(rows) -> ExtractCheckResult:
+    """The Great Expectations suite over one extract batch, on the values as they will be stored."""
+    return check_values(rows["crm_id"], rows["phone_raw"], rows["language"])
+
+
+def check_values(ids: list, phones: list, languages: list) -> ExtractCheckResult:
+    """:func:`check_batch` on the three checked columns alone (module level: it can run in a worker)."""
+    return check_extract(pd.DataFrame({
+        "id": pd.Series(ids, dtype=object),
+        "phone": pd.Series(phones, dtype=object),
+        "language": pd.Series(languages, dtype=object),
+    }), blanks_cleaned=True)  # prepare_contacts already turned blank strings into None
+
+
+def _contact_ids(conn, source: str, crm_ids: list[str], chunk: int = 500) -> dict[str, int]:
+    """Store ids of the given CRM ids (unique index lookups, a few hundred per statement)."""
+    sql = text("SELECT crm_id, id FROM contacts WHERE source = :s AND crm_id IN :ids").bindparams(
+        bindparam("ids", expanding=True))
+    out: dict[str, int] = {}
+    for i in range(0, len(crm_ids), chunk):
+        out.update((r[0], int(r[1])) for r in conn.execute(sql, {"s": source, "ids": crm_ids[i : i + chunk]}))
     return out
 
 
-DEFAULT_LANGUAGES: tuple[str, ...] = ("ru", "en")
+@dataclass
+class BatchValidation:
+    """What the extract needs to write a batch's verdicts: the suppression list, and whether the source
+    may have quarantine rows from an earlier validation that a now valid contact must lose."""
+
+    source: str
+    suppressed: set[str]
+    quarantined: set[str]  # CRM ids with a validate quarantine row (row_key), kept up to date batch by batch
+
+    @classmethod
+    def start(cls, conn, source: str) -> "BatchValidation":
+
+        keys = {r[0] for r in conn.execute(
+            text("SELECT row_key FROM quarantine WHERE step = 'validate' AND source = :s"), {"s": source})}
+        return cls(source, suppressed_hashes(conn), keys)
+
+    def store(self, conn, rows, verdicts: Verdicts, check: ExtractCheckResult) -> None:
+        """Quarantine rows for the batch's bad phones, stale ones cleared for its valid contacts, and the
+        receipt validate_and_dedup reports from; in the batch's transaction."""
+        crm = rows["crm_id"]
+        bad = [i for i, c in enumerate(verdicts.codes) if c != "ok"]
+        if self.quarantined:  # contacts quarantined before whose phone is fine now (usually none)
+            fixed = [crm[i] for i, c in enumerate(verdicts.codes) if c == "ok" and crm[i] in self.quarantined]
+            executemany(conn, "DELETE FROM quarantine WHERE step = 'validate' AND source = ? AND row_key = ?",
+                        [(self.source, k) for k in fixed])
+            self.quarantined.difference_update(fixed)
+        if bad:
+            ids = _contact_ids(conn, self.source, [crm[i] for i in bad])
+            write_quarantine(conn, [self._quarantine_row(conn, rows, i, ids[crm[i]], verdicts) for i in bad])
+            self.quarantined.update(crm[i] for i in bad)
+        record_receipt(conn, self.source, len(crm), len(bad), verdicts.counts(), check)
+
+    def _quarantine_row(self, conn, rows, i: int, contact_id: int, verdicts: Verdicts) -> dict[str, Any]:
+        # the payload the 'new' path below builds from the stored row (its timestamp as the driver returns it)
+        upd = rows["crm_updated_at"][i]
+        if hasattr(upd, "dtype"):  # a numpy datetime64 (the extract keeps timestamps as arrays)
+            upd = upd.astype("datetime64[us]").item()
+        if upd is not None:
+            upd = upd.isoformat() if is_postgres(conn) else upd.isoformat(" ", "microseconds")
+        record = {"id": contact_id, "crm_id": rows["crm_id"][i], "first_name": rows["first_name"][i],
+                  "last_name": rows["last_name"][i], "phone_raw": rows["phone_raw"][i], "language": rows["language"][i],
+                  "crm_updated_at": upd}
+        return dict(step="validate", source=self.source, row_key=str(rows["crm_id"][i]), campaign_id=None,
+                    contact_id=contact_id, reason_code=verdicts.codes[i], reason=verdicts.reasons[i],
+                    payload=_payload(record))
 
 
-def _blank_to_null(s: pd.Series) -> pd.Series:
-    """Empty / whitespace-only strings count as null (CSV extracts read with keep_default_na=False)."""
-    if s.dtype == object:
-        # object columns are walked in Python: converting them to pandas' str dtype (Arrow) costs more
-        blank = np.fromiter((type(v) is str and not v.strip() for v in s.tolist()), dtype=bool, count=len(s))
-        if blank.any():
-            s = s.where(~blank, None)
-        return s
-    if pd.api.types.is_string_dtype(s.dtype):
-        stripped = s.astype("str").str.strip()
-        blank = (stripped == "").to_numpy(dtype=bool, na_value=False)
-        if blank.any():
-            s = s.astype(object).where(~blank, None)
-    return s
+# --------------------------------------------------------------------------- receipts
 
 
-def check_extract(
-    df: pd.DataFrame,
-    phone_column: str = "phone",
-    id_column: str = "id",
-    *,
-    language_column: str = "language",
-    languages: Collection[str] = DEFAULT_LANGUAGES,
-    min_phone_filled: float = 0.5,
-    min_id_filled: float = 0.99,
-    blanks_cleaned: bool = False,
-) -> ExtractCheckResult:
-    """Great Expectations check of a raw CRM extract (or one chunk of it).
+def record_receipt(conn, source: str, checked: int, quarantined: int, by_status: dict[str, int],
+                   check: ExtractCheckResult) -> None:
+    """An ``extract.validated`` event: what the extract validated in one batch (counts only, no personal data)."""
+    payload = {"source": source, "checked": checked, "quarantined": quarantined, "by_status": by_status,
+               "check": check.to_dict()}
+    conn.execute(text("INSERT INTO event_log (ts, kind, payload) VALUES (:ts, :k, :p)"),
+                 {"ts": utcnow(), "k": RECEIPT_KIND, "p": json.dumps(payload, ensure_ascii=False, default=str)})
 
-    Raises :class:`ExtractSchemaError` (before touching GE) if ``id_column``
-    or ``phone_column`` is missing.  Expectations (critical ones decide
-    ``success``):
 
-    * critical: id and phone columns exist; id not null (``mostly=min_id_filled``);
-      phone not null (``mostly=min_phone_filled`` - a mostly-empty phone
-      column means a broken extract); phone values contain >= 5 digits
-      (``mostly=0.5`` - catches shifted/garbage columns);
-    * warning: ids unique (CRM duplicates are reported, not fatal); language
-      in ``languages`` (``mostly=0.95``, only if ``language_column`` exists);
-      at least one row.
+def pending_receipts(conn, source: str) -> list[tuple[int, dict]]:
+    """Receipts of the source's extract batches not reported yet, oldest first."""
+    out = []
+    for event_id, payload in conn.execute(text("SELECT id, payload FROM event_log WHERE kind = :k ORDER BY id"),
+                                          {"k": RECEIPT_KIND}):
+        data = json.loads(payload) if isinstance(payload, (str, bytes)) else payload
+        if data and data.get("source") == source:
+            out.append((int(event_id), data))
+    return out
 
-    Empty/whitespace strings count as null (``blanks_cleaned=True``: the caller already turned
-    them into None, as the extract does, so they need not be looked for).  Stateless, so it can be run per
-    chunk (note: id uniqueness is then only checked within each chunk).
-    ``great_expectations`` is imported lazily (it takes seconds to import).
-    """
-    missing_cols = [c for c in (id_column, phone_column) if c not in df.columns]
-    if missing_cols:
-        present = ", ".join(map(str, df.columns)) or "(none)"
-        which = " and ".join(f"'{c}'" for c in missing_cols)
-        noun = "column" if len(missing_cols) == 1 else "columns"
-        raise ExtractSchemaError(f"required {noun} {which} not found in extract; columns: {present}")
 
-    checked = [id_column, phone_column]
-    has_lang = language_column in df.columns and language_column not in checked
-    if has_lang:
-        checked.append(language_column)
-    data = pd.DataFrame({c: df[c] if blanks_cleaned else _blank_to_null(df[c]) for c in checked})
-    data.index = pd.RangeIndex(len(data))
+def mark_reported(conn, event_ids: list[int]) -> None:
+    if event_ids:
+        executemany(conn, "UPDATE event_log SET kind = ? WHERE id = ?", [(REPORTED_KIND, i) for i in event_ids])
 
-    gx = _import_gx()
-    from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    ctx = gx.get_context(mode="ephemeral")
-    ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-    batch_def = (
-        ctx.data_sources.add_pandas(name="crm")
-        .add_dataframe_asset(name="contacts")
-        .add_batch_definition_whole_dataframe("all_rows")
-    )
-    suite = ctx.suites.add(gx.ExpectationSuite(name="contacts_suite"))
-    E = gx.expectations
+# --------------------------------------------------------------------------- the step
 
-    def add(exp: Any, severity: str, description: str) -> None:
-        exp.meta = {"severity": severity, "description": description}
-        suite.add_expectation(exp)
 
-    add(E.ExpectColumnToExist(column=id_column), "critical", f"column '{id_column}' exists")
-    add(E.ExpectColumnToExist(column=phone_column), "critical", f"column '{phone_column}' exists")
-    add(
-        E.ExpectColumnValuesToNotBeNull(column=id_column, mostly=min_id_filled),
-        "critical",
-        f"'{id_column}' filled in >= {min_id_filled:.0%} of rows",
-    )
-    add(E.ExpectColumnValuesToBeUnique(column=id_column), "warning", f"'{id_column}' values unique")
-    add(
-        E.ExpectColumnValuesToNotBeNull(column=phone_column, mostly=min_phone_filled),
-        "critical",
-        f"'{phone_column}' filled in >= {min_phone_filled:.0%} of rows",
-    )
-    add(
-        E.ExpectColumnValuesToMatchRegex(column=phone_column, regex=r"^\D*(?:\d\D*){5,}$", mostly=0.5),
-        "critical",
-        f"'{phone_column}' values contain >= 5 digits (>= 50% of filled rows)",
-    )
-    if has_lang:
-        add(
-            E.ExpectColumnValuesToBeInSet(column=language_column, value_set=sorted(languages), mostly=0.95),
-            "warning",
-            f"'{language_column}' in {{{', '.join(sorted(languages))}}} (>= 95% of filled rows)",
+def validate_new_contacts(engine, source: str, default_region: str = "RU", processes: int = 1) -> ValidateStats:
+    """Report the batches the extract validated, validate the contacts still 'new', then re-run dedup
+    over the source. Runs alone as well: contacts extracted without validation are all 'new'."""
+    stats = ValidateStats()
+    with engine.begin() as conn:
+        receipts = pending_receipts(conn, source)
+    checks = []
+    for _, r in receipts:
+        stats.checked += int(r["checked"])
+        stats.quarantined += int(r["quarantined"])
+        _add_counts(stats.by_status, r["by_status"])
+        checks.append(ExtractCheckResult.from_dict(r["check"]))
+    new_check = _validate_new(engine, source, default_region, processes, stats)
+    if new_check is not None:
+        checks.append(new_check)
+    combined = ExtractCheckResult.combine(checks)
+    if combined is not None:
+        stats.expectations_markdown = combined.markdown()
+        stats.expectations_success = combined.success
+    stats.duplicates = dedup_source(engine, source)
+    with engine.begin() as conn:
+        mark_reported(conn, [i for i, _ in receipts])
+        stats.valid = int(conn.execute(text("SELECT COUNT(*) FROM contacts WHERE source=:s AND status='valid'"), {"s": source}).scalar())
+    return stats
+
+
+def _validate_new(engine, source: str, default_region: str, processes: int, stats: ValidateStats) -> ExtractCheckResult | None:
+    """Contacts still 'new': the extract checks over all of them (a failure stops the run), then
+    phones, statuses and quarantine, as the extract would have done batch by batch."""
+    with engine.begin() as conn:
+        new = read_frame(
+            conn,
+            "SELECT id, crm_id, first_name, last_name, phone_raw, language, crm_updated_at FROM contacts "
+            "WHERE source = :s AND status = 'new'",
+            {"s": source},
+            objects=True,
         )
-    add(E.ExpectTableRowCountToBeBetween(min_value=1), "warning", "extract has at least one row")
-
-    res = batch_def.get_batch(batch_parameters={"dataframe": data}).validate(suite)
-
-    results: list[dict] = []
-    for r in res.results:
-        cfg = r.expectation_config
-        meta = cfg.meta or {}
-        info = r.exception_info or {}
-        error = None
-        if info.get("raised_exception"):
-            error = info.get("exception_message")
-        else:  # multiple metric errors are keyed by metric id
-            for v in info.values():
-                if isinstance(v, dict) and v.get("raised_exception"):
-                    error = v.get("exception_message")
-                    break
-        result = r.result or {}
-        pct = result.get("unexpected_percent")
-        unexpected = result.get("unexpected_count")
-        results.append(
-            {
-                "expectation": cfg.type,
-                "column": cfg.kwargs.get("column"),
-                "success": bool(r.success) and error is None,
-                "unexpected_count": None if unexpected is None else int(unexpected),
-                "unexpected_percent": None if pct is None else float(pct),
-                "severity": meta.get("severity", "critical"),
-                "description": meta.get("description", cfg.type),
-                "mostly": cfg.kwargs.get("mostly"),
-                "error": error,
-                "checked_count": _checked_count(result),
-            }
-        )
-    success = all(r["success"] for r in results if r["severity"] == "critical")
-    return ExtractCheckResult(success=success, results=results, row_count=len(df))
-
-
-def _checked_count(result: dict) -> int | None:
-    """The rows an expectation's unexpected percent is relative to (non-missing rows where GE
-    reports missing values separately), kept so that per-chunk results can be combined exactly."""
-    if result.get("element_count") is None:
+    if not len(new):
         return None
-    return int(result["element_count"]) - int(result.get("missing_count") or 0)
+    stats.checked += len(new)
+    check = check_extract(new.drop(columns=["id"]).rename(columns={"crm_id": "id", "phone_raw": "phone"}))
+    if not check.success:
+        stats.expectations_markdown = check.markdown()
+        stats.expectations_success = False
+        raise ExtractCheckFailed(
+            f"extract of '{source}' failed its checks, nothing was validated or sent: {check.summary()}. "
+            "Fix the CRM query/export and rerun; the contacts stay in the store as 'new'."
+        )
+    norm = normalize_phones_parallel(new["phone_raw"], default_region=default_region, processes=processes)
+    _apply_suppression(engine, norm)
+    now = utcnow()
+    ok = norm["phone_status"] == "ok"
+    status = ok.map({True: "valid", False: "quarantined"})
+    with engine.begin() as conn:
+        bulk_update(
+            conn,
+            "contacts",
+            "id",
+            ("phone_e164", "phone_region", "status", "status_reason", "duplicate_of", "validated_at"),
+            zip(
+                norm["phone_e164"].where(ok, None),
+                norm["region"].where(norm["region"] != "", None),
+                status,
+                norm["reason"].where(~ok, None),
+                [None] * len(new),
+                [now] * len(new),
+                new["id"].astype(int),
+            ),
+        )
+        bad = new[~ok.to_numpy()]
+        quarantine = [
+            dict(step="validate", source=source, row_key=str(r["crm_id"]), campaign_id=None, contact_id=int(r["id"]),
+                 reason_code=str(code), reason=str(reason), payload=_payload(r))
+            for r, code, reason in zip(
+                bad.to_dict("records"), norm.loc[~ok, "phone_status"], norm.loc[~ok, "reason"]
+            )
+        ]
+        conn.execute(
+            text("DELETE FROM quarantine WHERE step = 'validate' AND source = :s AND contact_id IN "
+                 "(SELECT id FROM contacts WHERE source = :s AND status = 'valid')"),
+            {"s": source},
+        )
+        write_quarantine(conn, quarantine)
+    _add_counts(stats.by_status, norm["phone_status"].value_counts().to_dict())
+    stats.quarantined += int((~ok).sum())
+    return check
 
 
-def _import_gx():
-    import logging
+def _apply_suppression(engine, norm: pd.DataFrame) -> None:
+    """Numbers of erased people (salted hashes on the suppression list) are never imported again."""
 
-    # Keep GE quiet: no usage statistics, no INFO chatter.
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
+    with engine.begin() as conn:
+        hashes = suppressed_hashes(conn)
+    if not hashes:
+        return
+    ok = norm["phone_status"] == "ok"
+    hit = ok & norm["phone_e164"].map(lambda p: bool(p) and phone_hash(p) in hashes).astype(bool)
+    norm.loc[hit, "phone_status"] = "suppressed"
+    norm.loc[hit, "reason"] = SUPPRESSED_REASON
 
-    gx_logger = logging.getLogger("great_expectations")
-    if gx_logger.level == logging.NOTSET:  # don't override an explicit logging config
-        gx_logger.setLevel(logging.WARNING)
-    # this one sets itself to INFO and announces a temporary docs directory on every context
-    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
-    return gx
+
+# --------------------------------------------------------------------------- Prefect task
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from tasks.retrying import retry_if_transient  # noqa: E402
+
+
+@task(name="validate-and-dedup-contacts", retries=1, retry_delay_seconds=5,
+      retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
+def validate_task(source: str, default_region: str, processes: int, database_url: str | None) -> ValidateStats:
+    from prefect.artifacts import create_markdown_artifact
+
+
+    try:
+        stats = validate_new_contacts(get_engine(database_url), source, default_region, processes)
+    except ExtractCheckFailed as exc:
+        create_markdown_artifact(f"# Extract checks FAILED for `{source}`\n\n{exc}", key="extract-checks", description=str(exc)[:200])
+        raise
+    if stats.expectations_markdown:
+        create_markdown_artifact(stats.expectations_markdown, key="extract-checks",
+                                 description=f"Great Expectations results for {source}")
+    return stats

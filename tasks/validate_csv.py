@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 
 from smsflow.exports import ExportError, ExportFormat, missing_columns_hint, read_export, read_header, sniff
-from tasks.validate import find_duplicates, normalize_phones_parallel
+from smsflow.duplicates import find_duplicates
+from smsflow.phones import normalize_phones_parallel
 
 #: Statuses written by :func:`validate_csv` (the phone statuses plus ``duplicate``).
 CSV_STATUSES: tuple[str, ...] = ("ok", "invalid", "not_mobile", "duplicate", "missing")

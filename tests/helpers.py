@@ -5,9 +5,9 @@ import csv
 from pathlib import Path
 
 import os
-import socket
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from smsflow.processes import free_ports
 
 # A clock inside every default send window: Wednesday 25 Nov 2026, 12:00 in Moscow, not a holiday.
 DAYTIME = datetime(2026, 11, 25, 9, 0, tzinfo=timezone.utc)
@@ -53,25 +53,13 @@ def load_csv(engine, path: Path, source: str = "test"):
     """Extract + validate a CSV into the store (plain functions, no Prefect)."""
     from blocks.crm import CsvCrm
     from tasks.extract import extract_source
-    from tasks.validate_store import validate_new_contacts
+    from tasks.validate import validate_new_contacts
 
     ex = extract_source(engine, CsvCrm(path=str(path), source_name=source))
     va = validate_new_contacts(engine, source, "RU")
     return ex, va
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on loopback (all held open together while they are picked)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def wait_for(pred, what: str, timeout: float = 30.0, interval: float = 0.1):

@@ -2,7 +2,7 @@
 PREFECT_HOME, the work pool and every deployment of prefect.yaml, and helpers to own
 subprocesses (server, worker, webhook service) and stop them whatever happens.
 
-Used by tests/test_deployments.py and tests/test_journeys_e2e.py (module-scoped fixtures:
+Used by tests/e2e/test_deployments.py and tests/e2e/test_journeys_e2e.py (module-scoped fixtures:
 each module gets its own server)."""
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ from blocks.gateway import GatewayUnavailable, OutgoingMessage
 from blocks.kannel import NO_ANSWER, NOT_SENT, TOO_LONG, KannelGateway
 from tests.helpers import free_ports, service_unavailable, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STACK_DIR = REPO / "gateway_stack" / "kannel"
 INSTALL = REPO / "gateway_stack" / "install.sh"
 PASSWORD = "kannel-test-" + uuid.uuid4().hex[:8]

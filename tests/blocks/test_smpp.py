@@ -28,7 +28,7 @@ from blocks.smpp import (
 )
 from tests.helpers import free_ports, service_unavailable, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIM = REPO / "gateway_stack" / "kannel" / "smsc_sim.py"
 PASSWORD = "pw" + uuid.uuid4().hex[:6]
 

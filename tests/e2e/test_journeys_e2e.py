@@ -5,7 +5,7 @@ webhooks, reads the store and asks the server's REST API about flow runs.
 
 The worker's journeys directory is a copy of journeys/order_lifecycle.yaml with two changes a
 test needs: the review waits 75 s instead of 7 days, and the contact policy is open around
-the clock (CI runs at any hour; quiet windows are tested in tests/test_journeys.py).
+the clock (CI runs at any hour; quiet windows are tested in tests/tasks/test_journeys.py).
 
 Phases (several orders at once, so few flow runs are needed):
 1. order.created for X, Y, Z (X's webhook delivered twice) -> three confirmations, one each.
@@ -24,24 +24,13 @@ import signal
 import sqlite3
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
 from tests.helpers import contact, free_ports, load_csv, write_csv
-from tests.prefect_stack import (  # noqa: F401 - fixtures are used by name
-    POOL,
-    PREFECT,
-    REPO_ROOT,
-    TIMINGS,
-    Proc,
-    _cli,
-    _tail,
-    deployed,
-    server,
-)
+from tests.prefect_stack import POOL, PREFECT, REPO_ROOT, TIMINGS, Proc, _cli, _tail
 
 pytestmark = pytest.mark.prefect_server
 

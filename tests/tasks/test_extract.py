@@ -6,7 +6,7 @@ from sqlalchemy import text
 
 from blocks.crm import CrmSourceError, CsvCrm, SqlCrm
 from tasks.extract import extract_source
-from tasks.validate import ExtractSchemaError
+from tasks.expectations import ExtractSchemaError
 from tests.helpers import contact, write_csv
 
 
@@ -127,7 +127,7 @@ def test_every_consent_change_is_audited(engine, tmp_path):
 
 def test_extract_writes_each_contact_once_with_its_verdict(engine, tmp_path):
     """The extract classifies phones before writing; validate then only reports and merges duplicates."""
-    from tasks.validate_store import validate_new_contacts
+    from tasks.validate import validate_new_contacts
 
     rows = [contact(i) for i in range(6)]
     rows[1]["phone"] = "abc"
@@ -153,7 +153,7 @@ def test_extract_writes_each_contact_once_with_its_verdict(engine, tmp_path):
 def test_a_batch_failing_its_checks_stays_new_and_stops_validate(engine, tmp_path):
     import sqlite3
 
-    from tasks.validate_store import ExtractCheckFailed, validate_new_contacts
+    from tasks.validate import ExtractCheckFailed, validate_new_contacts
 
     crm = tmp_path / "crm.sqlite"
     db = sqlite3.connect(crm)

@@ -66,17 +66,7 @@ FINAL_STATES = {"delivered", "undelivered", "expired", "rejected", "failed"}
 POLICY_NOW = "2026-11-25T09:00:00Z"
 
 
-from tests.prefect_stack import (  # noqa: E402,F401 - fixtures are used by name
-    POOL,
-    PREFECT,
-    REPO_ROOT,
-    TIMINGS,
-    Proc,
-    _cli,
-    _tail,
-    deployed,
-    server,
-)
+from tests.prefect_stack import POOL, PREFECT, REPO_ROOT, TIMINGS, Proc, _cli, _tail
 
 
 @pytest.fixture(scope="module")

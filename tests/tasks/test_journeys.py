@@ -22,7 +22,7 @@ from smsflow.ratelimit import TokenBucket
 from tasks.send import send_messages
 from tests.helpers import DAYTIME, contact, load_csv, write_csv
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 UTC = timezone.utc
 T0 = DAYTIME  # Wednesday 2026-11-25 09:00 UTC, 12:00 in Moscow
 _seq = itertools.count()

@@ -16,7 +16,7 @@ from smsflow.templates import MessageTemplate
 from tasks.segment import ALL, AttributeFilter, Range, RfmRule, SegmentDefinition, build_membership, evaluate
 from smsflow.ratelimit import TokenBucket
 from tasks.send import claim, recover_in_flight, send_messages
-from tasks.validate_store import ExtractCheckFailed, validate_new_contacts
+from tasks.validate import ExtractCheckFailed, validate_new_contacts
 from tests.helpers import contact, load_csv, write_csv
 from tests.pipeline import TPL, _base, _gw, _planned, _submitted, q  # noqa: F401
 

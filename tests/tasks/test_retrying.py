@@ -12,7 +12,7 @@ from sqlalchemy.exc import OperationalError
 from blocks.crm import CrmSourceError
 from blocks.gateway import GatewayUnavailable
 from tasks.retrying import is_transient, retry_if_transient
-from tests.test_crash_cli import cli_env
+from tests.e2e.test_crash_cli import cli_env
 
 
 def _status(code: int) -> httpx.HTTPStatusError:

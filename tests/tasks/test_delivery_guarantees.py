@@ -23,7 +23,7 @@ from sqlalchemy import text
 from store.db import bulk_insert, get_engine, utcnow
 from tasks.policy import always_open
 from tests.helpers import served_in_thread, wait_for
-from tests.test_kannel import PASSWORD, kannel  # noqa: F401 - the module-scoped stack fixture
+from tests.e2e.test_kannel import PASSWORD, kannel  # noqa: F401 - the module-scoped stack fixture
 
 N = 2000
 KILLS = 20

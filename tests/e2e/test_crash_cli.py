@@ -24,7 +24,7 @@ from sqlalchemy import text
 
 from store.db import get_engine
 from tests.helpers import alive, contact, descendants, free_ports, wait_for, write_csv
-from tests.test_kannel import PASSWORD, kannel  # noqa: F401 - the module-scoped stack fixture
+from tests.e2e.test_kannel import PASSWORD, kannel  # noqa: F401 - the module-scoped stack fixture
 
 N = 1200
 

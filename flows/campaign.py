@@ -23,6 +23,7 @@ from store.db import get_engine
 from tasks.policy import ContactPolicy
 from smsflow.templates import template_library
 from tasks.accounting import campaign_accounting, finish_campaign, log_event
+from tasks.dry_run import extracted_line, rendered_line, validated_line
 from tasks.outcomes import message_outcomes
 
 
@@ -55,10 +56,9 @@ def campaign(params: CampaignParams) -> dict:
     progress.step("campaign", f"{params.name}: extract from {params.source_block}, then validate, segment, render"
                   + ("" if params.dry_run else ", send, reconcile, report"))
     ex = crm_extract(params.source_block, params.full_refresh, database_url)
-    progress.step("extract", f"{ex['rows']} CRM rows read, {ex['quarantined']} quarantined")
+    progress.step("extract", extracted_line(ex["rows"], ex["quarantined"]))
     va = validate_and_dedup(source, database_url=database_url)
-    progress.step("validate", f"{va['checked']} checked: {va['valid']} valid, {va['quarantined']} quarantined, "
-                              f"{va['duplicates']} duplicates")
+    progress.step("validate", validated_line(va))
     seg = segment_flow(source, params.segment, params.segments_file, database_url)
     progress.step("segment", f"{seg['segment']}: {seg['members']} contacts")
     rendered = render(params.name, params.template, source, params.segment, gw.price_per_segment,
@@ -67,8 +67,7 @@ def campaign(params: CampaignParams) -> dict:
     engine = get_engine(database_url)
     cid = rendered["campaign_id"]
     log_event(engine, "campaign.planned", campaign_id=cid, payload={k: rendered[k] for k in ("planned", "parts", "cost_planned", "currency")})
-    progress.step("render", f"{rendered['planned']} planned, {rendered['no_consent']} without consent, "
-                            f"{rendered['render_failed']} failed to render, {rendered['parts']} parts")
+    progress.step("render", rendered_line(rendered))
     result: dict = {}
     if not params.dry_run:
         result["send"] = send(params.name, params.gateway_block, params.rate, database_url, params.now)

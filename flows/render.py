@@ -1,16 +1,13 @@
 """Flow: a template over a segment -> planned messages in the outbox (text, encoding, segments, cost)."""
 from __future__ import annotations
 
-import dataclasses
-from datetime import datetime, timezone
+from datetime import datetime
 
 from prefect import flow, get_run_logger
 
 from smsflow.settings import get_settings
-from tasks.accounting import ensure_campaign
-from tasks.render import plan_task
+from tasks.render import open_campaign, plan_task
 from tasks.policy import ContactPolicy
-from smsflow.templates import load_template
 from store.db import get_engine
 
 
@@ -21,13 +18,9 @@ def render(campaign: str, template: str, source: str = "demo-crm", segment: str 
            currency: str = "RUB") -> dict:
     """Render the campaign's messages; contacts already in the outbox are skipped (idempotent)."""
     s = get_settings()
-    tpl = load_template(template)  # a broken template fails here, before any contact is rendered
-    if tpl.kind == "marketing" and not tpl.sender_name and sender_name:
-        tpl = dataclasses.replace(tpl, sender_name=sender_name)  # marketing always names its sender
-    cid = ensure_campaign(get_engine(database_url), name=campaign, source=source, segment=segment,
-                          template_name=tpl.name, kind=tpl.kind, gateway=gateway, price_per_segment=price_per_segment,
-                          policy=policy.model_dump(mode="json") if policy else None, ends_at=_naive_utc(ends_at),
-                          currency=currency)
+    cid, tpl = open_campaign(get_engine(database_url), name=campaign, template=template, source=source, segment=segment,
+                             price_per_segment=price_per_segment, gateway=gateway, policy=policy, ends_at=ends_at,
+                             sender_name=sender_name, currency=currency)
     stats = plan_task(cid, source, segment, tpl, price_per_segment, gateway, s.batch_size, s.workers, database_url,
                       {"campaign": campaign})
     get_run_logger().info("render %s: %d planned, %d no consent, %d failed to render, %d parts, planned cost %.2f %s",
@@ -36,12 +29,6 @@ def render(campaign: str, template: str, source: str = "demo-crm", segment: str 
     return {"campaign": campaign, "campaign_id": cid, "planned": stats.planned, "no_consent": stats.no_consent,
             "render_failed": stats.render_failed, "parts": stats.segments, "cost_planned": round(stats.cost, 4),
             "currency": currency}
-
-
-def _naive_utc(t: datetime | None) -> datetime | None:
-    if t is None or t.tzinfo is None:
-        return t
-    return t.astimezone(timezone.utc).replace(tzinfo=None)
 
 
 if __name__ == "__main__":

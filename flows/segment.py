@@ -3,18 +3,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from tasks.segment import ALL, load_segments, segment_task
-
-
-def resolve_segment(segment: str, segments_file: str | None):
-    if segment == "all" and not segments_file:
-        return ALL
-    if not segments_file:
-        raise ValueError(f"segment '{segment}' needs a segments file (YAML) that defines it")
-    defs = load_segments(segments_file)
-    if segment not in defs:
-        raise ValueError(f"segment '{segment}' is not defined in {segments_file}; defined: {', '.join(sorted(defs))}")
-    return defs[segment]
+from tasks.segment import resolve_segment, segment_task
 
 
 @flow(name="segment")

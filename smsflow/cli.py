@@ -179,9 +179,44 @@ def campaign_cmd(
     _check_export(source)
     name = name or f"{_name_part(source_csv.stem)}-{_name_part(template.stem)}"
     typer.echo(f"campaign: {name} (rerun with --name {name} to resume it)", err=True)
+    if dry_run:  # a preview: in this process, no Prefect runs (tasks/dry_run.py says what it records)
+        result = _dry_run(source, template, name, gateway_block, segment, segments_file, policy, end)
+        _campaign_result(name, result, clock, plan_out, quarantine_out)
+        return
     with _prefect_session():
         _campaign(source, template, name, gateway_block, segment, segments_file, rate, dry_run, wait, policy, end,
                   clock, plan_out, quarantine_out)
+
+
+def _dry_run(source, template, name, gateway_block, segment, segments_file, policy, end) -> dict:
+    from blocks.gateway import SandboxGateway
+    from store.db import get_engine
+    from tasks.dry_run import dry_run_campaign
+    from tasks.policy import ContactPolicy
+
+    if gateway_block == "sandbox" and not os.environ.get("PREFECT_API_URL"):
+        gw = SandboxGateway()  # the built-in sandbox's price; no Prefect API to start for it
+    else:  # its price, currency and sender live in the Block: Prefect's block store
+        from blocks.registry import load_gateway
+
+        with _prefect_session():
+            try:
+                gw = load_gateway(gateway_block)
+            except ValueError:
+                if gateway_block != "sandbox":
+                    _fail(f"no gateway block named '{gateway_block}'")
+                gw = SandboxGateway()
+    try:
+        return dry_run_campaign(get_engine(), source, name=name, template=str(template.resolve()), segment=segment,
+                                segments_file=str(segments_file.resolve()) if segments_file else None,
+                                gateway_name=gateway_block, price_per_segment=gw.price_per_segment,
+                                sender_name=gw.sender_id, currency=getattr(gw, "currency", "RUB"),
+                                policy=policy if policy is not None else ContactPolicy(), ends_at=end)
+    except Exception as exc:  # noqa: BLE001 - one clear line (SMSFLOW_TRACEBACKS=1 shows the traceback)
+        if os.environ.get("SMSFLOW_TRACEBACKS"):
+            raise
+        _fail(f"campaign failed: {type(exc).__name__}: {exc}", 1)
+        raise
 
 
 def _column_map(columns: list[str], phone_column: Optional[str]) -> dict[str, str]:
@@ -232,8 +267,6 @@ def _check_export(source) -> None:
 
 def _campaign(source, template, name, gateway_block, segment, segments_file, rate, dry_run, wait, policy, end, clock,
               plan_out, quarantine_out) -> None:
-    from tasks.policy import preview_plan, write_plan_csv
-
     # One Block per CLI run, removed afterwards (the UI keeps no csv-* Blocks); the name, the
     # contacts' source key, is the same on every run over the same file.
     block_name = source.source_name
@@ -244,6 +277,13 @@ def _campaign(source, template, name, gateway_block, segment, segments_file, rat
                                wait, policy, end, clock)
     finally:
         _delete_block("csv-crm", block_name)
+    _campaign_result(name, result, clock, plan_out, quarantine_out)
+
+
+def _campaign_result(name: str, result: dict, clock, plan_out: Optional[Path], quarantine_out: Optional[Path]) -> None:
+    """What the person at the terminal sees (stderr) and the accounting JSON (stdout) of a campaign run."""
+    from tasks.policy import preview_plan, write_plan_csv
+
     if result.get("report"):
         typer.echo(f"report: {result['report']}", err=True)
     if plan_out:

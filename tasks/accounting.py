@@ -54,33 +54,43 @@ def campaign_accounting(engine, campaign_id: int) -> dict[str, Any]:
     "cost_planned", "currency"}`` where contacts = quarantined + duplicates + no_consent + planned
     (+ not_in_segment when a segment narrows the audience); parts and cost_planned are those of every
     planned message (what was sent and spent: ``tasks.outcomes``)."""
+    # One pass over the source's contacts, hash-joined to the campaign's messages, render failures and
+    # segment members (LEFT JOINs to de-duplicated sets); no NOT IN (SELECT ...), which PostgreSQL runs
+    # as a per-row subplan, or spills, at a million contacts.
     q = text(
         """
-        WITH camp AS (SELECT id, source, segment FROM campaigns WHERE id = :c),
-        camp_currency AS (SELECT currency FROM campaigns WHERE id = :c),
-        src AS (SELECT ct.id, ct.status, ct.sms_consent, ct.opted_out_at FROM contacts ct, camp WHERE ct.source = camp.source),
-        member AS (SELECT m.contact_id FROM segment_memberships m, camp WHERE m.segment = camp.segment),
-        planned AS (SELECT contact_id FROM outbox WHERE campaign_id = :c AND contact_id IS NOT NULL),
-        rq AS (SELECT contact_id FROM quarantine WHERE step = 'render' AND campaign_id = :c AND contact_id IS NOT NULL)
-        SELECT
-          (SELECT COUNT(*) FROM src) AS contacts_in_store,
-          (SELECT COUNT(*) FROM quarantine q, camp WHERE q.step = 'extract' AND q.source = camp.source
-             AND q.reason_code <> 'duplicate_crm_id') AS extract_bad,
-          (SELECT COUNT(*) FROM quarantine q, camp WHERE q.step = 'extract' AND q.source = camp.source
-             AND q.reason_code = 'duplicate_crm_id') AS extract_dup,
-          (SELECT COUNT(*) FROM src WHERE status IN ('quarantined', 'new') AND id NOT IN (SELECT contact_id FROM planned)) AS bad_phone,
-          (SELECT COUNT(*) FROM src WHERE status = 'duplicate' AND id NOT IN (SELECT contact_id FROM planned)) AS dup,
-          (SELECT COUNT(*) FROM src WHERE status = 'valid' AND id IN (SELECT contact_id FROM rq)
-             AND id NOT IN (SELECT contact_id FROM planned)) AS render_bad,
-          (SELECT COUNT(*) FROM src WHERE status = 'valid' AND id NOT IN (SELECT contact_id FROM planned)
-             AND id NOT IN (SELECT contact_id FROM rq) AND id IN (SELECT contact_id FROM member)
-             AND (NOT sms_consent OR opted_out_at IS NOT NULL)) AS no_consent,
-          (SELECT COUNT(*) FROM src WHERE status = 'valid' AND id NOT IN (SELECT contact_id FROM planned)
-             AND id NOT IN (SELECT contact_id FROM rq) AND id NOT IN (SELECT contact_id FROM member)) AS not_in_segment,
-          (SELECT COUNT(*) FROM outbox WHERE campaign_id = :c) AS planned,
-          (SELECT COALESCE(SUM(segments), 0) FROM outbox WHERE campaign_id = :c) AS segments,
-          (SELECT COALESCE(SUM(cost), 0) FROM outbox WHERE campaign_id = :c) AS cost,
-          (SELECT currency FROM camp_currency) AS currency
+        WITH camp AS (SELECT id, source, segment, currency FROM campaigns WHERE id = :c),
+        planned AS (SELECT DISTINCT contact_id FROM outbox WHERE campaign_id = :c AND contact_id IS NOT NULL),
+        rq AS (SELECT DISTINCT contact_id FROM quarantine WHERE step = 'render' AND campaign_id = :c
+               AND contact_id IS NOT NULL),
+        funnel AS (
+          SELECT
+            COUNT(*) AS contacts_in_store,
+            SUM(CASE WHEN p.contact_id IS NULL AND ct.status IN ('quarantined', 'new') THEN 1 ELSE 0 END) AS bad_phone,
+            SUM(CASE WHEN p.contact_id IS NULL AND ct.status = 'duplicate' THEN 1 ELSE 0 END) AS dup,
+            SUM(CASE WHEN p.contact_id IS NULL AND ct.status = 'valid' AND r.contact_id IS NOT NULL THEN 1 ELSE 0 END)
+              AS render_bad,
+            SUM(CASE WHEN p.contact_id IS NULL AND ct.status = 'valid' AND r.contact_id IS NULL AND m.contact_id IS NOT NULL
+                      AND (NOT ct.sms_consent OR ct.opted_out_at IS NOT NULL) THEN 1 ELSE 0 END) AS no_consent,
+            SUM(CASE WHEN p.contact_id IS NULL AND ct.status = 'valid' AND r.contact_id IS NULL AND m.contact_id IS NULL
+                THEN 1 ELSE 0 END) AS not_in_segment
+          FROM contacts ct
+          JOIN camp ON ct.source = camp.source
+          LEFT JOIN planned p ON p.contact_id = ct.id
+          LEFT JOIN rq r ON r.contact_id = ct.id
+          LEFT JOIN segment_memberships m ON m.segment = camp.segment AND m.contact_id = ct.id
+        ),
+        msgs AS (SELECT COUNT(*) AS planned, COALESCE(SUM(segments), 0) AS segments, COALESCE(SUM(cost), 0) AS cost
+                 FROM outbox WHERE campaign_id = :c),
+        xq AS (SELECT SUM(CASE WHEN q.reason_code <> 'duplicate_crm_id' THEN 1 ELSE 0 END) AS extract_bad,
+                      SUM(CASE WHEN q.reason_code = 'duplicate_crm_id' THEN 1 ELSE 0 END) AS extract_dup
+               FROM quarantine q JOIN camp ON q.source = camp.source WHERE q.step = 'extract')
+        SELECT f.contacts_in_store, COALESCE(f.bad_phone, 0) AS bad_phone, COALESCE(f.dup, 0) AS dup,
+               COALESCE(f.render_bad, 0) AS render_bad, COALESCE(f.no_consent, 0) AS no_consent,
+               COALESCE(f.not_in_segment, 0) AS not_in_segment, COALESCE(xq.extract_bad, 0) AS extract_bad,
+               COALESCE(xq.extract_dup, 0) AS extract_dup, msgs.planned, msgs.segments, msgs.cost,
+               (SELECT currency FROM camp) AS currency
+        FROM funnel f, msgs, xq
         """
     )
     with engine.begin() as conn:

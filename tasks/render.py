@@ -6,8 +6,10 @@ a template that fails for one contact quarantines that message with the reason.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import deque
+from datetime import datetime, timezone
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -15,11 +17,11 @@ from typing import Any
 
 from sqlalchemy import text
 
-from store.db import Columns, bulk_insert, read_frame, utcnow
+from smsflow.templates import MessageTemplate, init_render_worker, load_template, render_batch, render_chunk
+from store.db import Columns, bulk_insert, get_engine, read_frame, utcnow
 from store.quarantine import write_quarantine
+from tasks.accounting import ensure_campaign
 from tasks.extract import gc_paused
-from smsflow.templates import MessageTemplate, init_render_worker, render_batch, render_chunk
-from store.db import get_engine
 
 OUTBOX_INSERT_FIELDS = (
     "idempotency_key",
@@ -39,6 +41,28 @@ OUTBOX_INSERT_FIELDS = (
     "planned_at",
     "updated_at",
 )
+
+
+def open_campaign(engine, *, name: str, template: str, source: str, segment: str, price_per_segment: float,
+                  gateway: str | None, policy=None, ends_at: datetime | None = None, sender_name: str | None = None,
+                  currency: str = "RUB") -> tuple[int, MessageTemplate]:
+    """The campaign (created, or reopened when rerun by name) and its template, loaded and checked first:
+    a broken template fails here, before any contact is rendered. A marketing template without its own
+    sender name gets the gateway's (marketing always names its sender)."""
+    tpl = load_template(template)
+    if tpl.kind == "marketing" and not tpl.sender_name and sender_name:
+        tpl = dataclasses.replace(tpl, sender_name=sender_name)
+    cid = ensure_campaign(engine, name=name, source=source, segment=segment, template_name=tpl.name, kind=tpl.kind,
+                          gateway=gateway, price_per_segment=price_per_segment,
+                          policy=policy.model_dump(mode="json") if policy else None, ends_at=_naive_utc(ends_at),
+                          currency=currency)
+    return cid, tpl
+
+
+def _naive_utc(t: datetime | None) -> datetime | None:
+    if t is None or t.tzinfo is None:
+        return t
+    return t.astimezone(timezone.utc).replace(tzinfo=None)
 
 
 def idempotency_key(campaign_id: int, contact_id: int, step: str = "main") -> str:

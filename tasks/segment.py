@@ -86,6 +86,18 @@ def load_segments(path: str | Path) -> dict[str, SegmentDefinition]:
     return out
 
 
+def resolve_segment(segment: str, segments_file: str | None) -> SegmentDefinition:
+    """The segment by name: 'all', or one defined in the segments file (a clear error otherwise)."""
+    if segment == "all" and not segments_file:
+        return ALL
+    if not segments_file:
+        raise ValueError(f"segment '{segment}' needs a segments file (YAML) that defines it")
+    defs = load_segments(segments_file)
+    if segment not in defs:
+        raise ValueError(f"segment '{segment}' is not defined in {segments_file}; defined: {', '.join(sorted(defs))}")
+    return defs[segment]
+
+
 def expand_attributes(df: pd.DataFrame, fields: set[str]) -> pd.DataFrame:
     """Add the needed CRM attributes (JSON column ``attributes``) as columns."""
     wanted = [f for f in fields if f not in df.columns]

@@ -1,0 +1,73 @@
+"""The dry run of a campaign in this process: extract -> validate -> segment -> render into the outbox.
+
+A preview: the same step functions the Prefect tasks call (``extract_source``, ``validate_new_contacts``,
+``build_membership``, ``plan_messages``), in the same order, on the same store, with the same results
+(contacts with their verdicts, quarantine, segment membership, planned messages, the campaign's
+accounting and its ``campaign.dry_run`` event in the store's event log). What it does not do is talk to
+Prefect: no flow or task runs, no artifacts, no Prefect events, no retries (a preview that fails is
+simply run again). That keeps a preview of 1,000 contacts within a few seconds: a Prefect API costs
+seconds to start and every run and artifact is an HTTP round trip. ``smsflow campaign --dry-run`` uses
+it; the ``campaign`` deployment with ``dry_run`` runs the same steps as Prefect flows.
+
+The campaign flow prints the same progress lines (:func:`step_lines`).
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from blocks.crm import CrmSource
+from smsflow import progress
+from smsflow.settings import get_settings
+from store.db import utcnow
+from tasks.accounting import campaign_accounting, finish_campaign, log_event
+from tasks.extract import extract_source
+from tasks.render import open_campaign, plan_messages
+from tasks.segment import build_membership, resolve_segment
+from tasks.validate import validate_new_contacts
+
+
+def extracted_line(rows: int, quarantined: int) -> str:
+    return f"{rows} CRM rows read, {quarantined} quarantined"
+
+
+def validated_line(v: dict[str, Any]) -> str:
+    return f"{v['checked']} checked: {v['valid']} valid, {v['quarantined']} quarantined, {v['duplicates']} duplicates"
+
+
+def rendered_line(r: dict[str, Any]) -> str:
+    return (f"{r['planned']} planned, {r['no_consent']} without consent, {r['render_failed']} failed to render, "
+            f"{r['parts']} parts")
+
+
+def dry_run_campaign(engine, source: CrmSource, *, name: str, template: str, segment: str = "all",
+                     segments_file: str | None = None, gateway_name: str = "sandbox", price_per_segment: float = 0.0,
+                     sender_name: str | None = None, currency: str = "RUB", policy=None,
+                     ends_at: datetime | None = None) -> dict[str, Any]:
+    """Plan and price a campaign into the outbox without sending (see the module doc); returns
+    ``{"summary": campaign_accounting(...), "campaign_id": id}`` like the campaign flow."""
+    s = get_settings()
+    src = source.source_name
+    definition = resolve_segment(segment, segments_file)  # a bad segment fails before anything is read
+    progress.step("campaign", f"{name}: extract, validate, segment, render (dry run, in this process)")
+    ex = extract_source(engine, source, batch_size=s.batch_size, default_region=s.default_region, processes=s.workers)
+    progress.step("extract", extracted_line(ex.rows, ex.quarantined))
+    va = validate_new_contacts(engine, src, s.default_region, s.workers)
+    progress.step("validate", validated_line(vars(va)))
+    members = build_membership(engine, src, definition, utcnow())
+    progress.step("segment", f"{definition.name}: {members} contacts")
+    cid, tpl = open_campaign(engine, name=name, template=template, source=src, segment=definition.name,
+                             price_per_segment=price_per_segment, gateway=gateway_name, policy=policy,
+                             ends_at=ends_at, sender_name=sender_name, currency=currency)
+    st = plan_messages(engine, campaign_id=cid, source=src, segment=definition.name, template=tpl,
+                       price_per_segment=price_per_segment, gateway=gateway_name, batch_size=s.batch_size,
+                       processes=s.workers, extra={"campaign": name})
+    rendered = {"planned": st.planned, "no_consent": st.no_consent, "render_failed": st.render_failed,
+                "parts": st.segments, "cost_planned": round(st.cost, 4), "currency": currency}
+    log_event(engine, "campaign.planned", campaign_id=cid, emit=False,
+              payload={k: rendered[k] for k in ("planned", "parts", "cost_planned", "currency")})
+    progress.step("render", rendered_line(rendered))
+    summary = campaign_accounting(engine, cid)
+    finish_campaign(engine, cid, "planned")
+    log_event(engine, "campaign.dry_run", campaign_id=cid, payload=summary, emit=False)
+    return {"summary": summary, "campaign_id": cid}

@@ -62,6 +62,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.stores import fresh_store, store_label  # noqa: E402 - after the path
+
 TEMPLATE = ROOT / "templates" / "demo_promo.yaml"
 SOURCE = "bench"
 SEED = 42
@@ -362,7 +367,7 @@ def phase_pipeline(n: int, d: Path, args) -> dict:
         bd.install()
     crm = d / "crm.sqlite"
     t0 = time.perf_counter()
-    engine = get_engine(f"sqlite:///{d}/store.sqlite")  # creates + migrates the schema
+    engine = get_engine(args.store_url or f"sqlite:///{d}/store.sqlite")  # creates + migrates the schema
     init = time.perf_counter() - t0
     tpl = load_template(TEMPLATE)
     source = SqlCrm(url=f"sqlite:///{crm}", source_name=SOURCE)
@@ -616,8 +621,9 @@ def phase_flow(n: int, d: Path, args) -> dict:
     from smsflow.settings import reset_settings
     from store.db import dispose_engines
 
+    url = args.store_url or f"sqlite:///{d}/flowstore.sqlite"
+    os.environ["SMSFLOW_DATABASE_URL"] = url  # the flows use the worker's store, never a parameter
     reset_settings()
-    url = f"sqlite:///{d}/flowstore.sqlite"
 
     def task_runs(client) -> list:
         out, off = [], 0
@@ -641,8 +647,7 @@ def phase_flow(n: int, d: Path, args) -> dict:
                 log(f"flow n={n}: campaign ({label}) under prefect_test_harness ...")
                 t = time.perf_counter()
                 result = campaign(CampaignParams(name=f"bench-{label}", source_block="bench-crm", template=str(TEMPLATE),
-                                                 gateway_block="bench-sandbox", dry_run=dry, wait_for_receipts_s=5.0),
-                                  database_url=url)
+                                                 gateway_block="bench-sandbox", dry_run=dry, wait_for_receipts_s=5.0))
                 dt = time.perf_counter() - t
                 new = [tr for tr in task_runs(client) if tr.id not in before]
                 # a sub-flow call also leaves a task run in its parent (the flow run's parent_task_run_id)
@@ -676,6 +681,8 @@ def child_main(args) -> None:
 def run_child(phase: str, n: int, d: Path, args) -> dict | None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_phase", phase, "--n", str(n), "--dir", str(d),
            "--naive-max", str(args.naive_max)]
+    if getattr(args, "store_url", None) and phase in ("pipeline", "flow"):
+        cmd += ["--store-url", args.store_url]
     if args.profile:
         cmd.append("--profile")
     if not args.breakdown:
@@ -868,6 +875,9 @@ def summary(results: dict[int, dict]) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--database-url", default=None,
+                    help="PostgreSQL server for the store (a new database per run, dropped after); default: SQLite")
+    ap.add_argument("--store-url", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--naive-max", type=int, default=100_000, help="rows for the naive script (extrapolated above)")
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--flow-max", type=int, default=10_000,
@@ -896,7 +906,8 @@ def main(argv=None) -> None:
             report_size(n, r)
         summary(results)
         return
-    print(f"# smsflow campaign benchmark  (python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+    print(f"# smsflow campaign benchmark  ({store_label(args.database_url)} store, python {sys.version.split()[0]}, "
+          f"{os.cpu_count()} CPUs, "
           f"sizes {', '.join(f'{s:,}' for s in args.sizes)})")
     results: dict[int, dict] = {}
     for n in args.sizes:
@@ -906,11 +917,14 @@ def main(argv=None) -> None:
         r["gen"] = run_child("gen", n, d, args)
         if "error" not in r["gen"]:
             log(f"n={n:,}: demo CRM written in {r['gen']['seconds']:.1f}s")
-            r["pipeline"] = run_child("pipeline", n, d, args)
+            with fresh_store(args.database_url, d) as args.store_url:
+                r["pipeline"] = run_child("pipeline", n, d, args)
             if not args.no_naive:
                 r["naive"] = run_child("naive", n, d, args)
             if n <= args.flow_max:
-                r["flow"] = run_child("flow", n, d, args)
+                with fresh_store(args.database_url, d, "flowstore") as args.store_url:
+                    r["flow"] = run_child("flow", n, d, args)
+            args.store_url = None
         results[n] = r
         report_size(n, r)
         sys.stdout.flush()

@@ -33,7 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.campaign import _status_kib, _tree, log, run_child  # noqa: E402 - after the path
+from bench.stores import fresh_store, store_label  # noqa: E402
 
 TEMPLATE = ROOT / "templates" / "demo_promo.yaml"
 SEED = 42
@@ -64,34 +64,6 @@ def write_export(n: int, d: Path, kind: str) -> Path:
             w.writerow(row)
     utf8.unlink()
     return out
-
-
-class Store:
-    """A new, empty store for one run: a SQLite file in the temp dir or a new PostgreSQL database."""
-
-    def __init__(self, base_url: str | None, d: Path):
-        self.base_url, self.d, self.db = base_url, d, None
-
-    def __enter__(self) -> str:
-        if not self.base_url:
-            return f"sqlite:///{self.d / 'store.sqlite'}"
-        import sqlalchemy as sa
-
-        self.db = f"bench_{uuid.uuid4().hex[:10]}"
-        eng = sa.create_engine(self.base_url, isolation_level="AUTOCOMMIT")
-        with eng.connect() as c:
-            c.execute(sa.text(f'CREATE DATABASE "{self.db}"'))
-        eng.dispose()
-        return str(sa.engine.make_url(self.base_url).set(database=self.db).render_as_string(hide_password=False))
-
-    def __exit__(self, *exc) -> None:
-        if self.db:
-            import sqlalchemy as sa
-
-            eng = sa.create_engine(self.base_url, isolation_level="AUTOCOMMIT")
-            with eng.connect() as c:
-                c.execute(sa.text(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)'))
-            eng.dispose()
 
 
 class TreeRss(threading.Thread):
@@ -155,7 +127,7 @@ def bench_size(n: int, args) -> dict:
         env.update(DO_NOT_TRACK="1", SMSFLOW_DATA_DIR=str(d / "data"))
         if args.prefect_api_url:
             env["PREFECT_API_URL"] = args.prefect_api_url
-        with Store(args.database_url, d) as url:
+        with fresh_store(args.database_url, d) as url:
             env["SMSFLOW_DATABASE_URL"] = url
             cli = ["campaign", "--source-csv", str(export), "--template", str(TEMPLATE), "--dry-run",
                    "--name", f"bench-{n}"]
@@ -214,8 +186,7 @@ def main(argv=None) -> None:
     results = [bench_size(n, args) for n in args.sizes]
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
-    store = "PostgreSQL" if args.database_url else "SQLite"
-    print(table(results, store))
+    print(table(results, store_label(args.database_url)))
     failed = [r["n"] for r in results if (r.get("cli") or {}).get("rc") != 0]
     if failed:
         raise SystemExit(f"the command failed for {failed}")

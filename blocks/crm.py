@@ -10,14 +10,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import pandas as pd
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
 from smsflow.exports import (EXCEL_SUFFIXES, PARQUET_SUFFIXES, ExportError, ExportFormat, delimiter_option,
-                             encoding_option, read_export, sniff)
+                             encoding_option, read_csv_chunks, read_csv_column, read_export, sniff)
 
 CONTACT_COLUMNS = (
     "id",
@@ -54,6 +54,9 @@ class CrmSource(Block, ABC):
     """A CRM we extract contacts from, incrementally by an updated-at watermark."""
 
     _block_type_name = "CRM Source"
+    #: fetch() yields batches in updated-at order, so the watermark may move after each committed batch;
+    #: when False (a file in any order) it moves only once the last batch is committed.
+    ordered_by_updated_at: ClassVar[bool] = True
 
     source_name: str = Field(default="crm", description="Name of this source in the store (contacts are keyed by it).")
     column_map: dict[str, str] = Field(
@@ -168,6 +171,7 @@ class CsvCrm(CrmSource):
     Parquet; every value is read as text, nothing is coerced."""
 
     _block_type_name = "CSV CRM"
+    ordered_by_updated_at: ClassVar[bool] = False
 
     path: str = Field(description="Path of the CSV, XLSX or Parquet file.")
     delimiter: Optional[str] = Field(default=None, description="CSV delimiter (',', ';', tab); empty: detect.")
@@ -212,8 +216,35 @@ class CsvCrm(CrmSource):
         return self._rename(df)
 
     def fetch(self, since: str | None = None, batch_size: int = 50_000) -> Iterator[pd.DataFrame]:
-        # The whole export is one batch so that repeated CRM ids inside it are seen together.
-        df = self.read_all()
+        """The export in batches of ``batch_size`` rows (CSV; XLSX and Parquet: one batch). The rows of
+        a CRM id that appears more than once are held back and come together in the last batch, so the
+        extract sees them side by side (the latest wins, the others are quarantined as merged)."""
+        fmt = self.export_format()
+        if fmt.kind != "csv":
+            yield from self._since(self.read_all(), since)
+            return
+        p = Path(self.path)
+        if not p.is_file():
+            raise CrmSourceError(f"CSV CRM '{self.source_name}': file not found: {p}")
+        _log().info("reading %s: %s", p.name, fmt.describe())
+        id_column = self.column_map.get("id", "id")
+        try:
+            ids = read_csv_column(p, fmt, id_column).str.strip()
+            repeated = (ids.duplicated(keep=False) & (ids != "")).to_numpy()
+            held: list[pd.DataFrame] = []
+            for chunk in read_csv_chunks(p, fmt, max(1, int(batch_size))):
+                mask = repeated[chunk.index.to_numpy()]
+                if mask.any():
+                    held.append(chunk[mask])
+                    chunk = chunk[~mask]
+                yield from self._since(self._rename(chunk), since)
+        except ExportError as exc:
+            raise CrmSourceError(f"CSV CRM '{self.source_name}': {exc}") from None
+        if held:
+            yield from self._since(self._rename(pd.concat(held)), since)
+
+    @staticmethod
+    def _since(df: pd.DataFrame, since: str | None) -> Iterator[pd.DataFrame]:
         if since is not None and "updated_at" in df.columns:
             ts = pd.to_datetime(df["updated_at"], errors="coerce", utc=True, format="mixed")
             mark = pd.to_datetime(since, utc=True, format="mixed")

@@ -9,6 +9,8 @@ says what was read and what was detected, for the run's log.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import codecs
 import csv
 from dataclasses import dataclass, field
@@ -190,6 +192,56 @@ def read_export(path: str | Path, fmt: ExportFormat | None = None, nrows: int | 
         raise ExportError(f"cannot read {p.name} ({fmt.describe()}): {msg}") from None
     df.columns = [str(c).strip() for c in df.columns]
     return df.astype(object)
+
+
+def _csv_errors(p: Path, fmt: ExportFormat):
+    """The ExportError (one line, with the file's name and a hint) for an exception of pandas' CSV reader."""
+
+    def convert(exc: BaseException) -> ExportError:
+        if isinstance(exc, FileNotFoundError):
+            return ExportError(f"input file not found: {p}")
+        if isinstance(exc, UnicodeDecodeError):
+            return ExportError(f"{p.name} is not valid {shown_encoding(fmt.encoding)} ({exc.reason} at byte {exc.start}); "
+                               "give the file's encoding with --encoding (e.g. cp1251, utf-16)")
+        if isinstance(exc, pd.errors.EmptyDataError):
+            return ExportError(f"{p.name} is empty (no header row)")
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return ExportError(f"cannot read {p.name} ({fmt.describe()}): {msg}")
+
+    return convert
+
+
+_CSV_ERRORS = (FileNotFoundError, UnicodeDecodeError, pd.errors.EmptyDataError, ValueError, KeyError,
+               pd.errors.ParserError, OSError)
+
+
+def read_csv_column(path: str | Path, fmt: ExportFormat, column: str) -> pd.Series:
+    """One column of a CSV export as text, in file order (a cheap pass over the whole file: a file
+    that cannot be decoded or parsed fails here, before any of it is used)."""
+    p = Path(path)
+    try:
+        df = pd.read_csv(p, dtype=str, keep_default_na=False, na_filter=False, sep=fmt.delimiter,
+                         encoding=fmt.encoding, index_col=False, usecols=lambda c: str(c).strip() == column)
+    except _CSV_ERRORS as exc:
+        raise _csv_errors(p, fmt)(exc) from None
+    if df.shape[1] != 1:
+        raise ExportError(f"{p.name}: no single column named {column!r}")
+    return df.iloc[:, 0]
+
+
+def read_csv_chunks(path: str | Path, fmt: ExportFormat, chunksize: int) -> Iterator[pd.DataFrame]:
+    """A CSV export in chunks of ``chunksize`` rows, each like :func:`read_export`'s frame; its index
+    counts rows from the start of the file."""
+    p = Path(path)
+    try:
+        reader = pd.read_csv(p, dtype=str, keep_default_na=False, na_filter=False, sep=fmt.delimiter,
+                             encoding=fmt.encoding, index_col=False, chunksize=chunksize)
+        with reader:
+            for df in reader:
+                df.columns = [str(c).strip() for c in df.columns]
+                yield df.astype(object)
+    except _CSV_ERRORS as exc:
+        raise _csv_errors(p, fmt)(exc) from None
 
 
 def read_header(path: str | Path, fmt: ExportFormat | None = None) -> list[str]:

@@ -103,7 +103,10 @@ class Quarantine(Base):
     """A row a step could not use, kept with the reason (never silently dropped)."""
 
     __tablename__ = "quarantine"
-    __table_args__ = (UniqueConstraint("step", "source", "row_key", name="uq_quarantine_step_source_key"),)
+    __table_args__ = (
+        UniqueConstraint("step", "source", "row_key", name="uq_quarantine_step_source_key"),
+        Index("ix_quarantine_campaign_contact", "campaign_id", "contact_id"),
+    )
 
     id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
     step: Mapped[str] = mapped_column(String(40))

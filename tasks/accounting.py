@@ -54,31 +54,34 @@ def campaign_accounting(engine, campaign_id: int) -> dict[str, Any]:
     "cost_planned", "currency"}`` where contacts = quarantined + duplicates + no_consent + planned
     (+ not_in_segment when a segment narrows the audience); parts and cost_planned are those of every
     planned message (what was sent and spent: ``tasks.outcomes``)."""
-    # One pass over the source's contacts, hash-joined to the campaign's messages, render failures and
-    # segment members (LEFT JOINs to de-duplicated sets); no NOT IN (SELECT ...), which PostgreSQL runs
-    # as a per-row subplan, or spills, at a million contacts.
+    # One pass over the source's contacts; whether each has a message, a render failure or a segment
+    # membership is an index probe (outbox, quarantine and memberships are indexed by campaign/segment and
+    # contact). No NOT IN (SELECT ...): PostgreSQL runs that as a per-row subplan over the whole set, or
+    # spills; no LEFT JOIN to a derived set either: SQLite scans it once per contact.
     q = text(
         """
         WITH camp AS (SELECT id, source, segment, currency FROM campaigns WHERE id = :c),
-        planned AS (SELECT DISTINCT contact_id FROM outbox WHERE campaign_id = :c AND contact_id IS NOT NULL),
-        rq AS (SELECT DISTINCT contact_id FROM quarantine WHERE step = 'render' AND campaign_id = :c
-               AND contact_id IS NOT NULL),
+        flags AS (
+          SELECT ct.status, ct.sms_consent, ct.opted_out_at,
+            CASE WHEN EXISTS (SELECT 1 FROM outbox o WHERE o.campaign_id = :c AND o.contact_id = ct.id)
+                 THEN 1 ELSE 0 END AS planned,
+            CASE WHEN EXISTS (SELECT 1 FROM quarantine q WHERE q.step = 'render' AND q.campaign_id = :c
+                                 AND q.contact_id = ct.id) THEN 1 ELSE 0 END AS render_bad,
+            CASE WHEN EXISTS (SELECT 1 FROM segment_memberships m WHERE m.segment = camp.segment
+                                 AND m.contact_id = ct.id) THEN 1 ELSE 0 END AS member
+          FROM contacts ct JOIN camp ON ct.source = camp.source
+        ),
         funnel AS (
           SELECT
             COUNT(*) AS contacts_in_store,
-            SUM(CASE WHEN p.contact_id IS NULL AND ct.status IN ('quarantined', 'new') THEN 1 ELSE 0 END) AS bad_phone,
-            SUM(CASE WHEN p.contact_id IS NULL AND ct.status = 'duplicate' THEN 1 ELSE 0 END) AS dup,
-            SUM(CASE WHEN p.contact_id IS NULL AND ct.status = 'valid' AND r.contact_id IS NOT NULL THEN 1 ELSE 0 END)
-              AS render_bad,
-            SUM(CASE WHEN p.contact_id IS NULL AND ct.status = 'valid' AND r.contact_id IS NULL AND m.contact_id IS NOT NULL
-                      AND (NOT ct.sms_consent OR ct.opted_out_at IS NOT NULL) THEN 1 ELSE 0 END) AS no_consent,
-            SUM(CASE WHEN p.contact_id IS NULL AND ct.status = 'valid' AND r.contact_id IS NULL AND m.contact_id IS NULL
-                THEN 1 ELSE 0 END) AS not_in_segment
-          FROM contacts ct
-          JOIN camp ON ct.source = camp.source
-          LEFT JOIN planned p ON p.contact_id = ct.id
-          LEFT JOIN rq r ON r.contact_id = ct.id
-          LEFT JOIN segment_memberships m ON m.segment = camp.segment AND m.contact_id = ct.id
+            SUM(CASE WHEN planned = 0 AND status IN ('quarantined', 'new') THEN 1 ELSE 0 END) AS bad_phone,
+            SUM(CASE WHEN planned = 0 AND status = 'duplicate' THEN 1 ELSE 0 END) AS dup,
+            SUM(CASE WHEN planned = 0 AND status = 'valid' AND render_bad = 1 THEN 1 ELSE 0 END) AS render_bad,
+            SUM(CASE WHEN planned = 0 AND status = 'valid' AND render_bad = 0 AND member = 1
+                      AND (NOT sms_consent OR opted_out_at IS NOT NULL) THEN 1 ELSE 0 END) AS no_consent,
+            SUM(CASE WHEN planned = 0 AND status = 'valid' AND render_bad = 0 AND member = 0 THEN 1 ELSE 0 END)
+              AS not_in_segment
+          FROM flags
         ),
         msgs AS (SELECT COUNT(*) AS planned, COALESCE(SUM(segments), 0) AS segments, COALESCE(SUM(cost), 0) AS cost
                  FROM outbox WHERE campaign_id = :c),

@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from blocks.crm import CONTACT_COLUMNS, CrmSource
-from store.db import Columns, bulk_insert, json_text, utcnow
+from store.db import Columns, bulk_insert, json_text, refresh_statistics, utcnow
 from store.quarantine import write_quarantine
 from smsflow.values import truthy
 from smsflow.phones import PhoneClassifier
@@ -60,6 +60,8 @@ class ExtractStats:
     quarantined: int = 0
     duplicate_ids: int = 0
     watermark: str | None = None
+    start_watermark: str | None = None  # where this run started
+    analyzed_at: int = 0  # contacts upserted when the store's statistics were last refreshed
     reasons: dict[str, int] = field(default_factory=dict)
     validated: int = 0  # contacts validated during the extract (the rest stay 'new' for validate_and_dedup)
     reader_seconds: dict[str, float] = field(default_factory=dict)  # reading/preparing time by phase (bench)
@@ -539,8 +541,10 @@ def _batches_from_child(source: CrmSource, since, batch_size: int, region: str, 
     return messages()
 
 
-def _write_batch(engine, name: str, job: _Prepared, known_consent: dict[str, bool], validation, stats: ExtractStats) -> None:
-    """One transaction per batch: contacts (with their verdicts), consent audit, quarantine, watermark."""
+def _write_batch(engine, name: str, job: _Prepared, known_consent: dict[str, bool], validation, stats: ExtractStats,
+                 move_watermark: bool = True) -> None:
+    """One transaction per batch: contacts (with their verdicts), consent audit, quarantine, watermark
+    (kept where it was when ``move_watermark`` is False: batches of a file come in any order)."""
     mark = _later(stats.watermark, job.rows.watermark)
     with engine.begin() as conn:
         after_id = conn.execute(text("SELECT COALESCE(MAX(id), 0) FROM contacts")).scalar()
@@ -549,9 +553,13 @@ def _write_batch(engine, name: str, job: _Prepared, known_consent: dict[str, boo
         write_quarantine(conn, job.quarantine)
         if job.verdicts is not None:
             validation.store(conn, job.rows, job.verdicts, job.check)
-        set_watermark(conn, name, mark, job.source_rows)
+        set_watermark(conn, name, mark if move_watermark else stats.start_watermark,
+                      job.source_rows)
     stats.rows += job.source_rows
     stats.watermark = mark
+    if stats.upserted >= 2 * stats.analyzed_at + 10_000:  # the table doubled: plan the next batch for its size
+        refresh_statistics(engine, "contacts", "quarantine")
+        stats.analyzed_at = stats.upserted
     stats.validated += len(job.rows) if job.verdicts is not None else 0
     for q in job.quarantine:
         stats.reasons[q["reason_code"]] = stats.reasons.get(q["reason_code"], 0) + 1
@@ -587,7 +595,7 @@ def extract_source(
         known_consent = {r[0]: bool(r[1]) for r in conn.execute(
             text("SELECT crm_id, sms_consent FROM contacts WHERE source = :s"), {"s": name})}
         validation = BatchValidation.start(conn, name) if validate else None
-    stats.watermark = since
+    stats.watermark = stats.start_watermark = since
     suppressed = validation.suppressed if validation is not None else None
     with gc_paused(), PhoneClassifier(default_region, processes) if validate else _no_classifier() as classifier:
         def read_here():
@@ -599,9 +607,14 @@ def extract_source(
         for job in batches if batches is not None else read_here():
             for phase, seconds in job.timings.items():
                 stats.reader_seconds[phase] = stats.reader_seconds.get(phase, 0.0) + seconds
-            _write_batch(engine, name, job, known_consent, validation, stats)
+            _write_batch(engine, name, job, known_consent, validation, stats, source.ordered_by_updated_at)
             if on_batch is not None:
                 on_batch(stats)
+    if not source.ordered_by_updated_at and stats.rows:
+        with engine.begin() as conn:  # every batch is committed: now the watermark may move
+            set_watermark(conn, name, stats.watermark, stats.rows)
+    if stats.upserted > stats.analyzed_at:
+        refresh_statistics(engine, "contacts", "quarantine")
     return stats
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import text
 
 from smsflow.templates import MessageTemplate, init_render_worker, load_template, render_batch, render_chunk
-from store.db import Columns, bulk_insert, get_engine, read_frame, utcnow
+from store.db import Columns, bulk_insert, get_engine, read_frame, refresh_statistics, utcnow
 from store.quarantine import write_quarantine
 from tasks.accounting import ensure_campaign
 from tasks.extract import gc_paused
@@ -220,6 +220,8 @@ def _plan_messages(engine, campaign_id, source, segment, template, price_per_seg
                 c = page[i : i + page_size]
                 rendered, failed = _render_chunk((c, template, price_per_segment, extra))
                 store(rendered, failed, c)
+    if stats.planned or stats.render_failed:
+        refresh_statistics(engine, "outbox", "quarantine")
     return stats
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import yaml
 from pydantic import BaseModel, Field, model_validator
-from store.db import bulk_insert, get_engine, read_frame, utcnow
+from store.db import bulk_insert, get_engine, read_frame, refresh_statistics, utcnow
 
 Op = Literal["eq", "ne", "in", "not_in", "gt", "gte", "lt", "lte", "contains", "exists", "missing"]
 
@@ -261,6 +261,7 @@ def build_membership(engine, source: str, seg: SegmentDefinition, now: datetime)
             text("UPDATE segments SET size = (SELECT COUNT(*) FROM segment_memberships m WHERE m.segment = :g) WHERE name = :g"),
             {"g": seg.name},
         )
+    refresh_statistics(engine, "segment_memberships")
     return int(count)
 
 

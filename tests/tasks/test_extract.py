@@ -38,6 +38,46 @@ def test_csv_extract_maps_columns_and_keeps_everything(engine, tmp_path):
     assert "phone" not in attrs and "first_name" not in attrs
 
 
+def test_csv_in_batches_sees_a_repeated_crm_id_across_batches(engine, tmp_path):
+    """A large export is read in batches; the rows of a CRM id repeated far apart still meet (the latest
+    wins, the other is quarantined as merged) and every other row is written once."""
+    rows = [contact(i) for i in range(95)]
+    rows.insert(3, contact(70, updated_at="2026-03-01T00:00:00Z", first_name="Позже"))  # newer, early in the file
+    rows.append(contact(4, updated_at="2024-01-01T00:00:00Z", first_name="Раньше"))  # older, late in the file
+    path = write_csv(tmp_path / "crm.csv", rows)
+    batches = list(CsvCrm(path=str(path), source_name="t").fetch(batch_size=10))
+    assert len(batches) == 11 and sum(map(len, batches)) == 97
+    assert sorted(batches[-1]["id"]) == ["C00004", "C00004", "C00070", "C00070"]  # the repeated ids, together
+    stats = extract_source(engine, CsvCrm(path=str(path), source_name="t"), batch_size=10)
+    assert stats.rows == 97 and stats.duplicate_ids == 2 and stats.quarantined == 0
+    assert _count(engine, "SELECT COUNT(*) FROM contacts WHERE source='t'") == 95
+    with engine.begin() as c:
+        names = dict(c.execute(text("SELECT crm_id, first_name FROM contacts WHERE crm_id IN ('C00004', 'C00070')")).all())
+    assert names["C00070"] == "Позже" and names["C00004"] != "Раньше"
+
+
+def test_csv_watermark_moves_only_after_the_last_batch(engine, tmp_path):
+    """Batches of a file come in any updated-at order: a run that dies after its first batch must not
+    leave a watermark that makes the rerun skip the older rows of later batches."""
+    rows = [contact(i, updated_at=f"2026-01-{28 - i // 10:02d}T00:00:00Z") for i in range(50)]  # newest first
+    path = write_csv(tmp_path / "crm.csv", rows)
+    src = CsvCrm(path=str(path), source_name="t")
+
+    def crash(stats):
+        raise KeyboardInterrupt("killed after the first batch")
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_source(engine, src, batch_size=10, on_batch=crash)
+    assert _count(engine, "SELECT COUNT(*) FROM contacts WHERE source='t'") == 10
+    with engine.begin() as c:
+        assert c.execute(text("SELECT mark FROM watermarks WHERE source='t'")).scalar() is None
+    again = extract_source(engine, src, batch_size=10)
+    assert again.rows == 50
+    assert _count(engine, "SELECT COUNT(*) FROM contacts WHERE source='t'") == 50
+    with engine.begin() as c:
+        assert c.execute(text("SELECT mark FROM watermarks WHERE source='t'")).scalar().startswith("2026-01-28")
+
+
 def test_rerun_is_idempotent_and_incremental(engine, tmp_path):
     path = write_csv(tmp_path / "crm.csv", [contact(i) for i in range(10)])
     src = CsvCrm(path=str(path), source_name="t")

@@ -459,6 +459,7 @@ def phase_pipeline(n: int, d: Path, args) -> dict:
             "full_rows": 4 + send_tasks + 2 + 7,
         },
         "profiled": bool(args.profile),
+        "planned": planned,
         **rusage_mib(),
     }
 
@@ -935,6 +936,9 @@ def main(argv=None) -> None:
     summary(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, default=str, indent=1))
+    failed = [n for n, r in results.items() if "error" in (r.get("pipeline") or {"error": "not run"})]
+    if failed:
+        raise SystemExit(f"the pipeline failed for {failed}")
 
 
 if __name__ == "__main__":

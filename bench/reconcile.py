@@ -7,25 +7,35 @@ Prints seconds to store the receipts (as received) and to apply them, and receip
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
-from datetime import datetime, timedelta
+from datetime import timedelta
+from pathlib import Path
 
 from sqlalchemy import text
 
-from blocks.gateway import Receipt
-from store.db import bulk_insert, get_engine, utcnow
-from tasks.reconcile import apply_receipts, store_receipts
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.stores import fresh_store  # noqa: E402 - after the path
+from blocks.gateway import Receipt  # noqa: E402
+from store.db import bulk_insert, get_engine, refresh_statistics, utcnow  # noqa: E402
+from tasks.reconcile import apply_receipts, store_receipts  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1_000_000)
-    ap.add_argument("--database-url", default=None)
+    ap.add_argument("--database-url", default=None,
+                    help="PostgreSQL server (a new database for the run, dropped after); default: SQLite")
     a = ap.parse_args()
-    tmp = tempfile.mkdtemp()
-    url = a.database_url or f"sqlite:///{tmp}/bench.sqlite"
-    engine = get_engine(url)
+    with fresh_store(a.database_url, Path(tempfile.mkdtemp())) as url:
+        run(a, get_engine(url))
+
+
+def run(a, engine) -> None:
     now = utcnow()
     with engine.begin() as c:
         c.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status) "
@@ -36,6 +46,7 @@ def main() -> None:
         bulk_insert(c, "outbox", ("idempotency_key", "campaign_id", "step", "phone_e164", "encoding", "segments", "cost",
                                   "state", "attempts", "gateway_message_id", "planned_at", "submitted_at", "updated_at"),
                     ((f"k{i}", cid, "main", None, "GSM-7", 1, 0.0, "submitted", 1, f"m{i}", now, now, now) for i in range(a.n)))
+    refresh_statistics(engine, "outbox")  # as the render step does after filling the outbox
     t_seed = time.perf_counter() - t0
     statuses = ["delivered"] * 92 + ["undelivered"] * 5 + ["expired"] * 3
     ev = now + timedelta(seconds=5)

@@ -87,7 +87,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 STACK_DIR = ROOT / "gateway_stack" / "kannel"
 
-from smsflow.processes import free_ports  # noqa: E402 - after the path
+from bench.stores import fresh_store, store_label  # noqa: E402 - after the path
+from smsflow.processes import free_ports  # noqa: E402
 FINAL = ("delivered", "undelivered", "expired", "rejected", "failed")
 PASSWORD = "kannel-bench-" + uuid.uuid4().hex[:8]
 USER = "smsflow"
@@ -634,6 +635,8 @@ def main() -> int:
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="sys.setswitchinterval for this process (default Python's 0.005 s; diagnostic)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, store)")
+    ap.add_argument("--database-url", default=None,
+                    help="PostgreSQL server for the store (a new database for the run, dropped after); default: SQLite")
     a = ap.parse_args()
 
     from blocks.kannel import KannelGateway
@@ -643,7 +646,9 @@ def main() -> int:
         sys.setswitchinterval(a.switch_interval)
     conc = a.concurrency or KannelGateway.model_fields["concurrency"].default
     tmp = Path(tempfile.mkdtemp(prefix="smsflow-bench-send-"))
-    store_url = f"sqlite:///{tmp / 'store.sqlite'}"
+    store_cm = fresh_store(a.database_url, tmp)
+    store_url = store_cm.__enter__()  # left in the finally below
+    log(f"store: {store_label(a.database_url)}")
     engine = get_engine(store_url)
     lockwait = LockWait(engine)
     stack = Stack(tmp / "kannel", a.dlr_delay)
@@ -845,12 +850,13 @@ def main() -> int:
                 print(f"stop.sh exited {r.returncode}: {r.stderr[-1500:]}", file=sys.stderr)
         if service is not None:
             service.stop()
+        store_cm.__exit__(None, None, None)
         if a.keep:
             log(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    print("\n| send path (loopback, Kannel + SMPP simulator, dlr-mask 31) | msg/s | notes |")
+    print(f"\n| send path ({store_label(a.database_url)} store; loopback, Kannel + SMPP simulator, dlr-mask 31) | msg/s | notes |")
     print("| --- | ---: | --- |")
     for name, val, note in rows:
         print(f"| {name} | {val} | {note} |")

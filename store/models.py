@@ -162,6 +162,8 @@ class Segment(Base):
 
 
 class SegmentMembership(Base):
+    # On PostgreSQL this table, the outbox and consent_changes have no foreign-key constraints (migration
+    # 0009: a row-locking check per bulk-inserted row); tasks/erasure.py does what ON DELETE would.
     __tablename__ = "segment_memberships"
 
     segment: Mapped[str] = mapped_column(String(100), ForeignKey("segments.name", ondelete="CASCADE"), primary_key=True)

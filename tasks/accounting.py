@@ -54,14 +54,25 @@ def campaign_accounting(engine, campaign_id: int) -> dict[str, Any]:
     "cost_planned", "currency"}`` where contacts = quarantined + duplicates + no_consent + planned
     (+ not_in_segment when a segment narrows the audience); parts and cost_planned are those of every
     planned message (what was sent and spent: ``tasks.outcomes``)."""
-    # One pass over the source's contacts; whether each has a message, a render failure or a segment
-    # membership is an index probe (outbox, quarantine and memberships are indexed by campaign/segment and
-    # contact). No NOT IN (SELECT ...): PostgreSQL runs that as a per-row subplan over the whole set, or
-    # spills; no LEFT JOIN to a derived set either: SQLite scans it once per contact.
-    q = text(
-        """
-        WITH camp AS (SELECT id, source, segment, currency FROM campaigns WHERE id = :c),
-        flags AS (
+    # One pass over the source's contacts with three flags each: has a message, failed to render, is in
+    # the segment. PostgreSQL hash-joins the three sets (each de-duplicated) and materializes the flags
+    # once; SQLite probes the indexes per contact (it would scan a derived set once per contact). Never
+    # NOT IN (SELECT ...): PostgreSQL runs that as a per-row subplan over the whole set, or spills.
+    # Plans at 1M contacts: bench/notes/postgresql-plans.md.
+    if engine.dialect.name == "postgresql":
+        flags = """flags AS MATERIALIZED (
+          SELECT ct.status, ct.sms_consent, ct.opted_out_at,
+            CASE WHEN p.contact_id IS NULL THEN 0 ELSE 1 END AS planned,
+            CASE WHEN r.contact_id IS NULL THEN 0 ELSE 1 END AS render_bad,
+            CASE WHEN m.contact_id IS NULL THEN 0 ELSE 1 END AS member
+          FROM contacts ct JOIN camp ON ct.source = camp.source
+          LEFT JOIN (SELECT DISTINCT contact_id FROM outbox WHERE campaign_id = :c) p ON p.contact_id = ct.id
+          LEFT JOIN (SELECT DISTINCT contact_id FROM quarantine WHERE step = 'render' AND campaign_id = :c) r
+            ON r.contact_id = ct.id
+          LEFT JOIN segment_memberships m ON m.segment = camp.segment AND m.contact_id = ct.id
+        )"""
+    else:
+        flags = """flags AS (
           SELECT ct.status, ct.sms_consent, ct.opted_out_at,
             CASE WHEN EXISTS (SELECT 1 FROM outbox o WHERE o.campaign_id = :c AND o.contact_id = ct.id)
                  THEN 1 ELSE 0 END AS planned,
@@ -70,7 +81,11 @@ def campaign_accounting(engine, campaign_id: int) -> dict[str, Any]:
             CASE WHEN EXISTS (SELECT 1 FROM segment_memberships m WHERE m.segment = camp.segment
                                  AND m.contact_id = ct.id) THEN 1 ELSE 0 END AS member
           FROM contacts ct JOIN camp ON ct.source = camp.source
-        ),
+        )"""
+    q = text(
+        """
+        WITH camp AS (SELECT id, source, segment, currency FROM campaigns WHERE id = :c),
+        """ + flags + """,
         funnel AS (
           SELECT
             COUNT(*) AS contacts_in_store,

@@ -72,6 +72,19 @@ def _drop_pg_database(name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture
+def pg_server():
+    """The PostgreSQL server's SQLAlchemy URL (its admin database); fails under CI when unreachable."""
+    problem = _pg_available()
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required under CI and is not reachable: {problem}")
+        pytest.skip(f"PostgreSQL not reachable: {problem}")
+    params = dict(p.split("=", 1) for p in PG_ADMIN.split())
+    return (f"postgresql+psycopg://{params.get('user', 'postgres')}@{params.get('host', '127.0.0.1')}:"
+            f"{params.get('port', '5432')}/{params.get('dbname', 'postgres')}")
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_store(request, tmp_path):
     """A fresh, migrated store URL: the test runs once on SQLite and once on PostgreSQL."""

@@ -498,6 +498,27 @@ def forget_cmd(
     typer.echo(json.dumps(res.as_dict()))
 
 
+@app.command("archive")
+def archive_cmd(
+    campaign: str = typer.Option(..., "--campaign", help="The finished campaign to archive"),
+    batch: int = typer.Option(10_000, "--batch", min=100, help="Messages removed per transaction"),
+    older_than_days: float = typer.Option(30.0, "--older-than-days", min=0,
+                                          help="Refuse campaigns with messages changed more recently (caps count them)"),
+) -> None:
+    """Move a finished campaign's messages out of the live outbox in short transactions; its funnel and
+    outcomes stay on the campaign (prints one JSON object). The campaign cannot be rerun afterwards."""
+    from store.db import get_engine
+    from tasks.archive import ArchiveRefused, archive_campaign
+
+    try:
+        res = archive_campaign(get_engine(), campaign, batch=batch, older_than_days=older_than_days)
+    except ArchiveRefused as exc:
+        _fail(str(exc))
+    typer.echo(f"archived {campaign}: {res.messages} messages, {res.receipts} receipts, {res.quarantine} quarantine rows "
+               f"in {res.batches} transactions", err=True)
+    typer.echo(json.dumps(res.as_dict(), ensure_ascii=False, default=str))
+
+
 @app.command("quarantine")
 def quarantine_cmd(
     campaign: Optional[str] = typer.Option(None, "--campaign", help="Only this campaign (its source's rows and its own)"),

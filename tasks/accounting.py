@@ -16,8 +16,11 @@ def ensure_campaign(engine, *, name: str, source: str, segment: str, template_na
     import json
 
     with engine.begin() as conn:
-        row = conn.execute(text("SELECT id, source FROM campaigns WHERE name = :n"), {"n": name}).first()
+        row = conn.execute(text("SELECT id, source, status FROM campaigns WHERE name = :n"), {"n": name}).first()
         if row is not None:
+            if row[2] == "archived":  # its messages left the outbox: a rerun could not know whom it reached
+                raise ValueError(f"campaign '{name}' is archived (smsflow archive); a rerun could send twice: "
+                                 "pick another name")
             if row[1] != source:
                 raise ValueError(f"campaign '{name}' already exists for source '{row[1]}', not '{source}'; pick another name")
             conn.execute(text("UPDATE campaigns SET status = 'running', gateway = COALESCE(:g, gateway), "

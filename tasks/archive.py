@@ -1,0 +1,97 @@
+"""Archive a finished campaign: its messages leave the live outbox in short transactions, its totals stay.
+
+A long-lived outbox grows by a row per message. Deleting a million-message campaign in one
+``DELETE`` holds a transaction (and, on PostgreSQL, a snapshot that stops vacuum everywhere) for
+minutes. Instead the rows go in batches of ``batch`` ids, one short transaction each; the receipts
+and render-quarantine rows of those messages go with them, and the campaign row keeps its funnel and
+outcomes (``campaigns.params['archived']``) with status ``archived``.
+
+Safety: the outbox is what makes a rerun send nothing twice and what frequency caps count, so
+- a campaign with messages still planned, queued or submitted (no final state yet) is refused;
+- so is one whose last message changed less than ``older_than_days`` ago (default: 30, the longest
+  frequency-cap period), so caps never lose a send they must count;
+- an archived campaign cannot be reopened by name (``ensure_campaign`` refuses it).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import bindparam, text
+
+from store.db import utcnow
+from tasks.accounting import campaign_accounting, campaign_id, log_event
+from tasks.outcomes import message_outcomes
+from tasks.policy import PERIOD_DAYS
+
+LIVE_STATES = ("planned", "queued", "submitted")
+
+
+class ArchiveRefused(ValueError):
+    """The campaign cannot be archived (yet): the message says why."""
+
+
+@dataclass
+class ArchiveResult:
+    campaign: str
+    messages: int = 0
+    receipts: int = 0
+    quarantine: int = 0
+    batches: int = 0
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"campaign": self.campaign, "messages": self.messages, "receipts": self.receipts,
+                "quarantine": self.quarantine, "batches": self.batches, "summary": self.summary}
+
+
+def archive_campaign(engine, name: str, *, batch: int = 10_000, older_than_days: float = max(PERIOD_DAYS.values()),
+                     now: datetime | None = None) -> ArchiveResult:
+    cid = campaign_id(engine, name)
+    if cid is None:
+        raise ArchiveRefused(f"no campaign named {name!r}")
+    now = now or utcnow()
+    with engine.begin() as conn:
+        status = conn.execute(text("SELECT status FROM campaigns WHERE id = :c"), {"c": cid}).scalar()
+        live = conn.execute(text("SELECT COUNT(*) FROM outbox WHERE campaign_id = :c AND state IN :s").bindparams(
+            bindparam("s", expanding=True)), {"c": cid, "s": list(LIVE_STATES)}).scalar()
+        last = conn.execute(text("SELECT MAX(updated_at) FROM outbox WHERE campaign_id = :c"), {"c": cid}).scalar()
+    if status == "archived":
+        raise ArchiveRefused(f"campaign {name!r} is archived already")
+    if live:
+        raise ArchiveRefused(f"campaign {name!r} still has {live} message(s) planned, queued or submitted; "
+                             "archive it once every message is final")
+    if isinstance(last, str):
+        last = datetime.fromisoformat(last)
+    if last is not None and last > now - timedelta(days=older_than_days):
+        raise ArchiveRefused(f"campaign {name!r} changed less than {older_than_days:g} days ago ({last:%Y-%m-%d %H:%M} UTC); "
+                             "frequency caps still count its messages")
+    result = ArchiveResult(name)
+    result.summary = {**campaign_accounting(engine, cid), **message_outcomes(engine, cid)}
+    with engine.begin() as conn:  # first: from now on the campaign cannot be reopened (and resent)
+        params = conn.execute(text("SELECT params FROM campaigns WHERE id = :c"), {"c": cid}).scalar()
+        params = (json.loads(params) if isinstance(params, str) else params) or {}
+        params["archived"] = {"at": now.isoformat(), **result.summary}
+        conn.execute(text("UPDATE campaigns SET status = 'archived', params = :p WHERE id = :c"),
+                     {"p": json.dumps(params, default=str), "c": cid})
+    while True:
+        with engine.begin() as conn:
+            ids = [int(r[0]) for r in conn.execute(text(
+                "SELECT id FROM outbox WHERE campaign_id = :c ORDER BY id LIMIT :n"), {"c": cid, "n": int(batch)})]
+            if not ids:
+                break
+            lo, hi = ids[0], ids[-1]  # one id range per batch: index range scans, no long IN lists
+            rng = {"c": cid, "lo": lo, "hi": hi}
+            result.receipts += conn.execute(text(
+                "DELETE FROM delivery_receipts WHERE outbox_id IN (SELECT id FROM outbox WHERE campaign_id = :c "
+                "AND id BETWEEN :lo AND :hi)"), rng).rowcount or 0
+            result.messages += conn.execute(text(
+                "DELETE FROM outbox WHERE campaign_id = :c AND id BETWEEN :lo AND :hi"), rng).rowcount or 0
+            result.batches += 1
+    with engine.begin() as conn:
+        result.quarantine = conn.execute(text("DELETE FROM quarantine WHERE step = 'render' AND campaign_id = :c"),
+                                         {"c": cid}).rowcount or 0
+    log_event(engine, "campaign.archived", campaign_id=cid, emit=False, payload=result.as_dict())
+    return result

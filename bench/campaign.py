@@ -815,11 +815,11 @@ def table(results: dict[int, dict]) -> str:
     return "\n".join(lines)
 
 
-def summary(results: dict[int, dict]) -> None:
+def summary(results: dict[int, dict], store: str = "SQLite") -> None:
     ok = {n: r["pipeline"] for n, r in results.items() if r.get("pipeline") and "error" not in r["pipeline"]}
     print("\n## Table (Markdown)\n")
     print(table(results))
-    print("\nSteps use the plain task functions on SQLite, 2 worker processes, batch 50,000. Peak RSS = max(sampled sum "
+    print(f"\nSteps use the plain task functions on {store}, 2 worker processes, batch 50,000. Peak RSS = max(sampled sum "
           "of the process tree, main-process ru_maxrss). Task runs = a full (non-dry-run) campaign, computed from the flow "
           "code: 4 step tasks + ceil(planned/SEND_CHUNK)+1 send-batch + reconcile + report (a dry run creates 4; Prefect also "
           "records one wrapper task run per sub-flow call: +7 full, +4 dry run). "
@@ -933,7 +933,7 @@ def main(argv=None) -> None:
             print(f"(kept {d})")
         else:
             shutil.rmtree(d, ignore_errors=True)
-    summary(results)
+    summary(results, store_label(args.database_url))
     if args.json:
         Path(args.json).write_text(json.dumps(results, default=str, indent=1))
     failed = [n for n, r in results.items() if "error" in (r.get("pipeline") or {"error": "not run"})]

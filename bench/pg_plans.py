@@ -120,6 +120,9 @@ def main(argv=None) -> None:
                  "", f"`python bench/pg_plans.py --n {a.n} --database-url ...` (PostgreSQL "
                  f"{engine.dialect.server_version_info}), steps as the tasks run them:", "",
                  "| step | seconds |", "|---|---:|", *[f"| {k} | {v:.2f} |" for k, v in timings.items()], "",
+                 "Statements run on the raw psycopg cursor (the bulk writes of `store.db`: `COPY` into a staging",
+                 "table, then one `INSERT ... SELECT ... ON CONFLICT` or `UPDATE ... FROM`) are not seen by the",
+                 "listener; the rest of each step's time is that and Python work (checks, phones, templates).", "",
                  "## Slowest statements (total time in the run)", "",
                  "| # | step | calls | total s | statement |", "|---:|---|---:|---:|---|"]
         for i, (sql, s) in enumerate(ranked[: a.top * 2], 1):

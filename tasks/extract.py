@@ -283,8 +283,9 @@ def prepare_contacts(df: pd.DataFrame, source: str) -> tuple[ContactBatch, list[
     return ContactBatch(columns, watermark), quarantine
 
 
-def upsert_contacts(conn: Connection, rows: ContactBatch) -> int:
-    """One write per contact: the CRM's fields and the validate step's verdict together."""
+def upsert_contacts(conn: Connection, rows: ContactBatch, likely_new: bool = False) -> int:
+    """One write per contact: the CRM's fields and the validate step's verdict together
+    (``likely_new``: none of the batch's CRM ids was in the store when the extract began)."""
     return bulk_insert(
         conn,
         "contacts",
@@ -294,6 +295,7 @@ def upsert_contacts(conn: Connection, rows: ContactBatch) -> int:
         conflict_columns=("source", "crm_id"),
         update_columns=_UPDATE_FIELDS,
         json_columns=("attributes",),
+        likely_new=likely_new,
     )
 
 
@@ -548,7 +550,7 @@ def _write_batch(engine, name: str, job: _Prepared, known_consent: dict[str, boo
     mark = _later(stats.watermark, job.rows.watermark)
     with engine.begin() as conn:
         after_id = conn.execute(text("SELECT COALESCE(MAX(id), 0) FROM contacts")).scalar()
-        stats.upserted += upsert_contacts(conn, job.rows)
+        stats.upserted += upsert_contacts(conn, job.rows, likely_new=not known_consent.keys() & set(job.rows["crm_id"]))
         audit_consent_changes(conn, name, job.rows, known_consent, after_id)
         write_quarantine(conn, job.quarantine)
         if job.verdicts is not None:

@@ -257,7 +257,10 @@ def _store_chunk(engine, rendered, failed, stats, campaign_id, source, segment, 
         for f in failed
     ]
     with engine.begin() as conn:
-        bulk_insert(conn, "outbox", OUTBOX_INSERT_FIELDS, rows, on_conflict="ignore", conflict_columns=("idempotency_key",))
+        # candidates are contacts without a message of this campaign: new rows, unless a concurrent run
+        # rendered them meanwhile (then the unique key skips them, as always)
+        bulk_insert(conn, "outbox", OUTBOX_INSERT_FIELDS, rows, on_conflict="ignore", conflict_columns=("idempotency_key",),
+                    likely_new=True)
         write_quarantine(conn, quarantine)
         if rendered and _has_render_quarantine(conn, campaign_id):
             # contacts that failed in an earlier run and render now are no longer quarantined

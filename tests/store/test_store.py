@@ -76,6 +76,30 @@ def test_bulk_insert_ignore_and_update(engine):
         assert conn.execute(text("SELECT COUNT(*) FROM outbox WHERE state = 'queued' AND attempts = 3")).scalar() == 10
 
 
+def test_bulk_insert_of_likely_new_rows_falls_back_when_one_exists(engine):
+    """``likely_new``: straight COPY on PostgreSQL under a savepoint; a row that exists after all rolls the
+    savepoint back and the rows take the usual ON CONFLICT path, in the same transaction, same result."""
+    with engine.begin() as conn:
+        cid = _campaign(conn)
+        assert bulk_insert(conn, "outbox", OUT_COLS, _outbox_rows(cid, 500), on_conflict="ignore",
+                           conflict_columns=("idempotency_key",), likely_new=True) == 500
+        conn.execute(text("UPDATE outbox SET text = 'sent before' WHERE idempotency_key = 'k7'"))
+    with engine.begin() as conn:
+        bulk_insert(conn, "outbox", OUT_COLS, _outbox_rows(cid, 800), on_conflict="ignore",
+                    conflict_columns=("idempotency_key",), likely_new=True)  # 500 of them exist: fallback
+        conn.execute(text("UPDATE outbox SET attempts = 9 WHERE idempotency_key = 'k700'"))  # the transaction lives on
+    with engine.begin() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM outbox")).scalar() == 800
+        assert conn.execute(text("SELECT text FROM outbox WHERE idempotency_key = 'k7'")).scalar() == "sent before"
+        assert conn.execute(text("SELECT attempts FROM outbox WHERE idempotency_key = 'k700'")).scalar() == 9
+        rows = [(k, cid, None, "main", "+79160000000", "обновлено", "UCS-2", 1, 1.5, "planned", 0, utcnow(), utcnow())
+                for k in ("k1", "k900")]
+        bulk_insert(conn, "outbox", OUT_COLS, rows, on_conflict="update", conflict_columns=("idempotency_key",),
+                    update_columns=("text",), likely_new=True)
+        assert dict(conn.execute(text("SELECT idempotency_key, text FROM outbox WHERE idempotency_key IN ('k1', 'k900')"))
+                    .all()) == {"k1": "обновлено", "k900": "обновлено"}
+
+
 def test_unique_idempotency_key_is_enforced(engine):
     from sqlalchemy.exc import IntegrityError
 

@@ -104,3 +104,58 @@ def test_setup_is_silent_and_instant_when_nothing_changed():
     assert res.returncode == 0, res.stderr
     again = subprocess.run(["bash", "scripts/setup.sh"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
     assert (again.returncode, again.stdout, again.stderr) == (0, "", "")
+
+
+def test_dry_run_is_a_preview_without_prefect(tmp_path):
+    """`campaign --dry-run` as a user runs it (no Prefect server configured): no temporary Prefect API is
+    started and nothing lands in Prefect's home (no database, no runs); the store has the plan."""
+    from tests.e2e.test_crash_cli import cli_env
+    from tests.helpers import contact
+
+    rows = [contact(i) for i in range(40)]
+    src = write_csv(tmp_path / "crm.csv", rows)
+    tpl = tmp_path / "t.txt"
+    tpl.write_text("{{ first_name }}, скидка 10%", encoding="utf-8")
+    env = cli_env(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "smsflow.cli", "campaign", "--source", str(src), "--template", str(tpl),
+                        "--dry-run", "--name", "preview"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["planned"] == 40 and summary["contacts"] == 40
+    assert "Prefect API" not in r.stderr and "(dry run, in this process)" in r.stderr
+    home = tmp_path / "prefect-home"
+    assert not home.exists() or not any(home.rglob("*.db")), list(home.rglob("*"))
+
+
+def test_archive_command_prints_one_json_object_and_refuses_clearly(tmp_path):
+    """`smsflow archive`: a campaign with messages not yet final is refused in one line (exit 2);
+    a finished, old one is archived and the command prints one JSON object."""
+    from datetime import timedelta
+
+    from sqlalchemy import text
+
+    from store.db import dispose_engines, get_engine, utcnow
+    from tasks.accounting import ensure_campaign
+    from tests.e2e.test_crash_cli import cli_env
+
+    env = {**cli_env(tmp_path), "SMSFLOW_DATABASE_URL": f"sqlite:///{tmp_path / 'store.sqlite'}"}
+    engine = get_engine(env["SMSFLOW_DATABASE_URL"])
+    old = utcnow() - timedelta(days=45)
+    for name, state in (("done", "delivered"), ("busy", "submitted")):
+        cid = ensure_campaign(engine, name=name, source="s", segment="all", template_name="t", kind="marketing",
+                              gateway="sandbox", price_per_segment=1.0)
+        with engine.begin() as c:
+            c.execute(text("INSERT INTO outbox (idempotency_key, campaign_id, step, encoding, segments, cost, state, "
+                           "attempts, planned_at, updated_at) VALUES (:k, :c, 'main', 'GSM-7', 1, 1.0, :s, 1, :t, :t)"),
+                      {"k": f"{name}:1", "c": cid, "s": state, "t": old})
+    dispose_engines()
+    busy = subprocess.run([sys.executable, "-m", "smsflow.cli", "archive", "--campaign", "busy"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert busy.returncode == 2 and busy.stdout == ""
+    assert busy.stderr.strip().splitlines() == ["error: campaign 'busy' still has 1 message(s) planned, queued or "
+                                                "submitted; archive it once every message is final"]
+    done = subprocess.run([sys.executable, "-m", "smsflow.cli", "archive", "--campaign", "done"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["campaign"] == "done" and out["messages"] == 1 and out["summary"]["outcomes"]["delivered"] == 1

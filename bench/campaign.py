@@ -127,11 +127,12 @@ def _tree(pid: int) -> list[int]:
 
 
 class TreeRss(threading.Thread):
-    """Samples the summed VmRSS of this process and its descendants; keeps the peak."""
+    """Samples the summed VmRSS of a process (default: this one) and its descendants; keeps the peak."""
 
-    def __init__(self, interval: float = 0.05):
+    def __init__(self, interval: float = 0.05, root: int | None = None):
         super().__init__(daemon=True)
         self.interval = interval
+        self.root = root
         self.peak_kib = 0
         self.peak_procs = 0
         self.worker_hwm_kib = 0  # largest VmHWM seen in a live descendant (its own, post-exec, peak)
@@ -139,7 +140,7 @@ class TreeRss(threading.Thread):
         self.step_peak_kib = 0
 
     def run(self) -> None:
-        me = os.getpid()
+        me = self.root or os.getpid()
         my_cmd = _cmdline(me)
         while not self._halt.is_set():
             # a child caught between fork and exec still maps (and shares) all of our pages: skip it

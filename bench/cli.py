@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.campaign import _status_kib, _tree, log, run_child  # noqa: E402 - after the path
+from bench.campaign import TreeRss, log, run_child  # noqa: E402 - after the path
 from bench.stores import fresh_store, store_label  # noqa: E402
 
 TEMPLATE = ROOT / "templates" / "demo_promo.yaml"
@@ -66,24 +66,6 @@ def write_export(n: int, d: Path, kind: str) -> Path:
     return out
 
 
-class TreeRss(threading.Thread):
-    """Peak of the summed VmRSS of a process and its descendants, sampled every 50 ms."""
-
-    def __init__(self, pid: int):
-        super().__init__(daemon=True)
-        self.pid, self.peak_kib, self._halt = pid, 0, threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            self.peak_kib = max(self.peak_kib, sum(_status_kib(p, "VmRSS") or 0 for p in _tree(self.pid)))
-            self._halt.wait(0.05)
-
-    def stop(self) -> float:
-        self._halt.set()
-        self.join(1)
-        return self.peak_kib / 1024
-
-
 def run_cli(args_: list[str], env: dict, cwd: Path, timeout: float) -> dict:
     """Run ``smsflow ...`` as a user does; wall, CPU of the whole tree, peak RSS of the tree, its JSON line."""
     exe = Path(sys.executable).with_name("smsflow")
@@ -91,7 +73,7 @@ def run_cli(args_: list[str], env: dict, cwd: Path, timeout: float) -> dict:
     before = os.times()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    sampler = TreeRss(proc.pid)
+    sampler = TreeRss(root=proc.pid)
     sampler.start()
     err_lines: list[str] = []
     reader = threading.Thread(target=lambda: err_lines.extend(proc.stderr), daemon=True)
@@ -100,7 +82,8 @@ def run_cli(args_: list[str], env: dict, cwd: Path, timeout: float) -> dict:
         out = proc.stdout.read()
         rc = proc.wait(timeout=timeout)
     finally:
-        peak = sampler.stop()
+        sampler.stop()
+        peak = sampler.peak_kib / 1024
     wall = time.perf_counter() - t0
     reader.join(5)
     after = os.times()

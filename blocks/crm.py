@@ -203,30 +203,33 @@ class CsvCrm(CrmSource):
 
     def read_all(self, nrows: int | None = None) -> pd.DataFrame:
         """The export, renamed to our columns (``nrows``: only its first rows, for a quick check)."""
+        p, fmt = self._open(announce=nrows is None)
+        return self._read(p, fmt, nrows)
+
+    def _open(self, announce: bool) -> tuple[Path, ExportFormat]:
+        """The file and its format (as given or detected); ``announce``: say in the run's log what is read."""
         p = Path(self.path)
         if not p.is_file():
             raise CrmSourceError(f"CSV CRM '{self.source_name}': file not found: {p}")
         fmt = self.export_format()
-        if nrows is None:
+        if announce:
             _log().info("reading %s: %s", p.name, fmt.describe())
+        return p, fmt
+
+    def _read(self, p: Path, fmt: ExportFormat, nrows: int | None = None) -> pd.DataFrame:
         try:
-            df = read_export(p, fmt, nrows=nrows)
+            return self._rename(read_export(p, fmt, nrows=nrows))
         except ExportError as exc:
             raise CrmSourceError(f"CSV CRM '{self.source_name}': {exc}") from None
-        return self._rename(df)
 
     def fetch(self, since: str | None = None, batch_size: int = 50_000) -> Iterator[pd.DataFrame]:
         """The export in batches of ``batch_size`` rows (CSV; XLSX and Parquet: one batch). The rows of
         a CRM id that appears more than once are held back and come together in the last batch, so the
         extract sees them side by side (the latest wins, the others are quarantined as merged)."""
-        fmt = self.export_format()
+        p, fmt = self._open(announce=True)
         if fmt.kind != "csv":
-            yield from self._since(self.read_all(), since)
+            yield from self._since(self._read(p, fmt), since)
             return
-        p = Path(self.path)
-        if not p.is_file():
-            raise CrmSourceError(f"CSV CRM '{self.source_name}': file not found: {p}")
-        _log().info("reading %s: %s", p.name, fmt.describe())
         id_column = self.column_map.get("id", "id")
         try:
             ids = read_csv_column(p, fmt, id_column).str.strip()

@@ -22,9 +22,7 @@ from flows.validate_and_dedup import validate_and_dedup
 from store.db import get_engine
 from tasks.policy import ContactPolicy
 from smsflow.templates import template_library
-from tasks.accounting import campaign_accounting, finish_campaign, log_event
-from tasks.dry_run import extracted_line, rendered_line, validated_line
-from tasks.outcomes import message_outcomes
+from tasks.accounting import close_campaign, record_planned
 
 
 class CampaignParams(BaseModel):
@@ -56,9 +54,9 @@ def campaign(params: CampaignParams) -> dict:
     progress.step("campaign", f"{params.name}: extract from {params.source_block}, then validate, segment, render"
                   + ("" if params.dry_run else ", send, reconcile, report"))
     ex = crm_extract(params.source_block, params.full_refresh, database_url)
-    progress.step("extract", extracted_line(ex["rows"], ex["quarantined"]))
+    progress.step("extract", progress.extracted_line(ex["rows"], ex["quarantined"]))
     va = validate_and_dedup(source, database_url=database_url)
-    progress.step("validate", validated_line(va))
+    progress.step("validate", progress.validated_line(va))
     seg = segment_flow(source, params.segment, params.segments_file, database_url)
     progress.step("segment", f"{seg['segment']}: {seg['members']} contacts")
     rendered = render(params.name, params.template, source, params.segment, gw.price_per_segment,
@@ -66,8 +64,8 @@ def campaign(params: CampaignParams) -> dict:
                       getattr(gw, "currency", "RUB"))
     engine = get_engine(database_url)
     cid = rendered["campaign_id"]
-    log_event(engine, "campaign.planned", campaign_id=cid, payload={k: rendered[k] for k in ("planned", "parts", "cost_planned", "currency")})
-    progress.step("render", rendered_line(rendered))
+    record_planned(engine, cid, rendered)
+    progress.step("render", progress.rendered_line(rendered))
     result: dict = {}
     if not params.dry_run:
         result["send"] = send(params.name, params.gateway_block, params.rate, database_url, params.now)
@@ -76,11 +74,7 @@ def campaign(params: CampaignParams) -> dict:
         result["reconcile"] = reconcile(params.gateway_block, params.name, params.wait_for_receipts_s, None, database_url)
         result["report"] = report(params.name, None, database_url)["html"]
         progress.step("report", "written")
-    summary = campaign_accounting(engine, cid)
-    if not params.dry_run:
-        summary.update(message_outcomes(engine, cid))
-    finish_campaign(engine, cid, "planned" if params.dry_run else "sent")
-    log_event(engine, "campaign.dry_run" if params.dry_run else "campaign.sent", campaign_id=cid, payload=summary)
+    summary = close_campaign(engine, cid, sent=not params.dry_run)
     log.info("campaign %s: %s", params.name, summary)
     return {"summary": summary, "campaign_id": cid, **result}
 

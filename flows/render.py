@@ -26,9 +26,7 @@ def render(campaign: str, template: str, source: str = "demo-crm", segment: str 
     get_run_logger().info("render %s: %d planned, %d no consent, %d failed to render, %d parts, planned cost %.2f %s",
                           campaign, stats.planned, stats.no_consent, stats.render_failed, stats.segments, stats.cost,
                           currency)
-    return {"campaign": campaign, "campaign_id": cid, "planned": stats.planned, "no_consent": stats.no_consent,
-            "render_failed": stats.render_failed, "parts": stats.segments, "cost_planned": round(stats.cost, 4),
-            "currency": currency}
+    return {"campaign": campaign, "campaign_id": cid, **stats.result(currency)}
 
 
 if __name__ == "__main__":

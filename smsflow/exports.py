@@ -164,6 +164,34 @@ def sniff(path: str | Path, encoding: str | None = None, delimiter: str | None =
     return ExportFormat("csv", encoding=encoding, delimiter=delimiter, detected=tuple(detected))
 
 
+_READ_ERRORS = (FileNotFoundError, UnicodeDecodeError, pd.errors.EmptyDataError, ValueError, KeyError,
+                pd.errors.ParserError, OSError)
+
+
+def _read_error(exc: BaseException, p: Path, fmt: ExportFormat) -> ExportError:
+    """One line, with the file's name and a hint, for what a reader (pandas, openpyxl, csv) raised."""
+    if isinstance(exc, FileNotFoundError):
+        return ExportError(f"input file not found: {p}")
+    if isinstance(exc, UnicodeDecodeError):
+        return ExportError(f"{p.name} is not valid {shown_encoding(fmt.encoding)} ({exc.reason} at byte {exc.start}); "
+                           "give the file's encoding with --encoding (e.g. cp1251, utf-16)")
+    if isinstance(exc, pd.errors.EmptyDataError):
+        return ExportError(f"{p.name} is empty (no header row)")
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ExportError(f"cannot read {p.name} ({fmt.describe()}): {msg}")
+
+
+def _read_csv(p: Path, fmt: ExportFormat, **options) -> pd.DataFrame | Iterator[pd.DataFrame]:
+    """pandas' CSV reader as every export is read: all text, empty cells ``""``, no index column."""
+    return pd.read_csv(p, dtype=str, keep_default_na=False, na_filter=False, sep=fmt.delimiter, encoding=fmt.encoding,
+                       index_col=False, **options)
+
+
+def _as_text_frame(df: pd.DataFrame) -> pd.DataFrame:
+    df.columns = [str(c).strip() for c in df.columns]
+    return df.astype(object)
+
+
 def read_export(path: str | Path, fmt: ExportFormat | None = None, nrows: int | None = None) -> pd.DataFrame:
     """The export as a DataFrame of text (``object`` columns, empty cells ``""``; Parquet keeps
     its types, missing values ``None``). Raises ExportError with the file's name and a hint."""
@@ -178,52 +206,20 @@ def read_export(path: str | Path, fmt: ExportFormat | None = None, nrows: int | 
             df = pd.read_excel(p, sheet_name=fmt.sheet or 0, dtype=str, keep_default_na=False, na_filter=False,
                                nrows=nrows, engine="openpyxl")
         else:
-            df = pd.read_csv(p, dtype=str, keep_default_na=False, na_filter=False, sep=fmt.delimiter,
-                             encoding=fmt.encoding, nrows=nrows, index_col=False)
-    except FileNotFoundError:
-        raise ExportError(f"input file not found: {p}") from None
-    except UnicodeDecodeError as exc:
-        raise ExportError(f"{p.name} is not valid {shown_encoding(fmt.encoding)} ({exc.reason} at byte {exc.start}); "
-                          "give the file's encoding with --encoding (e.g. cp1251, utf-16)") from None
-    except pd.errors.EmptyDataError:
-        raise ExportError(f"{p.name} is empty (no header row)") from None
-    except (ValueError, KeyError, pd.errors.ParserError, OSError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"cannot read {p.name} ({fmt.describe()}): {msg}") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    return df.astype(object)
-
-
-def _csv_errors(p: Path, fmt: ExportFormat):
-    """The ExportError (one line, with the file's name and a hint) for an exception of pandas' CSV reader."""
-
-    def convert(exc: BaseException) -> ExportError:
-        if isinstance(exc, FileNotFoundError):
-            return ExportError(f"input file not found: {p}")
-        if isinstance(exc, UnicodeDecodeError):
-            return ExportError(f"{p.name} is not valid {shown_encoding(fmt.encoding)} ({exc.reason} at byte {exc.start}); "
-                               "give the file's encoding with --encoding (e.g. cp1251, utf-16)")
-        if isinstance(exc, pd.errors.EmptyDataError):
-            return ExportError(f"{p.name} is empty (no header row)")
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return ExportError(f"cannot read {p.name} ({fmt.describe()}): {msg}")
-
-    return convert
-
-
-_CSV_ERRORS = (FileNotFoundError, UnicodeDecodeError, pd.errors.EmptyDataError, ValueError, KeyError,
-               pd.errors.ParserError, OSError)
+            df = _read_csv(p, fmt, nrows=nrows)
+    except _READ_ERRORS as exc:
+        raise _read_error(exc, p, fmt) from None
+    return _as_text_frame(df)
 
 
 def read_csv_column(path: str | Path, fmt: ExportFormat, column: str) -> pd.Series:
-    """One column of a CSV export as text, in file order (a cheap pass over the whole file: a file
-    that cannot be decoded or parsed fails here, before any of it is used)."""
+    """One column of a CSV export as text, in file order: a cheap pass over the whole file (a file that
+    cannot be decoded fails here; a row with too many fields does not: pandas ignores fields it does not read)."""
     p = Path(path)
     try:
-        df = pd.read_csv(p, dtype=str, keep_default_na=False, na_filter=False, sep=fmt.delimiter,
-                         encoding=fmt.encoding, index_col=False, usecols=lambda c: str(c).strip() == column)
-    except _CSV_ERRORS as exc:
-        raise _csv_errors(p, fmt)(exc) from None
+        df = _read_csv(p, fmt, usecols=lambda c: str(c).strip() == column)
+    except _READ_ERRORS as exc:
+        raise _read_error(exc, p, fmt) from None
     if df.shape[1] != 1:
         raise ExportError(f"{p.name}: no single column named {column!r}")
     return df.iloc[:, 0]
@@ -234,14 +230,11 @@ def read_csv_chunks(path: str | Path, fmt: ExportFormat, chunksize: int) -> Iter
     counts rows from the start of the file."""
     p = Path(path)
     try:
-        reader = pd.read_csv(p, dtype=str, keep_default_na=False, na_filter=False, sep=fmt.delimiter,
-                             encoding=fmt.encoding, index_col=False, chunksize=chunksize)
-        with reader:
+        with _read_csv(p, fmt, chunksize=chunksize) as reader:
             for df in reader:
-                df.columns = [str(c).strip() for c in df.columns]
-                yield df.astype(object)
-    except _CSV_ERRORS as exc:
-        raise _csv_errors(p, fmt)(exc) from None
+                yield _as_text_frame(df)
+    except _READ_ERRORS as exc:
+        raise _read_error(exc, p, fmt) from None
 
 
 def read_header(path: str | Path, fmt: ExportFormat | None = None) -> list[str]:
@@ -254,8 +247,7 @@ def read_header(path: str | Path, fmt: ExportFormat | None = None) -> list[str]:
         with open(p, newline="", encoding=fmt.encoding) as fh:
             header = next(csv.reader(fh, delimiter=fmt.delimiter), None)
     except UnicodeDecodeError as exc:
-        raise ExportError(f"{p.name} is not valid {shown_encoding(fmt.encoding)} ({exc.reason} at byte {exc.start}); "
-                          "give the file's encoding with --encoding (e.g. cp1251, utf-16)") from None
+        raise _read_error(exc, p, fmt) from None
     except csv.Error as exc:
         raise ExportError(f"could not read the header of {p.name}: {exc}") from None
     if not header:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import Any
 
 _log = logging.getLogger("smsflow.progress")
 _t0 = time.monotonic()
@@ -31,3 +32,17 @@ def show_on_stderr() -> None:
         _log.addHandler(h)
     _log.setLevel(logging.INFO)
     _log.propagate = False
+
+
+# the step lines the campaign flow and the in-process dry run both print
+def extracted_line(rows: int, quarantined: int) -> str:
+    return f"{rows} CRM rows read, {quarantined} quarantined"
+
+
+def validated_line(v: dict[str, Any]) -> str:
+    return f"{v['checked']} checked: {v['valid']} valid, {v['quarantined']} quarantined, {v['duplicates']} duplicates"
+
+
+def rendered_line(r: dict[str, Any]) -> str:
+    return (f"{r['planned']} planned, {r['no_consent']} without consent, {r['render_failed']} failed to render, "
+            f"{r['parts']} parts")

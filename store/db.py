@@ -247,47 +247,51 @@ def bulk_insert(
             sets = ", ".join(f"{c} = excluded.{c}" for c in update_columns)
             conflict = f" ON CONFLICT {target} DO UPDATE SET {sets}"
     if is_postgres(conn):
-        if likely_new and conflict and _pg_copy_direct(conn, table, columns, rows):
-            return len(rows[0]) if isinstance(rows, Columns) else len(rows)
+        if likely_new and conflict:
+            n = _pg_copy_direct(conn, table, columns, rows)
+            if n is not None:
+                return n
         return _pg_copy_insert(conn, table, columns, rows, conflict, json_columns)
     sql = f"INSERT INTO {table} ({cols}) VALUES ({', '.join('?' for _ in columns)}){conflict}"
     return executemany(conn, sql, rows)
 
 
-def _pg_copy_direct(conn, table, columns, rows) -> bool:
-    """COPY the rows straight into ``table`` under a savepoint; False (and nothing written) when a row
-    hits a unique key."""
+def _copy_rows(cur, target: str, columns: Sequence[str], rows) -> int:
+    """COPY ``rows`` into ``target`` (a table or the staging table) on a raw psycopg cursor; their count."""
+    n = 0
+    with cur.copy(f"COPY {target} ({', '.join(columns)}) FROM STDIN") as copy:
+        for batch in _converted_chunks(rows, 50_000, True):
+            for row in batch:
+                copy.write_row(row)
+            n += len(batch)
+    return n
+
+
+def _pg_copy_direct(conn, table, columns, rows) -> int | None:
+    """COPY the rows straight into ``table`` under a savepoint: their count, or None (and nothing
+    written) when a row hits a unique key."""
     import psycopg
 
     raw = conn.connection.driver_connection
     with raw.cursor() as cur:
         cur.execute("SAVEPOINT smsflow_copy_direct")
         try:
-            with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
-                for batch in _converted_chunks(rows, 50_000, True):
-                    for row in batch:
-                        copy.write_row(row)
+            n = _copy_rows(cur, table, columns, rows)
         except psycopg.errors.UniqueViolation:
             cur.execute("ROLLBACK TO SAVEPOINT smsflow_copy_direct")
-            cur.execute("RELEASE SAVEPOINT smsflow_copy_direct")
-            return False
+            n = None
         cur.execute("RELEASE SAVEPOINT smsflow_copy_direct")
-    return True
+    return n
 
 
 def _pg_copy_insert(conn, table, columns, rows, conflict, json_columns) -> int:
     raw = conn.connection.driver_connection
     tmp = f"_tmp_{table}"
     cols = ", ".join(columns)
-    n = 0
     with raw.cursor() as cur:
         cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {tmp} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DROP")
         cur.execute(f"TRUNCATE {tmp}")
-        with cur.copy(f"COPY {tmp} ({cols}) FROM STDIN") as copy:
-            for batch in _converted_chunks(rows, 50_000, True):
-                for row in batch:
-                    copy.write_row(row)
-                n += len(batch)
+        n = _copy_rows(cur, tmp, columns, rows)
         cur.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {tmp}{conflict}")
         cur.execute(f"TRUNCATE {tmp}")
     return n
@@ -304,17 +308,12 @@ def bulk_update(
     if is_postgres(conn):
         raw = conn.connection.driver_connection
         tmp = f"_upd_{table}"
-        n = 0
         with raw.cursor() as cur:
             cur.execute(
                 f"CREATE TEMP TABLE IF NOT EXISTS {tmp} AS SELECT {', '.join(columns)}, {key} FROM {table} WITH NO DATA"
             )
             cur.execute(f"TRUNCATE {tmp}")
-            with cur.copy(f"COPY {tmp} ({', '.join(columns)}, {key}) FROM STDIN") as copy:
-                for batch in _converted_chunks(rows, 50_000, True):
-                    for row in batch:
-                        copy.write_row(row)
-                    n += len(batch)
+            n = _copy_rows(cur, tmp, (*columns, key), rows)
             sets = ", ".join(f"{c} = u.{c}" for c in columns)
             cur.execute(f"UPDATE {table} AS t SET {sets} FROM {tmp} AS u WHERE t.{key} = u.{key}")
             cur.execute(f"TRUNCATE {tmp}")

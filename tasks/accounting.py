@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import text
 
 from store.db import utcnow
+from tasks.outcomes import message_outcomes
 
 
 def ensure_campaign(engine, *, name: str, source: str, segment: str, template_name: str, kind: str,
@@ -159,3 +160,21 @@ def log_event(engine, kind: str, *, campaign_id: int | None = None, payload: dic
             resource={"prefect.resource.id": f"smsflow.campaign.{campaign_id}" if campaign_id else "smsflow"},
             payload=payload or {},
         )
+
+
+def record_planned(engine, campaign_id: int, rendered: dict[str, Any], emit: bool = True) -> None:
+    """The ``campaign.planned`` event: what the render step planned and priced."""
+    log_event(engine, "campaign.planned", campaign_id=campaign_id, emit=emit,
+              payload={k: rendered[k] for k in ("planned", "parts", "cost_planned", "currency")})
+
+
+def close_campaign(engine, campaign_id: int, *, sent: bool, emit: bool = True) -> dict[str, Any]:
+    """The end of a campaign run: its accounting (with where every message ended, when it was sent), its
+    status ('sent' or 'planned') and the ``campaign.sent`` / ``campaign.dry_run`` event."""
+    summary = campaign_accounting(engine, campaign_id)
+    if sent:
+        summary.update(message_outcomes(engine, campaign_id))
+    finish_campaign(engine, campaign_id, "sent" if sent else "planned")
+    log_event(engine, "campaign.sent" if sent else "campaign.dry_run", campaign_id=campaign_id, payload=summary,
+              emit=emit)
+    return summary

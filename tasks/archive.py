@@ -22,12 +22,10 @@ from typing import Any
 from sqlalchemy import bindparam, text
 
 from store.db import utcnow
-from tasks.accounting import campaign_accounting, campaign_id, log_event
+from store.models import FINAL_STATES
+from tasks.accounting import campaign_accounting, log_event
 from tasks.outcomes import message_outcomes
 from tasks.policy import PERIOD_DAYS
-
-LIVE_STATES = ("planned", "queued", "submitted")
-
 
 class ArchiveRefused(ValueError):
     """The campaign cannot be archived (yet): the message says why."""
@@ -49,14 +47,14 @@ class ArchiveResult:
 
 def archive_campaign(engine, name: str, *, batch: int = 10_000, older_than_days: float = max(PERIOD_DAYS.values()),
                      now: datetime | None = None) -> ArchiveResult:
-    cid = campaign_id(engine, name)
-    if cid is None:
-        raise ArchiveRefused(f"no campaign named {name!r}")
     now = now or utcnow()
     with engine.begin() as conn:
-        status = conn.execute(text("SELECT status FROM campaigns WHERE id = :c"), {"c": cid}).scalar()
-        live = conn.execute(text("SELECT COUNT(*) FROM outbox WHERE campaign_id = :c AND state IN :s").bindparams(
-            bindparam("s", expanding=True)), {"c": cid, "s": list(LIVE_STATES)}).scalar()
+        row = conn.execute(text("SELECT id, status FROM campaigns WHERE name = :n"), {"n": name}).first()
+        if row is None:
+            raise ArchiveRefused(f"no campaign named {name!r}")
+        cid, status = int(row[0]), row[1]
+        live = conn.execute(text("SELECT COUNT(*) FROM outbox WHERE campaign_id = :c AND state NOT IN :final").bindparams(
+            bindparam("final", expanding=True)), {"c": cid, "final": sorted(s.value for s in FINAL_STATES)}).scalar()
         last = conn.execute(text("SELECT MAX(updated_at) FROM outbox WHERE campaign_id = :c"), {"c": cid}).scalar()
     if status == "archived":
         raise ArchiveRefused(f"campaign {name!r} is archived already")

@@ -9,7 +9,7 @@ simply run again). That keeps a preview of 1,000 contacts within a few seconds: 
 seconds to start and every run and artifact is an HTTP round trip. ``smsflow campaign --dry-run`` uses
 it; the ``campaign`` deployment with ``dry_run`` runs the same steps as Prefect flows.
 
-The campaign flow prints the same progress lines (:func:`step_lines`).
+The campaign flow prints the same progress lines (``smsflow.progress``).
 """
 from __future__ import annotations
 
@@ -20,24 +20,11 @@ from blocks.crm import CrmSource
 from smsflow import progress
 from smsflow.settings import get_settings
 from store.db import utcnow
-from tasks.accounting import campaign_accounting, finish_campaign, log_event
+from tasks.accounting import close_campaign, record_planned
 from tasks.extract import extract_source
 from tasks.render import open_campaign, plan_messages
 from tasks.segment import build_membership, resolve_segment
 from tasks.validate import validate_new_contacts
-
-
-def extracted_line(rows: int, quarantined: int) -> str:
-    return f"{rows} CRM rows read, {quarantined} quarantined"
-
-
-def validated_line(v: dict[str, Any]) -> str:
-    return f"{v['checked']} checked: {v['valid']} valid, {v['quarantined']} quarantined, {v['duplicates']} duplicates"
-
-
-def rendered_line(r: dict[str, Any]) -> str:
-    return (f"{r['planned']} planned, {r['no_consent']} without consent, {r['render_failed']} failed to render, "
-            f"{r['parts']} parts")
 
 
 def dry_run_campaign(engine, source: CrmSource, *, name: str, template: str, segment: str = "all",
@@ -51,9 +38,9 @@ def dry_run_campaign(engine, source: CrmSource, *, name: str, template: str, seg
     definition = resolve_segment(segment, segments_file)  # a bad segment fails before anything is read
     progress.step("campaign", f"{name}: extract, validate, segment, render (dry run, in this process)")
     ex = extract_source(engine, source, batch_size=s.batch_size, default_region=s.default_region, processes=s.workers)
-    progress.step("extract", extracted_line(ex.rows, ex.quarantined))
+    progress.step("extract", progress.extracted_line(ex.rows, ex.quarantined))
     va = validate_new_contacts(engine, src, s.default_region, s.workers)
-    progress.step("validate", validated_line(vars(va)))
+    progress.step("validate", progress.validated_line(vars(va)))
     members = build_membership(engine, src, definition, utcnow())
     progress.step("segment", f"{definition.name}: {members} contacts")
     cid, tpl = open_campaign(engine, name=name, template=template, source=src, segment=definition.name,
@@ -62,12 +49,7 @@ def dry_run_campaign(engine, source: CrmSource, *, name: str, template: str, seg
     st = plan_messages(engine, campaign_id=cid, source=src, segment=definition.name, template=tpl,
                        price_per_segment=price_per_segment, gateway=gateway_name, batch_size=s.batch_size,
                        processes=s.workers, extra={"campaign": name})
-    rendered = {"planned": st.planned, "no_consent": st.no_consent, "render_failed": st.render_failed,
-                "parts": st.segments, "cost_planned": round(st.cost, 4), "currency": currency}
-    log_event(engine, "campaign.planned", campaign_id=cid, emit=False,
-              payload={k: rendered[k] for k in ("planned", "parts", "cost_planned", "currency")})
-    progress.step("render", rendered_line(rendered))
-    summary = campaign_accounting(engine, cid)
-    finish_campaign(engine, cid, "planned")
-    log_event(engine, "campaign.dry_run", campaign_id=cid, payload=summary, emit=False)
-    return {"summary": summary, "campaign_id": cid}
+    rendered = st.result(currency)
+    record_planned(engine, cid, rendered, emit=False)
+    progress.step("render", progress.rendered_line(rendered))
+    return {"summary": close_campaign(engine, cid, sent=False, emit=False), "campaign_id": cid}

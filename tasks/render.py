@@ -80,6 +80,11 @@ class PlanStats:
     cost: float = 0.0
     failures: list[dict[str, Any]] = field(default_factory=list)
 
+    def result(self, currency: str) -> dict[str, Any]:
+        """What the render step reports (the render flow, the dry run): counts, parts and planned cost."""
+        return {"planned": self.planned, "no_consent": self.no_consent, "render_failed": self.render_failed,
+                "parts": self.segments, "cost_planned": round(self.cost, 4), "currency": currency}
+
 
 def _render_chunk(args: tuple[list[dict[str, Any]], MessageTemplate, float, dict[str, Any]]):
     contacts, template, price, extra = args

@@ -11,6 +11,8 @@ Safety: the outbox is what makes a rerun send nothing twice and what frequency c
 - so is one whose last message changed less than ``older_than_days`` ago (default: 30, the longest
   frequency-cap period), so caps never lose a send they must count;
 - an archived campaign cannot be reopened by name (``ensure_campaign`` refuses it).
+An archive run that dies half-way (kill -9 between batches) is finished by running it again: the
+campaign is marked archived, with its totals, before the first batch goes.
 """
 from __future__ import annotations
 
@@ -49,31 +51,34 @@ def archive_campaign(engine, name: str, *, batch: int = 10_000, older_than_days:
                      now: datetime | None = None) -> ArchiveResult:
     now = now or utcnow()
     with engine.begin() as conn:
-        row = conn.execute(text("SELECT id, status FROM campaigns WHERE name = :n"), {"n": name}).first()
+        row = conn.execute(text("SELECT id, status, params FROM campaigns WHERE name = :n"), {"n": name}).first()
         if row is None:
             raise ArchiveRefused(f"no campaign named {name!r}")
         cid, status = int(row[0]), row[1]
+        params = (json.loads(row[2]) if isinstance(row[2], str) else row[2]) or {}
+        left = conn.execute(text("SELECT COUNT(*) FROM outbox WHERE campaign_id = :c"), {"c": cid}).scalar()
         live = conn.execute(text("SELECT COUNT(*) FROM outbox WHERE campaign_id = :c AND state NOT IN :final").bindparams(
             bindparam("final", expanding=True)), {"c": cid, "final": sorted(s.value for s in FINAL_STATES)}).scalar()
         last = conn.execute(text("SELECT MAX(updated_at) FROM outbox WHERE campaign_id = :c"), {"c": cid}).scalar()
-    if status == "archived":
-        raise ArchiveRefused(f"campaign {name!r} is archived already")
-    if live:
-        raise ArchiveRefused(f"campaign {name!r} still has {live} message(s) planned, queued or submitted; "
-                             "archive it once every message is final")
-    if isinstance(last, str):
-        last = datetime.fromisoformat(last)
-    if last is not None and last > now - timedelta(days=older_than_days):
-        raise ArchiveRefused(f"campaign {name!r} changed less than {older_than_days:g} days ago ({last:%Y-%m-%d %H:%M} UTC); "
-                             "frequency caps still count its messages")
     result = ArchiveResult(name)
-    result.summary = {**campaign_accounting(engine, cid), **message_outcomes(engine, cid)}
-    with engine.begin() as conn:  # first: from now on the campaign cannot be reopened (and resent)
-        params = conn.execute(text("SELECT params FROM campaigns WHERE id = :c"), {"c": cid}).scalar()
-        params = (json.loads(params) if isinstance(params, str) else params) or {}
+    if status == "archived":  # an archive run that died half-way is finished; its totals were kept first
+        if not left:
+            raise ArchiveRefused(f"campaign {name!r} is archived already")
+        result.summary = {k: v for k, v in params.get("archived", {}).items() if k != "at"}
+    else:
+        if live:
+            raise ArchiveRefused(f"campaign {name!r} still has {live} message(s) planned, queued or submitted; "
+                                 "archive it once every message is final")
+        if isinstance(last, str):
+            last = datetime.fromisoformat(last)
+        if last is not None and last > now - timedelta(days=older_than_days):
+            raise ArchiveRefused(f"campaign {name!r} changed less than {older_than_days:g} days ago "
+                                 f"({last:%Y-%m-%d %H:%M} UTC); frequency caps still count its messages")
+        result.summary = {**campaign_accounting(engine, cid), **message_outcomes(engine, cid)}
         params["archived"] = {"at": now.isoformat(), **result.summary}
-        conn.execute(text("UPDATE campaigns SET status = 'archived', params = :p WHERE id = :c"),
-                     {"p": json.dumps(params, default=str), "c": cid})
+        with engine.begin() as conn:  # first: from now on the campaign cannot be reopened (and resent)
+            conn.execute(text("UPDATE campaigns SET status = 'archived', params = :p WHERE id = :c"),
+                         {"p": json.dumps(params, default=str), "c": cid})
     while True:
         with engine.begin() as conn:
             ids = [int(r[0]) for r in conn.execute(text(

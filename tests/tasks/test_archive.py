@@ -64,3 +64,35 @@ def test_archive_refuses_live_or_recent_campaigns(engine):
         archive_campaign(engine, "nope")
     assert archive_campaign(engine, "recent", older_than_days=1).messages == 3
     assert _count(engine, "SELECT COUNT(*) FROM outbox") == 2
+
+
+def test_an_archive_run_that_died_half_way_is_finished_by_the_next(engine, monkeypatch):
+    """The campaign is marked archived (with its totals) before the first batch is removed: a run killed
+    between batches leaves it archived with messages left, and running it again removes the rest."""
+    import tasks.archive as archive
+
+    class Killed(BaseException):
+        """The process is gone: nothing after this runs."""
+
+    _campaign(engine, "half", ["delivered"] * 50, age_days=40)
+    batches: list[str] = []
+
+    def text_dying_before_the_second_batch(sql):
+        if sql.startswith("DELETE FROM outbox"):
+            if batches:
+                raise Killed()
+            batches.append(sql)
+        return text(sql)
+
+    monkeypatch.setattr(archive, "text", text_dying_before_the_second_batch)
+    with pytest.raises(Killed):
+        archive_campaign(engine, "half", batch=20)
+    monkeypatch.undo()
+    assert _count(engine, "SELECT COUNT(*) FROM outbox") == 30  # the first batch of 20 went
+    with engine.begin() as c:
+        assert c.execute(text("SELECT status FROM campaigns WHERE name = 'half'")).scalar() == "archived"
+    res = archive_campaign(engine, "half", batch=20)
+    assert res.messages == 30 and res.summary["planned"] == 50 and res.summary["outcomes"]["delivered"] == 50
+    assert _count(engine, "SELECT COUNT(*) FROM outbox") == 0
+    with pytest.raises(ArchiveRefused, match="archived already"):
+        archive_campaign(engine, "half")

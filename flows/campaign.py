@@ -6,18 +6,21 @@ campaign by name resumes it: the outbox makes every step idempotent.
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 
 from blocks.registry import load_crm, load_gateway
 from smsflow import progress
+from smsflow.settings import get_settings
 from flows.crm_extract import crm_extract
 from flows.reconcile import reconcile
 from flows.render import render
 from flows.report import report
 from flows.segment import segment as segment_flow
 from flows.send import send
+from flows.shards import render_sharded, send_sharded
 from flows.validate_and_dedup import validate_and_dedup
 from store.db import get_engine
 from tasks.policy import ContactPolicy
@@ -44,6 +47,12 @@ class CampaignParams(BaseModel):
     now: datetime | None = Field(default=None, description="The clock for policy decisions (previews and tests).")
 
 
+def _shared_path(template: str) -> str:
+    """A template file as an absolute path (shard runs start in the project directory, not ours)."""
+    p = Path(template)
+    return str(p.resolve()) if p.is_file() else template
+
+
 @flow(name="campaign")
 def campaign(params: CampaignParams) -> dict:
     """The whole campaign. The store is the worker's (SMSFLOW_DATABASE_URL), never a form field."""
@@ -59,17 +68,26 @@ def campaign(params: CampaignParams) -> dict:
     progress.step("validate", progress.validated_line(va))
     seg = segment_flow(source, params.segment, params.segments_file, database_url)
     progress.step("segment", f"{seg['segment']}: {seg['members']} contacts")
-    rendered = render(params.name, params.template, source, params.segment, gw.price_per_segment,
-                      params.gateway_block, database_url, params.policy, params.ends_at, gw.sender_id,
-                      getattr(gw, "currency", "RUB"))
+    distributed = get_settings().mode == "distributed"
+    if distributed:  # shards as deployment runs on the pool's workers (flows/shards.py)
+        rendered = render_sharded(params.name, _shared_path(params.template), source, params.segment,
+                                  gw.price_per_segment, params.gateway_block, params.policy, params.ends_at,
+                                  gw.sender_id, getattr(gw, "currency", "RUB"))
+    else:
+        rendered = render(params.name, params.template, source, params.segment, gw.price_per_segment,
+                          params.gateway_block, database_url, params.policy, params.ends_at, gw.sender_id,
+                          getattr(gw, "currency", "RUB"))
     engine = get_engine(database_url)
     cid = rendered["campaign_id"]
     record_planned(engine, cid, rendered)
     progress.step("render", progress.rendered_line(rendered))
     result: dict = {}
     if not params.dry_run:
-        result["send"] = send(params.name, params.gateway_block, params.rate, database_url, params.now)
-        progress.step("send", f"{result['send'].get('submitted', 0)} handed to {params.gateway_block}")
+        if distributed:
+            result["send"] = send_sharded(params.name, cid, params.gateway_block, params.rate, params.now)
+        else:
+            result["send"] = send(params.name, params.gateway_block, params.rate, database_url, params.now)
+        progress.step("send", f"{result['send'].get('submitted', 'all')} handed to {params.gateway_block}")
         progress.step("reconcile", f"waiting up to {params.wait_for_receipts_s:.0f} s for final receipts")
         result["reconcile"] = reconcile(params.gateway_block, params.name, params.wait_for_receipts_s, None, database_url)
         result["report"] = report(params.name, None, database_url)["html"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -24,6 +26,15 @@ class Settings(BaseSettings):
     workers: int = Field(default=2, ge=1, description="Processes for CPU-heavy batch steps (phone parsing, rendering).")
     journeys_dir: Path = Field(default=PROJECT_ROOT / "journeys", description="Journey definitions (*.yaml).")
     receipt_ttl_seconds: int = Field(default=72 * 3600, description="Submitted messages without a final receipt expire after this.")
+    mode: Literal["embedded", "distributed"] = Field(
+        default="embedded",
+        description="embedded: every step in the campaign's own process (the default). distributed: render in "
+                    "shards, each a flow run of the render-shard deployment that any worker of the pool picks "
+                    "up, and send through send deployment runs (needs PREFECT_API_URL and workers).")
+    dask_address: str | None = Field(
+        default=None, description="Dask scheduler (tcp://host:8786) that renders a shard's contacts in distributed "
+                                  "mode; unset: the shard renders in its flow-run process.")
+    shard_size: int = Field(default=50_000, ge=100, description="Contacts per shard in distributed mode.")
 
     @property
     def store_url(self) -> str:

@@ -379,3 +379,24 @@ class Lease(Base):
     holder: Mapped[str] = mapped_column(String(200))
     acquired_at: Mapped[datetime] = mapped_column(DateTime)
     expires_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class CampaignShard(Base):
+    """A piece of a campaign run as its own flow run in distributed mode (``tasks/shards.py``): a render
+    shard is a contact-id range, marked done in the transaction that writes its messages; a send shard is
+    one sender (gateway bind). ``attempts`` names the shard's deployment run (its idempotency key)."""
+
+    __tablename__ = "campaign_shards"
+
+    campaign_id: Mapped[int] = mapped_column(IdType, ForeignKey("campaigns.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[str] = mapped_column(String(20), primary_key=True)  # 'render' | 'send'
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    lo_id: Mapped[int | None] = mapped_column(IdType)  # contact ids lo_id..hi_id (render)
+    hi_id: Mapped[int | None] = mapped_column(IdType)
+    contacts: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(20), default="pending")  # pending | done
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    flow_run_id: Mapped[str | None] = mapped_column(String(40))
+    stats: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    done_at: Mapped[datetime | None] = mapped_column(DateTime)

@@ -49,14 +49,20 @@ def open_campaign(engine, *, name: str, template: str, source: str, segment: str
     """The campaign (created, or reopened when rerun by name) and its template, loaded and checked first:
     a broken template fails here, before any contact is rendered. A marketing template without its own
     sender name gets the gateway's (marketing always names its sender)."""
-    tpl = load_template(template)
-    if tpl.kind == "marketing" and not tpl.sender_name and sender_name:
-        tpl = dataclasses.replace(tpl, sender_name=sender_name)
+    tpl = campaign_template(template, sender_name)
     cid = ensure_campaign(engine, name=name, source=source, segment=segment, template_name=tpl.name, kind=tpl.kind,
                           gateway=gateway, price_per_segment=price_per_segment,
                           policy=policy.model_dump(mode="json") if policy else None, ends_at=_naive_utc(ends_at),
                           currency=currency)
     return cid, tpl
+
+
+def campaign_template(template: str, sender_name: str | None = None) -> MessageTemplate:
+    """The template loaded and checked; a marketing one without its own sender name gets ``sender_name``."""
+    tpl = load_template(template)
+    if tpl.kind == "marketing" and not tpl.sender_name and sender_name:
+        tpl = dataclasses.replace(tpl, sender_name=sender_name)
+    return tpl
 
 
 def _naive_utc(t: datetime | None) -> datetime | None:
@@ -101,13 +107,17 @@ _CANDIDATES_SQL = (
 
 
 def _contacts_for(engine, campaign_id: int, source: str, segment: str, after: int | None = None,
-                  limit: int | None = None):
-    """Candidates of the campaign in id order; one page (ids > ``after``, at most ``limit``) when given."""
+                  limit: int | None = None, upto: int | None = None):
+    """Candidates of the campaign in id order; one page (ids > ``after``, at most ``limit``, ids <= ``upto``)
+    when given."""
     sql = _CANDIDATES_SQL
     params: dict[str, Any] = {"g": segment, "s": source, "cid": campaign_id}
     if after is not None:
         sql += "AND c.id > :after "
         params["after"] = after
+    if upto is not None:
+        sql += "AND c.id <= :upto "
+        params["upto"] = upto
     sql += "ORDER BY c.id"
     if limit is not None:
         sql += " LIMIT :lim"
@@ -137,11 +147,14 @@ def _plain(col) -> list:
     return col.astype(object).where(col.notna(), None).tolist()
 
 
-def _pages(engine, campaign_id: int, source: str, segment: str, page_size: int, stats: PlanStats):
-    """Consenting candidates, page by page (bounded memory), in id order."""
-    after = None
+def _pages(engine, campaign_id: int, source: str, segment: str, page_size: int, stats: PlanStats,
+           ids: tuple[int, int] | None = None):
+    """Consenting candidates, page by page (bounded memory), in id order (only ids lo..hi when given)."""
+    after = ids[0] - 1 if ids else None
+    upto = ids[1] if ids else None
     while True:
-        df = _contacts_for(engine, campaign_id, source, segment, after=after if after is not None else -1, limit=page_size)
+        df = _contacts_for(engine, campaign_id, source, segment, after=after if after is not None else -1, limit=page_size,
+                           upto=upto)
         if df.empty:
             return
         n_raw = len(df)
@@ -231,6 +244,13 @@ def _plan_messages(engine, campaign_id, source, segment, template, price_per_seg
 
 
 def _store_chunk(engine, rendered, failed, stats, campaign_id, source, segment, template, gateway, phones) -> None:
+    with engine.begin() as conn:
+        write_chunk(conn, rendered, failed, stats, campaign_id, source, segment, template, gateway, phones)
+
+
+def write_chunk(conn, rendered, failed, stats: PlanStats, campaign_id, source, segment, template, gateway,
+                phones) -> None:
+    """Rendered messages into the outbox and failures into quarantine, in the caller's transaction."""
     now = utcnow()
     step = template.name
     n = len(rendered)
@@ -261,19 +281,18 @@ def _store_chunk(engine, rendered, failed, stats, campaign_id, source, segment, 
              payload={"template": template.name})
         for f in failed
     ]
-    with engine.begin() as conn:
-        # candidates are contacts without a message of this campaign: new rows, unless a concurrent run
-        # rendered them meanwhile (then the unique key skips them, as always)
-        bulk_insert(conn, "outbox", OUTBOX_INSERT_FIELDS, rows, on_conflict="ignore", conflict_columns=("idempotency_key",),
-                    likely_new=True)
-        write_quarantine(conn, quarantine)
-        if rendered and _has_render_quarantine(conn, campaign_id):
-            # contacts that failed in an earlier run and render now are no longer quarantined
-            conn.execute(
-                text("DELETE FROM quarantine WHERE step = 'render' AND campaign_id = :c AND contact_id IN "
-                     "(SELECT contact_id FROM outbox WHERE campaign_id = :c)"),
-                {"c": campaign_id},
-            )
+    # candidates are contacts without a message of this campaign: new rows, unless a concurrent run
+    # rendered them meanwhile (then the unique key skips them, as always)
+    bulk_insert(conn, "outbox", OUTBOX_INSERT_FIELDS, rows, on_conflict="ignore", conflict_columns=("idempotency_key",),
+                likely_new=True)
+    write_quarantine(conn, quarantine)
+    if rendered and _has_render_quarantine(conn, campaign_id):
+        # contacts that failed in an earlier run and render now are no longer quarantined
+        conn.execute(
+            text("DELETE FROM quarantine WHERE step = 'render' AND campaign_id = :c AND contact_id IN "
+                 "(SELECT contact_id FROM outbox WHERE campaign_id = :c)"),
+            {"c": campaign_id},
+        )
     stats.planned += len(rendered)
     stats.render_failed += len(failed)
     stats.segments += sum(segs)

@@ -1,0 +1,81 @@
+"""Prefect automations that distributed mode relies on; run once per Prefect server (scripts/cluster.sh does):
+
+    python deployments/automations.py [--heartbeat-s 30]
+
+A flow run whose process dies with its machine or its worker (kill -9, OOM, a lost host) would stay
+Running (or Pending, when the worker died while starting it) for ever, and the parent waiting for that
+shard with it. Prefect's documented answer is heartbeats + an automation, not our own watchdog
+(https://docs.prefect.io/v3/advanced/detect-zombie-flows): flow runs emit ``prefect.flow-run.heartbeat``
+every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (the workers' environment; at least 30), and
+
+* "smsflow: crash runs without heartbeats": no heartbeat and no final state within 3 heartbeats of
+  the last one -> Crashed;
+* "smsflow: crash runs stuck in Pending": a run Pending for longer than ``pending_s`` without Running
+  (or a final state) -> Crashed (its worker died before it started the process).
+
+The parent (tasks/shards.dispatch) then starts the shard's next attempt. Creating them again replaces
+them (same names).
+"""
+from __future__ import annotations
+
+import argparse
+from datetime import timedelta
+
+HEARTBEAT_NAME = "smsflow: crash runs without heartbeats"
+PENDING_NAME = "smsflow: crash runs stuck in Pending"
+FINAL = {"prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
+         "prefect.flow-run.Crashed"}
+
+
+def automations(heartbeat_s: int = 30, pending_s: int = 120):
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    runs = ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]})
+    return [
+        Automation(
+            name=HEARTBEAT_NAME,
+            description="Flow runs whose process died (no heartbeat) are marked Crashed; smsflow starts the "
+                        "shard again.",
+            trigger=EventTrigger(after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat", *FINAL},
+                                 match=runs, for_each={"prefect.resource.id"}, posture=Posture.Proactive,
+                                 threshold=1, within=timedelta(seconds=3 * heartbeat_s)),
+            actions=[ChangeFlowRunState(state=StateType.CRASHED, force=True,
+                                        message=f"no heartbeat for {3 * heartbeat_s} s: the flow-run process died")],
+        ),
+        Automation(
+            name=PENDING_NAME,
+            description="Flow runs a worker died while starting are marked Crashed; smsflow starts the shard again.",
+            trigger=EventTrigger(after={"prefect.flow-run.Pending"}, expect={"prefect.flow-run.Running", *FINAL},
+                                 match=runs, for_each={"prefect.resource.id"}, posture=Posture.Proactive,
+                                 threshold=1, within=timedelta(seconds=pending_s)),
+            actions=[ChangeFlowRunState(state=StateType.CRASHED, force=True,
+                                        message=f"Pending for {pending_s} s: its worker died before starting it")],
+        ),
+    ]
+
+
+def install(heartbeat_s: int = 30, pending_s: int = 120) -> list[str]:
+    """Create (or replace) the automations on the server of PREFECT_API_URL; returns their ids."""
+    from prefect.automations import Automation
+
+    ids = []
+    for a in automations(heartbeat_s, pending_s):
+        try:
+            Automation.read(name=a.name).delete()
+        except ValueError:
+            pass
+        ids.append(str(a.create().id))
+    return ids
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--heartbeat-s", type=int, default=30, help="PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the workers")
+    ap.add_argument("--pending-s", type=int, default=120)
+    args = ap.parse_args()
+    for i in install(args.heartbeat_s, args.pending_s):
+        print(i)

@@ -4,7 +4,8 @@
 
 A flow run whose process dies with its machine or its worker (kill -9, OOM, a lost host) would stay
 Running (or Pending, when the worker died while starting it) for ever, and the parent waiting for that
-shard with it. Prefect's documented answer is heartbeats + an automation, not our own watchdog
+shard with it. Both automations watch runs of deployments only (the workers' environment sets the
+heartbeat; a flow a CLI runs heartbeats at Prefect's default, 180 s). Prefect's documented answer is heartbeats + an automation, not our own watchdog
 (https://docs.prefect.io/v3/advanced/detect-zombie-flows): flow runs emit ``prefect.flow-run.heartbeat``
 every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (the workers' environment; at least 30), and
 
@@ -35,13 +36,16 @@ def automations(heartbeat_s: int = 30, pending_s: int = 120):
     from prefect.events.schemas.events import ResourceSpecification
 
     runs = ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]})
+    # runs of deployments only (workers set the heartbeat frequency): a flow run a CLI or a script runs
+    # against the server heartbeats at Prefect's default (180 s) and must never be crashed by this
+    of_deployments = ResourceSpecification({"prefect.resource.role": "deployment"})
     return [
         Automation(
             name=HEARTBEAT_NAME,
             description="Flow runs whose process died (no heartbeat) are marked Crashed; smsflow starts the "
                         "shard again.",
             trigger=EventTrigger(after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat", *FINAL},
-                                 match=runs, for_each={"prefect.resource.id"}, posture=Posture.Proactive,
+                                 match=runs, match_related=of_deployments, for_each={"prefect.resource.id"}, posture=Posture.Proactive,
                                  threshold=1, within=timedelta(seconds=3 * heartbeat_s)),
             actions=[ChangeFlowRunState(state=StateType.CRASHED, force=True,
                                         message=f"no heartbeat for {3 * heartbeat_s} s: the flow-run process died")],
@@ -50,7 +54,7 @@ def automations(heartbeat_s: int = 30, pending_s: int = 120):
             name=PENDING_NAME,
             description="Flow runs a worker died while starting are marked Crashed; smsflow starts the shard again.",
             trigger=EventTrigger(after={"prefect.flow-run.Pending"}, expect={"prefect.flow-run.Running", *FINAL},
-                                 match=runs, for_each={"prefect.resource.id"}, posture=Posture.Proactive,
+                                 match=runs, match_related=of_deployments, for_each={"prefect.resource.id"}, posture=Posture.Proactive,
                                  threshold=1, within=timedelta(seconds=pending_s)),
             actions=[ChangeFlowRunState(state=StateType.CRASHED, force=True,
                                         message=f"Pending for {pending_s} s: its worker died before starting it")],

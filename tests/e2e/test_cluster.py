@@ -241,3 +241,56 @@ def test_a_campaign_in_8_shards_survives_kill_9_of_a_flow_run_a_worker_and_a_das
     names = cluster.flow_names()
     runs = [r for r in cluster.flow_runs() if names.get(r["flow_id"]) == "render-shard"]
     print(f"render-shard flow runs: {len(runs)} for 8 shards; attempts {[s.attempts for s in shards]}")
+
+
+def test_rerunning_a_killed_parent_starts_no_shard_twice(cluster, tmp_path):
+    """kill -9 of the command (the parent) while shards run; the same command again finds the shards'
+    runs by their idempotency keys: one render-shard flow run per shard, the campaign completes."""
+    from smsflow.demo_crm import write_crm_csv
+
+    export = tmp_path / "crm-40k.csv"
+    write_crm_csv(export, 40_000, seed=5)
+    env = {**cluster.env, **cluster.client, "SMSFLOW_SHARD_SIZE": "4000", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    args = [str(REPO / ".venv/bin/smsflow"), "campaign", "--source", str(export), "--template",
+            str(REPO / "templates/demo_promo.yaml"), "--name", "rerun", "--now", NOW, "--rate", "50000", "--wait", "0"]
+    engine = get_engine(cluster.client["SMSFLOW_DATABASE_URL"])
+
+    def progress():
+        with engine.connect() as conn:
+            return conn.execute(text(
+                "SELECT COUNT(*) FILTER (WHERE s.state = 'done'), COUNT(*) FROM campaign_shards s JOIN campaigns c "
+                "ON c.id = s.campaign_id WHERE c.name = 'rerun' AND s.step = 'render'")).one()
+
+    first = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and first.poll() is None:
+            done, total = progress()
+            if total and 1 <= done <= total - 2:
+                break
+            time.sleep(0.1)
+        assert first.poll() is None, f"the command ended before it could be killed:\n{first.stderr.read()[-3000:]}"
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(30)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    done_at_kill, total = progress()
+    res = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-6000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    with engine.connect() as conn:
+        cid, source = conn.execute(text("SELECT id, source FROM campaigns WHERE name = 'rerun'")).one()
+        eligible = conn.execute(text("SELECT COUNT(*) FROM contacts WHERE source = :s AND status = 'valid' AND "
+                                     "sms_consent AND opted_out_at IS NULL"), {"s": source}).scalar()
+        planned = conn.execute(text("SELECT COUNT(*) FROM outbox WHERE campaign_id = :c"), {"c": cid}).scalar()
+        shards = conn.execute(text("SELECT state, stats, attempts FROM campaign_shards WHERE campaign_id = :c AND "
+                                   "step = 'render'"), {"c": cid}).all()
+    assert planned == eligible == summary["planned"] and eligible > 20_000
+    assert len(shards) == total and all(s.state == "done" and s.attempts == 0 for s in shards)
+    assert sum(s.stats["planned"] for s in shards) == eligible
+    runs = cluster.flow_runs(flow_runs={"tags": {"all_": [f"campaign-{cid}", "render-shard"]}})
+    print(f"killed with {done_at_kill} of {total} shards done; render-shard runs: {len(runs)}")
+    assert len(runs) == total, [(r["name"], r["state_name"]) for r in runs]
+    assert all(r["state_type"] == "COMPLETED" for r in runs)

@@ -69,6 +69,11 @@ class SmsGateway(Block, ABC):
     price_per_segment: float = Field(default=0.0, ge=0, description="Price of one SMS part (segment), for costs.")
     currency: str = Field(default="RUB", pattern=r"^[A-Z]{3}$", description="ISO 4217 currency of the price (RUB, USD, EUR).")
     sender_id: str = Field(default="SMSFLOW", description="Alphanumeric sender name or number.")
+    senders: int = Field(
+        default=1, ge=1, le=32,
+        description="Senders that may use this gateway at once (one per bind or connection the provider allows; "
+        "in distributed mode one send deployment run each); they share rate_per_second.",
+    )
     evidence_grace_s: float = Field(
         default=120.0, ge=0,
         description="After a crash, how long a message with no trace at the gateway waits for a late receipt "

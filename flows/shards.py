@@ -67,10 +67,11 @@ def render_sharded(campaign: str, template: str, source: str = "demo-crm", segme
 @flow(name="send-sharded")
 def send_sharded(campaign: str, campaign_id: int, gateway_block: str = "sandbox", rate: float | None = None,
                  now: datetime | None = None) -> dict:
-    """Send the campaign through send deployment runs, one per gateway bind (each holds its bind's lease)."""
+    """Send the campaign through send deployment runs, one per sender the gateway allows (``senders``: one
+    per bind or connection of the provider; each holds its slot's lease and sends at its share of the rate)."""
     engine = get_engine()
     gw = load_gateway(gateway_block)
-    plan_send_shards(engine, campaign_id, int(getattr(gw, "binds", 1) or 1))
+    plan_send_shards(engine, campaign_id, gw.senders)
     runs = dispatch(engine, campaign_id, SEND, SEND_DEPLOYMENT,
                     lambda r: {"campaign": campaign, "gateway_block": gateway_block, "rate": rate,
                                "now": now.isoformat() if now else None},

@@ -116,3 +116,20 @@ class StoreLease:
             self.release()
         except Exception as e:  # noqa: BLE001 - it expires by itself
             log.warning("%s: release failed (%s); it expires in %.0fs", self.name, type(e).__name__, self.ttl_s)
+
+
+class SlotLease(StoreLease):
+    """One of ``slots`` leases (``name``, ``name#1``, ``name#2``, ...): at most ``slots`` holders at once,
+    e.g. one sender per gateway bind a provider allows. Each slot is a :class:`StoreLease` of its own."""
+
+    def __init__(self, engine, name: str, holder: str, *, slots: int = 1, **kw):
+        super().__init__(engine, name, holder, **kw)
+        self.names = [name] + [f"{name}#{i}" for i in range(1, max(1, int(slots)))]
+
+    def try_acquire(self) -> bool:
+        for n in self.names:
+            self.name = n
+            if super().try_acquire():
+                return True
+        self.name = self.names[0]
+        return False

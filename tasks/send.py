@@ -30,7 +30,7 @@ from smsflow.ratelimit import TokenBucket
 from store.outbox import release_unsent, renew_lease, update_if_queued
 from store.db import is_postgres, read_frame, utcnow
 from store.db import get_engine
-from store.leases import process_holder, StoreLease
+from store.leases import SlotLease, process_holder
 from tasks.policy import enforce_at_claim
 from tasks.reconcile import apply_receipts
 
@@ -559,8 +559,9 @@ from tasks.retrying import retry_if_transient  # noqa: E402
 def send_task(campaign_id: int, gateway: SmsGateway, rate: float, max_messages: int, database_url: str | None,
               now: datetime | None = None) -> SendStats:
     """Send up to ``max_messages``; a retry first resolves what the failed attempt left in flight.
-    One sender per gateway at a time (a store lease ``gateway-<name>``, see ``store.leases``), so
-    campaigns sharing a provider share its rate limit; a dead sender's lease lapses by itself."""
+    At most ``gateway.senders`` senders per gateway at a time (store leases ``gateway-<name>``,
+    ``gateway-<name>#1``, ..., see ``store.leases``), each at its share of the rate, so campaigns sharing a
+    provider share its rate limit; a dead sender's lease lapses by itself."""
     from prefect.context import get_run_context
 
 
@@ -568,8 +569,10 @@ def send_task(campaign_id: int, gateway: SmsGateway, rate: float, max_messages: 
     ctx = get_run_context()
     claimer = str(ctx.task_run.id)
     stats = SendStats()
-    with StoreLease(engine, f"gateway-{gateway.gateway_name}", process_holder(claimer), ttl_s=GATEWAY_LEASE_S):
+    senders = max(1, int(getattr(gateway, "senders", 1) or 1))
+    with SlotLease(engine, f"gateway-{gateway.gateway_name}", process_holder(claimer), slots=senders,
+                   ttl_s=GATEWAY_LEASE_S):
         stats.recovered_submitted, stats.recovered_replanned = recover_in_flight(engine, campaign_id, gateway, claimer,
                                                                                  claimers_hold_leases=True)
-        return send_messages(engine, campaign_id=campaign_id, gateway=gateway, bucket=TokenBucket(rate), claimer=claimer,
-                             max_messages=max_messages, stats=stats, now=now)
+        return send_messages(engine, campaign_id=campaign_id, gateway=gateway, bucket=TokenBucket(rate / senders),
+                             claimer=claimer, max_messages=max_messages, stats=stats, now=now)

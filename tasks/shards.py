@@ -5,7 +5,7 @@
   higher ids). A shard renders its range and writes its messages and its ``done`` mark in ONE store
   transaction: a shard killed half-way wrote nothing, a shard run twice (a rerun of the parent, Dask
   running a task again after a worker died) finds itself done, or loses the race and rolls back.
-* **Send shards** are senders, one per gateway bind (``store.leases`` keeps one sender per bind); a send
+* **Send shards** are senders, ``senders`` of the gateway (one per bind; ``store.leases.SlotLease``); a send
   shard is done when its flow run completed (the outbox makes every send idempotent).
 * :func:`dispatch` starts each pending shard with ``run_deployment(..., idempotency_key=
   "smsflow:<campaign>:<step>:<shard>:<attempt>")`` and waits: rerunning the parent finds the same runs;

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from store.leases import LeaseTimeout, StoreLease
+from store.leases import LeaseTimeout, SlotLease, StoreLease
 
 
 class Clock:
@@ -37,6 +37,20 @@ def test_exclusive_until_expired_or_released(engine):
     b.release()
     assert a.try_acquire()
     assert StoreLease(engine, "gateway-y", "b", clock=clock).try_acquire()  # names are independent
+
+
+def test_slot_leases_admit_as_many_holders_as_slots_and_free_a_dead_ones_slot(engine):
+    clock = Clock()
+    a, b, c = (SlotLease(engine, "gateway-z", h, slots=2, ttl_s=30, clock=clock) for h in "abc")
+    assert a.try_acquire() and b.try_acquire() and not c.try_acquire()
+    assert {a.name, b.name} == {"gateway-z", "gateway-z#1"}
+    clock.t += timedelta(seconds=20)
+    assert a.renew()  # b stops renewing (killed)
+    clock.t += timedelta(seconds=11)
+    assert c.try_acquire() and c.name == b.name and not b.renew()
+    assert not SlotLease(engine, "gateway-z", "d", slots=2, clock=clock).try_acquire()
+    # a single-slot lease is the plain gateway lease: a sender of an old version waits for it too
+    assert not StoreLease(engine, "gateway-z", "e", clock=clock).try_acquire()
 
 
 def test_waiting_times_out_with_a_clear_error(engine):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from pathlib import Path
 import signal
 import socket
 import subprocess
@@ -110,6 +111,8 @@ def embedded_prefect_api(timeout_s: float = 60.0) -> Iterator[str | None]:
     if get_current_settings().api.url:
         yield None
         return
+    # Prefect makes its home without parents, and its API then fails to open its database there
+    Path(get_current_settings().home).expanduser().mkdir(parents=True, exist_ok=True)
     port = free_ports(1)[0]
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
            **get_current_settings().to_environment_variables(exclude_unset=True)}

@@ -93,8 +93,8 @@ def _runs(api: str) -> dict:
     import httpx
 
     flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}).json()}
-    frs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 200}).json()
-    trs = httpx.post(f"{api}/task_runs/filter", json={"limit": 200}).json()
+    frs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 1000}).json()
+    trs = httpx.post(f"{api}/task_runs/filter", json={"limit": 1000}).json()
     overhead = []
     for fr in frs:
         if flows.get(fr["flow_id"]) != "render-shard" or fr["state_type"] != "COMPLETED":
@@ -106,7 +106,10 @@ def _runs(api: str) -> dict:
         busy = sum((datetime.fromisoformat(t["end_time"]) - datetime.fromisoformat(t["start_time"])).total_seconds()
                    for t in task)
         overhead.append((end - pending).total_seconds() - busy)
-    return {"flow_runs": len(frs), "task_runs": len(trs), "shard_overhead": sorted(overhead),
+    by_task: dict[str, int] = {}
+    for t in trs:
+        by_task[t["name"].rsplit("-", 1)[0]] = by_task.get(t["name"].rsplit("-", 1)[0], 0) + 1
+    return {"flow_runs": len(frs), "task_runs": len(trs), "shard_overhead": sorted(overhead), "by_task": by_task,
             "by_flow": {n: sum(1 for f in frs if flows.get(f["flow_id"]) == n) for n in set(flows.values())}}
 
 
@@ -178,8 +181,12 @@ def main(argv=None) -> None:
         oh = r["shard_overhead"]
         cpu = r["cpu"] + r["cluster_cpu"]
         per_m = (r["flow_runs"] + r["task_runs"]) * 1_000_000 / args.contacts
+        # runs that grow with the campaign: a flow and a task run per render shard, a task run per 50,000 sent
+        variable = 2 * r["by_flow"].get("render-shard", 0) + r["by_task"].get("send-batch", 0)
         out[f"workers_{w}"] = {"wall": r["wall"], "cpu": cpu, "wal": r["wal"], "flow_runs": r["flow_runs"],
                                "task_runs": r["task_runs"], "runs_per_1m": per_m, "by_flow": r["by_flow"],
+                               "by_task": r["by_task"], "fixed_runs": r["flow_runs"] + r["task_runs"] - variable,
+                               "variable_runs": variable,
                                "shard_overhead_median": statistics.median(oh) if oh else None,
                                "shard_overhead_p95": _p95(oh), "cluster_start_s": r["cluster_start_s"],
                                "planned": r["summary"]["planned"], "sent": r["summary"].get("sent", 0)}
@@ -192,13 +199,17 @@ def main(argv=None) -> None:
     last = out[f"workers_{args.workers[-1]}"]
     cpu_per_contact = last["cpu"] / args.contacts
     wal_per_msg = last["wal"] / max(1, last["sent"])
+    sent_share = last["sent"] / args.contacts  # messages sent per contact of the export
     print("\nSizing (computed from the last run, not measured):")
+    print(f"(CPU and WAL per contact of the export, {sent_share:.0%} of whom got a message; runs: "
+          f"{last['fixed_runs']} per campaign + {last['variable_runs']} per {args.contacts:,} contacts)")
     print("| load | CPU | cores for a 1 h window | WAL | flow + task runs |")
     print("|---|---:|---:|---:|---:|")
     for label, n in (("10M contacts", 10_000_000), ("100M contacts", 100_000_000)):
         cpu_h = cpu_per_contact * n / 3600
-        print(f"| {label} | {cpu_h:.1f} CPU h | {cpu_h:.0f} | {wal_per_msg * n * 0.75 / 1e9:.0f} GB "
-              f"(~75 % get a message) | {last['runs_per_1m'] * n / 1e6:.0f} |")
+        runs = last["fixed_runs"] + last["variable_runs"] * n / args.contacts
+        print(f"| {label} | {cpu_h:.1f} CPU h | {cpu_h:.1f} | {wal_per_msg * sent_share * n / 1e9:.0f} GB "
+              f"| {runs:.0f} |")
     print(f"| 10,000 msg/s | {cpu_per_contact * 10_000:.1f} cores | - | {wal_per_msg * 10_000 / 1e6:.1f} MB/s | "
           f"- |")
     if args.json:

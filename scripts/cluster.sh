@@ -12,7 +12,8 @@
 # CLUSTER_PREFECT_PORT (4200), CLUSTER_DASK_PORT (8786), CLUSTER_WORKERS (3), CLUSTER_DASK_WORKERS (2),
 # CLUSTER_PREFECT_DB (smsflow_prefect: the Prefect server's database), SMSFLOW_DATABASE_URL (the store;
 # default postgresql+psycopg://postgres@127.0.0.1:5432/smsflow), CLUSTER_PG (postgres@127.0.0.1:5432),
-# CLUSTER_HEARTBEAT_S (30: PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the flow runs).
+# CLUSTER_HEARTBEAT_S (30: PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the flow runs), CLUSTER_WORKER_LIMIT (4 flow
+# runs at once per worker; each is a process), CLUSTER_WORKER_QUERY_S (1: how often a worker asks for runs).
 # Several hosts: README "Past one machine" (the same commands, one role per host).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -74,6 +75,7 @@ start() {
   export PREFECT_HOME=$DIR/home PREFECT_API_URL=$API DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
   export SMSFLOW_DATABASE_URL=$STORE_URL SMSFLOW_MODE=distributed SMSFLOW_DASK_ADDRESS=$DASK
   export PREFECT_FLOWS_HEARTBEAT_FREQUENCY=$HEARTBEAT PYTHONUNBUFFERED=1
+  export PREFECT_WORKER_QUERY_SECONDS=${CLUSTER_WORKER_QUERY_S:-1}  # a shard waits at most this for a free worker
   "$PY" -c "from store.db import get_engine; get_engine()"  # the store, migrated
   if ! alive server; then
     PREFECT_API_DATABASE_CONNECTION_URL="postgresql+asyncpg://$PG/$PREFECT_DB" \
@@ -93,7 +95,7 @@ start() {
   done
   for i in $(seq 1 "$NWORKERS"); do
     alive "worker-$i" || spawn "worker-$i" "$BIN/prefect" worker start --pool smsflow-pool --name "smsflow-worker-$i" \
-      --type process
+      --type process --limit "${CLUSTER_WORKER_LIMIT:-4}"
   done
   wait_for "$NWORKERS Prefect workers" 60 "$PY" -c "
 import httpx, sys

@@ -6,7 +6,7 @@ from datetime import datetime
 from prefect import flow, get_run_logger
 
 from smsflow.settings import get_settings
-from tasks.render import open_campaign, plan_task
+from tasks.render import open_campaign, plan_task, render_extra
 from tasks.policy import ContactPolicy
 from store.db import get_engine
 
@@ -22,7 +22,7 @@ def render(campaign: str, template: str, source: str = "demo-crm", segment: str 
                              price_per_segment=price_per_segment, gateway=gateway, policy=policy, ends_at=ends_at,
                              sender_name=sender_name, currency=currency)
     stats = plan_task(cid, source, segment, tpl, price_per_segment, gateway, s.batch_size, s.workers, database_url,
-                      {"campaign": campaign})
+                      render_extra(campaign))
     get_run_logger().info("render %s: %d planned, %d no consent, %d failed to render, %d parts, planned cost %.2f %s",
                           campaign, stats.planned, stats.no_consent, stats.render_failed, stats.segments, stats.cost,
                           currency)

@@ -15,7 +15,7 @@ from blocks.registry import load_gateway
 from smsflow.settings import get_settings
 from store.db import get_engine
 from tasks.policy import ContactPolicy
-from tasks.render import campaign_template, open_campaign
+from tasks.render import campaign_template, open_campaign, render_extra
 from tasks.shards import (RENDER, SEND, dispatch, plan_render_shards, plan_send_shards, render_shard_task,
                           shard_task_runner, shards_stats)
 
@@ -28,7 +28,7 @@ def render_shard(campaign_id: int, shard: int, template: str, sender_name: str |
                  campaign: str | None = None) -> dict:
     """Render one shard of a campaign into the outbox (done once, whatever reruns it)."""
     tpl = campaign_template(template, sender_name)
-    result = render_shard_task.submit(campaign_id, shard, tpl, {"campaign": campaign} if campaign else {}).result()
+    result = render_shard_task.submit(campaign_id, shard, tpl, render_extra(campaign)).result()
     get_run_logger().info("campaign %s shard %d: %s", campaign or campaign_id, shard, result)
     return result
 

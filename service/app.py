@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
 
 from service.webhooks import MAX_BODY
 from smsflow.privacy import mask_phone
@@ -22,7 +22,10 @@ from blocks.http_gateway import HttpGateway, verify_twilio_signature
 from blocks.kannel import KannelGateway
 from service.webhooks import authenticate, parse, WebhookError
 from smsflow.callback_auth import CallbackRefused, check
-from store.db import get_engine
+from smsflow.links import bot_reason, click_ip_key, ip_hash, is_code
+from smsflow.settings import get_settings
+from store.db import get_engine, utcnow
+from store.links import find_link, store_clicks
 from store.events import record_event
 from tasks.inbound import store_and_apply
 from tasks.reconcile import store_receipts
@@ -44,19 +47,22 @@ def _emit(event: str, resource_id: str, payload: dict[str, Any]) -> None:
 class ReceiptSignal:
     """``smsflow.receipt.received`` at most once per gateway per ``every_s``: the event only tells
     reconcile that receipts are waiting (the store holds them all), and one event per receipt at
-    thousands a second filled Prefect's event queue until request handlers blocked on it."""
+    thousands a second filled Prefect's event queue until request handlers blocked on it. The same
+    for clicks: ``smsflow.link.clicked`` per campaign, with the number of clicks since the last one."""
 
-    def __init__(self, every_s: float = 1.0):
+    def __init__(self, every_s: float = 1.0, event: str = "smsflow.receipt.received",
+                 resource: str = "smsflow.gateway", counted: str = "receipts"):
         import time
 
         self.every_s, self._clock, self._last, self._count = every_s, time.monotonic, {}, {}
+        self.event, self.resource, self.counted = event, resource, counted
 
-    def __call__(self, gw: str) -> None:
+    def __call__(self, key) -> None:
         now = self._clock()
-        self._count[gw] = self._count.get(gw, 0) + 1
-        if now - self._last.get(gw, -1e9) >= self.every_s:
-            self._last[gw] = now
-            _emit("smsflow.receipt.received", f"smsflow.gateway.{gw}", {"receipts": self._count.pop(gw)})
+        self._count[key] = self._count.get(key, 0) + 1
+        if now - self._last.get(key, -1e9) >= self.every_s:
+            self._last[key] = now
+            _emit(self.event, f"{self.resource}.{key}", {self.counted: self._count.pop(key)})
 
 
 class BadInput(Exception):
@@ -153,7 +159,7 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
             log.warning("%s refused from %s: %s", what, _client(request), exc)
             raise BadInput(401, "unauthorized") from None
         return gw
-    writer = ReceiptWriter(engine)
+    writer = _receipt_writer(engine)
     receipt_signal = ReceiptSignal()
     if emit_events:
         # import once, up front: a first import racing between request threads deadlocks on
@@ -176,7 +182,7 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
         except (ValueError, KeyError) as exc:
             log.warning("kannel dlr rejected: %s", exc)
             return JSONResponse({"error": str(exc)}, status_code=422)
-        await writer.store(gw, receipt)
+        await writer.submit((gw, receipt))
         log.info("kannel dlr ref=%s status=%s err=%s", receipt.reference, receipt.status, receipt.error_code)
         if emit_events:
             receipt_signal(gw)
@@ -201,7 +207,7 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=422)
         gw = form.get("gw", "twilio")
-        await writer.store(gw, receipt)
+        await writer.submit((gw, receipt))
         log.info("twilio status ref=%s status=%s err=%s", receipt.reference, receipt.status, receipt.error_code)
         if emit_events:
             receipt_signal(gw)
@@ -264,27 +270,74 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
         # Kannel sends the body back as a reply when max-messages > 0; we keep it at 0 and answer empty
         return PlainTextResponse("", status_code=200)
 
+    # ------------------------------------------------------------------ tracked short links
+    # Registered last: /{code} must not shadow the routes above. A malformed code is answered 404 at
+    # once (it never reaches the store); a known code's click is committed, then redirected.
+    settings = get_settings()
+    ip_key = click_ip_key(settings.click_ip_key, settings.data_dir)
+    clicks = GroupCommit(lambda items: store_clicks(engine, items), "click-writer")
+    click_signal = ReceiptSignal(event="smsflow.link.clicked", resource="smsflow.campaign", counted="clicks")
+    links: dict[str, tuple[str, Any, int]] = {}  # code -> (target, expires_at, campaign): a link never changes
+
+    def lookup(code: str):
+        found = links.get(code)
+        if found is None:
+            found = find_link(engine, code)
+            if found is not None:
+                if len(links) >= 200_000:
+                    links.clear()
+                links[code] = found
+        return found
+
+    @app.api_route("/{code}", methods=["GET", "HEAD"], include_in_schema=False)
+    async def short_link(code: str, request: Request):
+        if not is_code(code):
+            return PlainTextResponse("not found", status_code=404)
+        found = lookup(code) if code in links else await _in_thread(lookup, code)
+        if found is None:
+            return PlainTextResponse("not found", status_code=404)
+        target, expires_at, campaign_id = found
+        now = utcnow()
+        ua = request.headers.get("user-agent")
+        expired = now >= expires_at
+        reason = "expired" if expired else bot_reason(request.method, ua)
+        ip = ip_hash(_client(request), ip_key)
+        await clicks.submit((code, now, request.method.upper(), ua[:500] if ua else None, ip, reason))
+        if expired:
+            return HTMLResponse(EXPIRED_PAGE, status_code=410)
+        if emit_events and reason is None:
+            click_signal(campaign_id)
+        return RedirectResponse(target, status_code=302, headers={"Cache-Control": "no-store",
+                                                                  "Referrer-Policy": "no-referrer"})
+
     return app
 
 
-class ReceiptWriter:
-    """Group-commits receipts: callbacks arriving together share one transaction, and each
-    caller gets its answer only after the commit that holds its receipt (2xx after commit)."""
+EXPIRED_PAGE = """<!doctype html><html lang="ru"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>Ссылка устарела / Link expired</title>
+</head><body style="font-family:sans-serif;max-width:32em;margin:3em auto;padding:0 1em">
+<h1>Ссылка устарела</h1><p>Срок действия этой ссылки истёк.</p>
+<h1>This link has expired</h1><p>The offer this link pointed to is no longer available.</p></body></html>"""
 
-    def __init__(self, engine, max_batch: int = 500, max_wait_s: float = 0.01):
+
+class GroupCommit:
+    """Group-commits what requests hand in: requests arriving together share one transaction
+    (``write(items)``), and each caller gets its answer only after the commit that holds its item."""
+
+    def __init__(self, write, name: str, max_batch: int = 500, max_wait_s: float = 0.01):
         import queue
         import threading
 
-        self.engine, self.max_batch, self.max_wait_s = engine, max_batch, max_wait_s
+        self.write, self.max_batch, self.max_wait_s = write, max_batch, max_wait_s
         self.q: queue.Queue = queue.Queue()
-        threading.Thread(target=self._run, name="receipt-writer", daemon=True).start()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
 
-    async def store(self, gateway: str, receipt) -> None:
+    async def submit(self, item) -> None:
         import asyncio
         from concurrent.futures import Future
 
         fut: Future = Future()
-        self.q.put((gateway, receipt, fut))
+        self.q.put((item, fut))
         await asyncio.wrap_future(fut)
 
     def _run(self) -> None:
@@ -301,17 +354,24 @@ class ReceiptWriter:
                 except queue.Empty:
                     break
             try:
-                by_gw: dict[str, list] = {}
-                for gw, r, _ in items:
-                    by_gw.setdefault(gw, []).append(r)
-                for gw, rs in by_gw.items():
-                    store_receipts(self.engine, gw, rs)
-            except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error (a 5xx: the gateway retries)
-                for _, _, fut in items:
+                self.write([item for item, _ in items])
+            except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error (a 5xx: the caller retries)
+                for _, fut in items:
                     fut.set_exception(exc)
             else:
-                for _, _, fut in items:
+                for _, fut in items:
                     fut.set_result(None)
+
+
+def _receipt_writer(engine) -> GroupCommit:
+    def write(items: list[tuple[str, Any]]) -> None:
+        by_gw: dict[str, list] = {}
+        for gw, r in items:
+            by_gw.setdefault(gw, []).append(r)
+        for gw, rs in by_gw.items():
+            store_receipts(engine, gw, rs)
+
+    return GroupCommit(write, "receipt-writer")
 
 
 async def _in_thread(fn, *args):

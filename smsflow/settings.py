@@ -34,6 +34,13 @@ class Settings(BaseSettings):
     dask_address: str | None = Field(
         default=None, description="Dask scheduler (tcp://host:8786) that renders a shard's contacts in distributed "
                                   "mode; unset: the shard renders in its flow-run process.")
+    link_base_url: str | None = Field(
+        default=None, description="Base URL of tracked short links, on the operator's own domain "
+                                  "(https://s.example.ru): link() in templates needs it; `smsflow serve` answers it.")
+    link_ttl_days: int = Field(default=90, ge=1, description="A short link redirects for this long, then shows "
+                                                             "an expired-link page.")
+    click_ip_key: str | None = Field(default=None, description="Key of the IP hash stored with clicks (default: "
+                                                              "a random key kept in the data dir).")
     shard_size: int = Field(default=50_000, ge=100, description="Contacts per shard in distributed mode.")
 
     @property

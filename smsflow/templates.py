@@ -270,6 +270,11 @@ class MessageTemplate:
 
     # ---------------------------------------------------------------- helpers
     @property
+    def uses_links(self) -> bool:
+        """Whether a variant calls ``link(...)`` (a tracked short link: smsflow/links.py)."""
+        return any(re.search(r"\blink\s*\(", src) for src in self.variants.values())
+
+    @property
     def languages(self) -> list[str]:
         return list(self.variants)
 
@@ -574,12 +579,16 @@ def _reason(template: MessageTemplate, language: str, exc: BaseException) -> str
 class _Renderer:
     """Per-call state: base context and per-language render callables."""
 
-    __slots__ = ("template", "variants", "_lang_cache")
+    __slots__ = ("template", "variants", "_lang_cache", "links", "_link_base", "_utm")
 
     def __init__(self, template: MessageTemplate, extra: Mapping | None):
         if not isinstance(template, MessageTemplate):
             raise TypeError(f"template must be a MessageTemplate, not {type(template).__name__}")
         self.template = template
+        self.links: list[tuple[str, str]] = []  # (code, target) of the contact rendered last
+        self._link_base = (extra or {}).get("link_base")
+        self._utm = (extra or {}).get("utm") or None
+        extra = {k: v for k, v in (extra or {}).items() if k not in ("link_base", "utm")}
         base = _base_context(template, extra)
         self.variants: dict[str, tuple] = {}
         for lang, var in template._compiled.items():
@@ -603,8 +612,10 @@ class _Renderer:
         """``(language, text)``; raises :class:`RenderError` with a human reason."""
         lang, render_func, new_context, start, suffix, footer = self.variant(contact.get("language"))
         ctx = start.copy()
+        self.links = []
         try:
             _fill(ctx, contact)
+            ctx["link"] = self.link  # after the contact's keys: a CRM field named "link" cannot hide it
             # shared=True: ctx already holds the globals, no second dict copy
             body = "".join(render_func(new_context(ctx, True))).strip()
         except Exception as exc:
@@ -617,6 +628,15 @@ class _Renderer:
         if sender and sender.casefold() not in body.casefold():
             body = f"{sender}: {body}"  # sender identity on every marketing message
         return lang, body
+
+    def link(self, url, **utm) -> str:
+        """``{{ link("https://...") }}``: this recipient's short link (smsflow/links.py)."""
+        from smsflow.links import check_base, new_code, short_url, target_url
+
+        target = target_url(url, {**(self._utm or {}), **utm})
+        code = new_code()
+        self.links.append((code, target))
+        return short_url(check_base(self._link_base), code)
 
     def sender_for(self, lang: str) -> str | None:
         """The sender's name for a marketing message in ``lang`` (str, or a mapping per language)."""
@@ -652,10 +672,12 @@ def render_batch(
     One failing contact never stops the batch; input order is preserved in
     both lists.
     """
-    render = _Renderer(template, extra).render
+    renderer = _Renderer(template, extra)
+    render = renderer.render
     ids: list[Any] = []
     langs: list[str] = []
     texts: list[str] = []
+    links: dict[int, list[tuple[str, str]]] = {}  # position -> the contact's short links
     failed: list[dict] = []
     for contact in contacts:
         if not isinstance(contact, Mapping):
@@ -669,6 +691,8 @@ def render_batch(
         except RenderError as exc:
             failed.append({"contact_id": contact.get("contact_id"), "reason": str(exc)})
             continue
+        if renderer.links:
+            links[len(ids)] = renderer.links
         ids.append(contact.get("contact_id"))
         langs.append(lang)
         texts.append(text)
@@ -678,6 +702,7 @@ def render_batch(
     rendered = [
         {
             "contact_id": cid,
+            **({"links": links[i]} if i in links else {}),
             "language": lang,
             "text": text,
             "encoding": enc,
@@ -686,9 +711,9 @@ def render_batch(
             "segments": nseg,
             "cost": round(nseg * price, 4),
         }
-        for cid, lang, text, enc, nchar, nunits, nseg in zip(
+        for i, (cid, lang, text, enc, nchar, nunits, nseg) in enumerate(zip(
             ids, langs, texts, encodings, characters, units, segments
-        )
+        ))
     ]
     return rendered, failed
 

@@ -400,3 +400,31 @@ class CampaignShard(Base):
     stats: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     done_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class ShortLink(Base):
+    """A recipient's tracked link (``smsflow/links.py``), written with its message."""
+
+    __tablename__ = "short_links"
+
+    code: Mapped[str] = mapped_column(String(16), primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(IdType)  # ix_short_links_campaign (migration 0011)
+    contact_id: Mapped[int | None] = mapped_column(IdType)
+    outbox_key: Mapped[str] = mapped_column(String(200))
+    target: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Click(Base):
+    """Every request to a short link, stored before the redirect; ``bot_reason`` NULL = a person."""
+
+    __tablename__ = "clicks"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    code: Mapped[str] = mapped_column(String(16))  # ix_clicks_code (migration 0011)
+    at: Mapped[datetime] = mapped_column(DateTime)
+    method: Mapped[str] = mapped_column(String(8))
+    user_agent: Mapped[str | None] = mapped_column(String(500))
+    ip_hash: Mapped[str | None] = mapped_column(String(64))
+    bot_reason: Mapped[str | None] = mapped_column(String(20))

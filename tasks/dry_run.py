@@ -22,7 +22,7 @@ from smsflow.settings import get_settings
 from store.db import utcnow
 from tasks.accounting import close_campaign, record_planned
 from tasks.extract import extract_source
-from tasks.render import open_campaign, plan_messages
+from tasks.render import open_campaign, plan_messages, render_extra
 from tasks.segment import build_membership, resolve_segment
 from tasks.validate import validate_new_contacts
 
@@ -48,7 +48,7 @@ def dry_run_campaign(engine, source: CrmSource, *, name: str, template: str, seg
                              ends_at=ends_at, sender_name=sender_name, currency=currency)
     st = plan_messages(engine, campaign_id=cid, source=src, segment=definition.name, template=tpl,
                        price_per_segment=price_per_segment, gateway=gateway_name, batch_size=s.batch_size,
-                       processes=s.workers, extra={"campaign": name})
+                       processes=s.workers, extra=render_extra(name))
     rendered = st.result(currency)
     record_planned(engine, cid, rendered, emit=False)
     progress.step("render", progress.rendered_line(rendered))

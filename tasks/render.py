@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
 
 from smsflow.templates import MessageTemplate, init_render_worker, load_template, render_batch, render_chunk
 from store.db import Columns, bulk_insert, get_engine, read_frame, refresh_statistics, utcnow
@@ -60,9 +60,26 @@ def open_campaign(engine, *, name: str, template: str, source: str, segment: str
 def campaign_template(template: str, sender_name: str | None = None) -> MessageTemplate:
     """The template loaded and checked; a marketing one without its own sender name gets ``sender_name``."""
     tpl = load_template(template)
+    if tpl.uses_links:  # one clear error before anything is rendered, not a quarantined row per contact
+        from smsflow.links import check_base
+        from smsflow.settings import get_settings
+        from smsflow.templates import TemplateLoadError
+
+        try:
+            check_base(get_settings().link_base_url)
+        except ValueError as exc:
+            raise TemplateLoadError(f"template {tpl.name!r}: {exc}", template=tpl.name, path=tpl.origin) from None
     if tpl.kind == "marketing" and not tpl.sender_name and sender_name:
         tpl = dataclasses.replace(tpl, sender_name=sender_name)
     return tpl
+
+
+def render_extra(campaign: str | None, utm: dict[str, str] | None = None) -> dict[str, Any]:
+    """Campaign-wide values of a render: ``campaign`` for templates, the short-link base and UTM for link()."""
+    from smsflow.settings import get_settings
+
+    return {**({"campaign": campaign} if campaign else {}), "link_base": get_settings().link_base_url,
+            "utm": utm or None}
 
 
 def _naive_utc(t: datetime | None) -> datetime | None:
@@ -250,8 +267,10 @@ def _store_chunk(engine, rendered, failed, stats, campaign_id, source, segment, 
 
 def write_chunk(conn, rendered, failed, stats: PlanStats, campaign_id, source, segment, template, gateway,
                 phones) -> None:
-    """Rendered messages into the outbox and failures into quarantine, in the caller's transaction."""
+    """Rendered messages into the outbox (and their short links) and failures into quarantine, in the
+    caller's transaction."""
     now = utcnow()
+    links = _short_links(conn, rendered, campaign_id, template.name, now)
     step = template.name
     n = len(rendered)
     cids = [int(r["contact_id"]) for r in rendered]
@@ -285,6 +304,8 @@ def write_chunk(conn, rendered, failed, stats: PlanStats, campaign_id, source, s
     # rendered them meanwhile (then the unique key skips them, as always)
     bulk_insert(conn, "outbox", OUTBOX_INSERT_FIELDS, rows, on_conflict="ignore", conflict_columns=("idempotency_key",),
                 likely_new=True)
+    if links:
+        bulk_insert(conn, "short_links", SHORT_LINK_FIELDS, links)
     write_quarantine(conn, quarantine)
     if rendered and _has_render_quarantine(conn, campaign_id):
         # contacts that failed in an earlier run and render now are no longer quarantined
@@ -298,6 +319,42 @@ def write_chunk(conn, rendered, failed, stats: PlanStats, campaign_id, source, s
     stats.segments += sum(segs)
     stats.cost += sum(costs)
     stats.failures.extend(failed[: max(0, 20 - len(stats.failures))])
+
+
+SHORT_LINK_FIELDS = ("code", "campaign_id", "contact_id", "outbox_key", "target", "created_at", "expires_at")
+
+
+def _short_links(conn, rendered, campaign_id: int, step: str, now: datetime) -> list[tuple] | None:
+    """The short-link rows of rendered messages; a code already in the store (or twice in the chunk) is
+    replaced, in the text too, by a fresh one of the same length and alphabet (the parts do not change)."""
+    if not any("links" in r for r in rendered):
+        return None
+    from datetime import timedelta
+
+    from smsflow.links import new_code
+    from smsflow.settings import get_settings
+
+    codes = [c for r in rendered for c, _ in r.get("links", ())]
+    taken: set[str] = set()
+    for i in range(0, len(codes), 5_000):
+        part = codes[i : i + 5_000]
+        taken.update(conn.execute(text("SELECT code FROM short_links WHERE code IN :codes")
+                                  .bindparams(bindparam("codes", expanding=True)), {"codes": part}).scalars())
+    expires = now + timedelta(days=get_settings().link_ttl_days)
+    rows, seen = [], set()
+    for r in rendered:
+        if "links" not in r:
+            continue
+        cid = int(r["contact_id"])
+        for j, (code, target) in enumerate(r["links"]):
+            while code in taken or code in seen:
+                fresh = new_code()
+                r["text"] = r["text"].replace(f"/{code}", f"/{fresh}", 1)
+                r["links"][j] = (fresh, target)
+                code = fresh
+            seen.add(code)
+            rows.append((code, campaign_id, cid, idempotency_key(campaign_id, cid, step), target, now, expires))
+    return rows
 
 
 def _has_render_quarantine(conn, campaign_id: int) -> bool:

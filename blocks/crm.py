@@ -75,6 +75,12 @@ class CrmSource(Block, ABC):
     def updated_at_field(self) -> str:
         return self.column_map.get("updated_at", "updated_at")
 
+    def fetch_orders(self, since: str | None = None, batch_size: int = 50_000) -> Iterator[pd.DataFrame] | None:
+        """Orders/deals changed since ``since`` (by ``updated_at``), in batches with the columns
+        ``order_id, contact_id`` (the CRM's ids), ``amount, status, ordered_at, updated_at`` and optionally
+        ``currency``; None when this source has no orders."""
+        return None
+
     def event_customer(self, event_type: str, entity_id: str | None, payload: dict) -> dict | None:
         """The customer a CRM webhook event is about when the event itself does not name one
         (amoCRM and Bitrix24 send only the deal's id): ``{"crm_id", "phone", "language"}`` (any may
@@ -103,6 +109,18 @@ class SqlCrm(CrmSource):
         description="Query returning one row per contact; it is wrapped for the watermark filter.",
     )
 
+    orders_query: str | None = Field(
+        default=None,
+        description="Query returning one row per order/deal with the columns order_id, contact_id, amount, status, "
+                    "ordered_at, updated_at (and optionally currency); a refund or cancellation must move "
+                    "updated_at. Unset: no orders from this CRM.",
+    )
+
+    def fetch_orders(self, since: str | None = None, batch_size: int = 50_000) -> Iterator[pd.DataFrame] | None:
+        if not self.orders_query:
+            return None
+        return self._stream(self.orders_query, "updated_at", since, batch_size, rename=False)
+
     def estimate_rows(self, since: str | None = None) -> int | None:
         from sqlalchemy import create_engine, text
 
@@ -120,10 +138,13 @@ class SqlCrm(CrmSource):
             return None
 
     def fetch(self, since: str | None = None, batch_size: int = 50_000) -> Iterator[pd.DataFrame]:
+        return self._stream(self.query, self.updated_at_field, since, batch_size)
+
+    def _stream(self, query: str, upd: str, since: str | None, batch_size: int,
+                rename: bool = True) -> Iterator[pd.DataFrame]:
         from sqlalchemy import create_engine, text
 
-        upd = self.updated_at_field
-        sql = f"SELECT * FROM ({self.query}) AS crm_q"
+        sql = f"SELECT * FROM ({query}) AS crm_q"
         params: dict[str, object] = {}
         if since is not None:
             sql += f" WHERE crm_q.{upd} >= :since"
@@ -143,7 +164,8 @@ class SqlCrm(CrmSource):
                     rows = cur.fetchmany(batch_size)
                     if not rows:
                         break
-                    yield self._rename(_records_frame(rows, cols))
+                    frame = _records_frame(rows, cols)
+                    yield self._rename(frame) if rename else frame
                 result.close()
         except CrmSourceError:
             raise

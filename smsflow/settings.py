@@ -41,6 +41,10 @@ class Settings(BaseSettings):
                                                              "an expired-link page.")
     click_ip_key: str | None = Field(default=None, description="Key of the IP hash stored with clicks (default: "
                                                               "a random key kept in the data dir).")
+    attribution_delivery_days: float = Field(default=7.0, gt=0, description="An order within this many days after "
+                                             "a message's delivery is credited to it (the last touch wins).")
+    attribution_click_days: float = Field(default=7.0, gt=0, description="An order within this many days after a "
+                                          "person's click on a message's link is credited to it.")
     shard_size: int = Field(default=50_000, ge=100, description="Contacts per shard in distributed mode.")
 
     @property

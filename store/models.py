@@ -428,3 +428,23 @@ class Click(Base):
     user_agent: Mapped[str | None] = mapped_column(String(500))
     ip_hash: Mapped[str | None] = mapped_column(String(64))
     bot_reason: Mapped[str | None] = mapped_column(String(20))
+
+
+class Order(Base):
+    """An order/deal from the CRM (``tasks/orders.py``); ``revenue`` is False once refunded or cancelled."""
+
+    __tablename__ = "orders"
+    __table_args__ = (UniqueConstraint("source", "crm_order_id", name="uq_orders_source_crm_id"),
+                      Index("ix_orders_contact_time", "contact_id", "ordered_at"))
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(String(100))
+    crm_order_id: Mapped[str] = mapped_column(String(100))
+    crm_contact_id: Mapped[str | None] = mapped_column(String(100))
+    contact_id: Mapped[int | None] = mapped_column(IdType)
+    amount: Mapped[float] = mapped_column(Float)
+    currency: Mapped[str] = mapped_column(String(3), default="RUB")
+    status: Mapped[str] = mapped_column(String(40))
+    revenue: Mapped[bool] = mapped_column(Boolean)
+    ordered_at: Mapped[datetime] = mapped_column(DateTime)
+    stored_at: Mapped[datetime] = mapped_column(DateTime)

@@ -96,3 +96,28 @@ def test_the_link_counts_in_the_parts_the_preview_shows(engine, tmp_path, link_b
     _planned(engine, tmp_path, 10)
     for t, segs in _rows(engine, "SELECT text, segments FROM outbox"):
         assert sms_info(t).segments == segs
+
+
+def test_click_counts_raw_human_unique_and_previews(engine, tmp_path, link_base):
+    from datetime import timedelta
+
+    from store.db import bulk_insert
+    from tasks.clicks import click_counts
+
+    cid, _ = _planned(engine, tmp_path, 5)
+    links = _rows(engine, "SELECT l.code, o.idempotency_key FROM short_links l JOIN outbox o "
+                          "ON o.idempotency_key = l.outbox_key ORDER BY o.contact_id")
+    delivered = utcnow() - timedelta(hours=1)
+    with engine.begin() as c:
+        c.execute(text("UPDATE outbox SET state = 'delivered', final_at = :t"), {"t": delivered})
+        (a, _), (b, _), (d, _) = links[0], links[1], links[2]
+        bulk_insert(c, "clicks", ("code", "at", "method", "user_agent", "ip_hash", "bot_reason"), [
+            (a, delivered + timedelta(seconds=1), "GET", "phone", "h1", None),       # preview window
+            (a, delivered + timedelta(minutes=5), "GET", "phone", "h1", None),       # a person
+            (a, delivered + timedelta(minutes=9), "GET", "phone", "h1", None),       # the same person again
+            (b, delivered + timedelta(minutes=2), "HEAD", "phone", "h2", "head"),
+            (b, delivered + timedelta(minutes=3), "GET", "TelegramBot", "h3", "crawler"),
+            (d, delivered + timedelta(days=2), "GET", "phone", "h4", None),          # a person
+        ])
+    assert click_counts(engine, cid) == {"clicks_total": 6, "clicks_human": 3, "unique_clickers": 2,
+                                         "clicks_preview": 1}

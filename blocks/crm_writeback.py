@@ -27,8 +27,8 @@ from smsflow.privacy import mask_phones_in
 
 log = logging.getLogger("smsflow.crm")
 
-Kind = Literal["delivery", "opt_out", "reply"]
-KINDS = ("delivery", "opt_out", "reply")
+Kind = Literal["delivery", "opt_out", "reply", "click"]
+KINDS = ("delivery", "opt_out", "reply", "click")
 _KEY_CHARS = r"A-Za-z0-9_.:@/+=-"
 _KEY_RE = re.compile(rf"^[{_KEY_CHARS}]{{1,200}}$")
 MARKER_RE = re.compile(rf"\[smsflow:([{_KEY_CHARS}]{{1,200}})\]")
@@ -87,7 +87,7 @@ class VendorRejected(Exception):
         self.bad = bad or {}
 
 
-_DEFAULT_NOTE = {"delivery": "SMS delivery", "reply": "SMS reply", "opt_out": "SMS opt-out"}
+_DEFAULT_NOTE = {"delivery": "SMS delivery", "reply": "SMS reply", "opt_out": "SMS opt-out", "click": "SMS link clicked"}
 
 
 class CrmWriteBack(ABC):

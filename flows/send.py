@@ -12,7 +12,7 @@ from store.db import get_engine, utcnow
 from store.outbox import unsent_count
 from tasks.send import CLAIM_LEASE_S, SendStats, campaigns_to_send, next_takeover, send_task
 
-SEND_CHUNK = 50_000  # messages per task run: task runs grow with volume / SEND_CHUNK, never per message
+SEND_CHUNK = 100_000  # messages per task run: task runs grow with volume / SEND_CHUNK, never per message
 
 
 def _send_campaign(cid: int, name: str, gw, rate: float | None, database_url: str | None, now: datetime | None) -> SendStats:

@@ -393,7 +393,7 @@ def demo_cmd(
                f"{after['replies']} replies")
     for line in _earnings_lines(name):
         typer.echo(line)
-    typer.echo(f"report: {result.get('report')}")
+    typer.echo(f"report: {after['report']}")
 
 
 DEMO_LINK_BASE = "https://s.smsflow.example"
@@ -408,9 +408,17 @@ def _demo_after(campaign_id: int, seed: int) -> dict:
     from tasks.demo_outcomes import simulate
     from tasks.orders import extract_orders
 
+    from sqlalchemy import text
+
+    from tasks.report import collect, write_html
+
     engine = get_engine()
     after = simulate(engine, campaign_id, get_settings().data_dir / "demo_crm.sqlite", seed=seed)
     extract_orders(engine, load_crm("demo-crm"))
+    # the page again, now with what happened after sending
+    with engine.connect() as conn:
+        name = conn.execute(text("SELECT name FROM campaigns WHERE id = :c"), {"c": campaign_id}).scalar_one()
+    after["report"] = str(write_html(collect(engine, name), get_settings().reports_dir, f"report-{name}", engine))
     return after
 
 

@@ -45,7 +45,8 @@ class Settings(BaseSettings):
                                              "a message's delivery is credited to it (the last touch wins).")
     attribution_click_days: float = Field(default=7.0, gt=0, description="An order within this many days after a "
                                           "person's click on a message's link is credited to it.")
-    shard_size: int = Field(default=50_000, ge=100, description="Contacts per shard in distributed mode.")
+    shard_size: int = Field(default=100_000, ge=100, description="Contacts per render shard in distributed mode "
+                                                                 "(each costs a flow-run process start, ~5-10 s).")
 
     @property
     def store_url(self) -> str:

@@ -650,9 +650,17 @@ class _Renderer:
 
 def render_contact(contact: Mapping, template: MessageTemplate, extra: Mapping | None = None) -> tuple[str, str]:
     """Render one contact: ``(language, text)`` or :class:`RenderError`."""
+    return render_contact_links(contact, template, extra)[:2]
+
+
+def render_contact_links(contact: Mapping, template: MessageTemplate,
+                         extra: Mapping | None = None) -> tuple[str, str, list[tuple[str, str]]]:
+    """Render one contact: ``(language, text, short links as (code, target))`` or :class:`RenderError`."""
     if not isinstance(contact, Mapping):
         raise RenderError(f"contact must be a mapping, not {type(contact).__name__}")
-    return _Renderer(template, extra).render(contact)
+    r = _Renderer(template, extra)
+    lang, body = r.render(contact)
+    return lang, body, r.links
 
 
 def render_batch(

@@ -37,7 +37,8 @@ from store.db import get_engine
 from store.events import insert_ignore, record_event  # noqa: F401 - record_event: the journeys' event writer
 from store.models import Campaign
 from tasks.policy import load_policy, resolve_timezone, zone
-from smsflow.templates import render_contact, RenderError
+from smsflow.templates import RenderError, render_contact_links
+from tasks.render import SHORT_LINK_FIELDS, render_extra, short_link_rows
 from smsflow.phones import normalize_phones
 
 ACTIVE, COMPLETED, EXITED = "active", "completed", "exited"
@@ -276,6 +277,33 @@ def exit_on_replies(engine, journeys: list[Journey], now: datetime | None = None
     return stats
 
 
+def exit_on_clicks(engine, journeys: list[Journey], now: datetime | None = None) -> JourneyStats:
+    """Journeys with ``exit_on_click``: a person's click on a link of one of the instance's messages ends
+    it (what counts as a person: tasks/clicks.py; previews and bots do not)."""
+    from sqlalchemy import DateTime
+
+    from tasks.clicks import is_human
+
+    now = _naive(now)
+    stats = JourneyStats()
+    names = [j.name for j in journeys if j.exit_on_click]
+    if not names:
+        return stats
+    with engine.begin() as conn:
+        _lock(conn)
+        marks = ",".join(f":j{i}" for i in range(len(names)))
+        rows = conn.execute(text(
+            "SELECT i.id, c.at, c.bot_reason, o.final_at, o.state FROM journey_instances i "
+            "JOIN journey_steps s ON s.instance_id = i.id JOIN short_links l ON l.outbox_key = s.outbox_key "
+            "JOIN clicks c ON c.code = l.code LEFT JOIN outbox o ON o.idempotency_key = l.outbox_key "
+            f"WHERE i.journey IN ({marks}) AND i.status = 'active' AND c.bot_reason IS NULL")
+            .columns(at=DateTime, final_at=DateTime), {f"j{i}": n for i, n in enumerate(names)}).all()
+        clicked = {int(iid) for iid, at, bot, fin, state in rows if is_human(bot, at, fin if state == "delivered" else None)}
+        for iid in sorted(clicked):
+            exit_instance(conn, iid, "the customer clicked the link", now, stats)
+    return stats
+
+
 # ----------------------------------------------------------------------------- date and inactivity triggers
 
 
@@ -403,7 +431,7 @@ def _plan_one(conn: Connection, j: Journey, step: Step, row, gateway: str | None
             stats.failed += 1
         return
     try:
-        lang, body = render_contact(ctx, j.template_for(step))
+        lang, body, links = render_contact_links(ctx, j.template_for(step), render_extra(None))
     except RenderError as exc:
         if finish("failed", str(exc)):
             stats.failed += 1
@@ -412,6 +440,11 @@ def _plan_one(conn: Connection, j: Journey, step: Step, row, gateway: str | None
     if not finish("planned", None, key):
         return  # another run planned (or cancelled) it in the meantime: nothing twice
     cid = _campaign_id(conn, j, step, gateway, now)
+    link_rows = None
+    if links:  # tracked short links: a taken code is replaced in the text before it is stored
+        msg = {"contact_id": row.contact_id or 0, "links": links, "text": body}
+        link_rows = short_link_rows(conn, [msg], cid, step.name, now, key=lambda _c: key)
+        body = msg["text"]
     info = sms_info(body)
     conn.execute(text(
         "INSERT INTO outbox (idempotency_key, campaign_id, contact_id, step, phone_e164, language, text, encoding, "
@@ -420,6 +453,11 @@ def _plan_one(conn: Connection, j: Journey, step: Step, row, gateway: str | None
         {"k": key, "c": cid, "ct": row.contact_id, "st": step.name[:60], "p": phone, "l": lang, "t": body,
          "e": info.encoding, "s": info.segments, "cost": info.segments * j.price_per_segment,
          "g": j.gateway or gateway, "now": now})
+    if link_rows:
+        from store.db import bulk_insert
+
+        bulk_insert(conn, "short_links", SHORT_LINK_FIELDS, link_rows, on_conflict="ignore",
+                    conflict_columns=("code",))
     stats.planned += 1
     stats.campaigns = sorted(set(stats.campaigns) | {j.campaign_name(step)})
 
@@ -578,6 +616,7 @@ def journey_events_task(journeys: list[Journey], database_url: str | None, now: 
     engine = get_engine(database_url)
     stats = process_events(engine, journeys, now)
     stats.add(exit_on_replies(engine, journeys, now))
+    stats.add(exit_on_clicks(engine, journeys, now))
     return stats
 
 

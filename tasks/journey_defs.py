@@ -167,6 +167,7 @@ class Journey(BaseModel):
     contact: ContactRef = Field(default_factory=ContactRef)
     exit: list[EventMatch] = Field(default_factory=list)
     exit_on_reply: bool = False
+    exit_on_click: bool = False  # a person's click on a link of the journey's messages ends it
     steps: list[Step]
     gateway: str | None = None
     price_per_segment: float = 0.0

@@ -324,7 +324,13 @@ def write_chunk(conn, rendered, failed, stats: PlanStats, campaign_id, source, s
 SHORT_LINK_FIELDS = ("code", "campaign_id", "contact_id", "outbox_key", "target", "created_at", "expires_at")
 
 
-def _short_links(conn, rendered, campaign_id: int, step: str, now: datetime) -> list[tuple] | None:
+def short_link_rows(conn, rendered, campaign_id: int, step: str, now: datetime, key=None) -> list[tuple] | None:
+    """:func:`_short_links` for other writers of the outbox (journeys); ``key(contact_id)``: the message's
+    idempotency key."""
+    return _short_links(conn, rendered, campaign_id, step, now, key)
+
+
+def _short_links(conn, rendered, campaign_id: int, step: str, now: datetime, key=None) -> list[tuple] | None:
     """The short-link rows of rendered messages; a code already in the store (or twice in the chunk) is
     replaced, in the text too, by a fresh one of the same length and alphabet (the parts do not change)."""
     if not any("links" in r for r in rendered):
@@ -353,7 +359,8 @@ def _short_links(conn, rendered, campaign_id: int, step: str, now: datetime) -> 
                 r["links"][j] = (fresh, target)
                 code = fresh
             seen.add(code)
-            rows.append((code, campaign_id, cid, idempotency_key(campaign_id, cid, step), target, now, expires))
+            outbox_key = key(cid) if key else idempotency_key(campaign_id, cid, step)
+            rows.append((code, campaign_id, cid, outbox_key, target, now, expires))
     return rows
 
 

@@ -1,15 +1,11 @@
 """Campaign metrics: per campaign and segment, as tables, markdown and an HTML file with a chart."""
 from __future__ import annotations
 
-import base64
-import html
-import io
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 
 from sqlalchemy import text
 
@@ -39,6 +35,7 @@ class CampaignReport:
     quarantine: list[dict[str, Any]] | None = None  # one campaign's quarantine reasons (store.quarantine)
     campaign: str | None = None
     html_path: Path | None = None
+    metrics: list[dict[str, Any]] | None = None  # tasks/metrics.py rows, set by write_html
 
     def buckets(self) -> list[str]:
         """The outcome buckets shown: every one that holds a message in some row."""
@@ -176,65 +173,16 @@ def describe_error(state: str, code: str) -> str:
     return f"{state}: {code} {text}".strip() if code else state
 
 
-def _chart_png(report: CampaignReport) -> str:
-    import matplotlib
+def write_html(report: CampaignReport, out_dir: Path, name: str = "report", engine=None) -> Path:
+    """The page a marketer reads (tasks/report_page.py: Plotly charts, self-contained)."""
+    from tasks.metrics import campaign_metrics
+    from tasks.report_page import write_page
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    df = pd.DataFrame(report.rows)
-    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.5 * len(df) + 1.5)))
-    labels = [f"{r.campaign} / {r.segment}" for r in df.itertuples()]
-    left = [0] * len(df)
-    groups = (("delivered", ("delivered",), "#2e7d32"),
-              ("failed", ("undelivered", "expired", "rejected", "failed", "expired_unsent"), "#c62828"),
-              ("held back", ("held_back",), "#ef6c00"),
-              ("pending", ("awaiting_receipt", "deferred", "not_sent_yet"), "#9e9e9e"))
-    for label, cols, color in groups:
-        values = df[list(cols)].sum(axis=1)
-        ax.barh(labels, values, left=left, color=color, label=label)
-        left = [a + b for a, b in zip(left, values)]
-    ax.set_xlabel("messages")
-    ax.set_title("Delivery by campaign and segment")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _html_table(rows: list[dict[str, str]]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in r.values()) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def write_html(report: CampaignReport, out_dir: Path, name: str = "report") -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}-{report.generated_at:%Y%m%d-%H%M%S}.html"
-
-    def section(title: str, rows: list[dict[str, Any]] | None, empty: str) -> str:
-        rows = [{k: str(v) for k, v in r.items()} for r in rows or []]
-        return f"<h2>{html.escape(title)}</h2>" + (_html_table(rows) if rows else f"<p>{html.escape(empty)}</p>")
-
-    funnel = section("Contacts", [report.funnel_row()], "") if report.funnel else ""
-    chart = f'<img alt="delivery chart" src="data:image/png;base64,{_chart_png(report)}">' if report.rows else ""
-    title = f"SMS campaign report: {report.campaign}" if report.campaign else "SMS campaign report"
-    doc = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(name)}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
-blockquote{{color:#444;border-left:4px solid #2e7d32;margin:1em 0;padding-left:1em}}</style>
-</head><body><h1>{html.escape(title)}</h1><p>Generated {report.generated_at:%Y-%m-%d %H:%M:%S} UTC</p>
-<blockquote>{html.escape(GUARANTEE)}</blockquote>{funnel}
-{section("Messages", report.display_rows(), "No campaigns.")}
-<p>Each planned message is counted in exactly one outcome column; delivery rate = delivered / sent.</p>
-<h2>Chart</h2>{chart}
-{section("Failures by reason", report.failures, "No failures.")}
-{section("Held back by contact policy", report.held, "Nothing held back.")}
-{section("Quarantine reasons", report.quarantine_rows(), "Nothing quarantined.") if report.campaign else ""}
-</body></html>"""
-    path.write_text(doc, encoding="utf-8")
+    engine = engine or get_engine()
+    metrics = campaign_metrics(engine, report.campaign)
+    path = write_page(engine, report, metrics, out_dir, name, GUARANTEE)
     report.html_path = path
+    report.metrics = metrics
     return path
 
 
@@ -245,13 +193,27 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 @task(name="campaign-report", cache_policy=NO_CACHE)
 def report_task(campaign: str | None, out_dir: str, database_url: str | None) -> CampaignReport:
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    """Collect, write the HTML page, and publish the same numbers as Prefect artifacts: the markdown
+    report, the per-campaign table of what each earned, and a link to the page."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+    from tasks.report_page import metrics_rows
 
-    report = collect(get_engine(database_url), campaign)
-    write_html(report, Path(out_dir), name=f"report-{campaign}" if campaign else "report")
-    create_markdown_artifact(report.markdown() + f"\n\nHTML: `{report.html_path}`", key="campaign-report",
-                             description="Delivery, failures, cost per campaign and segment")
+    engine = get_engine(database_url)
+    report = collect(engine, campaign)
+    write_html(report, Path(out_dir), name=f"report-{campaign}" if campaign else "report", engine=engine)
+    earned = metrics_rows(report.metrics or [])
+    md = report.markdown()
+    if earned:
+        cols = list(earned[0])
+        md += ("\n\n## What each campaign earned\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+               + "\n".join("| " + " | ".join(r[c] for c in cols) + " |" for r in earned))
+    create_markdown_artifact(md + f"\n\nHTML: `{report.html_path}`", key="campaign-report",
+                             description="Delivery, clicks, conversions, revenue, cost, ROI per campaign")
     if report.rows:
         create_table_artifact(report.display_rows(), key="campaign-metrics", description="Per campaign and segment")
+    if earned:
+        create_table_artifact(earned, key="campaign-earnings", description="What each campaign earned")
+    create_link_artifact(report.html_path.resolve().as_uri(), link_text=f"HTML report ({report.html_path.name})",
+                         key="campaign-report-page", description="The report page (self-contained, works offline)")
     return report

@@ -45,7 +45,35 @@ def queue_items(engine, source: str) -> int:
             "SELECT 'reply:' || m.id, c.source, c.crm_id, 'reply', 'SMS reply: ' || COALESCE(m.text, ''), 'pending', 0, :now "
             "FROM inbound_messages m JOIN contacts c ON c.id = m.contact_id "
             "WHERE c.source = :s AND m.kind = 'reply' ON CONFLICT (key) DO NOTHING"), {"s": source, "now": now}).rowcount or 0
+        n += _queue_clicks(conn, source, now)
     return n
+
+
+def _queue_clicks(conn, source: str, now) -> int:
+    """A message's link clicked by a person (its first such click; tasks/clicks.py says who is a person)."""
+    from sqlalchemy import DateTime
+
+    from tasks.clicks import is_human
+
+    rows = conn.execute(text(
+        "SELECT l.code, c.source, c.crm_id, k.name, x.at, x.bot_reason, o.final_at, o.state FROM clicks x "
+        "JOIN short_links l ON l.code = x.code JOIN outbox o ON o.idempotency_key = l.outbox_key "
+        "JOIN contacts c ON c.id = o.contact_id JOIN campaigns k ON k.id = o.campaign_id "
+        "WHERE c.source = :s AND x.bot_reason IS NULL AND NOT EXISTS (SELECT 1 FROM crm_writebacks w "
+        "WHERE w.key = 'click:' || l.code) ORDER BY x.at").columns(at=DateTime, final_at=DateTime),
+        {"s": source}).all()
+    items, seen = [], set()
+    for code, src, crm_id, campaign, at, bot, fin, state in rows:
+        if code in seen or not is_human(bot, at, fin if state == "delivered" else None):
+            continue
+        seen.add(code)
+        items.append({"key": f"click:{code}", "source": src, "crm_id": crm_id,
+                      "text": f"SMS {campaign}: link clicked at {at:%Y-%m-%d %H:%M} UTC", "now": now})
+    if items:
+        conn.execute(text(
+            "INSERT INTO crm_writebacks (key, source, crm_id, kind, text, status, attempts, created_at) "
+            "VALUES (:key, :source, :crm_id, 'click', :text, 'pending', 0, :now) ON CONFLICT (key) DO NOTHING"), items)
+    return len(items)
 
 
 def write_back(engine, block: CrmWriteBack, source: str, batch: int = 500, max_attempts: int = 5) -> WriteBackStats:

@@ -9,6 +9,7 @@ import subprocess
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import text
 
 from store.db import get_engine
@@ -30,13 +31,21 @@ def _t(v):
     return datetime.fromisoformat(v) if isinstance(v, str) else v
 
 
-def test_the_demo_shows_the_whole_funnel_and_the_report_adds_up(tmp_path):
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """`smsflow demo` as a user runs it, once for this module: (data dir's parent, env, campaign, stdout)."""
+    tmp_path = tmp_path_factory.mktemp("demo")
     env = _env(tmp_path)
-    demo = subprocess.run([SMSFLOW, "demo", "--contacts", "800", "--wait", "5"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
-    assert demo.returncode == 0, demo.stderr[-4000:]
-    name = re.search(r"campaign (demo-\S+):", demo.stdout).group(1)
-    assert "earned:" in demo.stdout and "ROI" in demo.stdout
+    res = subprocess.run([SMSFLOW, "demo", "--contacts", "800", "--wait", "5"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    name = re.search(r"campaign (demo-\S+):", res.stdout).group(1)
+    return tmp_path, env, name, res.stdout
+
+
+def test_the_demo_shows_the_whole_funnel_and_the_report_adds_up(demo):
+    tmp_path, env, name, out = demo
+    assert "earned:" in out and "ROI" in out
     rep = subprocess.run([SMSFLOW, "report", "--campaign", name, "--json"], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert rep.returncode == 0, rep.stderr
@@ -96,3 +105,51 @@ def test_report_of_an_unknown_campaign_is_one_clear_error(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and res.stdout == ""
     assert res.stderr.strip() == "error: no campaign named 'nope'"
+
+
+def test_the_demo_report_draws_its_charts_in_a_real_browser_offline(demo):
+    """Debian's Chromium (headless, driven by Playwright) opens the demo's HTML report with every network
+    request refused: the charts draw (Plotly's SVGs exist), no console error; screenshots of a laptop and a
+    phone view are kept in artifacts/ (the CI artifact)."""
+    import shutil
+
+    tmp_path, _env_, name, out = demo
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is required under CI (scripts/browser.sh installs it)")
+        pytest.skip("chromium not installed (bash scripts/browser.sh)")
+    from playwright.sync_api import sync_playwright
+
+    page_path = Path(re.search(r"^report: (.+)$", out, re.M).group(1))
+    assert page_path.is_file()
+    artifacts = REPO / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    errors: list[str] = []
+    refused: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            for label, viewport in (("laptop", {"width": 1366, "height": 900}), ("phone", {"width": 390, "height": 844})):
+                page = browser.new_page(viewport=viewport)
+                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:")
+                           else (refused.append(route.request.url), route.abort()))
+                page.goto(page_path.as_uri())
+                page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 4",
+                                       timeout=30_000)
+                charts = page.eval_on_selector_all(".js-plotly-plot", "els => els.map(e => e.id)")
+                assert {"funnel", "over-time", "cost-revenue", "segments"} <= set(charts), charts
+                # the funnel drew its four stages, the time chart its lines
+                assert page.eval_on_selector_all("#funnel .trace.bars .point", "els => els.length") == 4
+                assert page.eval_on_selector_all("#over-time .scatterlayer .trace", "els => els.length") >= 2
+                width = page.evaluate("document.documentElement.scrollWidth")
+                assert width <= viewport["width"] + 1, f"{label}: the page scrolls sideways ({width}px)"
+                page.screenshot(path=str(artifacts / f"report-demo-{label}.png"), full_page=True)
+                page.close()
+        finally:
+            browser.close()
+    assert not errors, errors
+    assert not refused, f"the page asked the network for {refused}"
+    assert (artifacts / "report-demo-laptop.png").stat().st_size > 20_000

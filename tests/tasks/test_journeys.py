@@ -318,6 +318,51 @@ def test_a_reply_ends_a_journey_that_asks_for_it(engine, tmp_path, journeys):
     assert [o["step"] for o in _outbox(engine)] == ["offer"]
 
 
+def test_a_persons_click_on_the_journeys_link_ends_it_a_preview_does_not(engine, tmp_path, monkeypatch):
+    from smsflow.settings import reset_settings
+    from store.db import bulk_insert
+    from tasks.journey import exit_on_clicks
+
+    monkeypatch.setenv("SMSFLOW_LINK_BASE_URL", "https://s.example.ru")
+    reset_settings()
+    d = tmp_path / "j"
+    d.mkdir()
+    (d / "winback_link.yaml").write_text(textwrap.dedent("""
+        name: winback-link
+        kind: marketing
+        trigger: {inactive_days: 90, activity_field: last_activity_at}
+        exit_on_click: true
+        steps:
+          - name: offer
+            template: {ru: "Возвращайтесь: {{ link('https://shop.example/back') }}"}
+          - name: reminder
+            delay: 3d
+            template: {ru: "Напоминаем: код BACK10 ещё 2 дня."}
+        """), encoding="utf-8")
+    wj = load_journeys(d)
+    _contacts(engine, tmp_path, [contact(1, id="K1", last_activity_at="2026-08-01T12:00:00Z")])
+    assert _run(engine, wj, T0).planned == 1
+    (msg,) = _outbox(engine)
+    with engine.begin() as c:
+        code, key = c.execute(text("SELECT code, outbox_key FROM short_links")).one()
+        c.execute(text("UPDATE outbox SET state = 'delivered', final_at = :t"), {"t": T0 + timedelta(minutes=1)})
+    assert key == msg["idempotency_key"] and f"https://s.example.ru/{code}" in msg["text"]
+
+    def click(at, bot=None, ua="phone"):
+        with engine.begin() as c:
+            bulk_insert(c, "clicks", ("code", "at", "method", "user_agent", "ip_hash", "bot_reason"),
+                        [(code, at, "GET", ua, "h", bot)])
+
+    click(T0 + timedelta(minutes=1, seconds=1))                   # the phone drew a preview on arrival
+    click(T0 + timedelta(minutes=2), bot="crawler", ua="TelegramBot")
+    assert exit_on_clicks(engine, wj, T0 + timedelta(minutes=5)).exited == 0
+    click(T0 + timedelta(hours=2))                                # a person
+    assert exit_on_clicks(engine, wj, T0 + timedelta(hours=3)).exited == 1
+    _run(engine, wj, T0 + timedelta(days=5))
+    assert [o["step"] for o in _outbox(engine)] == ["offer"]      # no reminder after the click
+    reset_settings()
+
+
 # ----------------------------------------------------------------------------- property: any interleaving
 
 EVENTS = ["created", "packed", "shipped", "delivered", "cancelled", "dup"]

@@ -121,3 +121,26 @@ def test_click_counts_raw_human_unique_and_previews(engine, tmp_path, link_base)
         ])
     assert click_counts(engine, cid) == {"clicks_total": 6, "clicks_human": 3, "unique_clickers": 2,
                                          "clicks_preview": 1}
+
+
+def test_a_persons_click_is_written_back_to_the_crm_once(engine, tmp_path, link_base):
+    from datetime import timedelta
+
+    from store.db import bulk_insert
+    from tasks.writeback import queue_items
+
+    _planned(engine, tmp_path, 3)
+    (a, _), (b, _) = _rows(engine, "SELECT l.code, o.contact_id FROM short_links l JOIN outbox o "
+                                   "ON o.idempotency_key = l.outbox_key ORDER BY o.contact_id")[:2]
+    delivered = utcnow() - timedelta(hours=1)
+    with engine.begin() as c:
+        c.execute(text("UPDATE outbox SET state = 'delivered', final_at = :t"), {"t": delivered})
+        bulk_insert(c, "clicks", ("code", "at", "method", "user_agent", "ip_hash", "bot_reason"), [
+            (a, delivered + timedelta(seconds=1), "GET", "phone", "h", None),       # a preview on arrival
+            (a, delivered + timedelta(minutes=3), "GET", "phone", "h", None),       # the person
+            (a, delivered + timedelta(minutes=4), "GET", "phone", "h", None),       # the person again
+            (b, delivered + timedelta(minutes=5), "GET", "TelegramBot", "h", "crawler")])
+    queue_items(engine, "test")
+    queue_items(engine, "test")
+    rows = _rows(engine, "SELECT key, kind, text FROM crm_writebacks WHERE kind = 'click'")
+    assert [(k, kind) for k, kind, _ in rows] == [(f"click:{a}", "click")] and "link clicked" in rows[0][2]

@@ -45,9 +45,10 @@ def test_report_counts_and_html(engine, tmp_path):
     rate = f"{100 * row['delivered'] / 20:.1f} %"
     shown = rep.display_rows()[0]
     assert shown["delivery rate"] == rate and shown["spent"].endswith(" RUB")
-    path = write_html(rep, tmp_path / "reports", "r")
+    path = write_html(rep, tmp_path / "reports", "r", engine=engine)
     html = path.read_text(encoding="utf-8")
-    assert "data:image/png;base64," in html and "camp" in html
+    assert 'id="funnel"' in html and 'id="over-time"' in html and "camp" in html
+    assert "<script src=" not in html and len(html) > 1_000_000  # plotly.js inlined: no CDN, works offline
     md = rep.markdown()
     assert f"| camp | all | 20 | {row['delivered']} | {row['undelivered']} |" in md
     for text_ in (md, html):  # one vocabulary: the same rate string, no raw fractions, a currency

@@ -1,0 +1,156 @@
+"""The HTML report a marketer reads: the funnel, delivery and clicks over time, failures by reason, cost
+against revenue, per segment. Interactive Plotly charts, self-contained: plotly.js is inlined once, no
+CDN, so the page works offline and as an e-mail attachment; readable on a laptop and on a phone."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import DateTime, text
+
+from tasks.clicks import is_human
+
+CONFIG = {"responsive": True, "displaylogo": False}
+GREEN, RED, BLUE, GREY, ORANGE = "#2e7d32", "#c62828", "#1565c0", "#9e9e9e", "#ef6c00"
+
+
+def _series(engine, campaign: str | None) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """Deliveries, requests to links and people's clicks per hour."""
+    where = "AND c.name = :n" if campaign else ""
+    p = {"n": campaign} if campaign else {}
+    with engine.connect() as conn:
+        delivered = [r[0] for r in conn.execute(text(
+            f"SELECT o.final_at FROM outbox o JOIN campaigns c ON c.id = o.campaign_id WHERE o.state = 'delivered' "
+            f"AND o.final_at IS NOT NULL {where}").columns(final_at=DateTime), p)]
+        clicks = conn.execute(text(
+            "SELECT k.at, k.bot_reason, o.final_at, o.state FROM clicks k JOIN short_links l ON l.code = k.code "
+            f"JOIN campaigns c ON c.id = l.campaign_id LEFT JOIN outbox o ON o.idempotency_key = l.outbox_key "
+            f"WHERE 1 = 1 {where}").columns(at=DateTime, final_at=DateTime), p).all()
+
+    def hourly(times: list) -> pd.Series:
+        if not times:
+            return pd.Series(dtype="int64")
+        return pd.Series(1, index=pd.DatetimeIndex(times)).resample("1h").sum()
+
+    human = [at for at, bot, fin, state in clicks if is_human(bot, at, fin if state == "delivered" else None)]
+    return hourly(delivered), hourly([c[0] for c in clicks]), hourly(human)
+
+
+def _figures(engine, metrics: list[dict[str, Any]], failures: list[dict[str, Any]], campaign: str | None) -> list:
+    import plotly.graph_objects as go
+
+    figs = []
+    sent = sum(m["sent"] for m in metrics)
+    delivered = sum(m["delivered"] for m in metrics)
+    clickers = sum(m["unique_clickers"] for m in metrics)
+    conversions = sum(m["conversions"] for m in metrics)
+    f = go.Figure(go.Funnel(y=["sent", "delivered", "clicked (people)", "converted (orders)"],
+                            x=[sent, delivered, clickers, conversions], textinfo="value+percent initial",
+                            marker={"color": [BLUE, GREEN, ORANGE, "#6a1b9a"]}))
+    f.update_layout(title="Funnel: sent -> delivered -> clicked -> converted")
+    figs.append(("funnel", f))
+    d, raw, human = _series(engine, campaign)
+    f = go.Figure()
+    f.add_trace(go.Scatter(x=d.index, y=d.values, name="delivered", mode="lines+markers", line={"color": GREEN}))
+    f.add_trace(go.Scatter(x=human.index, y=human.values, name="clicks by people", mode="lines+markers",
+                           line={"color": ORANGE}))
+    f.add_trace(go.Scatter(x=raw.index, y=raw.values, name="all requests (incl. previews, bots)", mode="lines",
+                           line={"color": GREY, "dash": "dot"}))
+    f.update_layout(title="Delivery and clicks over time (per hour, UTC)", xaxis_title="", yaxis_title="per hour")
+    figs.append(("over-time", f))
+    if failures:
+        df = pd.DataFrame(failures).groupby("reason", as_index=False)["count"].sum().sort_values("count")
+        f = go.Figure(go.Bar(x=df["count"], y=df["reason"], orientation="h", marker_color=RED))
+        f.update_layout(title="Failures by reason", xaxis_title="messages")
+        figs.append(("failures", f))
+    names = [m["campaign"] for m in metrics]
+    f = go.Figure([go.Bar(x=names, y=[m["cost"] for m in metrics], name="cost", marker_color=RED),
+                   go.Bar(x=names, y=[m["revenue"] for m in metrics], name="revenue (attributed)",
+                          marker_color=GREEN)])
+    cur = metrics[0]["currency"] if metrics else ""
+    f.update_layout(title=f"Cost vs revenue ({cur})", barmode="group")
+    figs.append(("cost-revenue", f))
+    segs = [(m["campaign"], s) for m in metrics for s in m["segments"]]
+    if segs:
+        labels = [f"{c} / {s['segment']}" for c, s in segs]
+        f = go.Figure([go.Bar(x=labels, y=[s["delivered"] for _, s in segs], name="delivered", marker_color=GREEN),
+                       go.Bar(x=labels, y=[s["conversions"] for _, s in segs], name="conversions",
+                              marker_color="#6a1b9a")])
+        f.update_layout(title="Per segment", barmode="group")
+        figs.append(("segments", f))
+    for _, fig in figs:
+        fig.update_layout(margin={"l": 40, "r": 20, "t": 60, "b": 40}, height=380, template="plotly_white",
+                          legend={"orientation": "h", "y": -0.2})
+    return figs
+
+
+def metrics_rows(metrics: list[dict[str, Any]]) -> list[dict[str, str]]:
+    def pct(v):
+        return "" if v is None else f"{v * 100:.1f} %"
+
+    return [{"campaign": m["campaign"], "sent": str(m["sent"]), "delivered": str(m["delivered"]),
+             "failed": str(m["failed"]), "clicks (people)": str(m["clicks_human"]),
+             "requests": str(m["clicks_total"]), "clickers": str(m["unique_clickers"]), "click rate": pct(m["click_rate"]),
+             "replies": str(m["replies"]), "opt-outs": str(m["opt_outs"]), "conversions": str(m["conversions"]),
+             "conversion rate": pct(m["conversion_rate"]), "revenue": f"{m['revenue']:,.2f}",
+             "average order": "" if m["average_order"] is None else f"{m['average_order']:,.2f}",
+             "cost": f"{m['cost']:,.2f}", "cost / conversion": "" if m["cost_per_conversion"] is None
+             else f"{m['cost_per_conversion']:,.2f}", "ROI": pct(m["roi"])} for m in metrics]
+
+
+def _table(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return "<p>None.</p>"
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in r.values()) + "</tr>" for r in rows)
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def render_page(engine, report, metrics: list[dict[str, Any]], title: str, notes: str) -> str:
+    """The page's HTML. ``report`` is tasks.report.CampaignReport (funnel, outcome rows, failures)."""
+    from plotly.offline import get_plotlyjs
+
+    figs = _figures(engine, metrics, report.failures, report.campaign)
+    charts = "".join(f'<section class="chart">{fig.to_html(full_html=False, include_plotlyjs=False, div_id=key, config=CONFIG)}'
+                     f"</section>" for key, fig in figs)
+    outcome_rows = report.display_rows()
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:0 auto;padding:1em;max-width:1100px;color:#222}}
+table{{border-collapse:collapse;font-size:.9em}}td,th{{border:1px solid #ddd;padding:4px 8px;text-align:right}}
+th{{background:#f5f5f5}}td:first-child,th:first-child{{text-align:left}}.scroll{{overflow-x:auto}}
+.chart{{margin:1.5em 0}}.cards{{display:flex;flex-wrap:wrap;gap:.8em}}.card{{flex:1 1 9em;border:1px solid #ddd;
+border-radius:8px;padding:.6em}}.card b{{display:block;font-size:1.5em}}blockquote{{color:#444;border-left:4px solid
+{GREEN};margin:1em 0;padding-left:1em}}@media (max-width:600px){{body{{padding:.5em}}h1{{font-size:1.3em}}}}</style>
+<script>{get_plotlyjs()}</script></head><body>
+<h1>{html.escape(title)}</h1><p>Generated {report.generated_at:%Y-%m-%d %H:%M:%S} UTC</p>
+{_cards(metrics)}
+{charts}
+<h2>What each campaign earned</h2>{_table(metrics_rows(metrics))}
+<h2>Where every message ended</h2>{_table(outcome_rows)}
+<h2>Failures by reason</h2>{_table([{k: str(v) for k, v in f.items()} for f in report.failures])}
+<blockquote>{html.escape(notes)}</blockquote>
+</body></html>"""
+
+
+def _cards(metrics: list[dict[str, Any]]) -> str:
+    if not metrics:
+        return "<p>No campaigns yet.</p>"
+    tot = {k: sum(m[k] for m in metrics) for k in ("sent", "delivered", "clicks_human", "conversions", "revenue", "cost")}
+    roi = (tot["revenue"] - tot["cost"]) / tot["cost"] if tot["cost"] else None
+    cur = metrics[0]["currency"]
+    cards = [("sent", f"{tot['sent']:,}"), ("delivered", f"{tot['delivered']:,}"),
+             ("clicks by people", f"{tot['clicks_human']:,}"), ("conversions", f"{tot['conversions']:,}"),
+             (f"revenue, {cur}", f"{tot['revenue']:,.0f}"), (f"cost, {cur}", f"{tot['cost']:,.0f}"),
+             ("ROI", "n/a" if roi is None else f"{roi * 100:.0f} %")]
+    return '<div class="cards">' + "".join(f'<div class="card"><b>{v}</b>{html.escape(k)}</div>' for k, v in cards) + "</div>"
+
+
+def write_page(engine, report, metrics: list[dict[str, Any]], out_dir: Path, name: str, notes: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}-{report.generated_at:%Y%m%d-%H%M%S}.html"
+    title = f"SMS campaign report: {report.campaign}" if report.campaign else "SMS campaigns report"
+    path.write_text(render_page(engine, report, metrics, title, notes), encoding="utf-8")
+    return path

@@ -16,6 +16,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -101,12 +102,15 @@ def run(args) -> dict:
                         break
                 except httpx.HTTPError:
                     time.sleep(0.1)
-            q: mp.Queue = mp.get_context("spawn").Queue()
-            gen = mp.get_context("spawn").Process(target=_generate, args=(base, codes, args.seconds,
-                                                                           args.concurrency, q))
-            gen.start()
-            res = q.get(timeout=args.seconds + 120)
-            gen.join(30)
+            if args.tool == "wrk":
+                res = _wrk(base, codes, args, d)
+            else:
+                q: mp.Queue = mp.get_context("spawn").Queue()
+                gen = mp.get_context("spawn").Process(target=_generate, args=(base, codes, args.seconds,
+                                                                               args.concurrency, q))
+                gen.start()
+                res = q.get(timeout=args.seconds + 120)
+                gen.join(30)
         finally:
             server.terminate()
             server.wait(30)
@@ -117,12 +121,50 @@ def run(args) -> dict:
         with get_engine(url).connect() as c:
             stored = c.execute(text("SELECT COUNT(*) FROM clicks")).scalar()
         dispose_engines()
+    if args.tool == "wrk":
+        return {"store": store_label(args.database_url), **res, "clicks_stored": stored,
+                "concurrency": args.concurrency, "tool": "wrk"}
     lat = sorted(res["latencies"])
     ok = res["statuses"].get(302, 0)
     q = statistics.quantiles(lat, n=100)
     return {"store": store_label(args.database_url), "requests": len(lat), "rps": len(lat) / res["wall"],
             "p50_ms": q[49] * 1000, "p90_ms": q[89] * 1000, "p99_ms": q[98] * 1000, "statuses": res["statuses"],
-            "redirects": ok, "clicks_stored": stored, "concurrency": args.concurrency}
+            "redirects": ok, "clicks_stored": stored, "concurrency": args.concurrency, "tool": "httpx"}
+
+
+LUA = """
+local codes = {}
+for line in io.lines(os.getenv("CODES")) do codes[#codes + 1] = line end
+math.randomseed(os.time())
+request = function()
+  return wrk.format("GET", "/" .. codes[math.random(#codes)], {["User-Agent"] = os.getenv("UA")})
+end
+"""
+
+
+def _wrk(base: str, codes: list[str], args, d: Path) -> dict:
+    """wrk (C, one thread: the other core is the server's) with random known codes; its own percentiles."""
+    import re
+
+    (d / "codes.txt").write_text("\n".join(codes) + "\n")
+    (d / "random.lua").write_text(LUA)
+    out = subprocess.run(["wrk", "-t1", f"-c{args.concurrency}", f"-d{int(args.seconds)}s", "--latency", "-s",
+                          str(d / "random.lua"), base], capture_output=True, text=True,
+                         env={**os.environ, "CODES": str(d / "codes.txt"), "UA": PHONE_UA},
+                         timeout=args.seconds + 60).stdout
+
+    def ms(label: str) -> float:
+        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        v, unit = float(m.group(1)), m.group(2)
+        return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {"requests": total, "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "p50_ms": ms("50"), "p90_ms": ms("90"), "p99_ms": ms("99"),
+            "statuses": {"other": int(bad.group(1)) if bad else 0, "socket_errors": errors.group(1) if errors else ""},
+            "redirects": total - (int(bad.group(1)) if bad else 0)}
 
 
 def main(argv=None) -> None:
@@ -131,6 +173,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--database-url", default=None)
+    ap.add_argument("--tool", choices=("wrk", "httpx"), default="wrk" if shutil.which("wrk") else "httpx",
+                    help="load generator: wrk (Debian package, C) or a bounded httpx loop (default: wrk if installed)")
     args = ap.parse_args(argv)
     r = run(args)
     print(f"{r['store']}: {r['rps']:,.0f} req/s, p50 {r['p50_ms']:.1f} ms, p90 {r['p90_ms']:.1f} ms, "

@@ -25,7 +25,7 @@ from smsflow.callback_auth import CallbackRefused, check
 from smsflow.links import bot_reason, click_ip_key, ip_hash, is_code
 from smsflow.settings import get_settings
 from store.db import get_engine, utcnow
-from store.links import find_link, store_clicks
+from store.links import ClickWriter, LinkReader
 from store.events import record_event
 from tasks.inbound import store_and_apply
 from tasks.reconcile import store_receipts
@@ -275,14 +275,16 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
     # once (it never reaches the store); a known code's click is committed, then redirected.
     settings = get_settings()
     ip_key = click_ip_key(settings.click_ip_key, settings.data_dir)
-    clicks = GroupCommit(lambda items: store_clicks(engine, items), "click-writer")
+    # no batching window: a click waits only for the commit in progress (the next batch is what queued meanwhile)
+    clicks = GroupCommit(ClickWriter(engine), "click-writer", max_wait_s=0.0)
+    find = LinkReader(engine)
     click_signal = ReceiptSignal(event="smsflow.link.clicked", resource="smsflow.campaign", counted="clicks")
     links: dict[str, tuple[str, Any, int]] = {}  # code -> (target, expires_at, campaign): a link never changes
 
     def lookup(code: str):
         found = links.get(code)
         if found is None:
-            found = find_link(engine, code)
+            found = find(code)
             if found is not None:
                 if len(links) >= 200_000:
                     links.clear()
@@ -380,8 +382,9 @@ async def _in_thread(fn, *args):
     return await run_in_threadpool(fn, *args)
 
 
-def run(host: str = "127.0.0.1", port: int = 8787, database_url: str | None = None) -> None:
+def run(host: str = "127.0.0.1", port: int = 8787, database_url: str | None = None, emit_events: bool = True) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    uvicorn.run(create_app(database_url), host=host, port=port, log_level="info", access_log=False)
+    uvicorn.run(create_app(database_url, emit_events=emit_events), host=host, port=port, log_level="info",
+                access_log=False)

@@ -694,10 +694,18 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8787, "--port"),
 ) -> None:
-    """Start the callback/inbound service (receipts and replies are stored before the 2xx)."""
-    with _prefect_session():
-        from service.app import run
+    """Start the callback/inbound service and the short-link redirect (receipts, replies and clicks are
+    stored before the answer). Prefect events are emitted to the server of PREFECT_API_URL; without one
+    nothing would receive them, so none are emitted and no temporary Prefect API is started."""
+    from prefect.settings import get_current_settings
 
+    from service.app import run
+
+    if not get_current_settings().api.url:
+        typer.echo("no PREFECT_API_URL: serving without Prefect events (the store has everything)", err=True)
+        run(host=host, port=port, emit_events=False)
+        return
+    with _prefect_session():
         run(host=host, port=port)
 
 

@@ -120,21 +120,19 @@ def campaign_earnings(engine, campaign_id: int | None = None) -> dict[int, dict[
                                       "segments": {}})
         return c, c["segments"].setdefault(seg, {"conversions": 0, "revenue": 0.0, "replies": 0})
 
-    for cid, seg, amount in zip(orders["campaign_id"], orders["segment"], orders["amount"]):
-        if pd.isna(cid):
-            continue
-        c, sg = slot(cid, seg)
-        c["conversions"] += 1
-        sg["conversions"] += 1
-        c["revenue"] += float(amount)
-        sg["revenue"] += float(amount)
-    for cid, seg, secs in zip(replies["campaign_id"], replies["segment"], replies["seconds"]):
-        if pd.isna(cid):
-            continue
-        c, sg = slot(cid, seg)
-        c["replies"] += 1
-        sg["replies"] += 1
-        c["reply_seconds"].append(float(secs))
+    def count(frame: pd.DataFrame, value: str, counter: str, total: str | None) -> None:
+        for cid, seg, v in zip(frame["campaign_id"], frame["segment"], frame[value]):
+            if pd.isna(cid):
+                continue
+            for d in slot(cid, seg):
+                d[counter] += 1
+                if total:
+                    d[total] += float(v)
+            if counter == "replies":
+                out[int(cid)]["reply_seconds"].append(float(v))
+
+    count(orders, "amount", "conversions", "revenue")
+    count(replies, "seconds", "replies", None)
     for c in out.values():
         secs = sorted(c.pop("reply_seconds"))
         c["median_reply_s"] = float(pd.Series(secs).median()) if secs else None

@@ -258,23 +258,30 @@ def process_events(engine, journeys: list[Journey], now: datetime | None = None,
             return stats
 
 
-def exit_on_replies(engine, journeys: list[Journey], now: datetime | None = None) -> JourneyStats:
-    """Journeys with ``exit_on_reply``: an SMS from the customer after the journey started ends it."""
+def _exit_matching(engine, journeys: list[Journey], wanted, query, reason: str, now: datetime | None,
+                   keep=lambda rows: {int(r[0]) for r in rows}) -> JourneyStats:
+    """Exit the active instances of the journeys ``wanted(journey)`` selects that ``query(marks)`` finds
+    (its first column the instance id; ``keep(rows)`` picks the ids)."""
     now = _naive(now)
     stats = JourneyStats()
-    names = [j.name for j in journeys if j.exit_on_reply]
+    names = [j.name for j in journeys if wanted(j)]
     if not names:
         return stats
     with engine.begin() as conn:
         _lock(conn)
         marks = ",".join(f":j{i}" for i in range(len(names)))
-        rows = conn.execute(text(
-            "SELECT DISTINCT i.id FROM journey_instances i JOIN inbound_messages m ON m.from_e164 = i.phone_e164 "
-            f"WHERE i.journey IN ({marks}) AND i.status = 'active' AND m.received_at >= i.started_at"),
-            {f"j{i}": n for i, n in enumerate(names)}).all()
-        for (iid,) in rows:
-            exit_instance(conn, int(iid), "the customer replied", now, stats)
+        rows = conn.execute(query(marks), {f"j{i}": n for i, n in enumerate(names)}).all()
+        for iid in sorted(keep(rows)):
+            exit_instance(conn, iid, reason, now, stats)
     return stats
+
+
+def exit_on_replies(engine, journeys: list[Journey], now: datetime | None = None) -> JourneyStats:
+    """Journeys with ``exit_on_reply``: an SMS from the customer after the journey started ends it."""
+    return _exit_matching(engine, journeys, lambda j: j.exit_on_reply, lambda marks: text(
+        "SELECT DISTINCT i.id FROM journey_instances i JOIN inbound_messages m ON m.from_e164 = i.phone_e164 "
+        f"WHERE i.journey IN ({marks}) AND i.status = 'active' AND m.received_at >= i.started_at"),
+        "the customer replied", now)
 
 
 def exit_on_clicks(engine, journeys: list[Journey], now: datetime | None = None) -> JourneyStats:
@@ -284,24 +291,14 @@ def exit_on_clicks(engine, journeys: list[Journey], now: datetime | None = None)
 
     from tasks.clicks import is_human
 
-    now = _naive(now)
-    stats = JourneyStats()
-    names = [j.name for j in journeys if j.exit_on_click]
-    if not names:
-        return stats
-    with engine.begin() as conn:
-        _lock(conn)
-        marks = ",".join(f":j{i}" for i in range(len(names)))
-        rows = conn.execute(text(
-            "SELECT i.id, c.at, c.bot_reason, o.final_at, o.state FROM journey_instances i "
-            "JOIN journey_steps s ON s.instance_id = i.id JOIN short_links l ON l.outbox_key = s.outbox_key "
-            "JOIN clicks c ON c.code = l.code LEFT JOIN outbox o ON o.idempotency_key = l.outbox_key "
-            f"WHERE i.journey IN ({marks}) AND i.status = 'active' AND c.bot_reason IS NULL")
-            .columns(at=DateTime, final_at=DateTime), {f"j{i}": n for i, n in enumerate(names)}).all()
-        clicked = {int(iid) for iid, at, bot, fin, state in rows if is_human(bot, at, fin if state == "delivered" else None)}
-        for iid in sorted(clicked):
-            exit_instance(conn, iid, "the customer clicked the link", now, stats)
-    return stats
+    return _exit_matching(engine, journeys, lambda j: j.exit_on_click, lambda marks: text(
+        "SELECT i.id, c.at, c.bot_reason, o.final_at, o.state FROM journey_instances i "
+        "JOIN journey_steps s ON s.instance_id = i.id JOIN short_links l ON l.outbox_key = s.outbox_key "
+        "JOIN clicks c ON c.code = l.code LEFT JOIN outbox o ON o.idempotency_key = l.outbox_key "
+        f"WHERE i.journey IN ({marks}) AND i.status = 'active' AND c.bot_reason IS NULL")
+        .columns(at=DateTime, final_at=DateTime), "the customer clicked the link", now,
+        keep=lambda rows: {int(iid) for iid, at, bot, fin, state in rows
+                           if is_human(bot, at, fin if state == "delivered" else None)})
 
 
 # ----------------------------------------------------------------------------- date and inactivity triggers

@@ -4,7 +4,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from smsflow.settings import get_settings
-from tasks.report import report_task
+from tasks.report_page import report_task
 
 
 @flow(name="report")

@@ -410,7 +410,8 @@ def _demo_after(campaign_id: int, seed: int) -> dict:
 
     from sqlalchemy import text
 
-    from tasks.report import collect, write_html
+    from tasks.report import collect
+    from tasks.report_page import write_html
 
     engine = get_engine()
     after = simulate(engine, campaign_id, get_settings().data_dir / "demo_crm.sqlite", seed=seed)

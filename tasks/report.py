@@ -13,7 +13,6 @@ from store.db import read_frame, utcnow
 from store.quarantine import summary as quarantine_summary
 from tasks.accounting import campaign_accounting
 from tasks.outcomes import BUCKET_SQL, OUTCOMES, SENT_SQL, money, pct
-from store.db import get_engine
 
 FINAL = ("delivered", "undelivered", "expired", "rejected", "failed")
 
@@ -171,49 +170,3 @@ ERROR_TEXT = {
 def describe_error(state: str, code: str) -> str:
     text = ERROR_TEXT.get(code, "")
     return f"{state}: {code} {text}".strip() if code else state
-
-
-def write_html(report: CampaignReport, out_dir: Path, name: str = "report", engine=None) -> Path:
-    """The page a marketer reads (tasks/report_page.py: Plotly charts, self-contained)."""
-    from tasks.metrics import campaign_metrics
-    from tasks.report_page import write_page
-
-    engine = engine or get_engine()
-    metrics = campaign_metrics(engine, report.campaign)
-    path = write_page(engine, report, metrics, out_dir, name, GUARANTEE)
-    report.html_path = path
-    report.metrics = metrics
-    return path
-
-
-# --------------------------------------------------------------------------- Prefect task
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
-
-@task(name="campaign-report", cache_policy=NO_CACHE)
-def report_task(campaign: str | None, out_dir: str, database_url: str | None) -> CampaignReport:
-    """Collect, write the HTML page, and publish the same numbers as Prefect artifacts: the markdown
-    report, the per-campaign table of what each earned, and a link to the page."""
-    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-
-    from tasks.report_page import metrics_rows
-
-    engine = get_engine(database_url)
-    report = collect(engine, campaign)
-    write_html(report, Path(out_dir), name=f"report-{campaign}" if campaign else "report", engine=engine)
-    earned = metrics_rows(report.metrics or [])
-    md = report.markdown()
-    if earned:
-        cols = list(earned[0])
-        md += ("\n\n## What each campaign earned\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-               + "\n".join("| " + " | ".join(r[c] for c in cols) + " |" for r in earned))
-    create_markdown_artifact(md + f"\n\nHTML: `{report.html_path}`", key="campaign-report",
-                             description="Delivery, clicks, conversions, revenue, cost, ROI per campaign")
-    if report.rows:
-        create_table_artifact(report.display_rows(), key="campaign-metrics", description="Per campaign and segment")
-    if earned:
-        create_table_artifact(earned, key="campaign-earnings", description="What each campaign earned")
-    create_link_artifact(report.html_path.resolve().as_uri(), link_text=f"HTML report ({report.html_path.name})",
-                         key="campaign-report-page", description="The report page (self-contained, works offline)")
-    return report

@@ -11,6 +11,9 @@ import pandas as pd
 from sqlalchemy import DateTime, text
 
 from tasks.clicks import is_human
+from tasks.metrics import campaign_metrics
+from tasks.report import GUARANTEE, CampaignReport, collect
+from store.db import get_engine
 
 CONFIG = {"responsive": True, "displaylogo": False}
 GREEN, RED, BLUE, GREY, ORANGE = "#2e7d32", "#c62828", "#1565c0", "#9e9e9e", "#ef6c00"
@@ -154,3 +157,44 @@ def write_page(engine, report, metrics: list[dict[str, Any]], out_dir: Path, nam
     title = f"SMS campaign report: {report.campaign}" if report.campaign else "SMS campaigns report"
     path.write_text(render_page(engine, report, metrics, title, notes), encoding="utf-8")
     return path
+
+
+def write_html(report: CampaignReport, out_dir: Path, name: str = "report", engine=None) -> Path:
+    """The report's page (Plotly charts, self-contained); sets ``report.html_path`` and ``report.metrics``."""
+    engine = engine or get_engine()
+    metrics = campaign_metrics(engine, report.campaign)
+    path = write_page(engine, report, metrics, out_dir, name, GUARANTEE)
+    report.html_path = path
+    report.metrics = metrics
+    return path
+
+
+# --------------------------------------------------------------------------- Prefect task
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+
+@task(name="campaign-report", cache_policy=NO_CACHE)
+def report_task(campaign: str | None, out_dir: str, database_url: str | None) -> CampaignReport:
+    """Collect, write the HTML page, and publish the same numbers as Prefect artifacts: the markdown
+    report, the per-campaign table of what each earned, and a link to the page."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+    engine = get_engine(database_url)
+    report = collect(engine, campaign)
+    write_html(report, Path(out_dir), name=f"report-{campaign}" if campaign else "report", engine=engine)
+    earned = metrics_rows(report.metrics or [])
+    md = report.markdown()
+    if earned:
+        cols = list(earned[0])
+        md += ("\n\n## What each campaign earned\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+               + "\n".join("| " + " | ".join(r[c] for c in cols) + " |" for r in earned))
+    create_markdown_artifact(md + f"\n\nHTML: `{report.html_path}`", key="campaign-report",
+                             description="Delivery, clicks, conversions, revenue, cost, ROI per campaign")
+    if report.rows:
+        create_table_artifact(report.display_rows(), key="campaign-metrics", description="Per campaign and segment")
+    if earned:
+        create_table_artifact(earned, key="campaign-earnings", description="What each campaign earned")
+    create_link_artifact(report.html_path.resolve().as_uri(), link_text=f"HTML report ({report.html_path.name})",
+                         key="campaign-report-page", description="The report page (self-contained, works offline)")
+    return report

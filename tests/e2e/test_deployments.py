@@ -58,6 +58,7 @@ EXPECTED = {  # "flow/deployment" -> entrypoint
     "campaign/run-campaign": "flows/campaign.py:campaign",
     "crm-writeback/write-back-to-crm": "flows/crm_writeback.py:crm_writeback",
     "journey/crm-events": "flows/journey.py:journey",
+    "render-shard/render-shard": "flows/shards.py:render_shard",  # distributed mode (tests/e2e/test_cluster.py)
 }
 FINAL_STATES = {"delivered", "undelivered", "expired", "rejected", "failed"}
 # The policy clock for the campaign run: a Wednesday, not a Russian holiday, 09:00 UTC
@@ -125,7 +126,8 @@ def test_every_deployment_and_schedule(server, deployed):
         return [x["schedule"] for x in s]
 
     on_demand = {"campaign/run-campaign", "validate-and-dedup/revalidate-contacts", "segment/rebuild-segment",
-                  "render/plan-messages", "send/send-planned-now", "crm-writeback/write-back-to-crm"}
+                  "render/plan-messages", "send/send-planned-now", "crm-writeback/write-back-to-crm",
+                  "render-shard/render-shard"}
     for key in on_demand:
         assert schedules(key) == [], key
     assert len({k.split("/")[1] for k in EXPECTED}) == len(EXPECTED)  # names that tell the deployments apart
@@ -203,7 +205,7 @@ def test_campaign_deployment_runs_on_a_worker(server, deployed, data_dir, worker
     by_flow: dict[str, set[str]] = {}
     for r in runs:
         by_flow.setdefault(flows[r["flow_id"]], set()).add(r["state_type"])
-    expected_flows = {k.split("/")[0] for k in EXPECTED} - {"crm-writeback", "journey"}  # not part of a campaign
+    expected_flows = {k.split("/")[0] for k in EXPECTED} - {"crm-writeback", "journey", "render-shard"}  # not in an embedded campaign
     assert expected_flows <= set(by_flow), by_flow
     assert all(s == {"COMPLETED"} for s in by_flow.values()), by_flow
 

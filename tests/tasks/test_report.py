@@ -22,7 +22,8 @@ from tests.pipeline import TPL, _base, _gw, _planned, _submitted, q  # noqa: F40
 
 
 def test_report_counts_and_html(engine, tmp_path):
-    from tasks.report import collect, write_html
+    from tasks.report import collect
+    from tasks.report_page import write_html
 
     cid, gw = _submitted(engine, tmp_path, 20, undelivered_rate=0.5)
     store_receipts(engine, "sandbox", gw.fetch_receipts())

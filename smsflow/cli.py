@@ -427,14 +427,7 @@ def _earnings_lines(name: str) -> list[str]:
     from store.db import get_engine
     from tasks.metrics import campaign_metrics
 
-    out = []
-    for r in campaign_metrics(get_engine(), name):
-        cur = r["currency"]
-        roi = "n/a" if r["roi"] is None else f"{r['roi'] * 100:.0f} %"
-        out.append(f"earned: {r['clicks_human']} clicks by {r['unique_clickers']} people ({r['clicks_total']} "
-                   f"requests incl. link previews), {r['replies']} replies, {r['conversions']} orders for "
-                   f"{r['revenue']:,.2f} {cur} against {r['cost']:,.2f} {cur} spent: ROI {roi}")
-    return out
+    return [f"earned: {_earned(r)}" for r in campaign_metrics(get_engine(), name)]
 
 
 def _summary_lines(name: str, s: dict) -> list[str]:
@@ -593,12 +586,17 @@ def report_cmd(
         typer.echo("no campaigns yet")
         return
     for r in rows:
-        cur = r["currency"]
-        roi = "n/a" if r["roi"] is None else f"{r['roi'] * 100:.1f} %"
-        typer.echo(f"{r['campaign']}: {r['sent']} sent, {r['delivered']} delivered, {r['failed']} failed; "
-                   f"{r['clicks_human']} clicks by people ({r['clicks_total']} requests, {r['unique_clickers']} "
-                   f"people), {r['replies']} replies, {r['opt_outs']} opt-outs; {r['conversions']} conversions, "
-                   f"revenue {r['revenue']:.2f} {cur}, cost {r['cost']:.2f} {cur}, ROI {roi}")
+        typer.echo(f"{r['campaign']}: {_earned(r)}")
+
+
+def _earned(r: dict) -> str:
+    """One campaign's tasks/metrics.py row as people read it (`smsflow report`, the demo's summary)."""
+    cur = r["currency"]
+    roi = "n/a" if r["roi"] is None else f"{r['roi'] * 100:.1f} %"
+    return (f"{r['sent']} sent, {r['delivered']} delivered, {r['failed']} failed; {r['clicks_human']} clicks by "
+            f"people ({r['clicks_total']} requests incl. link previews, {r['unique_clickers']} people), "
+            f"{r['replies']} replies, {r['opt_outs']} opt-outs; {r['conversions']} conversions, revenue "
+            f"{r['revenue']:,.2f} {cur}, cost {r['cost']:,.2f} {cur}, ROI {roi}")
 
 
 @app.command("archive")

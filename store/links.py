@@ -11,23 +11,15 @@ import threading
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Text, text
 
 from store.db import bulk_insert
 
 CLICK_FIELDS = ("code", "at", "method", "user_agent", "ip_hash", "bot_reason")
 
 
-def find_link(engine, code: str) -> tuple[str, datetime, int] | None:
-    """``(target, expires_at, campaign_id)`` of a short link, or None."""
-    with engine.connect() as conn:
-        row = conn.execute(text("SELECT target, expires_at, campaign_id FROM short_links WHERE code = :c")
-                           .columns(target=Text, expires_at=DateTime, campaign_id=BigInteger), {"c": code}).first()
-    return (row[0], row[1], int(row[2])) if row else None
-
-
 class LinkReader:
-    """:func:`find_link` on a per-thread DBAPI connection."""
+    """``reader(code)``: ``(target, expires_at, campaign_id)`` of a short link or None, read on a per-thread
+    DBAPI connection."""
 
     def __init__(self, engine):
         self.engine = engine

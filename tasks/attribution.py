@@ -49,7 +49,7 @@ def touches(engine) -> tuple[pd.DataFrame, pd.DataFrame]:
     delivered = _times(delivered, "at")
     if len(clicks):
         clicks = _times(clicks, "at", "final_at")
-        human = [is_human(b, a, f if s == "delivered" else None)
+        human = [is_human(b, a, f, s)
                  for b, a, f, s in zip(clicks["bot_reason"], clicks["at"].dt.to_pydatetime(),
                                        clicks["final_at"].dt.to_pydatetime(), clicks["state"])]
         clicks = clicks[human]

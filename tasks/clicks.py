@@ -21,10 +21,12 @@ _CLICKS = text(
     "WHERE l.campaign_id = :c").columns(at=DateTime, final_at=DateTime)
 
 
-def is_human(bot_reason: str | None, at: datetime, delivered_at: datetime | None) -> bool:
+def is_human(bot_reason: str | None, at: datetime, final_at: datetime | None, state: str | None) -> bool:
+    """A person's click: not a bot by request, and not within the preview window of the message's
+    delivery (``final_at`` is the delivery time only when ``state`` is 'delivered')."""
     if bot_reason is not None:
         return False
-    return delivered_at is None or abs((at - delivered_at).total_seconds()) > PREVIEW_WINDOW_S
+    return state != "delivered" or final_at is None or abs((at - final_at).total_seconds()) > PREVIEW_WINDOW_S
 
 
 def click_counts(engine, campaign_id: int) -> dict[str, Any]:
@@ -35,8 +37,7 @@ def click_counts(engine, campaign_id: int) -> dict[str, Any]:
     with engine.connect() as conn:
         for contact_id, at, bot, final_at, state in conn.execute(_CLICKS, {"c": campaign_id}):
             total += 1
-            delivered = final_at if state == "delivered" else None
-            if is_human(bot, at, delivered):
+            if is_human(bot, at, final_at, state):
                 human += 1
                 if contact_id is not None:
                     clickers.add(int(contact_id))

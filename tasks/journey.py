@@ -298,7 +298,7 @@ def exit_on_clicks(engine, journeys: list[Journey], now: datetime | None = None)
         f"WHERE i.journey IN ({marks}) AND i.status = 'active' AND c.bot_reason IS NULL")
         .columns(at=DateTime, final_at=DateTime), "the customer clicked the link", now,
         keep=lambda rows: {int(iid) for iid, at, bot, fin, state in rows
-                           if is_human(bot, at, fin if state == "delivered" else None)})
+                           if is_human(bot, at, fin, state)})
 
 
 # ----------------------------------------------------------------------------- date and inactivity triggers

@@ -32,8 +32,9 @@ def _ratio(a: float, b: float, digits: int = 4) -> float | None:
     return round(a / b, digits) if b else None
 
 
-def campaign_metrics(engine, campaign: str | None = None) -> list[dict[str, Any]]:
-    report = collect(engine, campaign)
+def campaign_metrics(engine, campaign: str | None = None, report=None) -> list[dict[str, Any]]:
+    """One dict per campaign (or ``campaign``); ``report``: its tasks.report.collect() when the caller has it."""
+    report = report if report is not None else collect(engine, campaign)
     with engine.connect() as conn:
         ids = dict(conn.execute(text("SELECT name, id FROM campaigns")).all())
     earnings = campaign_earnings(engine)

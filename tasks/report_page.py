@@ -37,7 +37,7 @@ def _series(engine, campaign: str | None) -> tuple[pd.Series, pd.Series, pd.Seri
             return pd.Series(dtype="int64")
         return pd.Series(1, index=pd.DatetimeIndex(times)).resample("1h").sum()
 
-    human = [at for at, bot, fin, state in clicks if is_human(bot, at, fin if state == "delivered" else None)]
+    human = [at for at, bot, fin, state in clicks if is_human(bot, at, fin, state)]
     return hourly(delivered), hourly([c[0] for c in clicks]), hourly(human)
 
 
@@ -162,7 +162,7 @@ def write_page(engine, report, metrics: list[dict[str, Any]], out_dir: Path, nam
 def write_html(report: CampaignReport, out_dir: Path, name: str = "report", engine=None) -> Path:
     """The report's page (Plotly charts, self-contained); sets ``report.html_path`` and ``report.metrics``."""
     engine = engine or get_engine()
-    metrics = campaign_metrics(engine, report.campaign)
+    metrics = campaign_metrics(engine, report.campaign, report)
     path = write_page(engine, report, metrics, out_dir, name, GUARANTEE)
     report.html_path = path
     report.metrics = metrics

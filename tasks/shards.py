@@ -113,7 +113,6 @@ def render_shard(engine, campaign_id: int, shard: int, template, extra: dict[str
                           ids=(int(row.lo_id), int(row.hi_id))):
         rendered, failed = _render_chunk((records, template, float(row.price_per_segment or 0.0), extra or {}))
         chunks.append((rendered, failed, {int(r["contact_id"]): r["phone_e164"] for r in records}))
-    result = {**stats.result(row.currency or "RUB"), "candidates": stats.candidates}
     try:
         with engine.begin() as conn:
             for rendered, failed, phones in chunks:

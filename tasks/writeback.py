@@ -64,7 +64,7 @@ def _queue_clicks(conn, source: str, now) -> int:
         {"s": source}).all()
     items, seen = [], set()
     for code, src, crm_id, campaign, at, bot, fin, state in rows:
-        if code in seen or not is_human(bot, at, fin if state == "delivered" else None):
+        if code in seen or not is_human(bot, at, fin, state):
             continue
         seen.add(code)
         items.append({"key": f"click:{code}", "source": src, "crm_id": crm_id,

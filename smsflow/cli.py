@@ -599,6 +599,48 @@ def _earned(r: dict) -> str:
             f"{r['revenue']:,.2f} {cur}, cost {r['cost']:,.2f} {cur}, ROI {roi}")
 
 
+@app.command("ab-stats")
+def ab_stats_cmd(
+    variant: list[str] = typer.Option(..., "--variant", help="NAME=SENT:CONVERSIONS, once per variant"),
+    control: Optional[str] = typer.Option(None, "--control", help="The control variant (default: the first)"),
+    alpha: float = typer.Option(0.05, "--alpha", help="Significance level (Holm over the non-control variants)"),
+    split: Optional[str] = typer.Option(None, "--split", help="Configured split NAME=SHARE,... (default: equal)"),
+) -> None:
+    """Fixed-horizon A/B/n statistics of given counts, as one JSON object (smsflow/abtest.py says how)."""
+    from smsflow.abtest import ABError, ab_stats, parse_split
+
+    counts = []
+    for v in variant:
+        name, sep, rest = v.partition("=")
+        sent, sep2, conv = rest.partition(":")
+        if not sep or not sep2 or not name.strip() or not re.fullmatch(r"-?\d+", sent.strip() or "x") \
+                or not re.fullmatch(r"-?\d+", conv.strip() or "x"):
+            _fail(f"--variant {v!r}: expected NAME=SENT:CONVERSIONS with whole numbers")
+        counts.append((name.strip(), int(sent), int(conv)))
+    try:
+        shares = parse_split(split, [c[0] for c in counts]) if split else None
+        out = ab_stats(counts, control=control, alpha=alpha, split=shares)
+    except ABError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(out))
+
+
+@app.command("ab-size")
+def ab_size_cmd(
+    baseline: float = typer.Option(..., "--baseline", help="The control's expected rate, e.g. 0.05"),
+    mde: float = typer.Option(..., "--mde", help="Minimum detectable effect, absolute, e.g. 0.01 (1 pp)"),
+    alpha: float = typer.Option(0.05, "--alpha"),
+    power: float = typer.Option(0.8, "--power"),
+) -> None:
+    """Contacts per arm for a two-sided test of baseline -> baseline + mde, as {"per_arm": N}."""
+    from smsflow.abtest import ABError, ab_size
+
+    try:
+        typer.echo(json.dumps({"per_arm": ab_size(baseline, mde, alpha, power)}))
+    except ABError as exc:
+        _fail(str(exc))
+
+
 @app.command("archive")
 def archive_cmd(
     campaign: str = typer.Option(..., "--campaign", help="The finished campaign to archive"),

@@ -13,7 +13,9 @@ from pydantic import BaseModel, Field
 
 from blocks.registry import load_crm, load_gateway
 from smsflow import progress
+from smsflow.abtest import ABTest
 from smsflow.settings import get_settings
+from flows.abtest import render_ab
 from flows.crm_extract import crm_extract
 from flows.reconcile import reconcile
 from flows.render import render
@@ -45,6 +47,8 @@ class CampaignParams(BaseModel):
                                   "(default: marketing 10:00-21:00 local, not on Russian public holidays).")
     ends_at: datetime | None = Field(default=None, description="Messages not sent by then expire.")
     now: datetime | None = Field(default=None, description="The clock for policy decisions (previews and tests).")
+    ab: ABTest | None = Field(default=None, description="An A/B/n test: variants, split, metric, holdout, test share "
+                              "(the rest gets the winner after ab-decide decides).")
 
 
 def _shared_path(template: str) -> str:
@@ -69,7 +73,11 @@ def campaign(params: CampaignParams) -> dict:
     seg = segment_flow(source, params.segment, params.segments_file, database_url)
     progress.step("segment", f"{seg['segment']}: {seg['members']} contacts")
     distributed = get_settings().mode == "distributed"
-    if distributed:  # shards as deployment runs on the pool's workers (flows/shards.py)
+    if params.ab is not None:  # the test share now; the rest when ab-decide has a winner (flows/abtest.py)
+        rendered = render_ab(params.name, _shared_path(params.template), params.ab, source, params.segment,
+                             gw.price_per_segment, params.gateway_block, params.policy, params.ends_at, gw.sender_id,
+                             getattr(gw, "currency", "RUB"), params.now)
+    elif distributed:  # shards as deployment runs on the pool's workers (flows/shards.py)
         rendered = render_sharded(params.name, _shared_path(params.template), source, params.segment,
                                   gw.price_per_segment, params.gateway_block, params.policy, params.ends_at,
                                   gw.sender_id, getattr(gw, "currency", "RUB"))
@@ -81,7 +89,7 @@ def campaign(params: CampaignParams) -> dict:
     cid = rendered["campaign_id"]
     record_planned(engine, cid, rendered)
     progress.step("render", progress.rendered_line(rendered))
-    result: dict = {}
+    result: dict = {"ab": rendered["ab"]} if "ab" in rendered else {}
     if not params.dry_run:
         if distributed:
             result["send"] = send_sharded(params.name, cid, params.gateway_block, params.rate, params.now)

@@ -148,6 +148,8 @@ def campaign_cmd(
     phone_column: Optional[str] = typer.Option(None, "--phone-column", help="The export's phone column (default: phone)"),
     columns: list[str] = typer.Option([], "--column", metavar="OURS=THEIRS",
                                       help="Map one of our columns to the export's, e.g. --column id=ID (repeatable)"),
+    ab_file: Optional[Path] = typer.Option(None, "--ab", help="YAML A/B/n test: variants, split, metric, holdout, "
+                                           "test_share (smsflow/abtest.py); the rest waits for smsflow ab-decide"),
 ) -> None:
     """Run the campaign flow on a CRM export; prints one JSON object (the accounting) last."""
     if not source_csv.is_file():
@@ -173,19 +175,47 @@ def campaign_cmd(
         load_template(template)
     except TemplateError as exc:
         _fail(f"template {template}: {exc}")
+    ab = _load_ab(ab_file) if ab_file else None
     column_map = _column_map(columns, phone_column)
     fmt = _export_format(source_csv, encoding, delimiter, sheet)
     source = _export_source(source_csv, fmt, column_map)
     _check_export(source)
     name = name or f"{_name_part(source_csv.stem)}-{_name_part(template.stem)}"
     typer.echo(f"campaign: {name} (rerun with --name {name} to resume it)", err=True)
-    if dry_run:  # a preview: in this process, no Prefect runs (tasks/dry_run.py says what it records)
+    if dry_run and ab is None:  # a preview: in this process, no Prefect runs (tasks/dry_run.py says what it records)
         result = _dry_run(source, template, name, gateway_block, segment, segments_file, policy, end)
         _campaign_result(name, result, clock, plan_out, quarantine_out)
         return
     with _prefect_session():
         _campaign(source, template, name, gateway_block, segment, segments_file, rate, dry_run, wait, policy, end,
-                  clock, plan_out, quarantine_out)
+                  clock, plan_out, quarantine_out, ab)
+
+
+def _load_ab(path: Path):
+    """The A/B design of --ab, checked at once (variant templates too)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from smsflow.abtest import ABTest
+    from smsflow.templates import TemplateError, load_template
+
+    if not path.is_file():
+        _fail(f"A/B design not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for v in raw.get("variants") or []:  # variant templates relative to the design file
+            if isinstance(v, dict) and v.get("template") and (path.parent / v["template"]).is_file():
+                v["template"] = str((path.parent / v["template"]).resolve())
+        ab = ABTest.model_validate(raw)
+    except (OSError, ValueError, AttributeError, ValidationError) as exc:
+        _fail(f"A/B design {path}: {exc}")
+    for v in ab.variants:
+        if v.template:
+            try:
+                load_template(v.template)
+            except TemplateError as exc:
+                _fail(f"A/B design {path}: variant {v.name}: {exc}")
+    return ab
 
 
 def _dry_run(source, template, name, gateway_block, segment, segments_file, policy, end) -> dict:
@@ -266,7 +296,7 @@ def _check_export(source) -> None:
 
 
 def _campaign(source, template, name, gateway_block, segment, segments_file, rate, dry_run, wait, policy, end, clock,
-              plan_out, quarantine_out) -> None:
+              plan_out, quarantine_out, ab=None) -> None:
     # One Block per CLI run, removed afterwards (the UI keeps no csv-* Blocks); the name, the
     # contacts' source key, is the same on every run over the same file.
     block_name = source.source_name
@@ -274,7 +304,7 @@ def _campaign(source, template, name, gateway_block, segment, segments_file, rat
     try:
         _save_gateway_if_missing(gateway_block)
         result = _run_campaign(source, block_name, template, name, gateway_block, segment, segments_file, rate, dry_run,
-                               wait, policy, end, clock)
+                               wait, policy, end, clock, ab)
     finally:
         _delete_block("csv-crm", block_name)
     _campaign_result(name, result, clock, plan_out, quarantine_out)
@@ -297,6 +327,13 @@ def _campaign_result(name: str, result: dict, clock, plan_out: Optional[Path], q
     held = _held_back(name, quarantine_out)
     for line in _summary_lines(name, result["summary"]):
         typer.echo(line, err=True)
+    if result.get("ab"):
+        a = result["ab"]
+        typer.echo(f"A/B: arms {a['arms']}, holdout {a['holdout']}, waiting for the winner {a['rollout']}; "
+                   f"{a['per_arm_needed']} per arm needed", err=True)
+        if "warning" in a:
+            typer.echo(f"warning: {a['warning']}", err=True)
+        result["summary"]["ab"] = a
     typer.echo(json.dumps(result["summary"], ensure_ascii=False))
     render_failed = sum(g["count"] for g in held if g["step"] == "render")
     if render_failed and not result["summary"].get("planned"):
@@ -332,7 +369,7 @@ def _delete_block(block_type: str, name: str) -> None:
 
 
 def _run_campaign(source, block_name, template, name, gateway_block, segment, segments_file, rate, dry_run, wait, policy,
-                  end, clock) -> dict:
+                  end, clock, ab=None) -> dict:
     from flows.campaign import CampaignParams, campaign
 
     params = CampaignParams(
@@ -348,6 +385,7 @@ def _run_campaign(source, block_name, template, name, gateway_block, segment, se
         **({"policy": policy} if policy is not None else {}),
         ends_at=end,
         now=clock,
+        ab=ab,
     )
     try:
         return campaign(params)
@@ -597,6 +635,36 @@ def _earned(r: dict) -> str:
             f"people ({r['clicks_total']} requests incl. link previews, {r['unique_clickers']} people), "
             f"{r['replies']} replies, {r['opt_outs']} opt-outs; {r['conversions']} conversions, revenue "
             f"{r['revenue']:,.2f} {cur}, cost {r['cost']:,.2f} {cur}, ROI {roi}")
+
+
+@app.command("ab-decide")
+def ab_decide_cmd(
+    campaign: Optional[str] = typer.Option(None, "--campaign", help="Only this campaign's test"),
+    now: Optional[str] = typer.Option(None, "--now", help="ISO-8601 clock (default: now)"),
+    wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for receipts of the roll-out"),
+) -> None:
+    """Look at open A/B tests: log the look, decide once (sequential test or deadline), send the rest the
+    winner. Prints one JSON object per campaign line: phase, winner, verdict."""
+    from store.db import get_engine
+
+    if campaign is not None:
+        from tasks.accounting import campaign_id
+
+        if campaign_id(get_engine(), campaign) is None:
+            _fail(f"no campaign named {campaign!r}")
+    clock = _parse_time(now, "--now")
+    _quiet_prefect_to_stderr()
+    with _prefect_session():
+        from flows.abtest import ab_decide
+
+        try:
+            out = ab_decide(campaign, clock, wait)
+        except Exception as exc:  # noqa: BLE001 - one clear line, the traceback is in the Prefect logs
+            _fail(f"ab-decide failed: {type(exc).__name__}: {exc}", 1)
+            raise
+    for name, entry in out.items():
+        typer.echo(json.dumps({"campaign": name, **{k: v for k, v in entry.items() if k != "send"}},
+                              ensure_ascii=False, default=str))
 
 
 @app.command("ab-stats")

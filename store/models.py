@@ -199,6 +199,7 @@ class Outbox(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     send_after: Mapped[datetime | None] = mapped_column(DateTime)  # deferred by a send window or a cap
     hold_rule: Mapped[str | None] = mapped_column(String(40))  # the rule that deferred or held it
+    variant: Mapped[str | None] = mapped_column(String(40))  # the A/B arm (smsflow/abtest.py)
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     claim_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
     planned_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
@@ -448,3 +449,43 @@ class Order(Base):
     revenue: Mapped[bool] = mapped_column(Boolean)
     ordered_at: Mapped[datetime] = mapped_column(DateTime)
     stored_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class ABTestRow(Base):
+    """A campaign's A/B test (``tasks/abtest.py``): its design, phase and the one decision."""
+
+    __tablename__ = "ab_tests"
+
+    campaign_id: Mapped[int] = mapped_column(IdType, primary_key=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JsonType)  # smsflow.abtest.ABTest
+    phase: Mapped[str] = mapped_column(String(20))  # test | decided | rolled_out
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    decided_at: Mapped[datetime | None] = mapped_column(DateTime)
+    winner: Mapped[str | None] = mapped_column(String(40))
+    verdict: Mapped[str | None] = mapped_column(Text)
+
+
+class ABLook(Base):
+    """One look of the sequential test, with every number it used (the decision log)."""
+
+    __tablename__ = "ab_looks"
+    __table_args__ = (Index("ix_ab_looks_campaign", "campaign_id", "id"),)
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    campaign_id: Mapped[int] = mapped_column(IdType)
+    at: Mapped[datetime] = mapped_column(DateTime)
+    winner: Mapped[str | None] = mapped_column(String(40))
+    reason: Mapped[str] = mapped_column(Text)
+    numbers: Mapped[dict[str, Any]] = mapped_column(JsonType)
+
+
+class ABMember(Base):
+    """A contact kept out of the campaign by its test's holdout."""
+
+    __tablename__ = "ab_members"
+
+    campaign_id: Mapped[int] = mapped_column(IdType, primary_key=True)
+    contact_id: Mapped[int] = mapped_column(IdType, primary_key=True)
+    phone_e164: Mapped[str | None] = mapped_column(String(20))
+    arm: Mapped[str] = mapped_column(String(40))
+    assigned_at: Mapped[datetime] = mapped_column(DateTime)

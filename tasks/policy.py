@@ -324,6 +324,7 @@ def enforce_at_claim(conn, campaign_id: int, claimed, now: datetime) -> tuple[li
     naive_now = now.astimezone(UTC).replace(tzinfo=None)
     camp = conn.execute(text("SELECT kind, policy, ends_at FROM campaigns WHERE id = :c"), {"c": campaign_id}).one()
     kind, policy, ends_at = camp[0], load_policy(camp[1]), camp[2]
+    by_variant = variant_policies(conn, campaign_id, policy) if "variant" in claimed else {}
     if isinstance(ends_at, str):
         ends_at = datetime.fromisoformat(ends_at)
     ids = [int(i) for i in claimed["id"]]
@@ -356,14 +357,16 @@ def enforce_at_claim(conn, campaign_id: int, claimed, now: datetime) -> tuple[li
     send: list[int] = []
     counts: dict[str, int] = {}
     held, expired, deferred = [], [], []
-    for oid, cid, phone in zip(ids, claimed["contact_id"], claimed["phone_e164"]):
+    variants = claimed["variant"] if "variant" in claimed else [None] * len(ids)
+    for oid, cid, phone, variant in zip(ids, claimed["contact_id"], claimed["phone_e164"], variants):
+        pol = by_variant.get(variant, policy)
         c = contacts.get(int(cid)) if cid is not None and cid == cid else None
         if c is None and kind == "marketing":
             d = Decision(action="hold", rule="no_contact")
         else:
             consent, opted_out_at, crm_tz, attrs = c if c is not None else (False, None, None, None)
-            agreed = agreed_to_days_off(attrs, policy)
-            d = decide(now=now, kind=kind, policy=policy, consent=bool(consent), opted_out=opted_out_at is not None,
+            agreed = agreed_to_days_off(attrs, pol)
+            d = decide(now=now, kind=kind, policy=pol, consent=bool(consent), opted_out=opted_out_at is not None,
                        suppressed=phone in suppressed, crm_tz=crm_tz, e164=phone, agreed_days_off=agreed,
                        history=history.get(int(cid), []) if c is not None else [], ends_at=ends_at)
         if d.action == "send":
@@ -386,6 +389,25 @@ def enforce_at_claim(conn, campaign_id: int, claimed, now: datetime) -> tuple[li
     executemany(conn, "UPDATE outbox SET state = ?, send_after = ?, hold_rule = ?, claimed_by = NULL, "
                       "attempts = attempts - 1, updated_at = ?" + guard, deferred)
     return send, counts
+
+
+def variant_policies(conn, campaign_id: int, policy: ContactPolicy) -> dict[str, ContactPolicy]:
+    """The policy of each A/B arm with its own send window (a send-time test); others use the campaign's."""
+    import json
+
+    from sqlalchemy import text
+
+    spec = conn.execute(text("SELECT spec FROM ab_tests WHERE campaign_id = :c"), {"c": campaign_id}).scalar()
+    if spec is None:
+        return {}
+    spec = spec if isinstance(spec, dict) else json.loads(spec)
+    out = {}
+    for v in spec.get("variants", ()):
+        if v.get("window"):
+            start, end = (time.fromisoformat(x) for x in v["window"].split("-"))
+            w = policy.marketing_window.model_copy(update={"start": start, "end": end})
+            out[v["name"]] = policy.model_copy(update={"marketing_window": w, "transactional_window": w})
+    return out
 
 
 # ----------------------------------------------------------------------------- preview (dry runs)

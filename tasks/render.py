@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, text
 
-from smsflow.templates import MessageTemplate, init_render_worker, load_template, render_batch, render_chunk
+from smsflow.templates import MessageTemplate, init_render_worker, load_template, render_batch, render_chunk  # noqa: F401
 from store.db import Columns, bulk_insert, get_engine, read_frame, refresh_statistics, utcnow
 from store.quarantine import write_quarantine
 from tasks.accounting import ensure_campaign
@@ -40,6 +40,7 @@ OUTBOX_INSERT_FIELDS = (
     "gateway",
     "planned_at",
     "updated_at",
+    "variant",
 )
 
 
@@ -186,6 +187,9 @@ def _pages(engine, campaign_id: int, source: str, segment: str, page_size: int, 
             return
 
 
+candidate_pages = _pages  # A/B campaigns (tasks/abtest.py) split the same pages by arm
+
+
 def plan_messages(
     engine,
     *,
@@ -266,12 +270,14 @@ def _store_chunk(engine, rendered, failed, stats, campaign_id, source, segment, 
 
 
 def write_chunk(conn, rendered, failed, stats: PlanStats, campaign_id, source, segment, template, gateway,
-                phones) -> None:
+                phones, variant: str | None = None, step: str | None = None, label: str | None = None) -> None:
     """Rendered messages into the outbox (and their short links) and failures into quarantine, in the
-    caller's transaction."""
+    caller's transaction. ``step`` (default: the template's name) keys the message: an A/B campaign uses
+    one step for every arm and phase, so a contact can never get two variants; ``variant``: its arm;
+    ``label``: the outbox's step column when it differs from the key's step (the A/B phase)."""
     now = utcnow()
-    links = _short_links(conn, rendered, campaign_id, template.name, now)
-    step = template.name
+    step = step or template.name
+    links = _short_links(conn, rendered, campaign_id, step, now)
     n = len(rendered)
     cids = [int(r["contact_id"]) for r in rendered]
     segs = [int(r["segments"]) for r in rendered]
@@ -280,7 +286,7 @@ def write_chunk(conn, rendered, failed, stats: PlanStats, campaign_id, source, s
         [idempotency_key(campaign_id, c, step) for c in cids],
         [campaign_id] * n,
         cids,
-        [step] * n,
+        [label or step] * n,
         [segment] * n,
         [phones[c] for c in cids],
         [r["language"] for r in rendered],
@@ -293,6 +299,7 @@ def write_chunk(conn, rendered, failed, stats: PlanStats, campaign_id, source, s
         [gateway] * n,
         [now] * n,
         [now] * n,
+        [variant] * n,
     ])
     quarantine = [
         dict(step="render", source=source, row_key=f"{campaign_id}:{int(f['contact_id'])}", campaign_id=campaign_id,

@@ -208,7 +208,7 @@ def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = C
             "attempts = attempts + 1, updated_at = :wall "
             "WHERE id IN (SELECT id FROM outbox WHERE campaign_id = :c AND state = 'planned' "
             f"AND (send_after IS NULL OR send_after <= :now) {skip}ORDER BY id LIMIT :n{lock}) "
-            "RETURNING id, idempotency_key, contact_id, phone_e164, text, encoding, segments, attempts",
+            "RETURNING id, idempotency_key, contact_id, phone_e164, text, encoding, segments, attempts, variant",
             {"now": naive, "wall": wall, "who": claimer, "exp": expires, "c": campaign_id, "n": int(limit)},
         )
         claimed.attrs["skipped_contacts"] = bool(skip_contacts)

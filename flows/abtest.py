@@ -58,7 +58,7 @@ def render_ab(campaign: str, template: str, test: ABTest, source: str, segment: 
 
 @flow(name="ab-decide")
 def ab_decide(campaign: str | None = None, now: datetime | None = None, wait_for_receipts_s: float = 0.0,
-              database_url: str | None = None) -> dict:
+              rate: float | None = None, database_url: str | None = None) -> dict:
     """Look at every open A/B test (or ``campaign``'s): log the look, decide once (winner or deadline),
     then render and send the rest the winner. Safe to rerun at any moment."""
     from flows.reconcile import reconcile
@@ -90,7 +90,7 @@ def ab_decide(campaign: str | None = None, now: datetime | None = None, wait_for
                         sender_name=gw.sender_id, extra=render_extra(name), batch_size=get_settings().batch_size,
                         phase="rollout", winner=row["winner"])
             entry["rollout"] = {"planned": r["planned"], "arms": r["arms"]}
-            entry["send"] = send(name, gateway, None, database_url, now)
+            entry["send"] = send(name, gateway, rate, database_url, now)
             if wait_for_receipts_s:
                 reconcile(gateway, name, wait_for_receipts_s, None, database_url)
             finish_rollout(engine, cid)

@@ -411,6 +411,8 @@ def demo_cmd(
     contacts: int = typer.Option(2000, "--contacts", min=10, max=1_000_000, help="Demo CRM size"),
     seed: int = typer.Option(42, "--seed"),
     wait: float = typer.Option(20.0, "--wait", help="Seconds to wait for final receipts"),
+    ab: bool = typer.Option(False, "--ab", help="An A/B test with a 10 % holdout: two texts on 50 % of the rest, "
+                            "a day later the winner to the others"),
 ) -> None:
     """Generate the demo CRM, run the campaign end to end on the embedded defaults, print a summary."""
     _quiet_prefect_to_stderr()
@@ -422,24 +424,52 @@ def demo_cmd(
     from smsflow.settings import reset_settings
 
     reset_settings()
+    if ab:
+        name = name.replace("demo-", "demo-ab-", 1)
     with _prefect_session():
-        result = _demo_run(name, contacts, seed, wait)
-        after = _demo_after(result["campaign_id"], seed)
+        result = _demo_run(name, contacts, seed, wait, ab)
+        after = _demo_after(result["campaign_id"], seed, name if ab else None, wait)
     for line in _summary_lines(name, result["summary"]):
         typer.echo(line)
+    if ab:
+        a = result["ab"]
+        typer.echo(f"A/B test: {a['arms']} tested, {a['holdout']} held out, {a['rollout']} waited for the winner")
+        typer.echo(f"decision a day later: {after['decision']['verdict']}; roll-out: "
+                   f"{after['decision'].get('rollout', {}).get('planned', 0)} messages")
     typer.echo(f"after sending (simulated): {after['clicks']} requests to the links, {after['orders']} new orders, "
                f"{after['replies']} replies")
     for line in _earnings_lines(name):
         typer.echo(line)
+    if ab:
+        from store.db import get_engine
+        from tasks.metrics import campaign_metrics
+        from tasks.report_page import ab_summary
+
+        for line in ab_summary(campaign_metrics(get_engine(), name)):
+            typer.echo(f"A/B {line.strip()}")
     typer.echo(f"report: {after['report']}")
 
 
 DEMO_LINK_BASE = "https://s.smsflow.example"
 
 
-def _demo_after(campaign_id: int, seed: int) -> dict:
+def _demo_ab():
+    from smsflow.abtest import ABTest, Variant
+    from smsflow.settings import PROJECT_ROOT
+
+    return ABTest(variants=[Variant(name="A"), Variant(name="B", template=str(PROJECT_ROOT / "templates" /
+                                                                               "demo_promo_link_b.yaml"))],
+                  metric="click_rate", holdout=0.1, test_share=0.5, mde=0.05, baseline=0.1, deadline_hours=20,
+                  fallback="control")
+
+
+DEMO_CLICKS = {"A": 0.10, "B": 0.20}  # the simulated people like B's text better
+
+
+def _demo_after(campaign_id: int, seed: int, ab_name: str | None = None, wait: float = 0.0) -> dict:
     """Clicks, previews, replies and orders after the demo campaign (tasks/demo_outcomes.py), then the
-    orders read back from the demo CRM as any CRM's are."""
+    orders read back from the demo CRM as any CRM's are. An A/B demo: after the test share, a wake-up a
+    day later decides and rolls the winner out, whose messages get their outcomes too."""
     from blocks.registry import load_crm
     from smsflow.settings import get_settings
     from store.db import get_engine
@@ -452,7 +482,18 @@ def _demo_after(campaign_id: int, seed: int) -> dict:
     from tasks.report_page import write_html
 
     engine = get_engine()
-    after = simulate(engine, campaign_id, get_settings().data_dir / "demo_crm.sqlite", seed=seed)
+    crm = get_settings().data_dir / "demo_crm.sqlite"
+    if ab_name is None:
+        after = simulate(engine, campaign_id, crm, seed=seed)
+    else:
+        from flows.abtest import ab_decide
+
+        after = simulate(engine, campaign_id, crm, seed=seed, click_share_by_variant=DEMO_CLICKS, step="ab-test")
+        extract_orders(engine, load_crm("demo-crm"))
+        decision = ab_decide(ab_name, _demo_noon(), wait)[ab_name]
+        more = simulate(engine, campaign_id, crm, seed=seed + 1, click_share_by_variant=DEMO_CLICKS, step="ab-rollout")
+        after = {k: after[k] + more[k] for k in after}
+        after["decision"] = decision
     extract_orders(engine, load_crm("demo-crm"))
     # the page again, now with what happened after sending
     with engine.connect() as conn:
@@ -488,11 +529,13 @@ DEMO_ORDERS = ("SELECT id AS order_id, contact_id, amount, status, created_at AS
                "FROM orders")
 
 
-def _demo_run(name: str, contacts: int, seed: int, wait: float) -> dict:
+def _demo_run(name: str, contacts: int, seed: int, wait: float, ab: bool = False) -> dict:
     from blocks.crm import SqlCrm
     from blocks.gateway import SandboxGateway
     from flows.campaign import CampaignParams, campaign
     from smsflow.demo_crm import write_crm_sqlite
+    from datetime import timedelta
+
     from smsflow.settings import PROJECT_ROOT, get_settings
 
     crm_path = get_settings().data_dir / "demo_crm.sqlite"
@@ -509,7 +552,8 @@ def _demo_run(name: str, contacts: int, seed: int, wait: float) -> dict:
         gateway_block="sandbox",
         wait_for_receipts_s=wait,
         full_refresh=True,
-        now=_demo_noon(),
+        now=_demo_noon() - timedelta(days=1) if ab else _demo_noon(),
+        ab=_demo_ab() if ab else None,
     ))
 
 
@@ -623,8 +667,12 @@ def report_cmd(
     if not rows:
         typer.echo("no campaigns yet")
         return
+    from tasks.report_page import ab_summary
+
     for r in rows:
         typer.echo(f"{r['campaign']}: {_earned(r)}")
+        for line in ab_summary([r]):
+            typer.echo(f"  A/B {line.strip()}")
 
 
 def _earned(r: dict) -> str:
@@ -642,6 +690,7 @@ def ab_decide_cmd(
     campaign: Optional[str] = typer.Option(None, "--campaign", help="Only this campaign's test"),
     now: Optional[str] = typer.Option(None, "--now", help="ISO-8601 clock (default: now)"),
     wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for receipts of the roll-out"),
+    rate: Optional[float] = typer.Option(None, "--rate", help="Messages per second of the roll-out"),
 ) -> None:
     """Look at open A/B tests: log the look, decide once (sequential test or deadline), send the rest the
     winner. Prints one JSON object per campaign line: phase, winner, verdict."""
@@ -658,7 +707,7 @@ def ab_decide_cmd(
         from flows.abtest import ab_decide
 
         try:
-            out = ab_decide(campaign, clock, wait)
+            out = ab_decide(campaign, clock, wait, rate)
         except Exception as exc:  # noqa: BLE001 - one clear line, the traceback is in the Prefect logs
             _fail(f"ab-decide failed: {type(exc).__name__}: {exc}", 1)
             raise

@@ -35,28 +35,34 @@ REPLIES = ["Спасибо!", "А до какого числа скидка?", "
 
 def simulate(engine, campaign_id: int, crm_path: str | Path, seed: int = 42, click_share: float = 0.14,
              preview_share: float = 0.25, buy_after_click: float = 0.1, buy_without_click: float = 0.004,
-             reply_share: float = 0.015) -> dict[str, int]:
+             reply_share: float = 0.015, click_share_by_variant: dict[str, float] | None = None,
+             step: str | None = None) -> dict[str, int]:
+    """``click_share_by_variant``: an A/B demo's arms draw people differently; ``step``: only these messages
+    (an A/B campaign's test, then its roll-out)."""
     rnd = random.Random(seed)
     key = b"demo"
+    by_variant = click_share_by_variant or {}
+    only = "AND o.step = :s " if step else ""
+    p = {"c": campaign_id, **({"s": step} if step else {})}
     with engine.connect() as conn:
         rows = conn.execute(text(
-            "SELECT l.code, o.final_at, o.phone_e164, ct.crm_id FROM outbox o JOIN short_links l "
+            "SELECT l.code, o.final_at, o.phone_e164, ct.crm_id, o.variant FROM outbox o JOIN short_links l "
             "ON l.outbox_key = o.idempotency_key JOIN contacts ct ON ct.id = o.contact_id "
-            "WHERE o.campaign_id = :c AND o.state = 'delivered' ORDER BY o.id").columns(final_at=DateTime),
-            {"c": campaign_id}).all()
+            f"WHERE o.campaign_id = :c AND o.state = 'delivered' {only}ORDER BY o.id").columns(final_at=DateTime),
+            p).all()
         delivered = conn.execute(text(
             "SELECT o.final_at, o.phone_e164, ct.crm_id FROM outbox o JOIN contacts ct ON ct.id = o.contact_id "
-            "WHERE o.campaign_id = :c AND o.state = 'delivered' ORDER BY o.id").columns(final_at=DateTime),
-            {"c": campaign_id}).all()
+            f"WHERE o.campaign_id = :c AND o.state = 'delivered' {only}ORDER BY o.id").columns(final_at=DateTime),
+            p).all()
     clicks, buyers, n_clickers = [], {}, 0
-    for code, at, phone, crm_id in rows:
+    for code, at, phone, crm_id, variant in rows:
         ip = ip_hash(f"10.{rnd.randrange(256)}.{rnd.randrange(256)}.{rnd.randrange(256)}", key)
         if rnd.random() < preview_share:
             ua = rnd.choice(PREVIEW_UAS)
             method = "HEAD" if ua is None else "GET"
             clicks.append((code, at + timedelta(seconds=rnd.uniform(0.1, 1.2)), method, ua, ip,
                            bot_reason(method, ua)))
-        if rnd.random() < click_share:
+        if rnd.random() < by_variant.get(variant, click_share):
             n_clickers += 1
             ua = rnd.choice(PHONE_UAS)
             first = at + timedelta(minutes=rnd.uniform(2, 24 * 60))
@@ -74,7 +80,7 @@ def simulate(engine, campaign_id: int, crm_path: str | Path, seed: int = 42, cli
         amount = round(min(40_000.0, rnd.lognormvariate(7.6, 0.6)), 2)  # about 2,400 RUB, long tail
         status = "returned" if rnd.random() < 0.05 else "paid"
         stamp = at.strftime("%Y-%m-%d %H:%M:%S")
-        orders.append((f"{crm_id}-SMS{campaign_id}-{i}", crm_id, status, amount, stamp))
+        orders.append((f"{crm_id}-SMS{campaign_id}-{step or 0}-{i}", crm_id, status, amount, stamp))
     db = sqlite3.connect(crm_path)
     try:
         db.executemany("INSERT OR REPLACE INTO orders (id, contact_id, status, amount, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -86,9 +92,9 @@ def simulate(engine, campaign_id: int, crm_path: str | Path, seed: int = 42, cli
     for at, phone, _crm_id in delivered:
         if rnd.random() < reply_share:
             with engine.begin() as conn:
-                store_and_apply(conn, gateway="sandbox", gateway_message_id=f"demo-{campaign_id}-{replies}",
+                store_and_apply(conn, gateway="sandbox", gateway_message_id=f"demo-{campaign_id}-{step or 0}-{replies}",
                                 from_e164=phone, to="SmsFlow", body=rnd.choice(REPLIES), raw={"demo": True})
-            _backdate_reply(engine, f"demo-{campaign_id}-{replies}", at + timedelta(minutes=rnd.uniform(1, 180)))
+            _backdate_reply(engine, f"demo-{campaign_id}-{step or 0}-{replies}", at + timedelta(minutes=rnd.uniform(1, 180)))
             replies += 1
     return {"clicks": len(clicks), "clickers": n_clickers, "orders": len(orders), "replies": replies}
 

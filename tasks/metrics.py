@@ -13,6 +13,8 @@ Definitions (every number recomputable from the store):
   click_rate = clicks_human / delivered; conversion_rate = conversions / delivered;
   average_order = revenue / conversions; cost_per_conversion = cost / conversions;
   roi = (revenue - cost) / cost (None when nothing was spent).
+  ab                         A/B campaigns only: tasks/abtest.py ab_report (arms, rates, fixed-horizon and
+                             sequential p-values, verdict, decision log, holdout lift)
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import text
 
+from tasks.abtest import ab_report
 from tasks.attribution import campaign_earnings
 from tasks.clicks import click_counts
 from tasks.report import collect
@@ -65,5 +68,8 @@ def campaign_metrics(engine, campaign: str | None = None, report=None) -> list[d
                  average_order=_ratio(m["revenue"], m["conversions"], 2),
                  cost_per_conversion=_ratio(m["cost"], m["conversions"], 2),
                  roi=_ratio(m["revenue"] - m["cost"], m["cost"]))
+        test = ab_report(engine, cid)
+        if test is not None:
+            m["ab"] = test
         out.append({**{k: m[k] for k in KEYS}, **{k: v for k, v in m.items() if k not in KEYS}})
     return out

@@ -83,6 +83,24 @@ def _figures(engine, metrics: list[dict[str, Any]], failures: list[dict[str, Any
                               marker_color="#6a1b9a")])
         f.update_layout(title="Per segment", barmode="group")
         figs.append(("segments", f))
+    for m in metrics:
+        t = m.get("ab")
+        if not t:
+            continue
+        arms = [a for a in t["arms"] if t["arms"][a]["rate"] is not None]
+        ctl = t["arms"][t["control"]]["rate"] or 0.0
+        fixed = (t.get("fixed_horizon") or {}).get("variants", {})
+        err_hi = [0.0 if a == t["control"] else max(0.0, fixed[a]["diff_ci"][1] + ctl - t["arms"][a]["rate"])
+                  if a in fixed else 0.0 for a in arms]
+        err_lo = [0.0 if a == t["control"] else max(0.0, t["arms"][a]["rate"] - (fixed[a]["diff_ci"][0] + ctl))
+                  if a in fixed else 0.0 for a in arms]
+        f = go.Figure(go.Bar(x=arms, y=[t["arms"][a]["rate"] * 100 for a in arms],
+                             error_y={"type": "data", "symmetric": False, "array": [e * 100 for e in err_hi],
+                                      "arrayminus": [e * 100 for e in err_lo]},
+                             marker_color=[GREEN if a == t["winner"] else BLUE for a in arms]))
+        f.update_layout(title=f"A/B {m['campaign']}: {t['metric'].replace('_', ' ')} per arm, % (bars: interval of "
+                              f"the difference to the control {t['control']})")
+        figs.append((f"ab-{m['campaign']}", f))
     for _, fig in figs:
         fig.update_layout(margin={"l": 40, "r": 20, "t": 60, "b": 40}, height=380, template="plotly_white",
                           legend={"orientation": "h", "y": -0.2})
@@ -101,6 +119,54 @@ def metrics_rows(metrics: list[dict[str, Any]]) -> list[dict[str, str]]:
              "average order": "" if m["average_order"] is None else f"{m['average_order']:,.2f}",
              "cost": f"{m['cost']:,.2f}", "cost / conversion": "" if m["cost_per_conversion"] is None
              else f"{m['cost_per_conversion']:,.2f}", "ROI": pct(m["roi"])} for m in metrics]
+
+
+def ab_rows(metrics: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """One row per arm of every A/B test: size, rate, lift with interval, fixed-horizon and sequential p."""
+    def num(v, fmt="{:.4f}"):
+        return "" if v is None else fmt.format(v)
+
+    rows = []
+    for m in metrics:
+        t = m.get("ab")
+        if not t:
+            continue
+        fixed = (t.get("fixed_horizon") or {}).get("variants", {})
+        seq = t.get("sequential_p") or {}
+        for arm, a in t["arms"].items():
+            v = fixed.get(arm, {})
+            ci = v.get("diff_ci")
+            rows.append({"campaign": m["campaign"], "arm": arm + (" (control)" if arm == t["control"] else ""),
+                         "metric": t["metric"], "sent": str(a["sent"]), "events": str(a["events"]),
+                         "rate": num(a["rate"] and a["rate"] * 100, "{:.2f} %"),
+                         "lift": num(v.get("lift") and v["lift"] * 100, "{:+.1f} %"),
+                         "difference, CI (pp)": "" if not ci else f"{ci[0] * 100:+.2f} .. {ci[1] * 100:+.2f}",
+                         "p (fixed horizon)": num(v.get("p_value")), "p (Holm)": num(v.get("p_adjusted")),
+                         "p (sequential, always valid)": num(seq.get(arm)), "opt-outs": str(a["opt_outs"])})
+    return rows
+
+
+def ab_summary(metrics: list[dict[str, Any]]) -> list[str]:
+    """Each test's verdict in words, its SRM status, holdout lift and decision log, as lines."""
+    out = []
+    for m in metrics:
+        t = m.get("ab")
+        if not t:
+            continue
+        srm = t.get("srm_p_value")
+        srm_s = "n/a" if srm is None else (f"MISMATCH (p = {srm:.2g} < 0.001): no automatic decision" if srm < 0.001
+                                           else f"ok (p = {srm:.2g})")
+        out.append(f"{m['campaign']} ({t['phase']}): {t['verdict']}")
+        out.append(f"  sample ratio: {srm_s}; held out: {t['held_out']}; looks: {len(t['looks'])}")
+        h = t.get("holdout_lift")
+        if h:
+            lo, hi = h["conversion_lift_ci"]
+            rlo, rhi = h["revenue_per_contact_lift_ci"]
+            out.append(f"  against the holdout ({h['days']:g} days): conversion {h['conversion_contacted'] * 100:.2f} % "
+                       f"vs {h['conversion_held_out'] * 100:.2f} % (difference {lo * 100:+.2f} .. {hi * 100:+.2f} pp), "
+                       f"revenue per contact {h['revenue_per_contact_contacted']:.2f} vs "
+                       f"{h['revenue_per_contact_held_out']:.2f} (difference {rlo:+.2f} .. {rhi:+.2f})")
+    return out
 
 
 def _table(rows: list[dict[str, str]]) -> str:
@@ -132,10 +198,19 @@ border-radius:8px;padding:.6em}}.card b{{display:block;font-size:1.5em}}blockquo
 {_cards(metrics)}
 {charts}
 <h2>What each campaign earned</h2>{_table(metrics_rows(metrics))}
+{_ab_section(metrics)}
 <h2>Where every message ended</h2>{_table(outcome_rows)}
 <h2>Failures by reason</h2>{_table([{k: str(v) for k, v in f.items()} for f in report.failures])}
 <blockquote>{html.escape(notes)}</blockquote>
 </body></html>"""
+
+
+def _ab_section(metrics: list[dict[str, Any]]) -> str:
+    rows = ab_rows(metrics)
+    if not rows:
+        return ""
+    lines = "".join(f"<p>{html.escape(x)}</p>" for x in ab_summary(metrics))
+    return f"<h2>A/B tests</h2>{lines}{_table(rows)}"
 
 
 def _cards(metrics: list[dict[str, Any]]) -> str:
@@ -189,6 +264,13 @@ def report_task(campaign: str | None, out_dir: str, database_url: str | None) ->
         cols = list(earned[0])
         md += ("\n\n## What each campaign earned\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
                + "\n".join("| " + " | ".join(r[c] for c in cols) + " |" for r in earned))
+    tests = ab_rows(report.metrics or [])
+    if tests:
+        cols = list(tests[0])
+        md += ("\n\n## A/B tests\n\n" + "\n".join(f"- {x.strip()}" for x in ab_summary(report.metrics or []))
+               + "\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+               + "\n".join("| " + " | ".join(r[c] for c in cols) + " |" for r in tests))
+        create_table_artifact(tests, key="ab-tests", description="A/B arms: rates, lift, p-values")
     create_markdown_artifact(md + f"\n\nHTML: `{report.html_path}`", key="campaign-report",
                              description="Delivery, clicks, conversions, revenue, cost, ROI per campaign")
     if report.rows:

@@ -153,3 +153,70 @@ def test_the_demo_report_draws_its_charts_in_a_real_browser_offline(demo):
     assert not errors, errors
     assert not refused, f"the page asked the network for {refused}"
     assert (artifacts / "report-demo-laptop.png").stat().st_size > 20_000
+
+
+def test_the_ab_demo_runs_end_to_end_with_a_holdout_and_its_numbers_add_up(tmp_path):
+    """`smsflow demo --ab`: test share, holdout, a decision a day later, the winner to the rest. The test's
+    arm counts are recomputed from raw rows; the report's fixed-horizon numbers equal `smsflow ab-stats`
+    on those counts; the page draws the A/B chart offline."""
+    import shutil
+
+    env = _env(tmp_path)
+    res = subprocess.run([SMSFLOW, "demo", "--ab", "--contacts", "2000", "--wait", "3"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    name = re.search(r"campaign (demo-ab-\S+):", res.stdout).group(1)
+    assert "decision a day later:" in res.stdout and "against the holdout" in res.stdout
+    rep = json.loads(subprocess.run([SMSFLOW, "report", "--campaign", name, "--json"], env=env, capture_output=True,
+                                    text=True, timeout=300).stdout)
+    ab = rep["ab"]
+    assert ab["phase"] == "rolled_out" and ab["winner"] in ("A", "B") and ab["held_out"] > 0
+    engine = get_engine(f"sqlite:///{tmp_path / 'data' / 'smsflow.sqlite'}")
+    with engine.connect() as c:
+        cid = c.execute(text("SELECT id FROM campaigns WHERE name = :n"), {"n": name}).scalar_one()
+        msgs = c.execute(text("SELECT idempotency_key, contact_id, variant, step, submitted_at FROM outbox "
+                              "WHERE campaign_id = :c"), {"c": cid}).all()
+        held = {r[0] for r in c.execute(text("SELECT contact_id FROM ab_members WHERE campaign_id = :c"), {"c": cid})}
+        clicks = c.execute(text("SELECT l.outbox_key, k.bot_reason, k.at, o.final_at FROM clicks k JOIN short_links l "
+                                "ON l.code = k.code JOIN outbox o ON o.idempotency_key = l.outbox_key "
+                                "WHERE l.campaign_id = :c AND o.state = 'delivered'"), {"c": cid}).all()
+    assert len(msgs) == len({m[1] for m in msgs}) and not held & {m[1] for m in msgs}  # one per contact
+    assert {m[2] for m in msgs if m[3] == "ab-rollout"} == {ab["winner"]}
+    clicked = {k for k, bot, at, fin in clicks if bot is None and (_t(at) - _t(fin)).total_seconds() > 2}
+    for arm in ("A", "B"):
+        sent = [m for m in msgs if m[2] == arm and m[3] == "ab-test" and m[4] is not None]
+        assert ab["arms"][arm]["sent"] == len(sent)
+        assert ab["arms"][arm]["events"] == sum(1 for m in sent if m[0] in clicked)
+    a, b = ab["arms"]["A"], ab["arms"]["B"]
+    cli = json.loads(subprocess.run([SMSFLOW, "ab-stats", "--variant", f"A={a['sent']}:{a['events']}", "--variant",
+                                     f"B={b['sent']}:{b['events']}", "--split", "A=0.5,B=0.5"], env=env,
+                                    capture_output=True, text=True, timeout=120).stdout)
+    assert cli["variants"]["B"] == ab["fixed_horizon"]["variants"]["B"]
+    assert cli["srm_p_value"] == ab["fixed_horizon"]["srm_p_value"]
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is required under CI (scripts/browser.sh installs it)")
+        pytest.skip("chromium not installed (bash scripts/browser.sh)")
+    from playwright.sync_api import sync_playwright
+
+    page_path = Path(re.search(r"^report: (.+)$", res.stdout, re.M).group(1))
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1366, "height": 900})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:")
+                       else route.abort())
+            page.goto(page_path.as_uri())
+            page.wait_for_function(f"document.querySelectorAll('[id=\"ab-{name}\"] .main-svg').length >= 1",
+                                   timeout=30_000)
+            assert page.eval_on_selector_all(f'[id="ab-{name}"] .trace.bars .point', "els => els.length") == 2
+            assert "A/B tests" in page.content()
+            artifacts = REPO / "artifacts"
+            artifacts.mkdir(exist_ok=True)
+            page.screenshot(path=str(artifacts / "report-demo-ab.png"), full_page=True)
+        finally:
+            browser.close()
+    assert not errors, errors

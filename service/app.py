@@ -291,28 +291,87 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
                 links[code] = found
         return found
 
-    @app.api_route("/{code}", methods=["GET", "HEAD"], include_in_schema=False)
-    async def short_link(code: str, request: Request):
-        if not is_code(code):
-            return PlainTextResponse("not found", status_code=404)
+    async def answer_link(method: str, code: str, ua: str | None, client: str) -> tuple[int, str | None]:
+        """(status, redirect target): the click stored and committed first; 404 unknown, 410 expired."""
         found = lookup(code) if code in links else await _in_thread(lookup, code)
         if found is None:
-            return PlainTextResponse("not found", status_code=404)
+            return 404, None
         target, expires_at, campaign_id = found
         now = utcnow()
-        ua = request.headers.get("user-agent")
         expired = now >= expires_at
-        reason = "expired" if expired else bot_reason(request.method, ua)
-        ip = ip_hash(_client(request), ip_key)
-        await clicks.submit((code, now, request.method.upper(), ua[:500] if ua else None, ip, reason))
+        reason = "expired" if expired else bot_reason(method, ua)
+        await clicks.submit((code, now, method, ua[:500] if ua else None, ip_hash(client, ip_key), reason))
         if expired:
-            return HTMLResponse(EXPIRED_PAGE, status_code=410)
+            return 410, None
         if emit_events and reason is None:
             click_signal(campaign_id)
-        return RedirectResponse(target, status_code=302, headers={"Cache-Control": "no-store",
-                                                                  "Referrer-Policy": "no-referrer"})
+        return 302, target
 
+    @app.api_route("/{code}", methods=["GET", "HEAD"], include_in_schema=False)
+    async def short_link(code: str, request: Request):
+        """Malformed codes (never looked up); valid ones are answered by ShortLinks before routing."""
+        if not is_code(code):
+            return PlainTextResponse("not found", status_code=404)
+        status, target = await answer_link(request.method.upper(), code, request.headers.get("user-agent"),
+                                           _client(request))
+        return _link_response(status, target)
+
+    app.add_middleware(ShortLinks, answer=answer_link)  # outermost: a redirect skips routing and the log middleware
     return app
+
+
+def _link_response(status: int, target: str | None):
+    if status == 302:
+        return RedirectResponse(target, status_code=302, headers=dict(LINK_HEADERS))
+    if status == 410:
+        return HTMLResponse(EXPIRED_PAGE, status_code=410)
+    return PlainTextResponse("not found", status_code=404)
+
+
+LINK_HEADERS = (("cache-control", "no-store"), ("referrer-policy", "no-referrer"))
+
+
+class ShortLinks:
+    """Pure ASGI: ``GET``/``HEAD /<code>`` with a well-formed code is answered here, before FastAPI's
+    routing, dependency and middleware layers (the redirect is the hot path: phones hit it in bursts);
+    it logs the same one line per call. Everything else goes to the app."""
+
+    def __init__(self, app, answer):
+        self.app, self.answer = app, answer
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD") or not is_code(scope["path"][1:]):
+            return await self.app(scope, receive, send)
+        code = scope["path"][1:]
+        ua = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"user-agent"), None)
+        client = scope["client"][0] if scope.get("client") else "-"
+        try:
+            status, target = await self.answer(scope["method"], code, ua, client)
+        except Exception as exc:  # noqa: BLE001 - the store is down: a 503 the phone's browser may retry
+            log.error("%s /%s failed: %s", scope["method"], code, type(exc).__name__)
+            status, target = 503, None
+        if status == 302:
+            headers = [(b"location", _location(target)), (b"content-length", b"0"),
+                       *((k.encode(), v.encode()) for k, v in LINK_HEADERS)]
+            body = b""
+        else:
+            text = {404: "not found", 410: EXPIRED_PAGE, 503: '{"error": "temporarily unavailable"}'}[status]
+            body = text.encode()
+            kind = {404: b"text/plain; charset=utf-8", 410: b"text/html; charset=utf-8",
+                    503: b"application/json"}[status]
+            headers = [(b"content-type", kind), (b"content-length", str(len(body)).encode())]
+            if status == 503:
+                headers.append((b"retry-after", b"5"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+        log.info("%s /%s %d from %s", scope["method"], code, status, client)
+
+
+def _location(target: str) -> bytes:
+    """The Location header as Starlette's RedirectResponse writes it (non-ASCII percent-encoded)."""
+    from urllib.parse import quote
+
+    return quote(target, safe=":/%#?=@[]!$&'()*+,;").encode("latin-1")
 
 
 EXPIRED_PAGE = """<!doctype html><html lang="ru"><head><meta charset="utf-8">

@@ -45,8 +45,8 @@ class Settings(BaseSettings):
                                              "a message's delivery is credited to it (the last touch wins).")
     attribution_click_days: float = Field(default=7.0, gt=0, description="An order within this many days after a "
                                           "person's click on a message's link is credited to it.")
-    global_holdout: float = Field(default=0.0, ge=0, le=0.5, description="Share of all contacts kept from every "
-                                  "marketing A/B campaign (measures marketing's overall effect); 0 = none.")
+    global_holdout: float = Field(default=0.0, ge=0, le=0.5, description="Share of all contacts kept from all "
+                                  "marketing (measures marketing's overall effect); 0 = none.")
     global_holdout_salt: str = Field(default="smsflow-global-holdout", description="Assignment salt of the global "
                                      "holdout (its own, so it is independent of every campaign's arms).")
     shard_size: int = Field(default=100_000, ge=100, description="Contacts per render shard in distributed mode "

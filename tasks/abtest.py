@@ -15,8 +15,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from smsflow.abtest import (HOLDOUT, ROLLOUT, ABTest, ab_size, ab_stats, assign, diff_ci, in_global_holdout,
-                            sequential_look)
+from smsflow.abtest import HOLDOUT, ROLLOUT, ABTest, ab_size, ab_stats, assign, diff_ci, sequential_look
 from store.db import bulk_insert, read_frame, utcnow
 from tasks.render import PlanStats, candidate_pages, campaign_template, render_batch, write_chunk
 
@@ -71,18 +70,12 @@ def plan_ab(engine, *, campaign_id: int, campaign: str, source: str, segment: st
             extra: dict[str, Any], batch_size: int, phase: str, winner: str | None = None) -> dict[str, Any]:
     """Render one phase. ``test``: the test arms get their variant, the holdout is recorded, the rest
     waits. ``rollout``: every candidate outside the holdout gets ``winner`` (nothing when None)."""
-    from smsflow.settings import get_settings
-
-    s = get_settings()
     tpl = {arm: campaign_template(t, sender_name) for arm, t in templates.items()}
     stats = PlanStats()
     arms: dict[str, int] = {}
     now = utcnow()
-    for records in candidate_pages(engine, campaign_id, source, segment, batch_size, stats):
-        if s.global_holdout and tpl[test.control_name].kind == "marketing":
-            kept = [r for r in records if not in_global_holdout(s.global_holdout, s.global_holdout_salt, r["phone_e164"])]
-            arms["global_holdout"] = arms.get("global_holdout", 0) + len(records) - len(kept)
-            records = kept
+    for records in candidate_pages(engine, campaign_id, source, segment, batch_size, stats,
+                                   marketing=tpl[test.control_name].kind == "marketing"):
         groups: dict[str, list[dict]] = {}
         for r, arm in zip(records, assign(test, campaign, [r["phone_e164"] for r in records])):
             if arm != HOLDOUT and phase == "rollout":

@@ -100,6 +100,7 @@ class PlanStats:
     planned: int = 0
     already_planned: int = 0
     render_failed: int = 0
+    global_holdout: int = 0  # kept from all marketing (SMSFLOW_GLOBAL_HOLDOUT)
     segments: int = 0
     cost: float = 0.0
     failures: list[dict[str, Any]] = field(default_factory=list)
@@ -107,7 +108,8 @@ class PlanStats:
     def result(self, currency: str) -> dict[str, Any]:
         """What the render step reports (the render flow, the dry run): counts, parts and planned cost."""
         return {"planned": self.planned, "no_consent": self.no_consent, "render_failed": self.render_failed,
-                "parts": self.segments, "cost_planned": round(self.cost, 4), "currency": currency}
+                "parts": self.segments, "cost_planned": round(self.cost, 4), "currency": currency,
+                **({"global_holdout": self.global_holdout} if self.global_holdout else {})}
 
 
 def _render_chunk(args: tuple[list[dict[str, Any]], MessageTemplate, float, dict[str, Any]]):
@@ -166,8 +168,14 @@ def _plain(col) -> list:
 
 
 def _pages(engine, campaign_id: int, source: str, segment: str, page_size: int, stats: PlanStats,
-           ids: tuple[int, int] | None = None):
-    """Consenting candidates, page by page (bounded memory), in id order (only ids lo..hi when given)."""
+           ids: tuple[int, int] | None = None, marketing: bool = False):
+    """Consenting candidates, page by page (bounded memory), in id order (only ids lo..hi when given).
+    Marketing leaves out the global holdout (setting SMSFLOW_GLOBAL_HOLDOUT, smsflow/abtest.py)."""
+    from smsflow.abtest import in_global_holdout
+    from smsflow.settings import get_settings
+
+    s = get_settings()
+    share = s.global_holdout if marketing else 0.0
     after = ids[0] - 1 if ids else None
     upto = ids[1] if ids else None
     while True:
@@ -181,6 +189,10 @@ def _pages(engine, campaign_id: int, source: str, segment: str, page_size: int, 
         consent = df["sms_consent"].astype(bool) & df["opted_out_at"].isna()
         stats.no_consent += int((~consent).sum())
         df = df[consent.to_numpy()]
+        if share and len(df):
+            keep = [not in_global_holdout(share, s.global_holdout_salt, p) for p in df["phone_e164"]]
+            stats.global_holdout += len(keep) - sum(keep)
+            df = df[keep]
         if len(df):
             yield _records(df)
         if n_raw < page_size:
@@ -215,7 +227,7 @@ def _plan_messages(engine, campaign_id, source, segment, template, price_per_seg
     stats = PlanStats()
     extra = extra or {}
     page_size = max(1, int(batch_size))
-    pages = _pages(engine, campaign_id, source, segment, page_size, stats)
+    pages = _pages(engine, campaign_id, source, segment, page_size, stats, marketing=template.kind == "marketing")
 
     def store(rendered, failed, records) -> None:
         phones = {int(r["contact_id"]): r["phone_e164"] for r in records}

@@ -210,7 +210,9 @@ def _ab_section(metrics: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
     lines = "".join(f"<p>{html.escape(x)}</p>" for x in ab_summary(metrics))
-    return f"<h2>A/B tests</h2>{lines}{_table(rows)}"
+    log = [{"campaign": m["campaign"], "look at (UTC)": lk["at"][:19], "decided": lk["winner"] or "",
+            "verdict": lk["verdict"]} for m in metrics if m.get("ab") for lk in m["ab"]["looks"][-10:]]
+    return f"<h2>A/B tests</h2>{lines}{_table(rows)}<h3>Decision log (last looks)</h3>{_table(log)}"
 
 
 def _cards(metrics: list[dict[str, Any]]) -> str:

@@ -59,6 +59,7 @@ EXPECTED = {  # "flow/deployment" -> entrypoint
     "crm-writeback/write-back-to-crm": "flows/crm_writeback.py:crm_writeback",
     "journey/crm-events": "flows/journey.py:journey",
     "render-shard/render-shard": "flows/shards.py:render_shard",  # distributed mode (tests/e2e/test_cluster.py)
+    "ab-decide/hourly": "flows/abtest.py:ab_decide",
 }
 FINAL_STATES = {"delivered", "undelivered", "expired", "rejected", "failed"}
 # The policy clock for the campaign run: a Wednesday, not a Russian holiday, 09:00 UTC
@@ -205,7 +206,8 @@ def test_campaign_deployment_runs_on_a_worker(server, deployed, data_dir, worker
     by_flow: dict[str, set[str]] = {}
     for r in runs:
         by_flow.setdefault(flows[r["flow_id"]], set()).add(r["state_type"])
-    expected_flows = {k.split("/")[0] for k in EXPECTED} - {"crm-writeback", "journey", "render-shard"}  # not in an embedded campaign
+    expected_flows = {k.split("/")[0] for k in EXPECTED} - {"crm-writeback", "journey", "render-shard",
+                                                                "ab-decide"}  # not in an embedded campaign
     assert expected_flows <= set(by_flow), by_flow
     assert all(s == {"COMPLETED"} for s in by_flow.values()), by_flow
 
@@ -240,7 +242,7 @@ def test_scheduled_deployments_run_with_their_defaults(server, deployed, data_di
             [*PREFECT, "deployment", "run", name, "--watch", "--watch-timeout", str(RUN_TIMEOUT)],
             env=server.env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             stdin=subprocess.DEVNULL)
-        for name in ("report/nightly-metrics", "reconcile/every-5-minutes")
+        for name in ("report/nightly-metrics", "reconcile/every-5-minutes", "ab-decide/hourly")
     }
     failures = []
     for name, p in procs.items():

@@ -155,3 +155,33 @@ def test_send_window_variants_get_their_own_window(engine, tmp_path):
     with engine.begin() as c:
         pols = variant_policies(c, cid, always_open())
     assert pols["morning"].marketing_window.start == time(9) and pols["evening"].marketing_window.end == time(21)
+
+
+def test_global_holdout_is_kept_from_all_marketing_only(engine, tmp_path, monkeypatch):
+    from smsflow.abtest import in_global_holdout
+    from smsflow.settings import reset_settings
+    from smsflow.templates import MessageTemplate
+    from tasks.render import plan_messages
+
+    monkeypatch.setenv("SMSFLOW_GLOBAL_HOLDOUT", "0.2")
+    monkeypatch.setenv("SMSFLOW_GLOBAL_HOLDOUT_SALT", "g-salt")
+    reset_settings()
+    try:
+        load_csv(engine, _base(tmp_path, 400))
+        build_membership(engine, "test", ALL, utcnow())
+        phones = dict(_rows(engine, "SELECT id, phone_e164 FROM contacts"))
+        kept_out = {c for c, p in phones.items() if in_global_holdout(0.2, "g-salt", p)}
+        assert 40 < len(kept_out) < 120
+        got = {}
+        for kind in ("marketing", "transactional"):
+            tpl = MessageTemplate(name=f"t-{kind}", kind=kind, sender_name="Shop", variants={"ru": "Привет", "en": "Hi"})
+            cid = ensure_campaign(engine, name=kind, source="test", segment="all", template_name=tpl.name, kind=kind,
+                                  gateway="sandbox", price_per_segment=1.0, policy=always_open().model_dump(mode="json"))
+            st = plan_messages(engine, campaign_id=cid, source="test", segment="all", template=tpl,
+                               price_per_segment=1.0, gateway="sandbox")
+            got[kind] = ({int(c) for (c,) in _rows(engine, "SELECT contact_id FROM outbox WHERE campaign_id = :c", c=cid)},
+                         st.global_holdout)
+        assert got["marketing"] == (set(phones) - kept_out, len(kept_out))
+        assert got["transactional"] == (set(phones), 0)  # an order's shipping notice still goes out
+    finally:
+        reset_settings()

@@ -125,14 +125,20 @@ def arm_outcomes(engine, campaign_id: int) -> dict[str, dict[str, int]]:
     with engine.connect() as conn:
         msgs = read_frame(conn, sql, params)
     clicked = set(touches(engine)[1]["key"])
-    converted = set(attributed_orders(engine)["key"].dropna())
+    orders = attributed_orders(engine)
+    revenue: dict[str, float] = {}
+    for key, amount in zip(orders["key"], orders["amount"]):
+        if isinstance(key, str):
+            revenue[key] = revenue.get(key, 0.0) + float(amount)
     replied = set(attributed_replies(engine)["key"].dropna())
     out: dict[str, dict[str, int]] = {}
     for key, arm, sub, opted in zip(msgs["key"], msgs["variant"], msgs["submitted_at"], msgs["opted_out_at"]):
-        a = out.setdefault(arm, {"sent": 0, "click_rate": 0, "conversion_rate": 0, "reply_rate": 0, "opt_outs": 0})
+        a = out.setdefault(arm, {"sent": 0, "click_rate": 0, "conversion_rate": 0, "reply_rate": 0, "opt_outs": 0,
+                                 "revenue": 0.0})
         a["sent"] += 1
         a["click_rate"] += key in clicked
-        a["conversion_rate"] += key in converted
+        a["conversion_rate"] += key in revenue
+        a["revenue"] += revenue.get(key, 0.0)
         a["reply_rate"] += key in replied
         if opted is not None and opted == opted and str(opted) > str(sub):
             a["opt_outs"] += 1
@@ -186,6 +192,15 @@ def _verdict(test: ABTest, winner: str | None, arms: dict[str, tuple[int, int]],
     return f"not significant yet: about {more} more per arm needed ({reason})"
 
 
+def _arms(test: ABTest, out: dict[str, dict]) -> tuple[dict[str, tuple[int, int]], dict | None]:
+    """(arm -> (sent, events of the metric), the fixed-horizon ab_stats once every arm has sent)."""
+    arms = {v.name: (out.get(v.name, {}).get("sent", 0), out.get(v.name, {}).get(test.metric, 0)) for v in test.variants}
+    if not all(n > 0 for n, _ in arms.values()):
+        return arms, None
+    return arms, ab_stats([(n, *arms[n]) for n in arms], control=test.control_name, alpha=test.alpha,
+                          split=test.shares())
+
+
 def look(engine, campaign_id: int, now: datetime) -> dict[str, Any]:
     """One look: the numbers, the sequential verdict, logged; decides (once) on a winner or at the deadline."""
     loaded = load_test(engine, campaign_id)
@@ -196,17 +211,13 @@ def look(engine, campaign_id: int, now: datetime) -> dict[str, Any]:
     if row["phase"] != "test":
         return {"phase": row["phase"], "winner": row["winner"], "verdict": row["verdict"], "decided": False}
     out = arm_outcomes(engine, campaign_id)
-    arms = {v.name: (out.get(v.name, {}).get("sent", 0), out.get(v.name, {}).get(test.metric, 0)) for v in test.variants}
+    arms, fixed = _arms(test, out)
     opt_outs = {v.name: out.get(v.name, {}).get("opt_outs", 0) for v in test.variants}
     with engine.connect() as conn:
         last = conn.execute(text("SELECT numbers FROM ab_looks WHERE campaign_id = :c ORDER BY id DESC LIMIT 1"),
                             {"c": campaign_id}).scalar()
     last = (last if isinstance(last, dict) else json.loads(last)) if last else {}
     seq = sequential_look(arms, test, last.get("p_seq"), opt_outs, last.get("guard_p_seq"))
-    fixed = None
-    if all(n > 0 for n, _ in arms.values()):
-        fixed = ab_stats([(n, *arms[n]) for n in arms], control=test.control_name, alpha=test.alpha,
-                         split=test.shares())
     winner, reason = seq["winner"], seq["reason"]
     deadline = row["started_at"] + timedelta(hours=test.deadline_hours)
     decide = winner is not None or now >= deadline
@@ -263,17 +274,15 @@ def ab_report(engine, campaign_id: int) -> dict[str, Any] | None:
         held = conn.execute(text("SELECT COUNT(*) FROM ab_members WHERE campaign_id = :c AND arm = 'holdout'"),
                             {"c": campaign_id}).scalar()
     out = arm_outcomes(engine, campaign_id)
-    arms = {v.name: (out.get(v.name, {}).get("sent", 0), out.get(v.name, {}).get(test.metric, 0)) for v in test.variants}
-    fixed = None
-    if all(n > 0 for n, _ in arms.values()):
-        fixed = ab_stats([(n, *arms[n]) for n in arms], control=test.control_name, alpha=test.alpha,
-                         split=test.shares())
+    arms, fixed = _arms(test, out)
     last = looks[-1][3] if looks else None
     last = (last if isinstance(last, dict) else json.loads(last)) if last else {}
     return {"metric": test.metric, "control": test.control_name, "phase": row["phase"], "winner": row["winner"],
             "verdict": row["verdict"] or (looks[-1][2] if looks else "no look yet"),
             "arms": {n: {"sent": a[0], "events": a[1], "rate": (a[1] / a[0]) if a[0] else None,
-                         "opt_outs": out.get(n, {}).get("opt_outs", 0)} for n, a in arms.items()},
+                         "opt_outs": out.get(n, {}).get("opt_outs", 0),
+                         "conversions": out.get(n, {}).get("conversion_rate", 0),
+                         "revenue": round(out.get(n, {}).get("revenue", 0.0), 2)} for n, a in arms.items()},
             "held_out": int(held or 0), "fixed_horizon": fixed, "sequential_p": last.get("p_seq_adjusted"),
             "srm_p_value": (fixed or {}).get("srm_p_value"),
             "looks": [{"at": str(a), "winner": w, "verdict": r} for a, w, r, _ in looks],

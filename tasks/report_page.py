@@ -142,7 +142,8 @@ def ab_rows(metrics: list[dict[str, Any]]) -> list[dict[str, str]]:
                          "lift": num(v.get("lift") and v["lift"] * 100, "{:+.1f} %"),
                          "difference, CI (pp)": "" if not ci else f"{ci[0] * 100:+.2f} .. {ci[1] * 100:+.2f}",
                          "p (fixed horizon)": num(v.get("p_value")), "p (Holm)": num(v.get("p_adjusted")),
-                         "p (sequential, always valid)": num(seq.get(arm)), "opt-outs": str(a["opt_outs"])})
+                         "p (sequential, always valid)": num(seq.get(arm)), "opt-outs": str(a["opt_outs"]),
+                         "conversions": str(a.get("conversions", 0)), "revenue": f"{a.get('revenue', 0.0):,.2f}"})
     return rows
 
 

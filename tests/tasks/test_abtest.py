@@ -147,14 +147,28 @@ def test_deadline_without_winner_falls_back(engine, tmp_path):
 
 
 def test_send_window_variants_get_their_own_window(engine, tmp_path):
-    from datetime import time
+    """A send-time test: at 10:00 Moscow the morning arm is claimed and sent, the evening arm deferred to
+    18:00 local, by the same claim."""
+    from datetime import time, timezone
+
+    from tasks.send import claim
 
     test = ABTest(variants=[Variant(name="morning", window="09:00-12:00"), Variant(name="evening",
                                                                                  window="18:00-21:00")])
-    cid, _ = _setup(engine, tmp_path, 10, test)
+    cid, templates = _setup(engine, tmp_path, 200, test)
     with engine.begin() as c:
         pols = variant_policies(c, cid, always_open())
     assert pols["morning"].marketing_window.start == time(9) and pols["evening"].marketing_window.end == time(21)
+    _plan(engine, cid, test, {"morning": templates["A"], "evening": templates["A"]}, "test")
+    arms = dict(_rows(engine, "SELECT variant, COUNT(*) FROM outbox GROUP BY variant"))
+    assert arms["morning"] > 50 and arms["evening"] > 50
+    at = datetime(2026, 3, 4, 7, 0, tzinfo=timezone.utc)  # a Wednesday, 10:00 in Moscow
+    got = claim(engine, cid, 1000, "t", now=at)
+    sent = dict(_rows(engine, "SELECT variant, COUNT(*) FROM outbox WHERE state = 'queued' GROUP BY variant"))
+    assert len(got) == sent.get("morning", 0) == arms["morning"] and "evening" not in sent
+    deferred = _rows(engine, "SELECT send_after FROM outbox WHERE variant = 'evening' AND state = 'planned'")
+    assert len(deferred) == arms["evening"]
+    assert {(v if isinstance(v, datetime) else datetime.fromisoformat(v)).hour for (v,) in deferred} == {15}  # 18:00 MSK
 
 
 def test_global_holdout_is_kept_from_all_marketing_only(engine, tmp_path, monkeypatch):

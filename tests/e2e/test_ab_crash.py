@@ -102,3 +102,42 @@ def test_ab_campaign_survives_kill_9_between_and_during_the_phases(tmp_path):
     row = json.loads(r.stdout)
     assert row["ab"]["winner"] == "A" and set(row["ab"]["arms"]) == {"A", "B"}
     assert row["ab"]["arms"]["A"]["sent"] + row["ab"]["arms"]["B"]["sent"] <= test_n
+
+
+def test_ab_dry_run_shows_the_sample_size_each_arm_needs_and_sends_nothing(tmp_path):
+    from smsflow.abtest import ab_size
+
+    csv = _inputs(tmp_path)
+    env = cli_env(tmp_path)
+    (tmp_path / "ab2.yaml").write_text("variants: [{name: A}, {name: B, template: b.txt}]\nholdout: 0.1\n"
+                                       "baseline: 0.2\nmde: 0.05\npower: 0.9\n", encoding="utf-8")
+    r = subprocess.run(smsflow("campaign", "--source-csv", str(csv), "--template", str(tmp_path / "a.txt"), "--ab",
+                               str(tmp_path / "ab2.yaml"), "--name", "ab-dry", "--dry-run"),
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ab = json.loads(r.stdout.strip().splitlines()[-1])["ab"]
+    need = ab_size(0.2, 0.05, 0.05, 0.9)
+    assert ab["per_arm_needed"] == need and ab["rollout"] == 0
+    assert ab["holdout"] + ab["arms"]["A"] + ab["arms"]["B"] == N
+    if min(ab["arms"].values()) < need:
+        assert "audience too small" in ab["warning"] and "warning: audience too small" in r.stderr
+    store = f"sqlite:///{tmp_path / 'data' / 'smsflow.sqlite'}"
+    assert handed_over(store) == 0  # planned, priced, nothing sent
+    assert not (tmp_path / "data" / "sandbox_gateway.sqlite").exists() or sqlite3.connect(
+        tmp_path / "data" / "sandbox_gateway.sqlite").execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
+
+
+def test_a_bad_ab_design_is_one_clear_error_before_anything_runs(tmp_path):
+    csv = _inputs(tmp_path)
+    env = cli_env(tmp_path)
+    for body, message in (("variants: [{name: A}]\n", "variants"),
+                          ("variants: [{name: A}, {name: B, template: missing.txt}]\n", "variant B"),
+                          ("variants: [{name: A, template: b.txt}, {name: B, window: '18:00-21:00'}]\n",
+                           "one element at a time"),
+                          ("variants: [{name: A}, {name: B}]\nholdout: 0.9\n", "holdout")):
+        (tmp_path / "bad.yaml").write_text(body, encoding="utf-8")
+        r = subprocess.run(smsflow("campaign", "--source-csv", str(csv), "--template", str(tmp_path / "a.txt"), "--ab",
+                                   str(tmp_path / "bad.yaml"), "--name", "ab-bad"), env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (body, r.stderr[-2000:])
+        assert r.stdout == "" and not (tmp_path / "data" / "smsflow.sqlite").exists()

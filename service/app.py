@@ -10,7 +10,9 @@ Logs never carry a full phone number.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -278,6 +280,8 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
     # no batching window: a click waits only for the commit in progress (the next batch is what queued meanwhile)
     clicks = GroupCommit(ClickWriter(engine), "click-writer", max_wait_s=0.0)
     find = LinkReader(engine)
+    # a few reader threads, each with its kept store connection (not one per request thread)
+    lookups = ThreadPoolExecutor(max_workers=8, thread_name_prefix="link-lookup")
     click_signal = ReceiptSignal(event="smsflow.link.clicked", resource="smsflow.campaign", counted="clicks")
     links: dict[str, tuple[str, Any, int]] = {}  # code -> (target, expires_at, campaign): a link never changes
 
@@ -293,7 +297,8 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
 
     async def answer_link(method: str, code: str, ua: str | None, client: str) -> tuple[int, str | None]:
         """(status, redirect target): the click stored and committed first; 404 unknown, 410 expired."""
-        found = lookup(code) if code in links else await _in_thread(lookup, code)
+        found = lookup(code) if code in links else await asyncio.get_running_loop().run_in_executor(
+            lookups, lookup, code)
         if found is None:
             return 404, None
         target, expires_at, campaign_id = found

@@ -1,8 +1,8 @@
 """Short links and clicks in the store (``smsflow/links.py`` makes the codes and classifies requests).
 
 The redirect is the hottest path we serve, so it does not go through a transaction per request:
-:class:`LinkReader` keeps one plain DBAPI connection per thread for the lookup (a read that takes no
-write lock on SQLite and ends its snapshot at once on PostgreSQL), and :class:`ClickWriter` one
+:class:`LinkReader` keeps one plain DBAPI connection per reader thread for the lookup (a read that takes
+no write lock on SQLite; autocommit on PostgreSQL, outside the pool), and :class:`ClickWriter` one
 connection for the group-committed click batches.
 """
 from __future__ import annotations
@@ -29,27 +29,23 @@ class LinkReader:
         self.local = threading.local()
 
     def __call__(self, code: str) -> tuple[str, datetime, int] | None:
-        if self.sqlite:  # not pooled (store.db): one connection per thread, kept
-            conn = getattr(self.local, "conn", None)
-            if conn is None:
-                conn = self.local.conn = self.engine.raw_connection()
-            try:
-                row = self._read(conn, code)
-            except Exception:
-                self.local.conn = None
-                conn.close()
-                raise
-        else:  # PostgreSQL: a pooled connection, back to the pool at once (threads outnumber the pool)
+        conn = getattr(self.local, "conn", None)
+        if conn is None:  # one kept connection per reader thread, outside the pool (the service runs a few)
             conn = self.engine.raw_connection()
-            try:
-                row = self._read(conn, code)
-            finally:
-                conn.close()
+            if not self.sqlite:
+                conn.detach()  # not the pool's any more: no checkout, no pre-ping per lookup
+                conn.dbapi_connection.autocommit = True  # each read its own snapshot, nothing to end
+            self.local.conn = conn
+        try:
+            row = self._read(conn, code)
+        except Exception:
+            self.local.conn = None
+            conn.close()
+            raise
         if row is None:
             return None
         expires = datetime.fromisoformat(row[1]) if isinstance(row[1], str) else row[1]
         return row[0], expires, int(row[2])
-
 
     def _read(self, conn, code: str):
         cur = conn.cursor()
@@ -58,7 +54,6 @@ class LinkReader:
             return cur.fetchone()
         finally:
             cur.close()
-            conn.rollback()  # PostgreSQL: end the read's snapshot; SQLite (autocommit): nothing to end
 
 
 class ClickWriter:

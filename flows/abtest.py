@@ -35,7 +35,8 @@ def render_ab(campaign: str, template: str, test: ABTest, source: str, segment: 
               currency: str = "RUB", now: datetime | None = None, database_url: str | None = None) -> dict:
     """The test phase: each test arm rendered with its variant, the holdout recorded, the rest waiting."""
     from smsflow.settings import get_settings
-    from tasks.abtest import load_test, sample_size_note, start_test
+    from smsflow.abtest import ROLLOUT
+    from tasks.abtest import arm_sizes, load_test, sample_size_note, start_test
     from tasks.render import open_campaign
 
     engine = get_engine(database_url)
@@ -50,7 +51,8 @@ def render_ab(campaign: str, template: str, test: ABTest, source: str, segment: 
                          templates=templates, price_per_segment=price_per_segment, gateway=gateway,
                          sender_name=sender_name, extra=render_extra(campaign), batch_size=get_settings().batch_size,
                          phase=phase, winner=row["winner"])
-    res.update(currency=currency, campaign=campaign, campaign_id=cid, ab=sample_size_note(test, res["arms"]))
+    sizes = arm_sizes(engine, cid, res["arms"].get(ROLLOUT, 0) if phase == "test" else 0)  # reruns count all
+    res.update(currency=currency, campaign=campaign, campaign_id=cid, ab=sample_size_note(test, sizes))
     if "warning" in res["ab"]:
         get_run_logger().warning("A/B %s: %s", campaign, res["ab"]["warning"])
     return res

@@ -98,6 +98,18 @@ def plan_ab(engine, *, campaign_id: int, campaign: str, source: str, segment: st
     return {**stats.result("RUB"), "arms": arms, "phase": phase}
 
 
+def arm_sizes(engine, campaign_id: int, waiting: int = 0) -> dict[str, int]:
+    """Contacts in each test arm (their messages) and in the holdout, as stored; ``waiting``: the rest."""
+    with engine.connect() as conn:
+        out = {str(a): int(n) for a, n in conn.execute(text(
+            "SELECT variant, COUNT(*) FROM outbox WHERE campaign_id = :c AND step = 'ab-test' GROUP BY variant"),
+            {"c": campaign_id})}
+        out[HOLDOUT] = int(conn.execute(text("SELECT COUNT(*) FROM ab_members WHERE campaign_id = :c"),
+                                        {"c": campaign_id}).scalar())
+    out[ROLLOUT] = waiting
+    return out
+
+
 def sample_size_note(test: ABTest, arm_sizes: dict[str, int]) -> dict[str, Any]:
     """What a dry run shows: the size each arm needs for the design's effect and power, and a warning."""
     need = ab_size(test.baseline, test.mde, test.alpha, test.power)

@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from smsflow.abtest import HOLDOUT, ROLLOUT, ABTest, Variant, assign
 from store.db import bulk_insert, utcnow
-from tasks.abtest import ABDesignChanged, arm_outcomes, look, plan_ab, start_test, ab_report
+from tasks.abtest import ABDesignChanged, arm_outcomes, arm_sizes, look, plan_ab, start_test, ab_report
 from tasks.accounting import ensure_campaign
 from tasks.policy import always_open, variant_policies
 from tasks.segment import ALL, build_membership
@@ -88,6 +88,9 @@ def test_arms_holdout_and_rest_follow_the_assignment(engine, tmp_path):
     # a rerun renders nothing new; a changed design is refused
     again = _plan(engine, cid, test, templates, "test")
     assert again["planned"] == 0 and len(_rows(engine, "SELECT id FROM outbox")) == len(got)
+    # what a rerun reports: the arms as stored, not only what this pass rendered
+    sizes = arm_sizes(engine, cid, again["arms"][ROLLOUT])
+    assert sizes == {a: sum(1 for x in want.values() if x == a) for a in ("A", "B", HOLDOUT, ROLLOUT)}
     with pytest.raises(ABDesignChanged):
         start_test(engine, cid, test.model_copy(update={"holdout": 0.2}), templates, T0)
 

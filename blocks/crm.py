@@ -199,6 +199,26 @@ class CsvCrm(CrmSource):
     delimiter: Optional[str] = Field(default=None, description="CSV delimiter (',', ';', tab); empty: detect.")
     encoding: Optional[str] = Field(default=None, description="CSV encoding (utf-8, cp1251, utf-16); empty: detect.")
     sheet: Optional[str] = Field(default=None, description="XLSX sheet name; empty: the first sheet.")
+    orders_path: Optional[str] = Field(
+        default=None, description="Orders/deals export (CSV in any usual encoding, XLSX or Parquet) with order_id, "
+        "contact_id (the CRM's contact id), amount, status, ordered_at[, updated_at, currency]; empty: no orders.")
+
+    def fetch_orders(self, since: str | None = None, batch_size: int = 50_000) -> Iterator[pd.DataFrame] | None:
+        """The orders export (its encoding and delimiter detected on their own), one batch; re-read whole each
+        time (the upsert by order id makes that idempotent; a refund re-exported turns revenue off)."""
+        if not self.orders_path:
+            return None
+        p = Path(self.orders_path)
+        if not p.is_file():
+            raise CrmSourceError(f"CSV CRM '{self.source_name}': orders file not found: {p}")
+        try:
+            df = read_export(p, sniff(p))
+        except ExportError as exc:
+            raise CrmSourceError(f"CSV CRM '{self.source_name}': orders: {exc}") from None
+        df.columns = [str(c).strip() for c in df.columns]
+        if "updated_at" not in df.columns and "ordered_at" in df.columns:
+            df["updated_at"] = df["ordered_at"]
+        return self._since(df, since)
 
     def export_format(self) -> ExportFormat:
         """What the file is, as given or detected (raises CrmSourceError)."""

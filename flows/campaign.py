@@ -27,7 +27,7 @@ from flows.validate_and_dedup import validate_and_dedup
 from store.db import get_engine
 from tasks.policy import ContactPolicy
 from smsflow.templates import template_library
-from tasks.accounting import close_campaign, record_planned
+from tasks.accounting import close_campaign, record_planned, set_attribution
 
 
 class CampaignParams(BaseModel):
@@ -47,6 +47,10 @@ class CampaignParams(BaseModel):
                                   "(default: marketing 10:00-21:00 local, not on Russian public holidays).")
     ends_at: datetime | None = Field(default=None, description="Messages not sent by then expire.")
     now: datetime | None = Field(default=None, description="The clock for policy decisions (previews and tests).")
+    attribution_delivery_days: float | None = Field(default=None, gt=0, description="Orders within this many days "
+                                                    "after delivery count for this campaign (default: the setting, 7).")
+    attribution_click_days: float | None = Field(default=None, gt=0, description="Orders within this many days "
+                                                 "after a person's click count (default: the setting, 7).")
     ab: ABTest | None = Field(default=None, description="An A/B/n test: variants, split, metric, holdout, test share "
                               "(the rest gets the winner after ab-decide decides).")
 
@@ -88,6 +92,7 @@ def campaign(params: CampaignParams) -> dict:
     engine = get_engine(database_url)
     cid = rendered["campaign_id"]
     record_planned(engine, cid, rendered)
+    set_attribution(engine, cid, params.attribution_delivery_days, params.attribution_click_days)
     progress.step("render", progress.rendered_line(rendered))
     result: dict = {"ab": rendered["ab"]} if "ab" in rendered else {}
     if not params.dry_run:

@@ -148,6 +148,8 @@ def campaign_cmd(
     phone_column: Optional[str] = typer.Option(None, "--phone-column", help="The export's phone column (default: phone)"),
     columns: list[str] = typer.Option([], "--column", metavar="OURS=THEIRS",
                                       help="Map one of our columns to the export's, e.g. --column id=ID (repeatable)"),
+    attribution_days: Optional[str] = typer.Option(None, "--attribution-days", metavar="DELIVERY[:CLICK]",
+                                                   help="This campaign's attribution windows in days (default 7:7)"),
     ab_file: Optional[Path] = typer.Option(None, "--ab", help="YAML A/B/n test: variants, split, metric, holdout, "
                                            "test_share (smsflow/abtest.py); the rest waits for smsflow ab-decide"),
 ) -> None:
@@ -176,6 +178,7 @@ def campaign_cmd(
     except TemplateError as exc:
         _fail(f"template {template}: {exc}")
     ab = _load_ab(ab_file) if ab_file else None
+    windows = _attribution_days(attribution_days)
     column_map = _column_map(columns, phone_column)
     fmt = _export_format(source_csv, encoding, delimiter, sheet)
     source = _export_source(source_csv, fmt, column_map)
@@ -188,7 +191,19 @@ def campaign_cmd(
         return
     with _prefect_session():
         _campaign(source, template, name, gateway_block, segment, segments_file, rate, dry_run, wait, policy, end,
-                  clock, plan_out, quarantine_out, ab)
+                  clock, plan_out, quarantine_out, ab, windows)
+
+
+def _attribution_days(value: Optional[str]) -> tuple[Optional[float], Optional[float]]:
+    if not value:
+        return None, None
+    try:
+        parts = [float(x) for x in value.split(":")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or any(not 0 < x <= 365 for x in parts):
+        _fail(f"--attribution-days {value!r}: DELIVERY[:CLICK] in days, each > 0 and <= 365, e.g. 3 or 3:1")
+    return parts[0], parts[-1]
 
 
 def _load_ab(path: Path):
@@ -270,9 +285,13 @@ def _export_source(path: Path, fmt, column_map: dict[str, str]):
     from blocks.crm import CsvCrm
 
     path = path.resolve()
-    name = f"csv-{_slug(path.stem)}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
-    return CsvCrm(path=str(path), source_name=name, column_map=column_map, encoding=fmt.encoding,
-                  delimiter=fmt.delimiter, sheet=fmt.sheet)
+    return CsvCrm(path=str(path), source_name=_export_source_name(path), column_map=column_map,
+                  encoding=fmt.encoding, delimiter=fmt.delimiter, sheet=fmt.sheet)
+
+
+def _export_source_name(path: Path) -> str:
+    path = path.resolve()
+    return f"csv-{_slug(path.stem)}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
 
 
 def _check_export(source) -> None:
@@ -296,7 +315,7 @@ def _check_export(source) -> None:
 
 
 def _campaign(source, template, name, gateway_block, segment, segments_file, rate, dry_run, wait, policy, end, clock,
-              plan_out, quarantine_out, ab=None) -> None:
+              plan_out, quarantine_out, ab=None, windows=(None, None)) -> None:
     # One Block per CLI run, removed afterwards (the UI keeps no csv-* Blocks); the name, the
     # contacts' source key, is the same on every run over the same file.
     block_name = source.source_name
@@ -304,7 +323,7 @@ def _campaign(source, template, name, gateway_block, segment, segments_file, rat
     try:
         _save_gateway_if_missing(gateway_block)
         result = _run_campaign(source, block_name, template, name, gateway_block, segment, segments_file, rate, dry_run,
-                               wait, policy, end, clock, ab)
+                               wait, policy, end, clock, ab, windows)
     finally:
         _delete_block("csv-crm", block_name)
     _campaign_result(name, result, clock, plan_out, quarantine_out)
@@ -369,7 +388,7 @@ def _delete_block(block_type: str, name: str) -> None:
 
 
 def _run_campaign(source, block_name, template, name, gateway_block, segment, segments_file, rate, dry_run, wait, policy,
-                  end, clock, ab=None) -> dict:
+                  end, clock, ab=None, windows=(None, None)) -> dict:
     from flows.campaign import CampaignParams, campaign
 
     params = CampaignParams(
@@ -386,6 +405,8 @@ def _run_campaign(source, block_name, template, name, gateway_block, segment, se
         ends_at=end,
         now=clock,
         ab=ab,
+        attribution_delivery_days=windows[0],
+        attribution_click_days=windows[1],
     )
     try:
         return campaign(params)
@@ -683,6 +704,32 @@ def _earned(r: dict) -> str:
             f"people ({r['clicks_total']} requests incl. link previews, {r['unique_clickers']} people), "
             f"{r['replies']} replies, {r['opt_outs']} opt-outs; {r['conversions']} conversions, revenue "
             f"{r['revenue']:,.2f} {cur}, cost {r['cost']:,.2f} {cur}, ROI {roi}")
+
+
+@app.command("orders")
+def orders_cmd(
+    source_csv: Path = typer.Option(..., "--source-csv", "--source", help="The contacts export campaigns were run on"),
+    orders: Path = typer.Option(..., "--orders", help="Orders/deals export: order_id, contact_id, amount, status, "
+                                "ordered_at[, updated_at, currency] (CSV in any usual encoding, XLSX, Parquet)"),
+) -> None:
+    """Read an orders/deals export for conversions and revenue (tasks/orders.py); prints one JSON object."""
+    from blocks.crm import CrmSourceError
+    from store.db import get_engine
+    from tasks.orders import extract_orders
+
+    for path in (source_csv, orders):
+        if not path.is_file():
+            _fail(f"file not found: {path}")
+    # the same source key as `campaign` gives this contacts export, so orders find their contacts
+    from blocks.crm import CsvCrm
+
+    source = CsvCrm(path=str(source_csv.resolve()), source_name=_export_source_name(source_csv),
+                    orders_path=str(orders.resolve()))
+    try:
+        res = extract_orders(get_engine(), source)
+    except CrmSourceError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps({"rows": res.rows, "stored": res.stored, "quarantined": res.quarantined}))
 
 
 @app.command("ab-decide")

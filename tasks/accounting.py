@@ -2,6 +2,7 @@
 reason, merged as a duplicate, or excluded by consent; exactly once each."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sqlalchemy import text
@@ -14,8 +15,6 @@ def ensure_campaign(engine, *, name: str, source: str, segment: str, template_na
                     gateway: str | None, price_per_segment: float, params: dict[str, Any] | None = None,
                     policy: dict[str, Any] | None = None, ends_at=None, currency: str = "RUB") -> int:
     """The campaign's id; created on first run, reused when a campaign of that name is rerun."""
-    import json
-
     with engine.begin() as conn:
         row = conn.execute(text("SELECT id, source, status FROM campaigns WHERE name = :n"), {"n": name}).first()
         if row is not None:
@@ -178,3 +177,15 @@ def close_campaign(engine, campaign_id: int, *, sent: bool, emit: bool = True) -
     log_event(engine, "campaign.sent" if sent else "campaign.dry_run", campaign_id=campaign_id, payload=summary,
               emit=emit)
     return summary
+
+
+def set_attribution(engine, campaign_id: int, delivery_days: float | None, click_days: float | None) -> None:
+    """The campaign's own attribution windows (tasks/attribution.py), kept in campaigns.params."""
+    if delivery_days is None and click_days is None:
+        return
+    with engine.begin() as conn:
+        raw = conn.execute(text("SELECT params FROM campaigns WHERE id = :i"), {"i": campaign_id}).scalar()
+        params = (raw if isinstance(raw, dict) else json.loads(raw or "{}")) or {}
+        params["attribution"] = {"delivery_days": delivery_days, "click_days": click_days}
+        conn.execute(text("UPDATE campaigns SET params = :p WHERE id = :i"),
+                     {"p": json.dumps(params, default=str), "i": campaign_id})

@@ -1,7 +1,8 @@
 """What each campaign earned: orders credited to the message that touched the buyer last, and replies.
 
 Attribution (documented defaults, settings ``SMSFLOW_ATTRIBUTION_DELIVERY_DAYS`` and
-``SMSFLOW_ATTRIBUTION_CLICK_DAYS``, 7 and 7):
+``SMSFLOW_ATTRIBUTION_CLICK_DAYS``, 7 and 7; a campaign may set its own, ``CampaignParams``
+``attribution_delivery_days`` / ``attribution_click_days``):
 
 * a *touch* is a delivered message (at its delivery) or a person's click on its short link (at the
   click; tasks/clicks.py says what counts as a person);
@@ -66,22 +67,55 @@ def _last_touch(events: pd.DataFrame, touch: pd.DataFrame, days: float, time_col
                          tolerance=pd.Timedelta(days=days))
 
 
+def campaign_windows(engine, delivery_days: float, click_days: float) -> dict[int, tuple[float, float]]:
+    """Each campaign's (delivery, click) attribution windows in days: its own (``CampaignParams``
+    attribution_delivery_days / attribution_click_days, kept in campaigns.params) or the defaults."""
+    import json
+
+    out = {}
+    with engine.connect() as conn:
+        for cid, params in conn.execute(text("SELECT id, params FROM campaigns")):
+            p = (params if isinstance(params, dict) else json.loads(params or "{}")) or {}
+            a = p.get("attribution") or {}
+            out[int(cid)] = (float(a.get("delivery_days") or delivery_days), float(a.get("click_days") or click_days))
+    return out
+
+
+def _within(matched: pd.DataFrame, windows: dict[int, tuple[float, float]], which: int, default: float) -> pd.DataFrame:
+    """Matches older than their campaign's window credit nothing (the last touch decides, as ever)."""
+    if matched.empty or "touch_at" not in matched:
+        return matched
+    limit = matched["campaign_id"].map(lambda c: windows.get(int(c), (default, default))[which] if pd.notna(c)
+                                       else default).astype(float)
+    late = (matched["ordered_at"] - matched["touch_at"]) > pd.to_timedelta(limit, unit="D")
+    for c in ("key", "campaign_id", "segment"):
+        matched[c] = matched[c].where(~late)
+    matched["touch_at"] = matched["touch_at"].where(~late)
+    return matched
+
+
 def attributed_orders(engine, delivery_days: float | None = None, click_days: float | None = None) -> pd.DataFrame:
     """Every revenue order of a known phone with ``campaign_id, segment, key`` of the message it is
-    credited to (NaN: none) and ``amount``."""
+    credited to (NaN: none) and ``amount``. Windows: each campaign's own, else the arguments, else the
+    settings."""
     from smsflow.settings import get_settings
 
     s = get_settings()
     delivery_days = s.attribution_delivery_days if delivery_days is None else delivery_days
     click_days = s.attribution_click_days if click_days is None else click_days
+    windows = campaign_windows(engine, delivery_days, click_days)
     with engine.connect() as conn:
         orders = _frame(conn, "SELECT o.id AS order_id, o.amount, o.currency, o.ordered_at, c.phone_e164 AS phone "
                               "FROM orders o JOIN contacts c ON c.id = o.contact_id WHERE o.revenue AND "
                               "c.phone_e164 IS NOT NULL")
     orders = _times(orders, "ordered_at")
     delivered, clicked = touches(engine)
-    by_delivery = _last_touch(orders, delivered, delivery_days, "ordered_at").set_index("order_id")
-    by_click = _last_touch(orders, clicked, click_days, "ordered_at").set_index("order_id")
+    longest_d = max([delivery_days, *(w[0] for w in windows.values())])
+    longest_c = max([click_days, *(w[1] for w in windows.values())])
+    by_delivery = _within(_last_touch(orders, delivered, longest_d, "ordered_at"), windows, 0,
+                          delivery_days).set_index("order_id")
+    by_click = _within(_last_touch(orders, clicked, longest_c, "ordered_at"), windows, 1,
+                       click_days).set_index("order_id")
     by_click = by_click.reindex(by_delivery.index)
     use_click = by_click["touch_at"].notna() & (by_delivery["touch_at"].isna() |
                                                 (by_click["touch_at"] > by_delivery["touch_at"]))

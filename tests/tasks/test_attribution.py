@@ -161,3 +161,23 @@ def test_replies_go_to_the_last_message_sent_before_them(crm_store):
     assert len(r) == 1 and r["campaign_id"].iloc[0] == a
     assert r["seconds"].iloc[0] == pytest.approx(30 * 60 + 5)
     assert campaign_earnings(engine, a)[a]["median_reply_s"] == pytest.approx(1805)
+
+
+def test_a_campaign_may_set_its_own_windows(crm_store, tmp_path):
+    """Campaign "flash" counts orders within 1 day of delivery; "spring" keeps the 7-day default."""
+    from tasks.accounting import set_attribution
+
+    engine = crm_store
+    flash, spring = _campaign(engine, "flash"), _campaign(engine, "spring")
+    set_attribution(engine, flash, 1.0, 1.0)
+    _message(engine, flash, "C00000", T0)
+    _message(engine, spring, "C00001", T0)
+    _message(engine, flash, "C00002", T0)
+    db = tmp_path / "crm.sqlite"
+    _crm_db(db, [("O1", "C00000", "paid", 100.0, "2026-03-04T10:00:00", "2026-03-04T10:00:00"),   # 2 days: too late
+                 ("O2", "C00001", "paid", 200.0, "2026-03-04T10:00:00", "2026-03-04T10:00:00"),   # 2 days: within 7
+                 ("O3", "C00002", "paid", 300.0, "2026-03-02T20:00:00", "2026-03-02T20:00:00")])  # 10 hours
+    extract_orders(engine, _crm(db))
+    earned = campaign_earnings(engine)
+    assert earned[flash]["conversions"] == 1 and earned[flash]["revenue"] == 300.0
+    assert earned[spring]["conversions"] == 1 and earned[spring]["revenue"] == 200.0

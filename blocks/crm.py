@@ -75,6 +75,11 @@ class CrmSource(Block, ABC):
     def updated_at_field(self) -> str:
         return self.column_map.get("updated_at", "updated_at")
 
+    @property
+    def has_orders(self) -> bool:
+        """Whether :meth:`fetch_orders` reads anything (the extract flow then reads orders too)."""
+        return False
+
     def fetch_orders(self, since: str | None = None, batch_size: int = 50_000) -> Iterator[pd.DataFrame] | None:
         """Orders/deals changed since ``since`` (by ``updated_at``), in batches with the columns
         ``order_id, contact_id`` (the CRM's ids), ``amount, status, ordered_at, updated_at`` and optionally
@@ -115,6 +120,10 @@ class SqlCrm(CrmSource):
                     "ordered_at, updated_at (and optionally currency); a refund or cancellation must move "
                     "updated_at. Unset: no orders from this CRM.",
     )
+
+    @property
+    def has_orders(self) -> bool:
+        return bool(self.orders_query)
 
     def fetch_orders(self, since: str | None = None, batch_size: int = 50_000) -> Iterator[pd.DataFrame] | None:
         if not self.orders_query:
@@ -202,6 +211,10 @@ class CsvCrm(CrmSource):
     orders_path: Optional[str] = Field(
         default=None, description="Orders/deals export (CSV in any usual encoding, XLSX or Parquet) with order_id, "
         "contact_id (the CRM's contact id), amount, status, ordered_at[, updated_at, currency]; empty: no orders.")
+
+    @property
+    def has_orders(self) -> bool:
+        return bool(self.orders_path)
 
     def fetch_orders(self, since: str | None = None, batch_size: int = 50_000) -> Iterator[pd.DataFrame] | None:
         """The orders export (its encoding and delimiter detected on their own), one batch; re-read whole each

@@ -101,3 +101,16 @@ def _link_contacts(conn, source: str) -> None:
     conn.execute(text(
         "UPDATE orders SET contact_id = (SELECT MIN(c.id) FROM contacts c WHERE c.source = orders.source AND "
         "c.crm_id = orders.crm_contact_id) WHERE contact_id IS NULL AND source = :s"), {"s": source})
+
+
+# --------------------------------------------------------------------------- Prefect task
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+
+@task(name="extract-orders", cache_policy=NO_CACHE)
+def orders_task(crm: CrmSource, full_refresh: bool, database_url: str | None) -> OrdersResult:
+    """The source's orders/deals since their watermark (the REST callers retry what can heal themselves)."""
+    from store.db import get_engine
+
+    return extract_orders(get_engine(database_url), crm, full_refresh)

@@ -357,3 +357,18 @@ def test_due_sender_recovers_messages_left_in_doubt(tmp_path):
     due = send(None, "sandbox", now=day)
     assert due["campaigns"]["doubt"]["recovered_replanned"] == 5 and due["campaigns"]["doubt"]["submitted"] == 5
     assert len(SandboxGateway(state_path=gw_path).sent_count_by_reference()) == 5
+
+
+def test_the_extract_flow_reads_the_crms_orders_too(tmp_path):
+    """The hourly extract deployment brings orders/deals with the contacts (conversions need them)."""
+    from flows.crm_extract import crm_extract
+
+    path = write_csv(tmp_path / "crm.csv", [contact(i) for i in range(4)])
+    orders = tmp_path / "orders.csv"
+    orders.write_text("order_id,contact_id,amount,status,ordered_at\nO1,C00001,990,paid,2026-03-03 10:00:00\n"
+                      "O2,C00002,150,cancelled,2026-03-03 11:00:00\n", encoding="utf-8")
+    CsvCrm(path=str(path), source_name="with-orders", orders_path=str(orders)).save("with-orders", overwrite=True)
+    out = crm_extract("with-orders")
+    assert out["rows"] == 4 and out["orders"] == {"rows": 2, "stored": 2, "quarantined": 0}
+    CsvCrm(path=str(path), source_name="no-orders").save("no-orders", overwrite=True)
+    assert "orders" not in crm_extract("no-orders")

@@ -180,6 +180,39 @@ def test_amocrm_extract_into_the_store(sqlite_engine):
         assert c.execute(text("SELECT COUNT(*) FROM contacts WHERE source='amo'")).scalar() == N + 1
 
 
+def test_amocrm_deals_become_orders_incrementally(any_store):
+    """Leads as orders (GET /api/v4/leads?with=contacts, paged, walked by updated_at): won (142) is revenue,
+    lost (143) not; the main contact links the order; a lead changed later is re-read and updated; 429s
+    are waited out."""
+    from store.db import get_engine
+    from tasks.orders import extract_orders
+
+    engine = get_engine(any_store)
+    fake = amo_fake()  # odd contacts have lead i*10, won, price 1000 + i
+    fake.add_lead(20, status_id=143, pipeline_id=7, price=500, updated_at=BASE + 10)
+    fake.contacts[2]["_lead_ids"].append(20)
+    src = amo(fake)
+    extract_source(engine, src)
+    fake.force_429 = 2
+    res = extract_orders(engine, src)
+    n_leads = (N + 1) // 2 + 1
+    assert (res.rows, res.stored, res.quarantined) == (n_leads, n_leads, 0)
+    with engine.begin() as c:
+        rows = {r[0]: r[1:] for r in c.execute(text(
+            "SELECT o.crm_order_id, o.amount, o.revenue, k.crm_id, o.status FROM orders o "
+            "LEFT JOIN contacts k ON k.id = o.contact_id"))}
+    assert rows["70"][0] == 1007 and bool(rows["70"][1]) and rows["70"][2] == "7" and rows["70"][3] == "won"
+    assert not bool(rows["20"][1]) and rows["20"][2] == "2" and rows["20"][3] == "lost"
+    assert fake.throttled >= 2
+    # a lead won later: the next run reads what changed since the watermark, the sale counts now
+    fake.leads[20].update(status_id=142, updated_at=BASE + 9000)
+    again = extract_orders(engine, src)
+    assert again.rows <= 3  # the watermark second again and the changed lead
+    with engine.begin() as c:
+        assert bool(c.execute(text("SELECT revenue FROM orders WHERE crm_order_id = '20'")).scalar())
+        assert c.execute(text("SELECT COUNT(*) FROM orders")).scalar() == n_leads
+
+
 # =========================================================================== Bitrix24
 def bx_fake(n=N, stamp=ts, **kw) -> FakeBitrix24:
     fake = FakeBitrix24(**{"bucket_size": 50, "drain_per_s": 100, **kw})

@@ -174,9 +174,7 @@ class FakeAmoCrm:
             if m == "GET" and path == "/api/v4/contacts/custom_fields":
                 return self._list(request, self.custom_fields(), "custom_fields", max_limit=50)
             if m == "GET" and path == "/api/v4/leads":
-                ids = {int(x) for x in q.get_list("filter[id][]") + q.get_list("filter[id]")}
-                leads = sorted((l for l in self.leads.values() if not ids or l["id"] in ids), key=lambda l: l["id"])
-                return self._list(request, leads, "leads")
+                return self._list(request, self._leads(q), "leads")
             mm = re.fullmatch(r"/api/v4/(leads|contacts)/(\d+)", path)
             if m == "GET" and mm:
                 return self._one(request, mm.group(1), int(mm.group(2)))
@@ -233,8 +231,8 @@ class FakeAmoCrm:
         chunk = items[(page - 1) * limit: page * limit]
         if not chunk:
             return httpx.Response(204)
-        with_leads = "leads" in (q.get("with") or "").split(",")
-        out = [self._render(x, key, with_leads) for x in chunk]
+        withs = (q.get("with") or "").split(",")
+        out = [self._render(x, key, "leads" in withs, "contacts" in withs) for x in chunk]
 
         def link(p: int) -> dict:
             pairs = [(k, v) for k, v in q.multi_items() if k != "page"] + [("page", str(p))]
@@ -248,7 +246,7 @@ class FakeAmoCrm:
             links["next"] = link(page + 1)
         return self._hal({"_page": page, "_links": links, "_embedded": {key: out}})
 
-    def _render(self, x: dict, key: str, with_leads: bool) -> dict:
+    def _render(self, x: dict, key: str, with_leads: bool, with_contacts: bool = False) -> dict:
         if key == "contacts":
             c = {k: v for k, v in x.items() if not k.startswith("_")}
             c["_links"] = {"self": {"href": f"{self.base_url}/api/v4/contacts/{x['id']}"}}
@@ -258,7 +256,24 @@ class FakeAmoCrm:
                                 for lid in x["_lead_ids"]]
             c["_embedded"] = emb
             return json.loads(json.dumps(c))
-        return json.loads(json.dumps({k: v for k, v in x.items() if not k.startswith("_")}))
+        out = {k: v for k, v in x.items() if not k.startswith("_")}
+        if key == "leads" and with_contacts:  # with=contacts: [{"id", "is_main", "_links"}]
+            out["_embedded"] = {"tags": [], "companies": [], "contacts": [
+                {**c, "_links": {"self": {"href": f"{self.base_url}/api/v4/contacts/{c['id']}"}}}
+                for c in self.lead_contacts(x["id"])]}
+        return json.loads(json.dumps(out))
+
+    def _leads(self, q) -> list[dict]:
+        """filter[id][], filter[updated_at][from]/[to], order[updated_at]|order[id] (like contacts)."""
+        ids = {int(x) for x in q.get_list("filter[id][]") + q.get_list("filter[id]")}
+        lo, hi = q.get("filter[updated_at][from]"), q.get("filter[updated_at][to]")
+        items = [l for l in self.leads.values() if (not ids or l["id"] in ids)
+                 and (lo is None or l["updated_at"] >= int(lo)) and (hi is None or l["updated_at"] <= int(hi))]
+        if q.get("order[updated_at]"):
+            items.sort(key=lambda l: (l["updated_at"], -l["id"]), reverse=q["order[updated_at]"] == "desc")
+        else:
+            items.sort(key=lambda l: l["id"], reverse=q.get("order[id]") == "desc")
+        return items
 
     def _contacts(self, q) -> list[dict]:
         lo = q.get("filter[updated_at][from]") or q.get("filter[updated_at]")

@@ -254,7 +254,8 @@ def test_simulator_down_raises_before_anything_is_sent(sim):
 def test_throughput_2000_messages(sim, capsys):
     _quiet(sim)
     run = uuid.uuid4().hex[:6]
-    msgs = [_msg(f"{run}-{i}", f"+7917{i:05d}{int(run[:2], 16) % 90:02d}", f"Throughput {i} [ref:{run}-{i}]")  # not ...97-99: the simulator rejects, expires, fails those
+    # numbers never end in 97-99: the simulator rejects, expires or fails those
+    msgs = [_msg(f"{run}-{i}", f"+7917{i:05d}{int(run[:2], 16) % 90:02d}", f"Throughput {i} [ref:{run}-{i}]")
             for i in range(2000)]
     gw = sim.gateway(receipt_linger_s=0)  # defaults: 2 binds x window 100
     t0 = time.perf_counter()

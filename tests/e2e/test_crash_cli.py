@@ -84,7 +84,7 @@ def kill_and_rerun(tmp_path: Path, env: dict, args: list[str], kills: int, seed:
             return resumed, json.loads(out.strip().splitlines()[-1])
         before = handed_over(store)
         # a random moment: while the command still extracts and plans (0), or once it has sent some
-        target = rnd.choice([0, rnd.randint(1, N // 2)])
+        target = rnd.choice([0, rnd.randint(1, max(1, (N - before) // 2))])  # never more than is left to send
         deadline = time.monotonic() + 180
         if target == 0:
             time.sleep(rnd.uniform(3, 8))

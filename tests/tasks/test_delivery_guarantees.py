@@ -173,6 +173,7 @@ def test_kannel_down_for_60_s_mid_campaign(kannel, service):  # noqa: F811
     # a request refused at connect time (smsbox already gone) was never sent: back to 'planned'
     # (retry_later) and sent by the next run, as max_messages counted its first claim
     assert stats.outages >= 3 and stats.submitted + stats.in_doubt + stats.retry_later == n, vars(stats)
+    replanned = 0
     if stats.in_doubt or stats.retry_later:
         # the next send run: recovery settles the ones the SMSC has (their receipts name our reference)
         # and sends again only what has no trace after evidence_grace_s
@@ -192,7 +193,13 @@ def test_kannel_down_for_60_s_mid_campaign(kannel, service):  # noqa: F811
             break
         time.sleep(0.5)
     counts = {r: st["by_ref"].get(r, 0) for r in refs}
-    assert [r for r, c in counts.items() if c != 1] == []
+    assert [r for r, c in counts.items() if c == 0] == []  # none lost
+    # None twice, except what the design allows: a request in flight when smsbox died that bearerbox did
+    # forward, whose receipt then died with bearerbox's in-memory dlr-storage, leaves no trace, so after
+    # evidence_grace_s recovery sends it again (at most `replanned` of them; use redis/pgsql dlr-storage
+    # in production, README "Gateways"). Everything that had an answer reached the SMSC exactly once.
+    twice = sorted(r for r, c in counts.items() if c > 1)
+    assert len(twice) <= replanned and all(counts[r] == 2 for r in twice), (twice, replanned)
     # Receipts for the few messages in flight when bearerbox died are lost with its internal
     # dlr-storage (use redis/pgsql dlr-storage in production): those stay 'submitted' until TTL
     # expiry. Everything else gets its final receipt.

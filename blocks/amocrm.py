@@ -148,28 +148,35 @@ class AmoCrm(RestCrmSource):
 
     # ------------------------------------------------------------------ extract
     def _rows(self, since: str | None):
-        start = parse_since(since)
-        anchor = None if start is None else int(start.timestamp())  # floor: the filter is inclusive
         base = [("limit", self.page_size)]
         if self.with_leads:
             base.append(("with", "leads"))
-
-        def query(a: int | None):
-            params = list(base) + [("page", 1), ("order[updated_at]", "asc")]
-            if a is not None:
-                params.append(("filter[updated_at][from]", a))
-            return self._pages("/api/v4/contacts", params, "contacts")
-
-        def tie(t: int):
-            params = list(base) + [("page", 1), ("order[id]", "asc"), ("filter[updated_at][from]", t), ("filter[updated_at][to]", t)]
-            for items, _more in self._pages("/api/v4/contacts", params, "contacts"):
-                yield items
 
         def rows(page: list[dict]) -> list[dict]:
             leads = self._lead_details(page) if (self.with_leads and self.lead_details) else {}
             return [self._row(c, leads) for c in page]
 
-        return self._scan(query, tie, since=anchor, ts=lambda c: int(c.get("updated_at") or 0), ident=lambda c: c["id"],
+        return self._walk("/api/v4/contacts", "contacts", base, since, rows)
+
+    def _walk(self, path: str, key: str, base: list[tuple[str, Any]], since: str | None, rows):
+        """Contacts or leads with updated_at >= ``since``: ``order[updated_at]=asc`` pages, the entities sharing
+        one second walked by id (``_scan``); ``rows(page)`` maps each page."""
+        start = parse_since(since)
+        anchor = None if start is None else int(start.timestamp())  # floor: the filter is inclusive
+
+        def query(a: int | None):
+            params = list(base) + [("page", 1), ("order[updated_at]", "asc")]
+            if a is not None:
+                params.append(("filter[updated_at][from]", a))
+            return self._pages(path, params, key)
+
+        def tie(t: int):
+            params = list(base) + [("page", 1), ("order[id]", "asc"), ("filter[updated_at][from]", t),
+                                   ("filter[updated_at][to]", t)]
+            for items, _more in self._pages(path, params, key):
+                yield items
+
+        return self._scan(query, tie, since=anchor, ts=lambda x: int(x.get("updated_at") or 0), ident=lambda x: x["id"],
                           rows=rows)
 
     # ------------------------------------------------------------------ deals as orders
@@ -183,24 +190,8 @@ class AmoCrm(RestCrmSource):
         contact; its time the lead's ``closed_at`` (else ``created_at``)."""
         if not self.deals:
             return None
-        start = parse_since(since)
-        anchor = None if start is None else int(start.timestamp())
-        base = [("limit", self.page_size), ("with", "contacts")]
-
-        def query(a: int | None):
-            params = list(base) + [("page", 1), ("order[updated_at]", "asc")]
-            if a is not None:
-                params.append(("filter[updated_at][from]", a))
-            return self._pages("/api/v4/leads", params, "leads")
-
-        def tie(t: int):
-            params = list(base) + [("page", 1), ("order[id]", "asc"), ("filter[updated_at][from]", t),
-                                   ("filter[updated_at][to]", t)]
-            for items, _more in self._pages("/api/v4/leads", params, "leads"):
-                yield items
-
-        rows = self._scan(query, tie, since=anchor, ts=lambda l: int(l.get("updated_at") or 0), ident=lambda l: l["id"],
-                          rows=lambda page: [self._deal(lead) for lead in page])
+        rows = self._walk("/api/v4/leads", "leads", [("limit", self.page_size), ("with", "contacts")], since,
+                          lambda page: [self._deal(lead) for lead in page])
         return frames(rows, batch_size)
 
     def _deal(self, lead: dict) -> dict:

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from service.webhooks import MAX_BODY
 from smsflow.privacy import mask_phone
@@ -313,24 +313,12 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
         return 302, target
 
     @app.api_route("/{code}", methods=["GET", "HEAD"], include_in_schema=False)
-    async def short_link(code: str, request: Request):
-        """Malformed codes (never looked up); valid ones are answered by ShortLinks before routing."""
-        if not is_code(code):
-            return PlainTextResponse("not found", status_code=404)
-        status, target = await answer_link(request.method.upper(), code, request.headers.get("user-agent"),
-                                           _client(request))
-        return _link_response(status, target)
+    async def malformed_link(code: str):
+        """Well-formed codes are answered by ShortLinks before routing; what gets here never reaches the store."""
+        return PlainTextResponse("not found", status_code=404)
 
     app.add_middleware(ShortLinks, answer=answer_link)  # outermost: a redirect skips routing and the log middleware
     return app
-
-
-def _link_response(status: int, target: str | None):
-    if status == 302:
-        return RedirectResponse(target, status_code=302, headers=dict(LINK_HEADERS))
-    if status == 410:
-        return HTMLResponse(EXPIRED_PAGE, status_code=410)
-    return PlainTextResponse("not found", status_code=404)
 
 
 LINK_HEADERS = (("cache-control", "no-store"), ("referrer-policy", "no-referrer"))
@@ -373,7 +361,7 @@ class ShortLinks:
 
 
 def _location(target: str) -> bytes:
-    """The Location header as Starlette's RedirectResponse writes it (non-ASCII percent-encoded)."""
+    """The Location header as Starlette's RedirectResponse would write it (non-ASCII percent-encoded)."""
     from urllib.parse import quote
 
     return quote(target, safe=":/%#?=@[]!$&'()*+,;").encode("latin-1")

@@ -289,9 +289,9 @@ def always_valid_p(n_v: int, k_v: int, n_c: int, k_c: int, tau: float, previous:
     return min(previous, 1.0 / msprt_lambda(n_v, k_v, n_c, k_c, tau))
 
 
-def more_needed(n_v: int, n_c: int, baseline: float, mde: float, alpha: float, power: float) -> int:
-    """About how many more per arm the fixed-horizon design wants (0 when reached)."""
-    return max(0, ab_size(baseline, mde, alpha, power) - min(n_v, n_c))
+def more_needed(sizes: list[int], baseline: float, mde: float, alpha: float, power: float) -> int:
+    """About how many more per arm the fixed-horizon design wants, judged by the smallest arm (0 when reached)."""
+    return max(0, ab_size(baseline, mde, alpha, power) - (min(sizes) if sizes else 0))
 
 
 def sequential_look(arms: dict[str, tuple[int, int]], test: ABTest, previous: dict[str, float] | None = None,

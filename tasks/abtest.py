@@ -15,7 +15,8 @@ from typing import Any
 
 from sqlalchemy import text
 
-from smsflow.abtest import HOLDOUT, ROLLOUT, ABTest, ab_size, ab_stats, assign, diff_ci, sequential_look
+from smsflow.abtest import (HOLDOUT, ROLLOUT, ABTest, ab_size, ab_stats, assign, diff_ci, more_needed,
+                            sequential_look)
 from store.db import bulk_insert, read_frame, utcnow
 from tasks.render import PlanStats, candidate_pages, campaign_template, render_batch, write_chunk
 
@@ -199,8 +200,8 @@ def _verdict(test: ABTest, winner: str | None, arms: dict[str, tuple[int, int]],
                 f"to {hi * 100:+.1f} pp), {reason}")
     if winner:
         return f"{winner} wins: {reason}"
-    n = [arms.get(v.name, (0, 0))[0] for v in test.variants]
-    more = max(0, ab_size(test.baseline, test.mde, test.alpha, test.power) - (min(n) if n else 0))
+    more = more_needed([arms.get(v.name, (0, 0))[0] for v in test.variants], test.baseline, test.mde, test.alpha,
+                       test.power)
     return f"not significant yet: about {more} more per arm needed ({reason})"
 
 

@@ -11,6 +11,9 @@
         (an empty map is sent as [])
     crm.timeline.comment.list  filter[ENTITY_ID]=..&filter[ENTITY_TYPE]=contact  (paged by start, 50)
     crm.timeline.comment.add   fields[ENTITY_ID], fields[ENTITY_TYPE]=contact, fields[COMMENT]  -> comment id
+    crm.deal.list     select[]=ID,CONTACT_ID,OPPORTUNITY,CURRENCY_ID,STAGE_ID,STAGE_SEMANTIC_ID,CLOSED,CLOSEDATE,..
+                      filter/order/start as crm.contact.list (50 per page); STAGE_SEMANTIC_ID P|S|F
+                      (in progress, success, failure); CONTACT_ID is the primary contact
     crm.contact.update         id, fields[UF_CRM_...]=0, params[REGISTER_SONET_EVENT]=N       -> true
     crm.deal.get / crm.lead.get / crm.contact.get   id -> {"result": {...}}; a deal's CONTACT_ID is its
         primary contact; a lead has CONTACT_ID and its own PHONE; an unknown id is
@@ -52,6 +55,7 @@ from blocks.crm_writeback import (
 from blocks.rest_crm import (
     RestCrmSource,
     Verdict,
+    frames,
     iso_utc,
     parse_since,
 )
@@ -138,6 +142,8 @@ class Bitrix24Crm(RestCrmSource):
     extra_fields: list[str] = Field(default_factory=list, description="More contact fields to select (become attributes).")
     batch_commands: int = Field(default=50, ge=1, le=50, description="Commands per batch request (Bitrix24 maximum: 50).")
     max_comment_pages: int = Field(default=20, ge=1, description="Pages of 50 timeline comments read per contact for markers.")
+    deals: bool = Field(default=True, description="Read deals as orders for conversions: OPPORTUNITY, won "
+                        "(STAGE_SEMANTIC_ID S) is a sale, failed (F) is not.")
 
     # ------------------------------------------------------------------ plumbing
     def _base_url(self) -> str:
@@ -189,16 +195,20 @@ class Bitrix24Crm(RestCrmSource):
         return base + [f for f in self.extra_fields if f not in base]
 
     def _rows(self, since: str | None):
+        return self._walk("crm.contact.list", self._select(), since, lambda page: map(self._row, page))
+
+    def _walk(self, method: str, select: list[str], since: str | None, rows):
+        """Contacts (``crm.contact.list``) or deals (``crm.deal.list``) with DATE_MODIFY >= ``since``, in
+        (DATE_MODIFY, ID) order, paged by ``start``; entities sharing one second walked by ``>ID`` (``_scan``)."""
         start = parse_since(since)
         anchor = None if start is None else int(start.timestamp())
-        select = self._select()
 
         def query(a: int | None):
             flt = {} if a is None else {">=DATE_MODIFY": _bx_time(a)}
             pos = 0
             while True:
-                body = self._method("crm.contact.list", {"select": select, "filter": flt,
-                                                         "order": {"DATE_MODIFY": "ASC", "ID": "ASC"}, "start": pos})
+                body = self._method(method, {"select": select, "filter": flt,
+                                             "order": {"DATE_MODIFY": "ASC", "ID": "ASC"}, "start": pos})
                 page = body.get("result") or []
                 nxt = body.get("next")
                 yield page, nxt is not None
@@ -209,7 +219,7 @@ class Bitrix24Crm(RestCrmSource):
         def tie(t: int):
             last = 0
             while True:
-                body = self._method("crm.contact.list", {
+                body = self._method(method, {
                     "select": select, "order": {"ID": "ASC"}, "start": 0,
                     "filter": {">=DATE_MODIFY": _bx_time(t), "<=DATE_MODIFY": _bx_time(t), ">ID": last}})
                 page = body.get("result") or []
@@ -219,7 +229,43 @@ class Bitrix24Crm(RestCrmSource):
                 last = max(int(c["ID"]) for c in page)
 
         return self._scan(query, tie, since=anchor, ts=lambda c: _epoch(c.get("DATE_MODIFY")), ident=lambda c: str(c["ID"]),
-                          rows=lambda page: map(self._row, page))
+                          rows=rows)
+
+    # ------------------------------------------------------------------ deals as orders
+    @property
+    def has_orders(self) -> bool:
+        return self.deals
+
+    def fetch_orders(self, since: str | None = None, batch_size: int = 50_000):
+        """Deals changed since ``since``: ``crm.deal.list`` with ``filter[>=DATE_MODIFY]``, ordered by
+        (DATE_MODIFY, ID), walked like the contacts. The order's contact is the deal's ``CONTACT_ID`` (its
+        primary contact); the amount ``OPPORTUNITY`` in ``CURRENCY_ID``; the status by ``STAGE_SEMANTIC_ID``:
+        S (success) is ``won``, F (failure) ``lost``, else ``open-<STAGE_ID>``; its time ``CLOSEDATE`` when
+        closed, else ``DATE_CREATE``. A won deal moved back to a failed stage is re-read and stops counting."""
+        if not self.deals:
+            return None
+        select = ["ID", "CONTACT_ID", "OPPORTUNITY", "CURRENCY_ID", "STAGE_ID", "STAGE_SEMANTIC_ID", "CLOSED",
+                  "CLOSEDATE", "DATE_CREATE", "DATE_MODIFY"]
+        return frames(self._walk("crm.deal.list", select, since, lambda page: [self._deal(d) for d in page]), batch_size)
+
+    def _deal(self, d: dict) -> dict:
+        semantic = str(d.get("STAGE_SEMANTIC_ID") or "").upper()
+        stage = str(d.get("STAGE_ID") or "")
+        if semantic == "S" or stage.rsplit(":", 1)[-1] == "WON":
+            status = "won"
+        elif semantic == "F" or stage.rsplit(":", 1)[-1] == "LOSE":
+            status = "lost"
+        else:
+            status = f"open-{stage or 'NEW'}"
+        closed = truthy(d.get("CLOSED")) and d.get("CLOSEDATE")
+        at = (d.get("CLOSEDATE") if closed else None) or d.get("DATE_CREATE") or d.get("DATE_MODIFY")
+
+        def stamp(v) -> str:
+            return iso_utc(datetime.fromtimestamp(_epoch(v), timezone.utc))
+
+        return {"order_id": str(d["ID"]), "contact_id": str(d["CONTACT_ID"]) if _id(d.get("CONTACT_ID")) else None,
+                "amount": d.get("OPPORTUNITY"), "currency": d.get("CURRENCY_ID") or None, "status": status,
+                "ordered_at": stamp(at), "updated_at": stamp(d.get("DATE_MODIFY") or at)}
 
     def _row(self, c: dict) -> dict:
         row = {

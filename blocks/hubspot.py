@@ -15,6 +15,11 @@
     POST /crm/v3/objects/contacts/batch/update {"inputs": [{"id", "properties": {"sms_opt_out": "true"}}]}  (<= 100)
     POST /crm/v4/associations/contacts/notes/batch/read {"inputs": [{"id", "after"?}]}  -> note ids per contact
     POST /crm/v3/objects/notes/batch/read {"properties": ["hs_note_body"], "inputs": [{"id"}]}   (<= 100)
+    POST /crm/v3/objects/deals/search    as the contacts' search, on hs_lastmodifieddate; properties amount,
+         deal_currency_code, dealstage, closedate, createdate, hs_is_closed_won, hs_is_closed
+    POST /crm/v4/associations/deals/contacts/batch/read {"inputs": [{"id"}]} (<= 1,000)
+         -> {"results": [{"from": {"id"}, "to": [{"toObjectId", "associationTypes"}]}]}; deals without
+         contacts come back in "errors" (207 Multi-Status)
     GET  /crm/v4/objects/deals/{dealId}/associations/contacts?limit=500
          -> {"results": [{"toObjectId", "associationTypes": [{"category", "typeId": 3, "label"}]}], "paging"?}
     GET  /crm/v3/objects/contacts/{contactId}?properties=phone,mobilephone,hs_language
@@ -52,6 +57,7 @@ from blocks.rest_crm import (
     RestCrmSource,
     RestCaller,
     Verdict,
+    frames,
     iso_utc,
     ms_epoch,
     parse_since,
@@ -84,6 +90,8 @@ class HubSpotCrm(RestCrmSource):
     note_batch_size: int = Field(default=100, ge=1, le=100)
     update_batch_size: int = Field(default=100, ge=1, le=100)
     max_notes_per_contact: int = Field(default=500, ge=1, description="Newest notes of a contact read back for markers.")
+    deals: bool = Field(default=True, description="Read deals as orders for conversions: amount, closed won is a sale "
+                        "(needs the crm.objects.deals.read scope).")
 
     # ------------------------------------------------------------------ plumbing
     def _base_url(self) -> str:
@@ -118,7 +126,7 @@ class HubSpotCrm(RestCrmSource):
                                    f"app token and save it in the block")
         if s == 403:
             return Verdict("auth", f"{who}: access refused (403 {category}: {msg}); the private app needs the "
-                                   f"crm.objects.contacts.read/write scopes")
+                                   f"crm.objects.contacts.read/write scopes (and crm.objects.deals.read for deals)")
         if s == 429:
             policy = body.get("policyName") or ""
             if policy == "DAILY":
@@ -128,8 +136,8 @@ class HubSpotCrm(RestCrmSource):
             return Verdict("server", f"{who}: {s} {category}: {msg}")
         return Verdict("client", f"{who}: {s} {category}: {msg}")
 
-    def _search(self, body: dict) -> dict:
-        r = self._call("POST", "/crm/v3/objects/contacts/search", json=body, buckets=[self._call.search_bucket])
+    def _search(self, body: dict, objects: str = "contacts") -> dict:
+        r = self._call("POST", f"/crm/v3/objects/{objects}/search", json=body, buckets=[self._call.search_bucket])
         return r.json()
 
     # ------------------------------------------------------------------ extract
@@ -141,20 +149,25 @@ class HubSpotCrm(RestCrmSource):
         return props + [p for p in self.extra_properties if p not in props]
 
     def _rows(self, since: str | None):
+        return self._walk("contacts", "lastmodifieddate", self._properties(), since, lambda page: map(self._row, page))
+
+    def _walk(self, objects: str, modified: str, props: list[str], since: str | None, rows):
+        """Contacts (``lastmodifieddate``) or deals (``hs_lastmodifieddate``) modified at or after ``since``, through
+        the search API sorted by that property; re-anchored before the 10,000 cap; a millisecond shared by a whole
+        query walked by ``hs_object_id`` (``_scan``). ``rows(page)`` maps each page."""
         start = parse_since(since)
         anchor = None if start is None else ms_epoch(start)
-        props = self._properties()
-        sort_by_time = [{"propertyName": "lastmodifieddate", "direction": "ASCENDING"}]
+        sort_by_time = [{"propertyName": modified, "direction": "ASCENDING"}]
 
         def query(a: int | None):
             body: dict[str, Any] = {
                 "filterGroups": [] if a is None else
-                [{"filters": [{"propertyName": "lastmodifieddate", "operator": "GTE", "value": str(a)}]}],
+                [{"filters": [{"propertyName": modified, "operator": "GTE", "value": str(a)}]}],
                 "sorts": sort_by_time, "properties": props, "limit": self.page_size}
             after = None
             while True:
                 try:
-                    data = self._search(body if after is None else {**body, "after": after})
+                    data = self._search(body if after is None else {**body, "after": after}, objects)
                 except VendorRejected as exc:
                     if after is not None and exc.status == 400:  # paged past the search cap: re-anchor
                         yield [], True
@@ -172,19 +185,72 @@ class HubSpotCrm(RestCrmSource):
         def tie(t: int):
             last: str | None = None
             while True:
-                filters = [{"propertyName": "lastmodifieddate", "operator": "EQ", "value": str(t)}]
+                filters = [{"propertyName": modified, "operator": "EQ", "value": str(t)}]
                 if last is not None:
                     filters.append({"propertyName": "hs_object_id", "operator": "GT", "value": last})
                 data = self._search({"filterGroups": [{"filters": filters}], "properties": props, "limit": self.page_size,
-                                     "sorts": [{"propertyName": "hs_object_id", "direction": "ASCENDING"}]})
+                                     "sorts": [{"propertyName": "hs_object_id", "direction": "ASCENDING"}]}, objects)
                 page = data.get("results") or []
                 yield page
                 if not page or not (data.get("paging") or {}).get("next"):
                     return
                 last = max((str(c["id"]) for c in page), key=int)
 
-        return self._scan(query, tie, since=anchor, ts=_modified_ms, ident=lambda c: str(c["id"]),
-                          rows=lambda page: map(self._row, page))
+        return self._scan(query, tie, since=anchor, ts=lambda o: _modified_ms(o, modified), ident=lambda c: str(c["id"]),
+                          rows=rows)
+
+    # ------------------------------------------------------------------ deals as orders
+    @property
+    def has_orders(self) -> bool:
+        return self.deals
+
+    def fetch_orders(self, since: str | None = None, batch_size: int = 50_000):
+        """Deals modified since ``since`` (``POST /crm/v3/objects/deals/search`` on ``hs_lastmodifieddate``, walked
+        like the contacts), each page's contacts from ``POST /crm/v4/associations/deals/contacts/batch/read``
+        (deals have no primary contact: the lowest id). Amount ``amount`` in ``deal_currency_code``; status
+        ``won`` when ``hs_is_closed_won``, ``lost`` when closed otherwise, else ``open-<dealstage>``; its time
+        ``closedate`` when closed, else ``createdate``."""
+        if not self.deals:
+            return None
+        props = ["amount", "deal_currency_code", "dealstage", "closedate", "createdate", "hs_lastmodifieddate",
+                 "hs_is_closed_won", "hs_is_closed"]
+
+        def rows(page: list[dict]) -> list[dict]:
+            contacts = self._deal_contacts([str(d["id"]) for d in page])
+            return [self._deal(d, contacts.get(str(d["id"]))) for d in page]
+
+        return frames(self._walk("deals", "hs_lastmodifieddate", props, since, rows), batch_size)
+
+    def _deal_contacts(self, deal_ids: list[str]) -> dict[str, str]:
+        """deal id -> its contact (the lowest associated id); deals without contacts come back as errors (207)."""
+        out: dict[str, str] = {}
+        for part in chunks(deal_ids, 1000):
+            r = self._call("POST", "/crm/v4/associations/deals/contacts/batch/read",
+                           json={"inputs": [{"id": d} for d in part]})
+            for res in (r.json() or {}).get("results") or []:
+                ids = [int(t["toObjectId"]) for t in res.get("to") or [] if str(t.get("toObjectId") or "").isdigit()]
+                if ids:
+                    out[str((res.get("from") or {}).get("id"))] = str(min(ids))
+        return out
+
+    def _deal(self, d: dict, contact_id: str | None) -> dict:
+        p = d.get("properties") or {}
+        closed = truthy(p.get("hs_is_closed"))
+        if truthy(p.get("hs_is_closed_won")):
+            status = "won"
+        elif closed:
+            status = "lost"
+        else:
+            status = f"open-{p.get('dealstage') or 'none'}"
+        at = (p.get("closedate") if closed else None) or p.get("createdate") or d.get("createdAt")
+
+        def stamp(v) -> str | None:
+            t = parse_since(str(v)) if v else None
+            return iso_utc(t) if t else None
+
+        return {"order_id": str(d["id"]), "contact_id": contact_id, "amount": p.get("amount"),
+                "currency": p.get("deal_currency_code") or None, "status": status, "ordered_at": stamp(at),
+                "updated_at": iso_utc(datetime.fromtimestamp(_modified_ms(d, "hs_lastmodifieddate") / 1000, timezone.utc))}
 
     def _row(self, c: dict) -> dict:
         p = c.get("properties") or {}
@@ -308,8 +374,8 @@ def _int(v: Any) -> int | None:
         return None
 
 
-def _modified_ms(c: dict) -> int:
-    v = (c.get("properties") or {}).get("lastmodifieddate") or c.get("updatedAt")
+def _modified_ms(c: dict, prop: str = "lastmodifieddate") -> int:
+    v = (c.get("properties") or {}).get(prop) or c.get("updatedAt")
     if not v:
         return 0
     if str(v).isdigit():

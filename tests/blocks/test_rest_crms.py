@@ -292,6 +292,55 @@ def test_bitrix24_write_back_batches_opt_out_and_crash_window():
         assert len(keys) == len(set(keys)) == 1
 
 
+def test_bitrix24_deals_become_orders_incrementally(any_store):
+    """Deals as orders (crm.deal.list, 50 per page, walked by DATE_MODIFY then ID): won (semantic S, also in a
+    pipeline C1:WON) is revenue, lost (F) and in-progress not; CONTACT_ID (the primary) links the order, a deal
+    without contacts is stored unlinked; a won deal moved to LOSE later is re-read and stops counting; the
+    portal's QUERY_LIMIT_EXCEEDED is waited out."""
+    from store.db import get_engine
+    from tasks.orders import extract_orders
+
+    engine = get_engine(any_store)
+    fake = bx_fake()
+    n_deals = 130  # three pages, several deals per second
+    for d in range(1, n_deals + 1):
+        stage = "C1:WON" if d == 7 else ("WON" if d % 3 else ("LOSE" if d % 2 else "PREPARATION"))
+        fake.add_deal(1000 + d, contact_ids=[d, d + 1] if d != 5 else [], stage=stage, modified=BASE + d // 4,
+                      opportunity=100 * d + 0.5, currency="USD" if d == 9 else "RUB", closed_at=BASE - 86400 + d)
+    src = bx(fake)
+    assert src.has_orders
+    extract_source(engine, src)
+    fake.force_limit = 2
+    res = extract_orders(engine, src)
+    assert (res.rows, res.stored, res.quarantined) == (n_deals, n_deals, 0)
+    assert fake.throttled >= 2 and "crm.deal.list" in fake.log
+    with engine.begin() as c:
+        rows = {r[0]: r[1:] for r in c.execute(text(
+            "SELECT o.crm_order_id, o.amount, o.revenue, k.crm_id, o.status, o.currency, o.ordered_at FROM orders o "
+            "LEFT JOIN contacts k ON k.id = o.contact_id"))}
+    assert len(rows) == n_deals
+    won = rows["1004"]
+    assert won[0] == 400.5 and bool(won[1]) and won[2] == "4" and won[3] == "won" and won[4] == "RUB"
+    assert str(won[5]).startswith(datetime.fromtimestamp(BASE - 86400 + 4, timezone.utc).strftime("%Y-%m-%d %H:%M:%S"))
+    assert bool(rows["1007"][1]) and rows["1007"][3] == "won"  # C1:WON, another pipeline
+    assert not bool(rows["1003"][1]) and rows["1003"][3] == "lost"
+    assert not bool(rows["1006"][1]) and rows["1006"][3] == "open-preparation"
+    assert rows["1005"][2] is None  # no contact: stored, not linked
+    assert rows["1009"][4] == "USD"
+    # the won deal 1004 is lost later: re-read since the watermark, its revenue is off
+    fake.set_stage(fake.deals[1004], "LOSE", modified=BASE + 9000)
+    again = extract_orders(engine, src)
+    assert again.rows <= 5  # the watermark second again and the changed deal
+    with engine.begin() as c:
+        assert not bool(c.execute(text("SELECT revenue FROM orders WHERE crm_order_id = '1004'")).scalar())
+        assert c.execute(text("SELECT COUNT(*) FROM orders")).scalar() == n_deals
+
+
+def test_bitrix24_deals_can_be_turned_off():
+    assert not bx(bx_fake(n=1), deals=False).has_orders
+    assert bx(bx_fake(n=1), deals=False).fetch_orders() is None
+
+
 # =========================================================================== HubSpot
 def hs_fake(n=N, stamp=lambda i: BASE * 1000 + (i // 3) * 7, **kw) -> FakeHubSpot:
     fake = FakeHubSpot(**{"limit_per_window": 1000, "search_per_s": 1000, **kw})
@@ -316,6 +365,49 @@ def test_hubspot_full_extract(pages_per_query):
     assert body["sorts"] == [{"propertyName": "lastmodifieddate", "direction": "ASCENDING"}] and body["limit"] == 100
     assert {"firstname", "lastname", "phone", "mobilephone", "email", "hs_language", "lastmodifieddate",
             "sms_consent"} <= set(body["properties"])
+
+
+def test_hubspot_deals_become_orders_incrementally(any_store):
+    """Deals as orders (POST /crm/v3/objects/deals/search on hs_lastmodifieddate, contacts by the v4 batch
+    association read, 207 for deals without contacts): closed won is revenue, closed lost and open deals not;
+    re-queried past the search cap; a won deal lost later is re-read and stops counting; 429s are waited out."""
+    from store.db import get_engine
+    from tasks.orders import extract_orders
+
+    engine = get_engine(any_store)
+    fake = hs_fake(search_cap=300)
+    n_deals = 450
+    for d in range(1, n_deals + 1):
+        stage = "closedwon" if d % 3 else ("closedlost" if d % 2 else "contractsent")
+        fake.add_deal(5000 + d, contact_ids=[] if d == 5 else [d + 1, d], dealstage=stage, amount=10 * d + 0.25,
+                      currency="EUR" if d == 8 else "RUB", modified_ms=BASE * 1000 + (d // 3) * 11)
+    src = hs(fake, search_cap=300, pages_per_query=1000)
+    assert src.has_orders
+    extract_source(engine, src)
+    fake.force_429 = 2
+    res = extract_orders(engine, src)
+    assert (res.rows, res.stored, res.quarantined) == (n_deals, n_deals, 0)
+    assert fake.throttled >= 2
+    deal_searches = [b for b in fake.search_bodies if "hs_is_closed_won" in b.get("properties", [])]
+    assert all(int(b.get("after") or 0) < 300 for b in deal_searches)
+    assert deal_searches[0]["sorts"] == [{"propertyName": "hs_lastmodifieddate", "direction": "ASCENDING"}]
+    assert ("POST", "/crm/v4/associations/deals/contacts/batch/read") in fake.log
+    with engine.begin() as c:
+        rows = {r[0]: r[1:] for r in c.execute(text(
+            "SELECT o.crm_order_id, o.amount, o.revenue, k.crm_id, o.status, o.currency FROM orders o "
+            "LEFT JOIN contacts k ON k.id = o.contact_id"))}
+    assert len(rows) == n_deals
+    assert rows["5004"][0] == 40.25 and bool(rows["5004"][1]) and rows["5004"][2] == "4" and rows["5004"][3] == "won"
+    assert not bool(rows["5003"][1]) and rows["5003"][3] == "lost"
+    assert not bool(rows["5006"][1]) and rows["5006"][3] == "open-contractsent"
+    assert rows["5005"][2] is None and rows["5008"][4] == "EUR"
+    later = BASE * 1000 + 9_000_000
+    fake.set_stage(fake.deals["5004"], "closedlost", modified_ms=later)
+    again = extract_orders(engine, src)
+    assert again.rows <= 5
+    with engine.begin() as c:
+        assert not bool(c.execute(text("SELECT revenue FROM orders WHERE crm_order_id = '5004'")).scalar())
+        assert c.execute(text("SELECT COUNT(*) FROM orders")).scalar() == n_deals
 
 
 def test_hubspot_search_cap_is_handled_by_requerying():

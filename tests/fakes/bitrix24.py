@@ -11,6 +11,8 @@
   prefixes on ID and DATE_MODIFY, order (several keys), start; 50 per page,
   {"result": [...], "next": start+50 (only when more), "total": N, "time": {...}}; start=-1: no count.
   DATE_MODIFY in the portal's time zone (+03:00), ids as strings.
+- crm.deal.list: as crm.contact.list over deals (OPPORTUNITY "1500.00", CURRENCY_ID, STAGE_ID,
+  STAGE_SEMANTIC_ID P/S/F, CLOSED Y/N, CLOSEDATE, BEGINDATE, DATE_CREATE, DATE_MODIFY; CONTACT_ID the primary).
 - crm.deal.get (CONTACT_ID: the primary contact, null without contacts), crm.lead.get (PHONE,
   CONTACT_ID), crm.contact.get;
   an unknown id -> 400 {"error": "", "error_description": "Not found"}, a missing/invalid one ->
@@ -32,6 +34,7 @@ import httpx
 
 PAGE = 50
 MAX_BATCH = 50
+DEAL_DATES = ("DATE_CREATE", "DATE_MODIFY", "BEGINDATE", "CLOSEDATE")
 STD_FIELDS = ("ID", "NAME", "SECOND_NAME", "LAST_NAME", "DATE_CREATE", "DATE_MODIFY", "ASSIGNED_BY_ID", "SOURCE_ID",
               "TYPE_ID", "OPENED", "HAS_PHONE", "HAS_EMAIL")
 
@@ -119,18 +122,29 @@ class FakeBitrix24:
         return c
 
     def add_deal(self, did: int, *, title: str = "", contact_ids=(), primary: int | None = None, stage: str = "NEW",
-                 modified: int | None = None) -> dict:
-        """``contact_ids`` in their SORT order; ``primary`` (default: the first) is IS_PRIMARY=Y and CONTACT_ID."""
+                 modified: int | None = None, opportunity: float = 0, currency: str = "RUB",
+                 closed_at: int | None = None) -> dict:
+        """``contact_ids`` in their SORT order; ``primary`` (default: the first) is IS_PRIMARY=Y and CONTACT_ID.
+        ``stage``: NEW, ..., WON (semantic S), LOSE (F), or with a pipeline prefix (C1:WON)."""
         ids = [int(c) for c in contact_ids]
         primary = primary if primary in ids else (ids[0] if ids else None)
         when = int(self.clock()) if modified is None else modified
         d = {"ID": did, "TITLE": title or f"Сделка #{did}", "TYPE_ID": "SALE", "STAGE_ID": stage, "CATEGORY_ID": "0",
-             "CURRENCY_ID": "RUB", "OPPORTUNITY": "0.00", "LEAD_ID": None, "COMPANY_ID": "0", "ASSIGNED_BY_ID": 1,
-             "DATE_CREATE": when, "DATE_MODIFY": when, "OPENED": "Y", "CLOSED": "N",
+             "CURRENCY_ID": currency, "OPPORTUNITY": f"{opportunity:.2f}", "LEAD_ID": None, "COMPANY_ID": "0",
+             "ASSIGNED_BY_ID": 1, "DATE_CREATE": when, "DATE_MODIFY": when, "BEGINDATE": when, "OPENED": "Y",
              "_contacts": [{"CONTACT_ID": cid, "SORT": 10 * (n + 1), "ROLE_ID": 0, "IS_PRIMARY": "Y" if cid == primary else "N"}
                            for n, cid in enumerate(ids)]}
+        self.set_stage(d, stage, modified=when, closed_at=closed_at)
         self.deals[did] = d
         return d
+
+    @staticmethod
+    def set_stage(d: dict, stage: str, *, modified: int, closed_at: int | None = None) -> None:
+        """Move a deal to ``stage`` as the portal does: STAGE_SEMANTIC_ID, CLOSED and CLOSEDATE follow it."""
+        tail = stage.rsplit(":", 1)[-1]
+        semantic = "S" if tail == "WON" else "F" if tail == "LOSE" else "P"
+        d.update(STAGE_ID=stage, STAGE_SEMANTIC_ID=semantic, CLOSED="N" if semantic == "P" else "Y",
+                 CLOSEDATE=(closed_at or modified) if semantic != "P" else modified + 7 * 86400, DATE_MODIFY=modified)
 
     def add_lead(self, lid: int, *, title: str = "", phones=(), contact_id: int | None = None, status: str = "NEW",
                  modified: int | None = None) -> dict:
@@ -206,7 +220,7 @@ class FakeBitrix24:
         return httpx.Response(200, json={"result": result, **extra, "time": self._timing(started)})
 
     def _call(self, method: str, params: dict):
-        fn = {"crm.contact.list": self._contact_list, "crm.contact.update": self._contact_update,
+        fn = {"crm.contact.list": self._contact_list, "crm.deal.list": self._deal_list, "crm.contact.update": self._contact_update,
               "crm.timeline.comment.add": self._comment_add, "crm.timeline.comment.list": self._comment_list,
               "crm.contact.get": self._contact_get, "crm.deal.get": self._deal_get,
               "crm.lead.get": self._lead_get}.get(method)
@@ -301,23 +315,42 @@ class FakeBitrix24:
         return out
 
     def _contact_list(self, p: dict):
+        return self._list(self.contacts, p, self._render)
+
+    def _deal_list(self, p: dict):
+        return self._list(self.deals, p, self._render_deal)
+
+    def _render_deal(self, d: dict, select: list[str]) -> dict:
+        primary = next((x["CONTACT_ID"] for x in d["_contacts"] if x["IS_PRIMARY"] == "Y"), None)
+        fields = [k for k in d if not k.startswith("_")] + ["CONTACT_ID"] if not select or "*" in select else select
+        out = {}
+        for f in dict.fromkeys(fields):
+            if f == "CONTACT_ID":
+                out[f] = None if primary is None else str(primary)
+            elif f in DEAL_DATES:
+                out[f] = self._time(d[f])
+            elif f in d:
+                out[f] = None if d[f] is None else str(d[f])
+        return out
+
+    def _list(self, table: dict[int, dict], p: dict, render):
         flt = p.get("filter") or {}
         order = p.get("order") or {"ID": "ASC"}
         select = [str(x) for x in as_list(p.get("select"))]
         start = int(p.get("start") or 0)
-        items = [c for c in self.contacts.values() if self._match(c, flt)]
+        items = [c for c in table.values() if self._match(c, flt)]
         keys = list(order.items())
         # the last sort key first (stable sort); ties left unspecified end up in descending id order
         items.sort(key=lambda c: -c["ID"])
         for field, direction in reversed(keys):
             items.sort(key=lambda c, f=field: c.get(f) if f != "ID" else c["ID"], reverse=str(direction).upper() == "DESC")
         if start == -1:
-            return [self._render(c, select) for c in items[:PAGE]], {}
+            return [render(c, select) for c in items[:PAGE]], {}
         page = items[start:start + PAGE]
         extra = {"total": len(items)}
         if start + PAGE < len(items):
             extra["next"] = start + PAGE
-        return [self._render(c, select) for c in page], extra
+        return [render(c, select) for c in page], extra
 
     @staticmethod
     def _by_id(table: dict[int, dict], p: dict) -> dict:
@@ -335,7 +368,7 @@ class FakeBitrix24:
     def _deal_get(self, p: dict):
         d = self._by_id(self.deals, p)
         primary = next((x["CONTACT_ID"] for x in d["_contacts"] if x["IS_PRIMARY"] == "Y"), None)
-        out = {k: (self._time(v) if k in ("DATE_CREATE", "DATE_MODIFY") else None if v is None else str(v))
+        out = {k: (self._time(v) if k in DEAL_DATES else None if v is None else str(v))
                for k, v in d.items() if not k.startswith("_")}
         out["CONTACT_ID"] = None if primary is None else str(primary)
         return out, {}

@@ -18,6 +18,9 @@
   with errors[].context.ids; duplicate ids -> 400)
 - POST /crm/v4/associations/contacts/notes/batch/read (per-contact paging, ``assoc_page``; contacts
   without notes -> errors, 207)
+- POST /crm/v3/objects/deals/search: the same over deals (sorted by hs_lastmodifieddate; amount,
+  deal_currency_code, dealstage, closedate, hs_is_closed, hs_is_closed_won calculated from the stage)
+- POST /crm/v4/associations/deals/contacts/batch/read (<= 1,000 inputs; deals without contacts -> errors, 207)
 - GET /crm/v4/objects/{deals|deal|0-3}/{id}/associations/{contacts|contact|0-1} (limit <= 500, after):
   {"results": [{"toObjectId", "associationTypes": [{"category": "HUBSPOT_DEFINED", "typeId": 3, "label"}]}],
   "paging"?} by contact id; a deal without contacts (or an unknown one) -> 200 {"results": []}
@@ -39,8 +42,10 @@ from datetime import datetime, timezone
 
 import httpx
 
-DATETIME_PROPS = {"lastmodifieddate", "createdate", "hs_timestamp", "hs_createdate", "hs_lastmodifieddate"}
+DATETIME_PROPS = {"lastmodifieddate", "createdate", "hs_timestamp", "hs_createdate", "hs_lastmodifieddate", "closedate"}
 NUMERIC_PROPS = {"hs_object_id"}
+DEFAULT_DEAL_PROPS = ("amount", "closedate", "createdate", "dealname", "dealstage", "hs_lastmodifieddate", "hs_object_id",
+                      "pipeline")
 DEFAULT_CONTACT_PROPS = ("createdate", "email", "firstname", "hs_object_id", "lastmodifieddate", "lastname")
 
 
@@ -101,15 +106,27 @@ class FakeHubSpot:
         return c
 
     def add_deal(self, did: int | str, *, contact_ids=(), dealname: str = "", dealstage: str = "appointmentscheduled",
-                 pipeline: str = "default") -> dict:
+                 pipeline: str = "default", amount: float | None = None, currency: str | None = "RUB",
+                 modified_ms: int | None = None) -> dict:
         did = str(did)
-        ms = int(self.clock() * 1000)
-        d = {"id": did, "properties": {"dealname": dealname or f"Deal {did}", "dealstage": dealstage, "pipeline": pipeline,
-                                       "hs_object_id": did, "createdate": iso_ms(ms), "hs_lastmodifieddate": iso_ms(ms)},
+        ms = int(self.clock() * 1000) if modified_ms is None else modified_ms
+        d = {"id": did, "properties": {"dealname": dealname or f"Deal {did}", "pipeline": pipeline, "hs_object_id": did,
+                                       "amount": None if amount is None else f"{amount:g}", "deal_currency_code": currency,
+                                       "createdate": iso_ms(ms)},
              "createdAt": iso_ms(ms), "updatedAt": iso_ms(ms), "archived": False}
+        self.set_stage(d, dealstage, modified_ms=ms)
         self.deals[did] = d
         self.deal_contacts[did] = [str(c) for c in contact_ids]
         return d
+
+    @staticmethod
+    def set_stage(d: dict, dealstage: str, *, modified_ms: int) -> None:
+        """Move a deal as HubSpot does: the calculated hs_is_closed / hs_is_closed_won and closedate follow the
+        stage (default pipeline: closedwon, closedlost are closed)."""
+        won, closed = dealstage == "closedwon", dealstage in ("closedwon", "closedlost")
+        d["properties"].update(dealstage=dealstage, hs_is_closed_won=str(won).lower(), hs_is_closed=str(closed).lower(),
+                               closedate=iso_ms(modified_ms) if closed else None, hs_lastmodifieddate=iso_ms(modified_ms))
+        d["updatedAt"] = iso_ms(modified_ms)
 
     def notes_of(self, cid) -> list[dict]:
         return [self.notes[n] for n in self.assoc.get(str(cid), [])]
@@ -173,6 +190,7 @@ class FakeHubSpot:
             return self._error(400, "Invalid input JSON on line 1", "VALIDATION_ERROR")
         routes = {
             ("POST", "/crm/v3/objects/contacts/search"): self._search,
+            ("POST", "/crm/v3/objects/deals/search"): lambda b: self._search(b, self.deals, DEFAULT_DEAL_PROPS),
             ("POST", "/crm/v3/objects/notes/batch/create"): self._notes_create,
             ("POST", "/crm/v3/objects/notes/batch/read"): self._notes_read,
             ("POST", "/crm/v3/objects/contacts/batch/update"): self._contacts_update,
@@ -180,6 +198,9 @@ class FakeHubSpot:
         for frm in ("contacts", "contact", "0-1"):
             for to in ("notes", "note", "0-46"):
                 routes[("POST", f"/crm/v4/associations/{frm}/{to}/batch/read")] = self._assoc_read
+        for frm in ("deals", "deal", "0-3"):
+            for to in ("contacts", "contact", "0-1"):
+                routes[("POST", f"/crm/v4/associations/{frm}/{to}/batch/read")] = self._deal_contacts_read
         if request.method == "GET":
             resp = self._get(path, request.url.params)
             resp.headers.update(self._limit_headers())
@@ -246,7 +267,9 @@ class FakeHubSpot:
         return {"EQ": have == want, "NEQ": have != want, "LT": have < want, "LTE": have <= want,
                 "GT": have > want, "GTE": have >= want}[op]
 
-    def _search(self, body: dict) -> httpx.Response:
+    def _search(self, body: dict, table: dict | None = None, defaults=DEFAULT_CONTACT_PROPS) -> httpx.Response:
+        table = self.contacts if table is None else table
+        modified = "lastmodifieddate" if table is self.contacts else "hs_lastmodifieddate"
         self.search_bodies.append(body)
         groups = body.get("filterGroups") or []
         limit = int(body.get("limit") or 10)
@@ -259,7 +282,7 @@ class FakeHubSpot:
         if after >= self.search_cap:
             return self._error(400, f"The request exceeds the maximum of {self.search_cap} results for a search query. "
                                     f"Narrow the filters.", "VALIDATION_ERROR")
-        items = [c for c in self.contacts.values()
+        items = [c for c in table.values()
                  if not groups or any(all(self._matches(c, f) for f in g.get("filters") or []) for g in groups)]
         items.sort(key=lambda c: -int(c["id"]))  # ties: descending id (unspecified by HubSpot)
         if sorts:
@@ -270,8 +293,7 @@ class FakeHubSpot:
                        reverse=s.get("direction") == "DESCENDING")
         else:
             items.sort(key=lambda c: int(c["id"]))
-        props = list(dict.fromkeys(list(body.get("properties") or DEFAULT_CONTACT_PROPS) + ["createdate", "hs_object_id",
-                                                                                            "lastmodifieddate"]))
+        props = list(dict.fromkeys(list(body.get("properties") or defaults) + ["createdate", "hs_object_id", modified]))
         page = items[after:after + limit]
         out = {"total": len(items), "results": [self._render(c, props) for c in page]}
         if after + limit < len(items):
@@ -396,6 +418,28 @@ class FakeHubSpot:
             if start + self.assoc_page < len(notes):
                 res["paging"] = {"next": {"after": str(start + self.assoc_page), "link": None}}
             results.append(res)
+        _, now = self._now()
+        out = {"status": "COMPLETE", "results": results, "startedAt": now, "completedAt": now}
+        if errors:
+            out["numErrors"] = len(errors)
+            out["errors"] = errors
+        return httpx.Response(207 if errors else 200, json=out)
+
+    def _deal_contacts_read(self, body: dict) -> httpx.Response:
+        inputs = self._inputs(body, limit=1000)
+        if isinstance(inputs, httpx.Response):
+            return inputs
+        results, errors = [], []
+        for inp in inputs:
+            did = str(inp.get("id"))
+            contacts = self.deal_contacts.get(did) or []
+            if not contacts:
+                errors.append({"status": "error", "category": "OBJECT_NOT_FOUND",
+                               "subCategory": "crm.associations.NO_ASSOCIATIONS_FOUND",
+                               "context": {"fromObjectId": [did]}, "message": f"No contact is associated with deal {did}."})
+                continue
+            results.append({"from": {"id": did}, "to": [{"toObjectId": int(c), "associationTypes": [
+                {"category": "HUBSPOT_DEFINED", "typeId": 3, "label": None}]} for c in contacts[:self.assoc_page]]})
         _, now = self._now()
         out = {"status": "COMPLETE", "results": results, "startedAt": now, "completedAt": now}
         if errors:

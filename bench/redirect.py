@@ -88,7 +88,7 @@ def run(args) -> dict:
         codes = seed_links(url, args.links)
         (port,) = free_ports(1)
         env = {**os.environ, "SMSFLOW_DATABASE_URL": url, "SMSFLOW_DATA_DIR": str(d / "data"),
-               "PREFECT_HOME": str(d / "home")}
+               "PREFECT_HOME": str(d / "home"), "SMSFLOW_CLICK_COMMIT": args.click_commit}
         exe = Path(sys.executable).with_name("smsflow")
         server = subprocess.Popen([str(exe), "serve", "--port", str(port)], env=env, cwd=d,
                                   stdout=subprocess.DEVNULL, stderr=open(d / "serve.log", "wb"))
@@ -175,9 +175,11 @@ def main(argv=None) -> None:
     ap.add_argument("--database-url", default=None)
     ap.add_argument("--tool", choices=("wrk", "httpx"), default="wrk" if shutil.which("wrk") else "httpx",
                     help="load generator: wrk (Debian package, C) or a bounded httpx loop (default: wrk if installed)")
+    ap.add_argument("--click-commit", choices=("sync", "async"), default="sync",
+                    help="SMSFLOW_CLICK_COMMIT of the service (PostgreSQL: async does not wait for the WAL flush)")
     args = ap.parse_args(argv)
     r = run(args)
-    print(f"{r['store']}: {r['rps']:,.0f} req/s, p50 {r['p50_ms']:.1f} ms, p90 {r['p90_ms']:.1f} ms, "
+    print(f"{r['store']} (click commit {args.click_commit}): {r['rps']:,.0f} req/s, p50 {r['p50_ms']:.1f} ms, p90 {r['p90_ms']:.1f} ms, "
           f"p99 {r['p99_ms']:.1f} ms at {r['concurrency']} in flight; answers {r['statuses']}; "
           f"clicks stored {r['clicks_stored']} for {r['redirects']} redirects")
     print(json.dumps(r))

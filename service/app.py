@@ -278,7 +278,7 @@ def create_app(database_url: str | None = None, *, emit_events: bool = True) -> 
     settings = get_settings()
     ip_key = click_ip_key(settings.click_ip_key, settings.data_dir)
     # no batching window: a click waits only for the commit in progress (the next batch is what queued meanwhile)
-    clicks = GroupCommit(ClickWriter(engine), "click-writer", max_wait_s=0.0)
+    clicks = GroupCommit(ClickWriter(engine, synchronous=settings.click_commit == "sync"), "click-writer", max_wait_s=0.0)
     find = LinkReader(engine)
     # a few reader threads, each with its kept store connection (not one per request thread)
     lookups = ThreadPoolExecutor(max_workers=8, thread_name_prefix="link-lookup")

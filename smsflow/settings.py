@@ -41,6 +41,11 @@ class Settings(BaseSettings):
                                                              "an expired-link page.")
     click_ip_key: str | None = Field(default=None, description="Key of the IP hash stored with clicks (default: "
                                                               "a random key kept in the data dir).")
+    click_commit: Literal["sync", "async"] = Field(
+        default="sync", description="PostgreSQL store: 'sync' answers a redirect once its click's WAL is flushed; "
+        "'async' commits click batches with synchronous_commit off (a click still survives any crash of the "
+        "service, as on SQLite's WAL store; a power loss of the database host may lose its last ~0.6 s of clicks): "
+        "for a database disk with slow flushes.")
     attribution_delivery_days: float = Field(default=7.0, gt=0, description="An order within this many days after "
                                              "a message's delivery is credited to it (the last touch wins).")
     attribution_click_days: float = Field(default=7.0, gt=0, description="An order within this many days after a "

@@ -93,3 +93,26 @@ def test_whatever_a_scanner_sends_is_never_a_5xx(served, code, ua):
     except httpx.LocalProtocolError:
         return  # a header httpx itself refuses to send
     assert r.status_code < 500
+
+
+@pytest.mark.parametrize("synchronous", [True, False])
+def test_click_writer_batches_on_both_stores_and_async_commit_is_postgresql_only(any_store, synchronous):
+    """The writer's kept connection: one transaction per batch; with SMSFLOW_CLICK_COMMIT=async its PostgreSQL
+    session commits without waiting for the WAL flush (SQLite keeps its WAL/NORMAL setting)."""
+    from store.links import ClickWriter
+
+    engine = get_engine(any_store)
+    write = ClickWriter(engine, synchronous=synchronous)
+    now = utcnow()
+    write([(f"Ab3De{i:02d}", now, "GET", PHONE_UA, f"h{i}", None) for i in range(12)])
+    write([("Ab3De99", now, "HEAD", None, "h", "head")])
+    rows = _clicks(engine)
+    assert [r.code for r in rows] == [f"Ab3De{i:02d}" for i in range(12)] + ["Ab3De99"]
+    assert rows[-1].method == "HEAD" and rows[-1].bot_reason == "head" and rows[0].user_agent == PHONE_UA
+    if engine.dialect.name == "postgresql":
+        mode = write.conn.exec_driver_sql("SHOW synchronous_commit").scalar()
+        write.conn.rollback()
+        assert mode == ("on" if synchronous else "off")
+        with engine.connect() as other:  # the setting is the writer's session only
+            assert other.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+    write.conn.close()

@@ -11,6 +11,9 @@ every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (the workers' environment; at le
 
 * "smsflow: crash runs without heartbeats": no heartbeat and no final state within 3 heartbeats of
   the last one -> Crashed;
+* "smsflow: crash command runs without heartbeats": the same for runs an ``smsflow`` command started against
+  the server (tag ``smsflow-cli``; the command heartbeats every 30 s whatever the environment says), e.g. the
+  campaign run of a command killed with -9;
 * "smsflow: crash runs stuck in Pending": a run Pending for longer than ``pending_s`` without Running
   (or a final state) -> Crashed (its worker died before it started the process).
 
@@ -22,7 +25,10 @@ from __future__ import annotations
 import argparse
 from datetime import timedelta
 
+from smsflow.processes import CLI_HEARTBEAT_S, CLI_TAG
+
 HEARTBEAT_NAME = "smsflow: crash runs without heartbeats"
+COMMAND_NAME = "smsflow: crash command runs without heartbeats"
 PENDING_NAME = "smsflow: crash runs stuck in Pending"
 FINAL = {"prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
          "prefect.flow-run.Crashed"}
@@ -39,6 +45,10 @@ def automations(heartbeat_s: int = 30, pending_s: int = 120):
     # runs of deployments only (workers set the heartbeat frequency): a flow run a CLI or a script runs
     # against the server heartbeats at Prefect's default (180 s) and must never be crashed by this
     of_deployments = ResourceSpecification({"prefect.resource.role": "deployment"})
+    # runs an smsflow command started against the server (tagged, heartbeat every CLI_HEARTBEAT_S whatever the
+    # environment says): a command killed with -9 would leave its campaign run Running for ever
+    of_commands = ResourceSpecification({"prefect.resource.id": f"prefect.tag.{CLI_TAG}", "prefect.resource.role": "tag"})
+    command_window = 3 * max(heartbeat_s, CLI_HEARTBEAT_S)
     return [
         Automation(
             name=HEARTBEAT_NAME,
@@ -49,6 +59,16 @@ def automations(heartbeat_s: int = 30, pending_s: int = 120):
                                  threshold=1, within=timedelta(seconds=3 * heartbeat_s)),
             actions=[ChangeFlowRunState(state=StateType.CRASHED, force=True,
                                         message=f"no heartbeat for {3 * heartbeat_s} s: the flow-run process died")],
+        ),
+        Automation(
+            name=COMMAND_NAME,
+            description="Flow runs of an smsflow command whose process died (kill -9, a lost host) are marked Crashed; "
+                        "running the command again resumes the campaign.",
+            trigger=EventTrigger(after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat", *FINAL},
+                                 match=runs, match_related=of_commands, for_each={"prefect.resource.id"},
+                                 posture=Posture.Proactive, threshold=1, within=timedelta(seconds=command_window)),
+            actions=[ChangeFlowRunState(state=StateType.CRASHED, force=True,
+                                        message=f"no heartbeat for {command_window} s: the smsflow command died")],
         ),
         Automation(
             name=PENDING_NAME,

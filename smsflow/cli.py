@@ -11,7 +11,7 @@ import json
 import os
 import re
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -28,14 +28,23 @@ def _prefect_session():
     """For commands that talk to Prefect: SIGTERM unwinds like Ctrl-C, the temporary Prefect API
     (when no server is configured) is a child of this process that ends with it, and a failure is
     reported in one line (tracebacks stay in the run's logs; SMSFLOW_TRACEBACKS=1 shows them here)."""
-    from smsflow.processes import console_without_tracebacks, embedded_prefect_api, exit_on_signals
+    from smsflow.processes import CLI_HEARTBEAT_S, CLI_TAG, console_without_tracebacks, embedded_prefect_api, exit_on_signals
 
     exit_on_signals()
     if not os.environ.get("PREFECT_API_URL"):
         from smsflow import progress
 
         progress.step("prefect", "starting a temporary local Prefect API (set PREFECT_API_URL to use a server)")
-    with embedded_prefect_api():
+    with embedded_prefect_api() as temporary, ExitStack() as stack:
+        if temporary is None:
+            # a Prefect server: the runs of this command carry the tag the "crash command runs" automation watches
+            # (deployments/automations.py) and heartbeat at the most frequent interval Prefect allows (30 s), so a
+            # command killed with -9 leaves no run Running for ever
+            from prefect import tags
+            from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+            stack.enter_context(tags(CLI_TAG))
+            stack.enter_context(temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: CLI_HEARTBEAT_S}))
         if not os.environ.get("SMSFLOW_TRACEBACKS"):
             console_without_tracebacks()
         yield

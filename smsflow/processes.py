@@ -26,6 +26,9 @@ from contextlib import contextmanager
 _PR_SET_PDEATHSIG = 1
 
 
+CLI_TAG = "smsflow-cli"  # the tag of flow runs a command started against a Prefect server
+CLI_HEARTBEAT_S = 30  # their heartbeat (Prefect's minimum): the automation waits for 3 missed ones
+
 def die_with_parent(sig: int = signal.SIGTERM):
     """A ``preexec_fn``: the child gets ``sig`` when its parent exits (Linux; elsewhere a no-op)."""
     parent = os.getpid()

@@ -215,6 +215,9 @@ def _copy_value(value: Any) -> Any:
 # --------------------------------------------------------------------------- bulk writes
 
 
+SMALL_BATCH = 200  # rows up to which bulk_insert on PostgreSQL INSERTs instead of COPYing through a staging table
+
+
 def bulk_insert(
     conn: Connection,
     table: str,
@@ -247,6 +250,11 @@ def bulk_insert(
             sets = ", ".join(f"{c} = excluded.{c}" for c in update_columns)
             conflict = f" ON CONFLICT {target} DO UPDATE SET {sets}"
     if is_postgres(conn):
+        if isinstance(rows, (list, tuple)) and len(rows) <= SMALL_BATCH:
+            # a few rows (a receipt or click batch): one pipelined INSERT; the staging table below is created
+            # per transaction (catalog writes), ~2 ms a commit, worth it only for bulk
+            return executemany(conn, f"INSERT INTO {table} ({cols}) VALUES ({', '.join('?' for _ in columns)}){conflict}",
+                               rows)
         if likely_new and conflict:
             n = _pg_copy_direct(conn, table, columns, rows)
             if n is not None:

@@ -56,9 +56,6 @@ class LinkReader:
             cur.close()
 
 
-_PG_INSERT = f"INSERT INTO clicks ({', '.join(CLICK_FIELDS)}) VALUES ({', '.join(['%s'] * len(CLICK_FIELDS))})"
-
-
 class ClickWriter:
     """``write(clicks)``: one transaction on a connection kept for the writer thread (CLICK_FIELDS tuples).
 
@@ -80,12 +77,7 @@ class ClickWriter:
                 self.conn.commit()
         try:
             with self.conn.begin():
-                if self.pg:
-                    # a batch is a few rows: one pipelined INSERT, not bulk_insert's temp table + COPY (catalog writes)
-                    with self.conn.connection.driver_connection.cursor() as cur:
-                        cur.executemany(_PG_INSERT, clicks)
-                else:
-                    bulk_insert(self.conn, "clicks", CLICK_FIELDS, clicks)
+                bulk_insert(self.conn, "clicks", CLICK_FIELDS, clicks)
         except Exception:
             self.conn.close()
             self.conn = None

@@ -279,6 +279,7 @@ def test_rerunning_a_killed_parent_starts_no_shard_twice(cluster, tmp_path):
             time.sleep(0.1)
         assert first.poll() is None, f"the command ended before it could be killed:\n{first.stderr.read()[-3000:]}"
         os.killpg(first.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
         first.wait(30)
     finally:
         if first.poll() is None:
@@ -301,3 +302,19 @@ def test_rerunning_a_killed_parent_starts_no_shard_twice(cluster, tmp_path):
     print(f"killed with {done_at_kill} of {total} shards done; render-shard runs: {len(runs)}")
     assert len(runs) == total, [(r["name"], r["state_name"]) for r in runs]
     assert all(r["state_type"] == "COMPLETED" for r in runs)
+    # the killed command's own runs (its campaign flow run, tagged smsflow-cli, heartbeating every 30 s) are
+    # marked Crashed by the automation once 3 heartbeats are missed: none is left Running in the UI
+    from smsflow.processes import CLI_HEARTBEAT_S, CLI_TAG
+
+    deadline = killed_at + 3 * CLI_HEARTBEAT_S + 120
+    while True:
+        mine = cluster.flow_runs(flow_runs={"tags": {"all_": [CLI_TAG]}})
+        stuck = [r for r in mine if r["state_type"] in ("RUNNING", "PENDING")]
+        if not stuck or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    names = cluster.flow_names()
+    assert not stuck, [(names.get(r["flow_id"]), r["name"], r["state_name"]) for r in stuck]
+    campaigns = sorted((r for r in mine if names.get(r["flow_id"]) == "campaign"), key=lambda r: r["created"])
+    assert [r["state_type"] for r in campaigns] == ["CRASHED", "COMPLETED"], [(r["name"], r["state_name"]) for r in campaigns]
+    assert "smsflow command died" in (campaigns[0]["state"]["message"] or "")

@@ -10,7 +10,7 @@ heartbeat; a flow a CLI runs heartbeats at Prefect's default, 180 s). Prefect's 
 every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (the workers' environment; at least 30), and
 
 * "smsflow: crash runs without heartbeats": no heartbeat and no final state within 3 heartbeats of
-  the last one -> Crashed;
+  the last one (or of Running, for a run killed before its first heartbeat arrived) -> Crashed;
 * "smsflow: crash command runs without heartbeats": the same for runs an ``smsflow`` command started against
   the server (tag ``smsflow-cli``; the command heartbeats every 30 s whatever the environment says), e.g. the
   campaign run of a command killed with -9;
@@ -30,6 +30,9 @@ from smsflow.processes import CLI_HEARTBEAT_S, CLI_TAG
 HEARTBEAT_NAME = "smsflow: crash runs without heartbeats"
 COMMAND_NAME = "smsflow: crash command runs without heartbeats"
 PENDING_NAME = "smsflow: crash runs stuck in Pending"
+# a run killed after it started but before its first heartbeat reached the server must be caught too: the
+# window opens at Running as well as at each heartbeat
+ARMED_BY = {"prefect.flow-run.Running", "prefect.flow-run.heartbeat"}
 FINAL = {"prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
          "prefect.flow-run.Crashed"}
 
@@ -54,7 +57,7 @@ def automations(heartbeat_s: int = 30, pending_s: int = 120):
             name=HEARTBEAT_NAME,
             description="Flow runs whose process died (no heartbeat) are marked Crashed; smsflow starts the "
                         "shard again.",
-            trigger=EventTrigger(after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat", *FINAL},
+            trigger=EventTrigger(after=ARMED_BY, expect={"prefect.flow-run.heartbeat", *FINAL},
                                  match=runs, match_related=of_deployments, for_each={"prefect.resource.id"}, posture=Posture.Proactive,
                                  threshold=1, within=timedelta(seconds=3 * heartbeat_s)),
             actions=[ChangeFlowRunState(state=StateType.CRASHED, force=True,
@@ -64,7 +67,7 @@ def automations(heartbeat_s: int = 30, pending_s: int = 120):
             name=COMMAND_NAME,
             description="Flow runs of an smsflow command whose process died (kill -9, a lost host) are marked Crashed; "
                         "running the command again resumes the campaign.",
-            trigger=EventTrigger(after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat", *FINAL},
+            trigger=EventTrigger(after=ARMED_BY, expect={"prefect.flow-run.heartbeat", *FINAL},
                                  match=runs, match_related=of_commands, for_each={"prefect.resource.id"},
                                  posture=Posture.Proactive, threshold=1, within=timedelta(seconds=command_window)),
             actions=[ChangeFlowRunState(state=StateType.CRASHED, force=True,

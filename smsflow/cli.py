@@ -167,6 +167,8 @@ def campaign_cmd(
         _fail(f"source export not found: {source_csv}")
     if not template.is_file():
         _fail(f"template not found: {template}")
+    if dry_run and source_csv.stat().st_size <= WARM_MAX_BYTES:
+        _warm_workers()
     _quiet_prefect_to_stderr()
     from tasks.policy import load_policy
     from smsflow.templates import TemplateError, load_template
@@ -240,6 +242,18 @@ def _load_ab(path: Path):
             except TemplateError as exc:
                 _fail(f"A/B design {path}: variant {v.name}: {exc}")
     return ab
+
+
+WARM_MAX_BYTES = 16 << 20  # about 150,000 rows: bigger exports are read and checked in a reader process anyway
+
+
+def _warm_workers() -> None:
+    """Start the extract's worker now, importing Great Expectations and the phone parser while this process
+    imports the rest (smsflow.warm): a small preview no longer waits for both imports one after the other."""
+    from smsflow import warm
+    from smsflow.settings import get_settings
+
+    warm.start("tasks.validate:warm_up", workers=get_settings().workers)
 
 
 def _dry_run(source, template, name, gateway_block, segment, segments_file, policy, end) -> dict:

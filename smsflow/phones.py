@@ -569,6 +569,7 @@ class PhoneClassifier:
         self.min_parallel = min_parallel
         self._pool = None
         self._pool_failed = False
+        self._shared = False
 
     def _get_pool(self):
         if self._pool_failed:
@@ -577,11 +578,23 @@ class PhoneClassifier:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
 
+            from smsflow import warm
+
+            if warm.pool() is not None:  # started (and warmed up) by the command: shared, not ours to close
+                self._pool, self._shared = warm.pool(), True
+                return self._pool
             try:
                 self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"))
             except (OSError, RuntimeError, ImportError):
                 self._pool_failed = True
         return self._pool
+
+    @property
+    def warm(self) -> bool:
+        """Whether a pool warmed up by the command is there (then even small batches are checked in it)."""
+        from smsflow import warm
+
+        return self.processes > 1 and not self._pool_failed and warm.pool() is not None
 
     def submit(self, raw: pd.Series):
         prep = _prepare(raw, self.default_region)
@@ -632,9 +645,9 @@ class PhoneClassifier:
         return lambda: value
 
     def close(self) -> None:
-        if self._pool is not None:
+        if self._pool is not None and not self._shared:
             self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        self._pool = None
 
     def __enter__(self) -> "PhoneClassifier":
         return self

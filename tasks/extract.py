@@ -428,7 +428,10 @@ def _prepare_batch(df: pd.DataFrame, name: str, classifier) -> _Prepared:
     clock.lap(job.timings, "prepare")
     if classifier is not None and len(rows):
         parallel = len(rows) >= _PARALLEL_BATCH
-        job.check = classifier.call(check_values, rows["crm_id"], rows["phone_raw"], rows["language"], parallel=parallel)
+        # a small batch is checked here, unless the command warmed up a worker for it (smsflow.warm): then
+        # Great Expectations is never imported in this process
+        job.check = classifier.call(check_values, rows["crm_id"], rows["phone_raw"], rows["language"],
+                                    parallel=parallel or classifier.warm)
         clock.lap(job.timings, "checks (Great Expectations)")
         if parallel or job.check().success:
             job.phones = classifier.submit(pd.Series(rows["phone_raw"], dtype=object))

@@ -105,6 +105,15 @@ def check_batch(rows) -> ExtractCheckResult:
     return check_values(rows["crm_id"], rows["phone_raw"], rows["language"])
 
 
+def warm_up() -> None:
+    """What a worker started by ``smsflow.warm`` runs first: the extract checks and the phone parser on two
+    rows, so their imports (Great Expectations ~1.1 s) and first-call set-up are done before a batch comes."""
+    check_values(["1", "2"], ["+7 916 123-45-67", "8 (495) 123-45-67"], ["ru", "en"])
+    from smsflow.phones import normalize_phones
+
+    normalize_phones(pd.Series(["+7 916 123-45-67", "8 (495) 123-45-67"], dtype=object))
+
+
 def check_values(ids: list, phones: list, languages: list) -> ExtractCheckResult:
     """:func:`check_batch` on the three checked columns alone (module level: it can run in a worker)."""
     return check_extract(pd.DataFrame({

@@ -127,6 +127,43 @@ def test_dry_run_is_a_preview_without_prefect(tmp_path):
     assert not home.exists() or not any(home.rglob("*.db")), list(home.rglob("*"))
 
 
+_IN_PROCESS = """
+import json, sys
+from smsflow.cli import app
+try:
+    app(sys.argv[1:], standalone_mode=False)
+finally:
+    print(json.dumps({"gx_in_main": "great_expectations" in sys.modules}), file=sys.stderr)
+"""
+
+
+def test_a_small_dry_run_checks_in_its_warmed_worker_with_the_same_verdicts(tmp_path):
+    """A small export: the command starts its checks worker first (smsflow.warm), Great Expectations is imported
+    there, never in the command's process; the preview is the same as with one process (no worker)."""
+    from tests.e2e.test_crash_cli import cli_env
+    from tests.helpers import contact
+
+    rows = [contact(i, **({"phone": "12"} if i % 9 == 0 else {"phone": "+7 495 123-45-67"} if i % 11 == 0 else {}))
+            for i in range(300)]
+    rows += [contact(i) for i in range(5)]  # duplicates of CRM ids
+    src = write_csv(tmp_path / "crm.csv", rows)
+    tpl = tmp_path / "t.txt"
+    tpl.write_text("{{ first_name }}, скидка 10%", encoding="utf-8")
+    out = {}
+    for workers in ("2", "1"):
+        env = {**cli_env(tmp_path / f"w{workers}"), "SMSFLOW_WORKERS": workers}
+        r = subprocess.run([sys.executable, "-c", _IN_PROCESS, "campaign", "--source", str(src), "--template", str(tpl),
+                            "--dry-run", "--name", "preview"], env=env, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr[-3000:]
+        summary = json.loads(r.stdout.strip().splitlines()[-1])
+        gx = json.loads(r.stderr.strip().splitlines()[-1])["gx_in_main"]
+        out[workers] = (summary, gx)
+    (warm, gx_warm), (single, gx_single) = out["2"], out["1"]
+    assert not gx_warm and gx_single  # the worker did the checks; with one process they ran here
+    keys = ("contacts", "planned", "quarantined", "bad_phone", "duplicates", "no_consent", "parts", "cost_planned")
+    assert {k: warm.get(k) for k in keys} == {k: single.get(k) for k in keys}
+    assert warm["planned"] > 0 and warm["planned"] < 300
+
 def test_archive_command_prints_one_json_object_and_refuses_clearly(tmp_path):
     """`smsflow archive`: a campaign with messages not yet final is refused in one line (exit 2);
     a finished, old one is archived and the command prints one JSON object."""

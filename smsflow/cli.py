@@ -199,7 +199,7 @@ def campaign_cmd(
     if dry_run and ab is None:  # a preview: in this process, no Prefect runs (tasks/dry_run.py says what it records)
         result = _dry_run(source, template, name, gateway_block, segment, segments_file, policy, end)
         _campaign_result(name, result, clock, plan_out, quarantine_out)
-        return
+        _exit_now()
     with _prefect_session():
         _campaign(source, template, name, gateway_block, segment, segments_file, rate, dry_run, wait, policy, end,
                   clock, plan_out, quarantine_out, ab, windows)
@@ -248,12 +248,30 @@ WARM_MAX_BYTES = 16 << 20  # about 150,000 rows: bigger exports are read and che
 
 
 def _warm_workers() -> None:
-    """Start the extract's worker now, importing Great Expectations and the phone parser while this process
-    imports the rest (smsflow.warm): a small preview no longer waits for both imports one after the other."""
+    """Start the extract checks' worker now, importing Great Expectations while this process imports the rest
+    (smsflow.warm): a small preview no longer waits for both imports one after the other."""
     from smsflow import warm
     from smsflow.settings import get_settings
 
-    warm.start("tasks.validate:warm_up", workers=get_settings().workers)
+    warm.start("tasks.expectations:warm_up", workers=get_settings().workers)
+
+
+def _exit_now(code: int = 0) -> None:
+    """End a preview without the interpreter's teardown (~0.9 s for a 1,000-contact preview: the checks worker
+    joined, then pandas, SQLAlchemy, Prefect and their modules freed one by one). Safe here: everything it
+    wrote is committed, no Prefect API or run was involved; output streams and logs are flushed first, and the
+    store's connections closed (SQLite checkpoints its WAL on the last close)."""
+    import logging
+
+    from smsflow import warm
+    from store.db import dispose_engines
+
+    warm.stop(kill=True)
+    dispose_engines()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _dry_run(source, template, name, gateway_block, segment, segments_file, policy, end) -> dict:

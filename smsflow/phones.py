@@ -569,7 +569,6 @@ class PhoneClassifier:
         self.min_parallel = min_parallel
         self._pool = None
         self._pool_failed = False
-        self._shared = False
 
     def _get_pool(self):
         if self._pool_failed:
@@ -578,11 +577,6 @@ class PhoneClassifier:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
 
-            from smsflow import warm
-
-            if warm.pool() is not None:  # started (and warmed up) by the command: shared, not ours to close
-                self._pool, self._shared = warm.pool(), True
-                return self._pool
             try:
                 self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"))
             except (OSError, RuntimeError, ImportError):
@@ -623,8 +617,11 @@ class PhoneClassifier:
 
     def call(self, fn, *args, parallel: bool = True):
         """``fn(*args)`` in a worker when ``parallel`` (and workers are allowed), else here and now;
-        returns a callable giving the result. ``fn`` must be a module-level function (it is pickled)."""
-        pool = self._get_pool() if parallel and self.processes > 1 else None
+        returns a callable giving the result. ``fn`` must be a module-level function (it is pickled).
+        The worker the command warmed up (``smsflow.warm``) takes it when there is one."""
+        from smsflow import warm
+
+        pool = (warm.pool() if self.warm else self._get_pool()) if parallel and self.processes > 1 else None
         if pool is not None:
             try:
                 future = pool.submit(fn, *args)
@@ -645,9 +642,9 @@ class PhoneClassifier:
         return lambda: value
 
     def close(self) -> None:
-        if self._pool is not None and not self._shared:
+        if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-        self._pool = None
+            self._pool = None
 
     def __enter__(self) -> "PhoneClassifier":
         return self

@@ -2,9 +2,10 @@
 
 A small preview (``smsflow campaign --dry-run`` on 1,000 contacts) spends most of its time importing:
 Great Expectations alone takes ~1.1 s, and it is needed only to check the extract. ``start()`` spawns the
-worker that will run those checks (and parse phones) right away and has it import and run a tiny check
+worker that will run those checks right away and has it import and run a tiny check
 while this process imports Prefect, reads the export and opens the store, so the two overlap on two
-cores. ``smsflow.phones.PhoneClassifier`` then uses this pool instead of starting its own.
+cores. ``smsflow.phones.PhoneClassifier`` then runs the extract checks in it (the phones' slow path keeps
+its own pool, started only for big batches).
 
 Only this module's standard-library imports run in the command's process; the warm-up target is named
 as ``"module:function"`` and imported in the worker.
@@ -13,9 +14,23 @@ from __future__ import annotations
 
 import importlib
 import multiprocessing as mp
+import os
 from concurrent.futures import Executor, ProcessPoolExecutor
 
 _pool: ProcessPoolExecutor | None = None
+
+
+def _die_with(parent: int) -> None:
+    """Worker initializer: killed when the command's process ends, however it ends (kill -9, os._exit)."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _run(target: str) -> None:
@@ -23,17 +38,17 @@ def _run(target: str) -> None:
     getattr(importlib.import_module(module), name)()
 
 
-def start(target: str, workers: int = 2, warm: int = 1) -> None:
-    """A spawn pool of ``workers`` processes, ``warm`` of them started now running ``target``; no-op when one
-    is running or fewer than 2 workers are allowed. Failing to start is not an error (the steps then use
-    this process or their own pool)."""
+def start(target: str, workers: int = 2) -> None:
+    """One spawn worker, started now running ``target``; no-op when it is running or the settings allow fewer
+    than 2 processes (``workers``). Failing to start is not an error (the steps then run here)."""
     global _pool
     if _pool is not None or workers < 2:
         return
     try:
-        _pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
-        for _ in range(max(0, min(warm, workers))):
-            _pool.submit(_run, target)
+        # one worker: a second one would be spawned cold for the first job while this one warms up
+        _pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), initializer=_die_with,
+                                    initargs=(os.getpid(),))
+        _pool.submit(_run, target)
     except (OSError, RuntimeError):
         _pool = None
 
@@ -43,8 +58,12 @@ def pool() -> Executor | None:
     return _pool
 
 
-def stop() -> None:
+def stop(kill: bool = False) -> None:
+    """Shut the pool down; ``kill``: also kill its worker now (the command is about to ``os._exit``)."""
     global _pool
     if _pool is not None:
+        procs = list((getattr(_pool, "_processes", None) or {}).values()) if kill else []
         _pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
+            p.kill()
         _pool = None

@@ -22,7 +22,7 @@ from store.db import bulk_update, executemany, get_engine, is_postgres, read_fra
 from store.quarantine import write_quarantine
 from tasks.dedup import dedup_source
 from tasks.erasure import suppressed_hashes
-from tasks.expectations import ExtractCheckResult, check_extract
+from tasks.expectations import ExtractCheckResult, check_extract, check_values
 
 RECEIPT_KIND = "extract.validated"  # a validated extract batch not yet reported by validate_and_dedup
 REPORTED_KIND = "extract.validated.reported"
@@ -103,24 +103,6 @@ def apply_verdicts(rows, norm: pd.DataFrame, suppressed) -> Verdicts:
 def check_batch(rows) -> ExtractCheckResult:
     """The Great Expectations suite over one extract batch, on the values as they will be stored."""
     return check_values(rows["crm_id"], rows["phone_raw"], rows["language"])
-
-
-def warm_up() -> None:
-    """What a worker started by ``smsflow.warm`` runs first: the extract checks and the phone parser on two
-    rows, so their imports (Great Expectations ~1.1 s) and first-call set-up are done before a batch comes."""
-    check_values(["1", "2"], ["+7 916 123-45-67", "8 (495) 123-45-67"], ["ru", "en"])
-    from smsflow.phones import normalize_phones
-
-    normalize_phones(pd.Series(["+7 916 123-45-67", "8 (495) 123-45-67"], dtype=object))
-
-
-def check_values(ids: list, phones: list, languages: list) -> ExtractCheckResult:
-    """:func:`check_batch` on the three checked columns alone (module level: it can run in a worker)."""
-    return check_extract(pd.DataFrame({
-        "id": pd.Series(ids, dtype=object),
-        "phone": pd.Series(phones, dtype=object),
-        "language": pd.Series(languages, dtype=object),
-    }), blanks_cleaned=True)  # prepare_contacts already turned blank strings into None
 
 
 def _contact_ids(conn, source: str, crm_ids: list[str], chunk: int = 500) -> dict[str, int]:

@@ -128,12 +128,21 @@ def test_dry_run_is_a_preview_without_prefect(tmp_path):
 
 
 _IN_PROCESS = """
-import json, sys
-from smsflow.cli import app
-try:
+import json, os, sys
+if __name__ == "__main__":  # spawned workers import this script too
+    from smsflow.cli import app
+    real_exit = os._exit
+
+    def report():
+        print(json.dumps({"gx_in_main": "great_expectations" in sys.modules}), file=sys.stderr, flush=True)
+
+    def exit_now(code):  # a preview ends with os._exit (smsflow.cli._exit_now)
+        report()
+        real_exit(code)
+
+    os._exit = exit_now
     app(sys.argv[1:], standalone_mode=False)
-finally:
-    print(json.dumps({"gx_in_main": "great_expectations" in sys.modules}), file=sys.stderr)
+    report()
 """
 
 
@@ -156,7 +165,8 @@ def test_a_small_dry_run_checks_in_its_warmed_worker_with_the_same_verdicts(tmp_
                             "--dry-run", "--name", "preview"], env=env, capture_output=True, text=True, timeout=180)
         assert r.returncode == 0, r.stderr[-3000:]
         summary = json.loads(r.stdout.strip().splitlines()[-1])
-        gx = json.loads(r.stderr.strip().splitlines()[-1])["gx_in_main"]
+        (line,) = [x for x in r.stderr.splitlines() if x.startswith('{"gx_in_main"')]
+        gx = json.loads(line)["gx_in_main"]
         out[workers] = (summary, gx)
     (warm, gx_warm), (single, gx_single) = out["2"], out["1"]
     assert not gx_warm and gx_single  # the worker did the checks; with one process they ran here

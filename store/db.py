@@ -250,7 +250,7 @@ def bulk_insert(
             sets = ", ".join(f"{c} = excluded.{c}" for c in update_columns)
             conflict = f" ON CONFLICT {target} DO UPDATE SET {sets}"
     if is_postgres(conn):
-        if isinstance(rows, (list, tuple)) and len(rows) <= SMALL_BATCH:
+        if type(rows) in (list, tuple) and len(rows) <= SMALL_BATCH:  # rows, not Columns (a list of columns)
             # a few rows (a receipt or click batch): one pipelined INSERT; the staging table below is created
             # per transaction (catalog writes), ~2 ms a commit, worth it only for bulk
             return executemany(conn, f"INSERT INTO {table} ({cols}) VALUES ({', '.join('?' for _ in columns)}){conflict}",
@@ -441,12 +441,14 @@ def _datetime_array_values(arr: Any, pg: bool) -> list:
     import numpy as np
 
     arr = np.asarray(arr, dtype="datetime64[us]")
+    if pg:  # naive datetimes (NaT -> None) are what psycopg takes: nothing to convert value by value
+        return arr.astype(object).tolist()
     nat = np.isnat(arr)
     present = arr[~nat]
     in_range = not len(present) or (present.min() >= np.datetime64("1000-01-01") and
                                     present.max() < np.datetime64("10000-01-01"))
-    if pg or not in_range:
-        return [None if v is None else _copy_value(v) if pg else _sqlite_value(v) for v in arr.astype(object).tolist()]
+    if not in_range:
+        return [None if v is None else _sqlite_value(v) for v in arr.astype(object).tolist()]
     text = np.datetime_as_string(arr, unit="us")  # 'YYYY-MM-DDTHH:MM:SS.ffffff', fixed width
     text.view(np.uint32).reshape(len(text), -1)[:, 10] = ord(" ")  # the 'T' -> ' ' (UCS-4 code units)
     out = text.tolist()
@@ -488,6 +490,8 @@ def _convert_column(col: Sequence[Any], pg: bool) -> Sequence[Any]:
         return col
     if types <= {_NONE, str, int, bool, float}:
         return [None if v is not None and v != v else v for v in col]
+    if pg and types <= _DATETIMES:  # naive ones pass as they are; an aware one becomes naive UTC
+        return [v if v is None or v.tzinfo is None else _py(v) for v in col]
     if not pg and types <= _DATETIMES:
         # datetimes: SQLAlchemy's SQLite text format (microseconds always written), each distinct value once
         out = []

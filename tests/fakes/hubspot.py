@@ -399,47 +399,32 @@ class FakeHubSpot:
         return httpx.Response(207 if missing else 200, json=out)
 
     def _assoc_read(self, body: dict) -> httpx.Response:
-        inputs = self._inputs(body, limit=1000)
-        if isinstance(inputs, httpx.Response):
-            return inputs
-        results, errors = [], []
-        for inp in inputs:
-            cid = str(inp.get("id"))
-            notes = self.assoc.get(cid) or []
-            if not notes:
-                errors.append({"status": "error", "category": "OBJECT_NOT_FOUND",
-                               "subCategory": "crm.associations.NO_ASSOCIATIONS_FOUND",
-                               "context": {"fromObjectId": [cid]}, "message": f"No note is associated with contact {cid}."})
-                continue
-            start = int(inp.get("after") or 0)
-            chunk = notes[start:start + self.assoc_page]
-            res = {"from": {"id": cid}, "to": [{"toObjectId": int(n), "associationTypes": [
-                {"category": "HUBSPOT_DEFINED", "typeId": 201, "label": None}]} for n in chunk]}
-            if start + self.assoc_page < len(notes):
-                res["paging"] = {"next": {"after": str(start + self.assoc_page), "link": None}}
-            results.append(res)
-        _, now = self._now()
-        out = {"status": "COMPLETE", "results": results, "startedAt": now, "completedAt": now}
-        if errors:
-            out["numErrors"] = len(errors)
-            out["errors"] = errors
-        return httpx.Response(207 if errors else 200, json=out)
+        return self._batch_assoc(body, self.assoc, "note", "contact", 201)
 
     def _deal_contacts_read(self, body: dict) -> httpx.Response:
+        return self._batch_assoc(body, self.deal_contacts, "contact", "deal", 3)
+
+    def _batch_assoc(self, body: dict, table: dict, to: str, frm: str, type_id: int) -> httpx.Response:
+        """v4 associations batch read: per-object paging (``assoc_page``); objects without any -> errors, 207."""
         inputs = self._inputs(body, limit=1000)
         if isinstance(inputs, httpx.Response):
             return inputs
         results, errors = [], []
         for inp in inputs:
-            did = str(inp.get("id"))
-            contacts = self.deal_contacts.get(did) or []
-            if not contacts:
+            oid = str(inp.get("id"))
+            linked = table.get(oid) or []
+            if not linked:
                 errors.append({"status": "error", "category": "OBJECT_NOT_FOUND",
                                "subCategory": "crm.associations.NO_ASSOCIATIONS_FOUND",
-                               "context": {"fromObjectId": [did]}, "message": f"No contact is associated with deal {did}."})
+                               "context": {"fromObjectId": [oid]}, "message": f"No {to} is associated with {frm} {oid}."})
                 continue
-            results.append({"from": {"id": did}, "to": [{"toObjectId": int(c), "associationTypes": [
-                {"category": "HUBSPOT_DEFINED", "typeId": 3, "label": None}]} for c in contacts[:self.assoc_page]]})
+            start = int(inp.get("after") or 0)
+            res = {"from": {"id": oid}, "to": [{"toObjectId": int(n), "associationTypes": [
+                {"category": "HUBSPOT_DEFINED", "typeId": type_id, "label": None}]}
+                for n in linked[start:start + self.assoc_page]]}
+            if start + self.assoc_page < len(linked):
+                res["paging"] = {"next": {"after": str(start + self.assoc_page), "link": None}}
+            results.append(res)
         _, now = self._now()
         out = {"status": "COMPLETE", "results": results, "startedAt": now, "completedAt": now}
         if errors:

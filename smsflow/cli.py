@@ -17,7 +17,23 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="CRM-to-SMS campaign pipelines on Prefect 3.")
+class _Console(typer.Typer):
+    """The ``smsflow`` command (``app()`` from the console script or ``python -m smsflow.cli``). A command may ask
+    to end without the interpreter's teardown (``_STATE["fast_exit"]``, a preview: ``_exit_now``); only this
+    entry point honours it, never a caller that invokes the commands in its own process (tests, CliRunner)."""
+
+    def __call__(self, *args, **kwargs):
+        _STATE["console"] = True
+        try:
+            return super().__call__(*args, **kwargs)
+        except SystemExit as exc:
+            if _STATE.get("fast_exit") and not exc.code:
+                _exit_now(0)
+            raise
+
+
+_STATE: dict[str, bool] = {}
+app = _Console(add_completion=False, no_args_is_help=True, help="CRM-to-SMS campaign pipelines on Prefect 3.")
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -199,7 +215,13 @@ def campaign_cmd(
     if dry_run and ab is None:  # a preview: in this process, no Prefect runs (tasks/dry_run.py says what it records)
         result = _dry_run(source, template, name, gateway_block, segment, segments_file, policy, end)
         _campaign_result(name, result, clock, plan_out, quarantine_out)
-        _exit_now()
+        if _STATE.get("console"):
+            _STATE["fast_exit"] = True  # the console entry point ends the process once the command returned
+        else:
+            from smsflow import warm
+
+            warm.stop()
+        return
     with _prefect_session():
         _campaign(source, template, name, gateway_block, segment, segments_file, rate, dry_run, wait, policy, end,
                   clock, plan_out, quarantine_out, ab, windows)

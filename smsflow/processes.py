@@ -29,17 +29,20 @@ _PR_SET_PDEATHSIG = 1
 CLI_TAG = "smsflow-cli"  # the tag of flow runs a command started against a Prefect server
 CLI_HEARTBEAT_S = 30  # their heartbeat (Prefect's minimum): the automation waits for 3 missed ones
 
+
 def die_with_parent(sig: int = signal.SIGTERM):
     """A ``preexec_fn``: the child gets ``sig`` when its parent exits (Linux; elsewhere a no-op)."""
     parent = os.getpid()
+    return lambda: die_with(parent, sig)
 
-    def _set() -> None:
-        if sys.platform.startswith("linux"):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
 
-    return _set
+def die_with(parent: int, sig: int = signal.SIGTERM) -> None:
+    """In a child of ``parent``: get ``sig`` when it exits (Linux; elsewhere a no-op); exit at once if it already
+    has. Module level, so it can also be a spawned pool worker's initializer."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 class _NoTraceback(logging.Formatter):

@@ -7,7 +7,7 @@ while this process imports Prefect, reads the export and opens the store, so the
 cores. ``smsflow.phones.PhoneClassifier`` then runs the extract checks in it (the phones' slow path keeps
 its own pool, started only for big batches).
 
-Only this module's standard-library imports run in the command's process; the warm-up target is named
+Only standard-library imports run in the command's process for this; the warm-up target is named
 as ``"module:function"`` and imported in the worker.
 """
 from __future__ import annotations
@@ -15,22 +15,12 @@ from __future__ import annotations
 import importlib
 import multiprocessing as mp
 import os
+import signal
 from concurrent.futures import Executor, ProcessPoolExecutor
 
+from smsflow.processes import die_with
+
 _pool: ProcessPoolExecutor | None = None
-
-
-def _die_with(parent: int) -> None:
-    """Worker initializer: killed when the command's process ends, however it ends (kill -9, os._exit)."""
-    import ctypes
-    import os
-    import signal
-    import sys
-
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 def _run(target: str) -> None:
@@ -46,8 +36,9 @@ def start(target: str, workers: int = 2) -> None:
         return
     try:
         # one worker: a second one would be spawned cold for the first job while this one warms up
-        _pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), initializer=_die_with,
-                                    initargs=(os.getpid(),))
+        # killed when this process ends, however it ends (kill -9, os._exit)
+        _pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), initializer=die_with,
+                                    initargs=(os.getpid(), signal.SIGKILL))
         _pool.submit(_run, target)
     except (OSError, RuntimeError):
         _pool = None

@@ -66,13 +66,12 @@ class ClickWriter:
 
     def __init__(self, engine, synchronous: bool = True):
         self.engine, self.conn = engine, None
-        self.pg = engine.dialect.name == "postgresql"
-        self.synchronous = synchronous
+        self.relaxed = not synchronous and engine.dialect.name == "postgresql"
 
     def __call__(self, clicks: list[tuple[Any, ...]]) -> None:
         if self.conn is None:
             self.conn = self.engine.connect()
-            if self.pg and not self.synchronous:  # this kept connection only (the session's setting)
+            if self.relaxed:  # this kept connection only (the session's setting)
                 self.conn.exec_driver_sql("SET synchronous_commit TO off")
                 self.conn.commit()
         try:

@@ -123,25 +123,31 @@ _CANDIDATES_SQL = (
     "FROM segment_memberships m JOIN contacts c ON c.id = m.contact_id "
     "WHERE m.segment = :g AND c.source = :s AND c.status = 'valid' "
     "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.campaign_id = :cid AND o.contact_id = c.id) "
+    "AND m.contact_id > :lo AND c.id > :lo "
 )
 
+# the id that closes a page: the page_size-th member after the last page (an index-only range of the
+# membership key), so each page's query has both id bounds
+_PAGE_END_SQL = ("SELECT contact_id FROM segment_memberships WHERE segment = :g AND contact_id > :lo "
+                 "ORDER BY contact_id LIMIT 1 OFFSET :skip")
 
-def _contacts_for(engine, campaign_id: int, source: str, segment: str, after: int | None = None,
-                  limit: int | None = None, upto: int | None = None):
-    """Candidates of the campaign in id order; one page (ids > ``after``, at most ``limit``, ids <= ``upto``)
-    when given."""
+
+def _page_end(engine, segment: str, lo: int, page_size: int) -> int | None:
+    """The contact id closing the page of ``page_size`` segment members after ``lo``; None: fewer are left."""
+    with engine.connect() as conn:
+        return conn.execute(text(_PAGE_END_SQL), {"g": segment, "lo": lo, "skip": page_size - 1}).scalar()
+
+
+def _contacts_for(engine, campaign_id: int, source: str, segment: str, lo: int = -1, hi: int | None = None):
+    """Candidates of the campaign with ids in (``lo``, ``hi``], in id order. Both bounds apply to the
+    membership key and to the contacts' key: each page reads its id range from both indexes (with only a
+    lower bound and a LIMIT, PostgreSQL scanned the segment's whole membership once per page: quadratic)."""
     sql = _CANDIDATES_SQL
-    params: dict[str, Any] = {"g": segment, "s": source, "cid": campaign_id}
-    if after is not None:
-        sql += "AND c.id > :after "
-        params["after"] = after
-    if upto is not None:
-        sql += "AND c.id <= :upto "
-        params["upto"] = upto
+    params: dict[str, Any] = {"g": segment, "s": source, "cid": campaign_id, "lo": lo}
+    if hi is not None:
+        sql += "AND m.contact_id <= :hi AND c.id <= :hi "
+        params["hi"] = hi
     sql += "ORDER BY c.id"
-    if limit is not None:
-        sql += " LIMIT :lim"
-        params["lim"] = int(limit)
     with engine.begin() as conn:
         return read_frame(conn, sql, params, objects=True)  # object columns: no str-dtype round trip
 
@@ -176,27 +182,28 @@ def _pages(engine, campaign_id: int, source: str, segment: str, page_size: int, 
 
     s = get_settings()
     share = s.global_holdout if marketing else 0.0
-    after = ids[0] - 1 if ids else None
+    lo = ids[0] - 1 if ids else -1
     upto = ids[1] if ids else None
     while True:
-        df = _contacts_for(engine, campaign_id, source, segment, after=after if after is not None else -1, limit=page_size,
-                           upto=upto)
-        if df.empty:
-            return
+        end = _page_end(engine, segment, lo, page_size)
+        last = end is None or (upto is not None and end >= upto)
+        hi = upto if last else end
+        df = _contacts_for(engine, campaign_id, source, segment, lo=lo, hi=hi)
         n_raw = len(df)
-        after = int(df["contact_id"].iloc[-1])
         stats.candidates += n_raw
-        consent = df["sms_consent"].astype(bool) & df["opted_out_at"].isna()
-        stats.no_consent += int((~consent).sum())
-        df = df[consent.to_numpy()]
+        if n_raw:
+            consent = df["sms_consent"].astype(bool) & df["opted_out_at"].isna()
+            stats.no_consent += int((~consent).sum())
+            df = df[consent.to_numpy()]
         if share and len(df):
             keep = [not in_global_holdout(share, s.global_holdout_salt, p) for p in df["phone_e164"]]
             stats.global_holdout += len(keep) - sum(keep)
             df = df[keep]
         if len(df):
             yield _records(df)
-        if n_raw < page_size:
+        if last:
             return
+        lo = hi
 
 
 candidate_pages = _pages  # A/B campaigns (tasks/abtest.py) split the same pages by arm

@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
 
 from blocks.gateway import SandboxGateway, SubmitResult
 from store.db import utcnow
@@ -44,3 +44,37 @@ def test_plan_rerun_creates_nothing_twice(engine, tmp_path):
                           gateway="sandbox")
     assert first.planned == 25 and again.planned == 0
     assert q(engine, "SELECT COUNT(*) FROM outbox") == 25
+
+
+def test_pages_cover_each_candidate_once_in_bounded_id_ranges(engine, tmp_path):
+    """Pages close at every page_size-th segment member: gaps in the membership, contacts already planned,
+    a page size that does not divide the segment and a shard's id range leave no candidate out or twice."""
+    from tasks.render import PlanStats, _pages
+
+    load_csv(engine, _base(tmp_path, 40))
+    build_membership(engine, "test", ALL, utcnow())
+    with engine.begin() as conn:
+        ids = [int(i) for i in conn.execute(text("SELECT id FROM contacts WHERE status = 'valid' ORDER BY id")).scalars()]
+    with engine.begin() as conn:  # a segment with gaps: every third contact is not a member
+        conn.execute(text("DELETE FROM segment_memberships WHERE contact_id IN :ids")
+                     .bindparams(bindparam("ids", expanding=True)), {"ids": ids[::3]})
+    cid = ensure_campaign(engine, name="camp", source="test", segment="all", template_name=TPL.name,
+                          kind=TPL.kind, gateway="sandbox", price_per_segment=2.0,
+                          policy=always_open().model_dump(mode="json"))
+    members = [i for i in ids if i not in ids[::3]]
+    for size in (1, 4, 7, len(members), 1000):
+        stats = PlanStats()
+        pages = [[r["contact_id"] for r in p] for p in _pages(engine, cid, "test", "all", size, stats)]
+        flat = [i for p in pages for i in p]
+        assert flat == members and all(len(p) <= size for p in pages), size
+        assert stats.candidates == len(members)
+    part = plan_messages(engine, campaign_id=cid, source="test", segment="all", template=TPL, price_per_segment=2.0,
+                         gateway="sandbox", batch_size=4)
+    assert part.planned == len(members)
+    with engine.begin() as conn:  # the gaps join the segment; a shard renders only its own id range
+        conn.execute(text("INSERT INTO segment_memberships (segment, contact_id) SELECT 'all', id FROM contacts "
+                          "WHERE id IN :ids").bindparams(bindparam("ids", expanding=True)), {"ids": ids[::3]})
+    lo, hi = ids[5], ids[29]
+    stats = PlanStats()
+    pages = [[r["contact_id"] for r in p] for p in _pages(engine, cid, "test", "all", 3, stats, ids=(lo, hi))]
+    assert [i for p in pages for i in p] == [i for i in ids[::3] if lo <= i <= hi]

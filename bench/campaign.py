@@ -108,6 +108,14 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+def _short(cmdline: bytes) -> str:
+    """A process' command line, short: the program and what it runs (a spawn worker says so)."""
+    parts = [a.decode(errors="replace") for a in cmdline.split(b"\0") if a]
+    if "-c" in parts and any("spawn_main" in a for a in parts):
+        return "spawn worker"
+    return " ".join(Path(parts[0]).name if i == 0 else a for i, a in enumerate(parts[:3]))[:60]
+
+
 def _tree(pid: int) -> list[int]:
     """pid and all its live descendants (Linux /proc/<pid>/task/<tid>/children)."""
     out, todo = [], [pid]
@@ -135,9 +143,12 @@ class TreeRss(threading.Thread):
         self.root = root
         self.peak_kib = 0
         self.peak_procs = 0
+        self.peak_detail: list[tuple[int, str, int]] = []  # (pid, what it runs, KiB) at the peak
         self.worker_hwm_kib = 0  # largest VmHWM seen in a live descendant (its own, post-exec, peak)
         self._halt = threading.Event()
         self.step_peak_kib = 0
+        self.t0 = time.perf_counter()
+        self.peak_at = 0.0  # seconds after the sampler was made
 
     def run(self) -> None:
         me = self.root or os.getpid()
@@ -145,12 +156,15 @@ class TreeRss(threading.Thread):
         while not self._halt.is_set():
             # a child caught between fork and exec still maps (and shares) all of our pages: skip it
             pids = [p for p in _tree(me) if p == me or _cmdline(p) != my_cmd]
-            total = sum(_status_kib(p, "VmRSS") or 0 for p in pids)
+            each = [(p, _status_kib(p, "VmRSS") or 0) for p in pids]
+            total = sum(k for _, k in each)
             for p in pids:
                 if p != me:
                     self.worker_hwm_kib = max(self.worker_hwm_kib, _status_kib(p, "VmHWM") or 0)
             if total > self.peak_kib:
                 self.peak_kib, self.peak_procs = total, len(pids)
+                self.peak_detail = [(p, _short(_cmdline(p)), k) for p, k in each]
+                self.peak_at = time.perf_counter() - self.t0
             self.step_peak_kib = max(self.step_peak_kib, total)
             self._halt.wait(self.interval)
 

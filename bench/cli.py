@@ -93,7 +93,8 @@ def run_cli(args_: list[str], env: dict, cwd: Path, timeout: float) -> dict:
         if line.startswith("{"):
             summary = json.loads(line)
     return {"rc": rc, "wall": wall, "cpu": cpu, "peak_rss_mib": peak, "summary": summary,
-            "stderr": "".join(err_lines)}
+            "stderr": "".join(err_lines), "peak_at": sampler.peak_at,
+            "peak_by_process": [(what, round(kib / 1024)) for _, what, kib in sampler.peak_detail]}
 
 
 def bench_size(n: int, args) -> dict:
@@ -125,6 +126,8 @@ def bench_size(n: int, args) -> dict:
                 f"planned {s.get('planned')}, parts {s.get('parts')}, cost {s.get('cost_planned')} {s.get('currency')}")
             if args.verbose:
                 sys.stderr.write(r["stderr"])
+                log(f"n={n:,}: peak at {r['peak_at']:.1f}s: "
+                    + ", ".join(f"{what} {mib} MiB" for what, mib in r["peak_by_process"]))
         if not args.no_naive:
             res["naive"] = run_child("naive", n, d, args)
             nv = res["naive"] or {}

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from tasks import expectations as v
-from tasks.expectations import ExtractCheckResult, ExtractSchemaError, check_extract
+from tasks.expectations import ExtractCheckResult, ExtractSchemaError, check_extract, check_values
 
 
 # ---------------------------------------------------------------------------
@@ -106,3 +106,27 @@ def test_check_results_combine_over_chunks():
     again = ExtractCheckResult.from_dict(__import__("json").loads(__import__("json").dumps(whole.to_dict())))
     assert again.markdown() == whole.markdown()
 
+
+
+def test_batch_after_batch_reuses_one_suite_and_leaves_no_cyclic_garbage():
+    """The extract checks every batch in one long-lived worker: the suite is built once per process, each
+    batch gets its own verdict, and a check leaves (almost) nothing for the cyclic collector (a context per
+    check left ~2,000 objects holding the batch's rows: +1.2 GB over 10M contacts)."""
+    import gc
+
+    from tasks import expectations
+
+    good = (["C1", "C2", "C3", "C4"], ["+79161234567"] * 4, ["ru"] * 4)
+    bad = (["C1", "C2", "C3", "C4"], ["x", "y", None, None], ["ru"] * 4)
+    check_values(*good)
+    suites = dict(expectations._SUITES)
+    gc.collect()
+    gc.disable()
+    try:
+        verdicts = [check_values(*b).success for b in (good, bad, good, bad, good)]
+        left = gc.collect()
+    finally:
+        gc.enable()
+    assert verdicts == [True, False, True, False, True]
+    assert expectations._SUITES == suites  # the same suite objects, none built again
+    assert left < 1_000, left

@@ -17,7 +17,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
 from smsflow.exports import (EXCEL_SUFFIXES, PARQUET_SUFFIXES, ExportError, ExportFormat, delimiter_option,
-                             encoding_option, read_csv_chunks, read_csv_column, read_export, sniff)
+                             encoding_option, read_csv_chunks, read_export, repeated_values, sniff)
 
 CONTACT_COLUMNS = (
     "id",
@@ -287,8 +287,7 @@ class CsvCrm(CrmSource):
             return
         id_column = self.column_map.get("id", "id")
         try:
-            ids = read_csv_column(p, fmt, id_column).str.strip()
-            repeated = (ids.duplicated(keep=False) & (ids != "")).to_numpy()
+            repeated = repeated_values(p, fmt, id_column)
             held: list[pd.DataFrame] = []
             for chunk in read_csv_chunks(p, fmt, max(1, int(batch_size))):
                 mask = repeated[chunk.index.to_numpy()]

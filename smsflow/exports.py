@@ -16,6 +16,7 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 SAMPLE_BYTES = 1 << 20
@@ -212,17 +213,33 @@ def read_export(path: str | Path, fmt: ExportFormat | None = None, nrows: int | 
     return _as_text_frame(df)
 
 
-def read_csv_column(path: str | Path, fmt: ExportFormat, column: str) -> pd.Series:
-    """One column of a CSV export as text, in file order: a cheap pass over the whole file (a file that
-    cannot be decoded fails here; a row with too many fields does not: pandas ignores fields it does not read)."""
+def repeated_values(path: str | Path, fmt: ExportFormat, column: str, chunksize: int = 200_000):
+    """Which rows of a CSV export share their (stripped, non-blank) ``column`` value with another row: a
+    boolean array in file order, from one cheap pass over that column (a file that cannot be decoded fails
+    here; a row with too many fields does not: pandas ignores fields it does not read).
+
+    The values are kept as 64-bit hashes, not as text (10M CRM ids as Python strings held ~700 MB for the
+    whole extract); two different values with the same hash would only mark both rows as repeated, which
+    costs nothing but their place in the batch order."""
     p = Path(path)
+    hashes, blank, columns = [], [], 1
     try:
-        df = _read_csv(p, fmt, usecols=lambda c: str(c).strip() == column)
+        with _read_csv(p, fmt, usecols=lambda c: str(c).strip() == column, chunksize=chunksize) as reader:
+            for df in reader:
+                columns = df.shape[1]
+                if columns != 1:
+                    break
+                values = df.iloc[:, 0].str.strip()
+                hashes.append(pd.util.hash_pandas_object(values, index=False).to_numpy())
+                blank.append((values == "").to_numpy())
     except _READ_ERRORS as exc:
         raise _read_error(exc, p, fmt) from None
-    if df.shape[1] != 1:
+    if columns != 1 or (not hashes and sum(h == column for h in read_header(p, fmt)) != 1):
         raise ExportError(f"{p.name}: no single column named {column!r}")
-    return df.iloc[:, 0]
+    if not hashes:
+        return np.zeros(0, dtype=bool)
+    h = np.concatenate(hashes)
+    return pd.Series(h).duplicated(keep=False).to_numpy() & ~np.concatenate(blank)
 
 
 def read_csv_chunks(path: str | Path, fmt: ExportFormat, chunksize: int) -> Iterator[pd.DataFrame]:

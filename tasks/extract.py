@@ -18,6 +18,7 @@ from blocks.crm import CONTACT_COLUMNS, CrmSource
 from store.db import Columns, bulk_insert, json_text, refresh_statistics, utcnow
 from store.quarantine import write_quarantine
 from smsflow.values import truthy
+from smsflow.keyflags import KeyFlags
 from smsflow.phones import PhoneClassifier
 from tasks.expectations import ExtractSchemaError
 from tasks.validate import BatchValidation, apply_verdicts, check_values
@@ -302,7 +303,9 @@ def upsert_contacts(conn: Connection, rows: ContactBatch, likely_new: bool = Fal
 def audit_consent_changes(conn: Connection, source: str, rows: ContactBatch, known: dict[str, bool],
                           after_id: int | None = None) -> int:
     """One consent_changes row per contact whose CRM consent is new or different ('granted' /
-    'revoked', method from the CRM or 'import'). ``known`` is updated in place.
+    'revoked', method from the CRM or 'import'). ``known``: the consent in the store before this batch of
+    the batch's contacts already there; updated in place (a CRM id twice in the batch compares with its
+    earlier row).
 
     Contacts new to the store that consent are audited with one INSERT ... SELECT over the rows just
     inserted (ids above ``after_id``, the largest id before this batch's upsert in the same
@@ -546,15 +549,19 @@ def _batches_from_child(source: CrmSource, since, batch_size: int, region: str, 
     return messages()
 
 
-def _write_batch(engine, name: str, job: _Prepared, known_consent: dict[str, bool], validation, stats: ExtractStats,
+def _write_batch(engine, name: str, job: _Prepared, known_consent: KeyFlags, validation, stats: ExtractStats,
                  move_watermark: bool = True) -> None:
     """One transaction per batch: contacts (with their verdicts), consent audit, quarantine, watermark
-    (kept where it was when ``move_watermark`` is False: batches of a file come in any order)."""
+    (kept where it was when ``move_watermark`` is False: batches of a file come in any order).
+    ``known_consent``: the consent of every contact of the source in the store, kept up to date."""
     mark = _later(stats.watermark, job.rows.watermark)
+    crm = job.rows["crm_id"]
+    was_known, before = known_consent.exchange(crm, [bool(c) for c in job.rows["sms_consent"]])
+    prior = {c: f for c, k, f in zip(crm, was_known.tolist(), before.tolist()) if k}
     with engine.begin() as conn:
         after_id = conn.execute(text("SELECT COALESCE(MAX(id), 0) FROM contacts")).scalar()
-        stats.upserted += upsert_contacts(conn, job.rows, likely_new=not known_consent.keys() & set(job.rows["crm_id"]))
-        audit_consent_changes(conn, name, job.rows, known_consent, after_id)
+        stats.upserted += upsert_contacts(conn, job.rows, likely_new=not prior)
+        audit_consent_changes(conn, name, job.rows, prior, after_id)
         write_quarantine(conn, job.quarantine)
         if job.verdicts is not None:
             validation.store(conn, job.rows, job.verdicts, job.check)
@@ -597,8 +604,7 @@ def extract_source(
     name = source.source_name
     with engine.begin() as conn:
         since = None if full_refresh else get_watermark(conn, name)
-        known_consent = {r[0]: bool(r[1]) for r in conn.execute(
-            text("SELECT crm_id, sms_consent FROM contacts WHERE source = :s"), {"s": name})}
+        known_consent = _known_consent(conn, name)
         validation = BatchValidation.start(conn, name) if validate else None
     stats.watermark = stats.start_watermark = since
     suppressed = validation.suppressed if validation is not None else None
@@ -621,6 +627,17 @@ def extract_source(
     if stats.upserted > stats.analyzed_at:
         refresh_statistics(engine, "contacts", "quarantine")
     return stats
+
+
+def _known_consent(conn: Connection, source: str, chunk: int = 100_000) -> KeyFlags:
+    """The consent of every contact of the source in the store, by CRM id, read in chunks (a compact map:
+    10M CRM ids as a dict held ~1 GB for the whole extract)."""
+    known = KeyFlags()
+    result = conn.execution_options(stream_results=True, max_row_buffer=chunk).execute(
+        text("SELECT crm_id, sms_consent FROM contacts WHERE source = :s"), {"s": source})
+    for part in result.partitions(chunk):
+        known.set([r[0] for r in part], [bool(r[1]) for r in part])
+    return known
 
 
 READER_MIN_BATCHES = 4  # measured: the reader process costs ~2 s to start; it wins from ~200k rows

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import bindparam, text
 
+from smsflow.keyflags import KeyFlags
 from smsflow.phones import normalize_phones_parallel
 from smsflow.privacy import phone_hash
 from store.db import bulk_update, executemany, get_engine, is_postgres, read_frame, utcnow
@@ -122,13 +123,16 @@ class BatchValidation:
 
     source: str
     suppressed: set[str]
-    quarantined: set[str]  # CRM ids with a validate quarantine row (row_key), kept up to date batch by batch
+    quarantined: KeyFlags  # CRM ids with a validate quarantine row (row_key) flagged, kept up to date batch by batch
 
     @classmethod
     def start(cls, conn, source: str) -> "BatchValidation":
 
-        keys = {r[0] for r in conn.execute(
-            text("SELECT row_key FROM quarantine WHERE step = 'validate' AND source = :s"), {"s": source})}
+        keys = KeyFlags()
+        result = conn.execution_options(stream_results=True, max_row_buffer=100_000).execute(
+            text("SELECT row_key FROM quarantine WHERE step = 'validate' AND source = :s"), {"s": source})
+        for part in result.partitions(100_000):
+            keys.set([r[0] for r in part], [True] * len(part))
         return cls(source, suppressed_hashes(conn), keys)
 
     def store(self, conn, rows, verdicts: Verdicts, check: ExtractCheckResult) -> None:
@@ -136,15 +140,18 @@ class BatchValidation:
         receipt validate_and_dedup reports from; in the batch's transaction."""
         crm = rows["crm_id"]
         bad = [i for i, c in enumerate(verdicts.codes) if c != "ok"]
-        if self.quarantined:  # contacts quarantined before whose phone is fine now (usually none)
-            fixed = [crm[i] for i, c in enumerate(verdicts.codes) if c == "ok" and crm[i] in self.quarantined]
-            executemany(conn, "DELETE FROM quarantine WHERE step = 'validate' AND source = ? AND row_key = ?",
-                        [(self.source, k) for k in fixed])
-            self.quarantined.difference_update(fixed)
+        if len(self.quarantined):  # contacts quarantined before whose phone is fine now (usually none)
+            ok = [crm[i] for i, c in enumerate(verdicts.codes) if c == "ok"]
+            known, flagged = self.quarantined.get(ok)
+            fixed = [k for k, f in zip(ok, (known & flagged).tolist()) if f]
+            if fixed:
+                executemany(conn, "DELETE FROM quarantine WHERE step = 'validate' AND source = ? AND row_key = ?",
+                            [(self.source, k) for k in fixed])
+                self.quarantined.set(fixed, [False] * len(fixed))
         if bad:
             ids = _contact_ids(conn, self.source, [crm[i] for i in bad])
             write_quarantine(conn, [self._quarantine_row(conn, rows, i, ids[crm[i]], verdicts) for i in bad])
-            self.quarantined.update(crm[i] for i in bad)
+            self.quarantined.set([crm[i] for i in bad], [True] * len(bad))
         record_receipt(conn, self.source, len(crm), len(bad), verdicts.counts(), check)
 
     def _quarantine_row(self, conn, rows, i: int, contact_id: int, verdicts: Verdicts) -> dict[str, Any]:

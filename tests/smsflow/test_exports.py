@@ -116,3 +116,19 @@ def test_unreadable_files_get_one_clear_error(tmp_path):
     (tmp_path / "bin.csv").write_bytes(bytes(range(1, 9)) * 500 + b"\xff\xfe\x80\x81" * 200)
     with pytest.raises(ExportError, match="encoding"):
         read_export(tmp_path / "bin.csv")
+
+
+def test_repeated_values_marks_rows_sharing_a_stripped_non_blank_id(tmp_path):
+    from smsflow.exports import ExportError, repeated_values, sniff
+
+    p = tmp_path / "e.csv"
+    p.write_text("id;phone\n a ;1\nb;2\na;3\n;4\n ;5\nc;6\nb ;7\n", encoding="utf-8")
+    assert repeated_values(p, sniff(p), "id", chunksize=2).tolist() == [True, True, True, False, False, False, True]
+    empty = tmp_path / "h.csv"
+    empty.write_text("id;phone\n", encoding="utf-8")
+    assert repeated_values(empty, sniff(empty), "id").tolist() == []
+    for text_ in ("x;phone\n1;2\n", "x;phone\n"):
+        bad = tmp_path / "bad.csv"
+        bad.write_text(text_, encoding="utf-8")
+        with pytest.raises(ExportError, match="no single column named 'id'"):
+            repeated_values(bad, sniff(bad), "id")

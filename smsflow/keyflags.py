@@ -43,6 +43,29 @@ class _Run:
     def __len__(self) -> int:
         return len(self.h1)
 
+    @classmethod
+    def merged(cls, old: "_Run", new: "_Run") -> "_Run":
+        """The two runs as one, the newer flag kept for a key in both: a merge of two sorted runs, so the
+        only memory it needs besides the result is an index over the new run (no sort of the whole)."""
+        again = old.find(new.h1, new.h2)
+        if (again >= 0).any():  # keys set again (a re-import): their old entries go
+            keep = np.ones(len(old), dtype=bool)
+            keep[again[again >= 0]] = False
+            old = cls.__new__(cls)._of(old.h1[keep], old.h2[keep], old.flag[keep])
+        n = len(old) + len(new)
+        at = np.searchsorted(old.h1, new.h1, side="right") + np.arange(len(new))
+        is_new = np.zeros(n, dtype=bool)
+        is_new[at] = True
+        out = cls.__new__(cls)._of(np.empty(n, dtype=np.uint64), np.empty(n, dtype=np.uint64), np.empty(n, dtype=bool))
+        for mine, theirs, dst in ((old.h1, new.h1, out.h1), (old.h2, new.h2, out.h2), (old.flag, new.flag, out.flag)):
+            dst[at] = theirs
+            dst[~is_new] = mine
+        return out
+
+    def _of(self, h1: np.ndarray, h2: np.ndarray, flag: np.ndarray) -> "_Run":
+        self.h1, self.h2, self.flag = h1, h2, flag
+        return self
+
     def find(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
         """Position of each key in the run, -1 where it is not there."""
         lo = np.searchsorted(self.h1, h1, side="left")
@@ -86,8 +109,7 @@ class KeyFlags:
         self._runs.append(_Run(h1, h2, np.asarray(flags, dtype=bool)))
         while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
             new, old = self._runs.pop(), self._runs.pop()
-            self._runs.append(_Run(np.concatenate([old.h1, new.h1]), np.concatenate([old.h2, new.h2]),
-                                   np.concatenate([old.flag, new.flag])))
+            self._runs.append(_Run.merged(old, new))
 
     def get(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         if not len(keys) or not self._runs:

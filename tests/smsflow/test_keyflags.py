@@ -42,3 +42,15 @@ def test_keys_sharing_the_first_hash_are_told_apart_and_the_latest_flag_wins(mon
     known, flags = kf.get(["a", "b", "c", "d"])
     assert known.tolist() == [True, True, True, False]
     assert flags.tolist() == [False, True, True, False]
+
+
+def test_a_key_set_again_is_stored_once_after_its_runs_merge():
+    kf = KeyFlags()
+    keys = [f"C{i}" for i in range(1000)]
+    for round_ in range(6):  # a daily re-import of the same export
+        kf.set(keys, [round_ % 2 == 0] * len(keys))
+    assert len(kf) <= 2 * len(keys)
+    kf.set(["x"], [True])
+    kf.set(keys, [True] * len(keys))
+    assert kf.get(keys)[1].all() and kf.get(["x"])[0].all()
+    assert len(kf._runs) == 1 and len(kf) == len(keys) + 1

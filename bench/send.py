@@ -13,7 +13,9 @@ What one run does (everything in a fresh temp dir, always torn down):
   ``kannel`` fixture: KANNEL_*_PORT, SIM_SMPP_PORT/SIM_CTL_PORT, SIM_DLR_DELAY, KANNEL_SENDSMS_USER/PASSWORD,
   SMSFLOW_GATEWAY_PYTHON) and stops it with ``stop.sh`` at the end, whatever happened;
 * starts the callback service (``service.app.create_app(store_url, emit_events=False)``, uvicorn in a
-  thread of this process) writing receipts into a temp SQLite store; Kannel calls its
+  child process, as ``smsflow serve`` runs beside a sender in production; ``--service-thread``: in a thread
+  of this process, sharing the GIL with the sender and the raw client, which made both slower and the
+  ratio swing 60..99 % between rounds) writing receipts into the store; Kannel calls its
   ``/callbacks/kannel/dlr`` for every receipt (dlr-mask 31).
 
 Phases, all against the same Kannel, with receipts on:
@@ -41,7 +43,7 @@ Phases, all against the same Kannel, with receipts on:
     --profile runs send_messages twice more under cProfile (fresh rows): through the no-op gateway and
     through Kannel, and prints the top functions (main thread only: the gateway's socket threads show up
     as ``thread.join`` inside ``submit``).
-    Diagnostics: --service-process (callback service in a child process: no GIL shared with the sender),
+    Diagnostics: --service-thread (callback service in a thread of this process: the GIL shared with the sender),
     --switch-interval S (sys.setswitchinterval), --batch-size B (KannelGateway.batch_size).
 
 Throttle accuracy: ``send_messages`` with TokenBucket(50) over ~10 s and TokenBucket(500) over ~6 s
@@ -165,7 +167,7 @@ class Service:
 
 
 class ServiceProcess:
-    """--service-process: the same app under uvicorn in a child process (its own GIL), stopped by its pid."""
+    """The same app under uvicorn in a child process (its own GIL), stopped by its pid (the default)."""
 
     def __init__(self, store_url: str):
         from urllib.request import urlopen
@@ -628,8 +630,8 @@ def main() -> int:
     ap.add_argument("--throttle-gateway", choices=("sandbox", "kannel"), default="sandbox")
     ap.add_argument("--smpp", action="store_true", help="also SmppGateway straight to the simulator (blocks/smpp/)")
     ap.add_argument("--profile", action="store_true", help="cProfile a second project run and print the top functions")
-    ap.add_argument("--service-process", action="store_true",
-                    help="run the callback service in a child process instead of a thread of this one (diagnostic)")
+    ap.add_argument("--service-thread", action="store_true",
+                    help="run the callback service in a thread of this process instead of a child process (diagnostic)")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="KannelGateway.batch_size for (b) (default: the gateway's default, 2000)")
     ap.add_argument("--switch-interval", type=float, default=None,
@@ -657,7 +659,7 @@ def main() -> int:
     notes: list[str] = []
     started = False
     try:
-        service = ServiceProcess(store_url) if a.service_process else Service(store_url)
+        service = Service(store_url) if a.service_thread else ServiceProcess(store_url)
         r = stack.run("start.sh")
         if r.returncode != 0:
             print(f"start.sh exited {r.returncode}: {(r.stderr or r.stdout)[-1500:]}", file=sys.stderr)
@@ -666,7 +668,7 @@ def main() -> int:
         log(r.stdout.strip())
         print(f"# send path benchmark: n={a.n}, concurrency={conc}, text={'UCS-2' if a.ucs2 else 'GSM-7'}, "
               f"dlr-mask=31, SIM_DLR_DELAY={a.dlr_delay}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
-              f"service in a {'process' if a.service_process else 'thread'}, GIL switch interval {sys.getswitchinterval()} s, "
+              f"service in a {'thread' if a.service_thread else 'process'}, GIL switch interval {sys.getswitchinterval()} s, "
               f"load average {os.getloadavg()[0]:.1f}")
 
         gw = KannelGateway(sendsms_url=stack.sendsms_url, username=USER, password=PASSWORD, dlr_url=service.url,

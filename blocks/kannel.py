@@ -367,9 +367,9 @@ class KannelGateway(SmsGateway):
 
         return max(m.segments, sms_info(m.text).segments)
 
-    def _prepare(self, messages: list[OutgoingMessage]) -> tuple[list[bytes | SubmitResult | int], bytes]:
-        """One entry per message: the request bytes, a result decided without sending, or the
-        index of an earlier message with the same reference. Plus the probe request."""
+    def _fixed(self) -> tuple[tuple[str, str, str | None, str | None], bytes]:
+        """The parts of a batch's requests that do not depend on the message (quoted once per batch), and
+        the probe request."""
         host, port, _tls, path = self._target()
         hostport = host if port in (80, 443) else f"{host}:{port}"
         common = (f"username={quote(self.username, safe='')}"
@@ -383,29 +383,45 @@ class KannelGateway(SmsGateway):
             common += f"&dlr-mask={self.dlr_mask}"
         head = f"GET {path}?{common}&charset=UTF-8"
         tail = f" HTTP/1.1\r\nHost: {hostport}\r\n\r\n"
+        dlr_before = dlr_after = None
         if pattern:  # quoting is per character: quote the fixed parts of the dlr-url once per batch
             before, after = pattern.split("{ref}", 1)
             dlr_before, dlr_after = "&dlr-url=" + quote(before, safe=""), quote(after, safe="")
-        out: list[bytes | SubmitResult | int] = []
+        return (head, tail, dlr_before, dlr_after), probe
+
+    def _request(self, m: OutgoingMessage, fixed) -> bytes | SubmitResult:
+        """The request of one message, or the result decided without sending it (too long)."""
+        head, tail, dlr_before, dlr_after = fixed
+        parts = self._segments(m)
+        if parts > self.max_parts:
+            return SubmitResult(m.reference, False, None, TOO_LONG,
+                                f"{parts} segments > max_parts={self.max_parts}: Kannel would truncate it")
+        req = head + "&to=" + quote(m.phone_e164, safe="") + "&text=" + quote(m.text, safe="")
+        if self._is_ucs2(m):
+            req += "&coding=2"
+        if dlr_before is not None:
+            ref = quote(m.reference, safe="-._~").replace("%", "%%")
+            req += dlr_before + quote(ref, safe="") + dlr_after
+        return (req + tail).encode("ascii")
+
+    @staticmethod
+    def _repeats(messages: list[OutgoingMessage]) -> list[int | None]:
+        """For each message, the index of an earlier one with the same reference (sent once, same
+        result), else None."""
         seen: dict[str, int] = {}
+        out: list[int | None] = []
         for i, m in enumerate(messages):
-            if m.reference in seen:  # the same reference twice in one batch: sent once, same result
-                out.append(seen[m.reference])
-                continue
-            seen[m.reference] = i
-            parts = self._segments(m)
-            if parts > self.max_parts:
-                out.append(SubmitResult(m.reference, False, None, TOO_LONG,
-                                        f"{parts} segments > max_parts={self.max_parts}: Kannel would truncate it"))
-                continue
-            req = head + "&to=" + quote(m.phone_e164, safe="") + "&text=" + quote(m.text, safe="")
-            if self._is_ucs2(m):
-                req += "&coding=2"
-            if pattern:
-                ref = quote(m.reference, safe="-._~").replace("%", "%%")
-                req += dlr_before + quote(ref, safe="") + dlr_after
-            out.append((req + tail).encode("ascii"))
-        return out, probe
+            first = seen.setdefault(m.reference, i)
+            out.append(first if first != i else None)
+        return out
+
+    def _prepare(self, messages: list[OutgoingMessage]) -> tuple[list[bytes | SubmitResult | int], bytes]:
+        """One entry per message: the request bytes, a result decided without sending, or the
+        index of an earlier message with the same reference. Plus the probe request. (``submit``
+        builds each request in the thread that sends it.)"""
+        fixed, probe = self._fixed()
+        return [r if r is not None else self._request(m, fixed)
+                for m, r in zip(messages, self._repeats(messages))], probe
 
     @staticmethod
     def _result(m: OutgoingMessage, status: int, body: str) -> SubmitResult:
@@ -433,7 +449,8 @@ class KannelGateway(SmsGateway):
             return []
         t0 = time.perf_counter()
         host, port, tls, _path = self._target()
-        prepared, probe = self._prepare(messages)
+        fixed, probe = self._fixed()
+        prepared = self._repeats(messages)  # each request is built by the thread that sends it: no wait
         n = len(messages)
         workers = min(self.concurrency, n)
         reused = _IDLE.take(host, port, tls, workers - 1)
@@ -454,9 +471,10 @@ class KannelGateway(SmsGateway):
                     if i >= n:
                         done = True
                         return
-                    req, m = prepared[i], messages[i]
-                    if isinstance(req, int):  # duplicate reference: filled in below
+                    m = messages[i]
+                    if prepared[i] is not None:  # duplicate reference: filled in below
                         continue
+                    req = self._request(m, fixed)
                     if isinstance(req, SubmitResult):
                         results[i] = req
                         stream.done(req)
@@ -556,7 +574,7 @@ class KannelGateway(SmsGateway):
         this while it claims its first batch), ``CONNECT_BURST`` at a time: each one carries a probe
         (no receiver: nothing can be sent) so smsbox has accepted it before the next opens."""
         host, port, tls, _path = self._target()
-        _prepared, probe = self._prepare([])
+        _fixed, probe = self._fixed()
         todo = itertools.count()
         ready: list[_Connection] = []
         lock = threading.Lock()

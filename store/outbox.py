@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import text
 
-from store.db import executemany, is_postgres, utcnow
+from store.db import is_postgres, utcnow
 
 
 def unsent_count(engine, campaign_id: int) -> int:
@@ -41,6 +41,10 @@ def release_unsent(engine, ids: list[int], claimer: str) -> None:
                           "AND claimed_by = :w"), {"now": utcnow(), "w": claimer})
 
 
+_PG_ARRAY = {"submitted_at": "timestamp[]", "final_at": "timestamp[]", "updated_at": "timestamp[]",
+             "claim_expires_at": "timestamp[]", "queued_at": "timestamp[]"}  # the rest: text
+
+
 def update_if_queued(conn, rows: list[tuple], set_clause: str) -> None:
     """Apply ``SET set_clause`` (qmark style) to each row's id, only while it is still 'queued':
     states only move forward, and a receipt that arrived first is never overwritten.
@@ -52,12 +56,22 @@ def update_if_queued(conn, rows: list[tuple], set_clause: str) -> None:
     with the same value in every row (state, timestamps) is bound once, not per row."""
     if not rows:
         return
-    if is_postgres(conn):
-        executemany(conn, f"UPDATE outbox SET {set_clause} WHERE id = ? AND state = 'queued'", rows)
-        return
     cols = [c.split("=")[0].strip() for c in set_clause.split(",")]
     first = rows[0]
     same = [all(r[j] == first[j] for r in rows) for j in range(len(cols))]
+    if is_postgres(conn):
+        # one statement: the varying columns as arrays, unnested side by side (per-row UPDATEs cost the
+        # server a statement each, competing for the CPU with the send they record)
+        varying = [j for j in range(len(cols)) if not same[j]]
+        sets = ", ".join(f"{c} = %s" if same[j] else f"{c} = v.c{j}" for j, c in enumerate(cols))
+        src = ", ".join([f"unnest(%s::{_PG_ARRAY.get(cols[j], 'text[]')}) AS c{j}" for j in varying]
+                        + ["unnest(%s::bigint[]) AS id"])
+        params = ([first[j] for j in range(len(cols)) if same[j]] + [[r[j] for r in rows] for j in varying]
+                  + [[int(r[-1]) for r in rows]])
+        with conn.connection.driver_connection.cursor() as cur:
+            cur.execute(f"UPDATE outbox SET {sets} FROM (SELECT {src}) AS v WHERE outbox.id = v.id "
+                        "AND outbox.state = 'queued'", params)
+        return
     varying = [j for j in range(len(cols)) if not same[j]] + [len(cols)]  # the id comes last
     sets = ", ".join(f"{c} = ?" if same[j] else f"{c} = v.column{varying.index(j) + 1}" for j, c in enumerate(cols))
     consts = [_sqlite_param(first[j]) for j in range(len(cols)) if same[j]]

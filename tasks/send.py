@@ -271,15 +271,23 @@ class _Batch:
 
     @classmethod
     def from_frame(cls, df: pd.DataFrame) -> "_Batch":
-        msgs = [OutgoingMessage(k, p, t, e, int(s))
-                for k, p, t, e, s in zip(df["idempotency_key"], df["phone_e164"], df["text"], df["encoding"], df["segments"])]
-        contacts = frozenset(int(c) for c in df["contact_id"] if c is not None and c == c)
-        return cls(msgs, dict(zip(df["idempotency_key"], df["id"].astype(int))),
-                   dict(zip(df["idempotency_key"], df["attempts"].astype(int))), contacts,
+        keys = df["idempotency_key"].tolist()  # columns as lists first: iterating Arrow-backed text is slow
+        msgs = [OutgoingMessage(k, p, t, e, int(s)) for k, p, t, e, s in zip(
+            keys, df["phone_e164"].tolist(), df["text"].tolist(), df["encoding"].tolist(), df["segments"].tolist())]
+        contacts = frozenset(int(c) for c in df["contact_id"].tolist() if c is not None and c == c)
+        return cls(msgs, dict(zip(keys, df["id"].astype(int).tolist())),
+                   dict(zip(keys, df["attempts"].astype(int).tolist())), contacts,
                    df.attrs.get("claimed_at", time.monotonic()))
 
     def ids(self, msgs: list[OutgoingMessage]) -> list[int]:
         return [self.ids_by_ref[m.reference] for m in msgs]
+
+
+def _claim_batch(*args, **kw) -> tuple[pd.DataFrame, "_Batch | None"]:
+    """:func:`claim`, and the claimed messages made ready to submit, in the store thread: the sending
+    thread only takes them."""
+    df = claim(*args, **kw)
+    return df, (_Batch.from_frame(df) if not df.empty else None)
 
 
 def _resolved(value) -> Future:
@@ -395,7 +403,7 @@ class _SendLoop:
         limit = min(self.gateway.batch_size, per_claim, self.max_messages - self.taken)
         if limit <= 0:
             return None
-        return self.store.submit(claim, self.engine, self.campaign_id, limit, self.claimer, self.lease_s,
+        return self.store.submit(_claim_batch, self.engine, self.campaign_id, limit, self.claimer, self.lease_s,
                                  now=self.now, skip_contacts=skip_contacts)
 
     def _take(self, fut: Future | None) -> _Batch | None:
@@ -404,7 +412,7 @@ class _SendLoop:
         while fut is not None:
             if fut is self.ahead:
                 self.ahead = None
-            df = fut.result()
+            df, batch = fut.result()
             blocked = df.attrs.get("policy_blocked", 0)
             self.stats.policy_blocked += blocked
             for rule, n in df.attrs.get("policy", {}).items():
@@ -416,8 +424,8 @@ class _SendLoop:
                 continue
             self.stats.claimed += len(df) + blocked
             self.taken += len(df) + blocked
-            if not df.empty:
-                return _Batch.from_frame(df)
+            if batch is not None:
+                return batch
             fut = self._launch_claim()
         return None
 
@@ -474,14 +482,14 @@ class _SendLoop:
             self.unsent = None
             release_unsent(self.engine, rest, self.claimer)
             raise
-        ahead = self.ahead.result() if self.ahead is not None else None
+        ahead = self.ahead.result()[0] if self.ahead is not None else None
         ahead_ids = [int(x) for x in ahead["id"]] if ahead is not None and not ahead.empty else []
         mine = renew_lease(self.engine, rest + ahead_ids, self.claimer, self.lease_s)
         batch.claimed_at = time.monotonic()
         if ahead_ids:
             kept = ahead[ahead["id"].astype(int).isin(mine)].reset_index(drop=True)
             kept.attrs = dict(ahead.attrs, lost=len(ahead) - len(kept))
-            self.ahead = _resolved(kept)
+            self.ahead = _resolved((kept, _Batch.from_frame(kept) if not kept.empty else None))
         return msgs[:i] + [m for m in msgs[i:] if batch.ids_by_ref[m.reference] in mine]
 
     # ------------------------------------------------------------------ stopping
@@ -509,7 +517,7 @@ class _SendLoop:
             ids += batch.ids(never)
         if self.ahead is not None:
             try:
-                df = self.ahead.result()
+                df, _batch = self.ahead.result()
                 ids += [int(x) for x in df["id"]]
             except Exception:  # noqa: BLE001 - the claim itself failed: nothing was claimed
                 pass

@@ -210,6 +210,7 @@ def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = C
             f"AND (send_after IS NULL OR send_after <= :now) {skip}ORDER BY id LIMIT :n{lock}) "
             "RETURNING id, idempotency_key, contact_id, phone_e164, text, encoding, segments, attempts, variant",
             {"now": naive, "wall": wall, "who": claimer, "exp": expires, "c": campaign_id, "n": int(limit)},
+            objects=True,  # plain Python values: no Arrow round trip for what is only iterated
         )
         claimed.attrs["skipped_contacts"] = bool(skip_contacts)
         if claimed.empty:

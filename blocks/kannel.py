@@ -415,14 +415,6 @@ class KannelGateway(SmsGateway):
             out.append(first if first != i else None)
         return out
 
-    def _prepare(self, messages: list[OutgoingMessage]) -> tuple[list[bytes | SubmitResult | int], bytes]:
-        """One entry per message: the request bytes, a result decided without sending, or the
-        index of an earlier message with the same reference. Plus the probe request. (``submit``
-        builds each request in the thread that sends it.)"""
-        fixed, probe = self._fixed()
-        return [r if r is not None else self._request(m, fixed)
-                for m, r in zip(messages, self._repeats(messages))], probe
-
     @staticmethod
     def _result(m: OutgoingMessage, status: int, body: str) -> SubmitResult:
         text = body.strip()

@@ -535,6 +535,16 @@ def _fetch_raw(conn: Connection, sql: str, params: dict[str, Any] | None) -> tup
         res.close()
 
 
+def read_chunks(conn: Connection, sql: str, params: dict[str, Any] | None = None, size: int = 100_000):
+    """A query's rows in lists of at most ``size`` tuples, from a server-side cursor on PostgreSQL (memory
+    bounded by one chunk, whatever the table's size)."""
+    from sqlalchemy import text
+
+    result = conn.execution_options(stream_results=True, max_row_buffer=size).execute(text(sql), params or {})
+    for part in result.partitions(size):
+        yield [tuple(r) for r in part]
+
+
 def read_columns(conn: Connection, sql: str, params: dict[str, Any] | None = None) -> dict[str, list]:
     """A query as plain Python lists, one per column (no DataFrame at all: the cheapest read for code
     that only walks the values)."""

@@ -8,11 +8,9 @@ import pandas as pd
 from sqlalchemy import bindparam, text
 
 from smsflow.duplicates import find_duplicates
-from store.db import bulk_update, read_columns
+from store.db import bulk_update, read_chunks, read_columns
 
 __all__ = ["dedup_source"]
-
-_CHUNK = 100_000
 
 
 def dedup_source(engine, source: str) -> int:
@@ -26,10 +24,8 @@ def dedup_source(engine, source: str) -> int:
     compares the numbers. (10M numbers read whole as text held ~1.5 GB.)"""
     with engine.begin() as conn:
         id_parts, hash_parts = [], []
-        result = conn.execution_options(stream_results=True, max_row_buffer=_CHUNK).execute(
-            text("SELECT id, phone_e164 FROM contacts WHERE source = :s AND status IN ('valid', 'duplicate') "
-                 "AND phone_e164 IS NOT NULL"), {"s": source})
-        for part in result.partitions(_CHUNK):
+        for part in read_chunks(conn, "SELECT id, phone_e164 FROM contacts WHERE source = :s "
+                                "AND status IN ('valid', 'duplicate') AND phone_e164 IS NOT NULL", {"s": source}):
             id_parts.append(np.fromiter((r[0] for r in part), dtype=np.int64, count=len(part)))
             hash_parts.append(pd.util.hash_array(np.array([r[1] for r in part], dtype=object), categorize=False))
         current = read_columns(conn, "SELECT id FROM contacts WHERE source = :s AND status = 'duplicate'", {"s": source})["id"]

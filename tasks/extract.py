@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from blocks.crm import CONTACT_COLUMNS, CrmSource
-from store.db import Columns, bulk_insert, json_text, refresh_statistics, utcnow
+from store.db import Columns, bulk_insert, json_text, read_chunks, refresh_statistics, utcnow
 from store.quarantine import write_quarantine
 from smsflow.values import truthy
 from smsflow.keyflags import KeyFlags
@@ -633,9 +633,7 @@ def _known_consent(conn: Connection, source: str, chunk: int = 100_000) -> KeyFl
     """The consent of every contact of the source in the store, by CRM id, read in chunks (a compact map:
     10M CRM ids as a dict held ~1 GB for the whole extract)."""
     known = KeyFlags()
-    result = conn.execution_options(stream_results=True, max_row_buffer=chunk).execute(
-        text("SELECT crm_id, sms_consent FROM contacts WHERE source = :s"), {"s": source})
-    for part in result.partitions(chunk):
+    for part in read_chunks(conn, "SELECT crm_id, sms_consent FROM contacts WHERE source = :s", {"s": source}, chunk):
         known.set([r[0] for r in part], [bool(r[1]) for r in part])
     return known
 

@@ -272,7 +272,7 @@ class _Batch:
 
     @classmethod
     def from_frame(cls, df: pd.DataFrame) -> "_Batch":
-        keys = df["idempotency_key"].tolist()  # columns as lists first: iterating Arrow-backed text is slow
+        keys = df["idempotency_key"].tolist()  # columns as lists first: cheaper than iterating Series
         msgs = [OutgoingMessage(k, p, t, e, int(s)) for k, p, t, e, s in zip(
             keys, df["phone_e164"].tolist(), df["text"].tolist(), df["encoding"].tolist(), df["segments"].tolist())]
         contacts = frozenset(int(c) for c in df["contact_id"].tolist() if c is not None and c == c)

@@ -19,7 +19,7 @@ from sqlalchemy import bindparam, text
 from smsflow.keyflags import KeyFlags
 from smsflow.phones import normalize_phones_parallel
 from smsflow.privacy import phone_hash
-from store.db import bulk_update, executemany, get_engine, is_postgres, read_frame, utcnow
+from store.db import bulk_update, executemany, get_engine, is_postgres, read_chunks, read_frame, utcnow
 from store.quarantine import write_quarantine
 from tasks.dedup import dedup_source
 from tasks.erasure import suppressed_hashes
@@ -129,9 +129,8 @@ class BatchValidation:
     def start(cls, conn, source: str) -> "BatchValidation":
 
         keys = KeyFlags()
-        result = conn.execution_options(stream_results=True, max_row_buffer=100_000).execute(
-            text("SELECT row_key FROM quarantine WHERE step = 'validate' AND source = :s"), {"s": source})
-        for part in result.partitions(100_000):
+        for part in read_chunks(conn, "SELECT row_key FROM quarantine WHERE step = 'validate' AND source = :s",
+                                {"s": source}):
             keys.set([r[0] for r in part], [True] * len(part))
         return cls(source, suppressed_hashes(conn), keys)
 
@@ -142,8 +141,8 @@ class BatchValidation:
         bad = [i for i, c in enumerate(verdicts.codes) if c != "ok"]
         if len(self.quarantined):  # contacts quarantined before whose phone is fine now (usually none)
             ok = [crm[i] for i, c in enumerate(verdicts.codes) if c == "ok"]
-            known, flagged = self.quarantined.get(ok)
-            fixed = [k for k, f in zip(ok, (known & flagged).tolist()) if f]
+            flagged = self.quarantined.get(ok)[1]  # an id never set reads as not flagged
+            fixed = [k for k, f in zip(ok, flagged.tolist()) if f]
             if fixed:
                 executemany(conn, "DELETE FROM quarantine WHERE step = 'validate' AND source = ? AND row_key = ?",
                             [(self.source, k) for k in fixed])

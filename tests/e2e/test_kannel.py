@@ -481,8 +481,8 @@ def test_parse_dlr_variants():
 
 def test_dlr_url_is_one_encoded_value():
     gw = KannelGateway(password="s3cret", dlr_url="http://h:1/cb", sender="Shop")
-    prepared, probe = gw._prepare([OutgoingMessage("a&b %d", "+79160000001", "Hi & bye 100%")])
-    req = prepared[0].decode()
+    fixed, probe = gw._fixed()
+    req = gw._request(OutgoingMessage("a&b %d", "+79160000001", "Hi & bye 100%"), fixed).decode()
     query = req.split(" ")[1].split("?", 1)[1]
     params = dict(kv.split("=", 1) for kv in query.split("&"))  # no '&' leaks out of any value
     assert unquote(params["text"]) == "Hi & bye 100%" and unquote(params["from"]) == "Shop"

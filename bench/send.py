@@ -323,6 +323,55 @@ def run_raw(stack: Stack, requests: list[bytes], concurrency: int) -> tuple[int,
     return ok[0], bad, time.perf_counter() - t0
 
 
+class CpuByProcess:
+    """CPU seconds (user + sys) each kind of process on this machine spent between two snapshots: where the
+    two cores went during a phase (this bench process, PostgreSQL, Kannel, the simulator, the callback service)."""
+
+    KINDS = (("create_app", "service"), ("smsflow serve", "service"), ("postgres:", "PostgreSQL"),
+             ("bearerbox", "Kannel"), ("smsbox", "Kannel"), ("smsc_sim", "simulator"))
+
+    @classmethod
+    def kind(cls, proc) -> str:
+        if proc.pid == os.getpid():
+            return "bench"
+        try:
+            text = " ".join(proc.cmdline()) or proc.name()
+        except Exception:  # noqa: BLE001 - gone or not ours
+            return "other"
+        for needle, kind in cls.KINDS:
+            if needle in text:
+                return kind
+        return "other"
+
+    @staticmethod
+    def snapshot() -> dict[int, tuple[str, float]]:
+        import psutil
+
+        out = {}
+        for proc in psutil.process_iter():
+            try:
+                t = proc.cpu_times()
+                out[proc.pid] = (CpuByProcess.kind(proc), t.user + t.system)
+            except Exception:  # noqa: BLE001 - exited meanwhile
+                continue
+        return out
+
+    @staticmethod
+    def between(before: dict, after: dict) -> dict[str, float]:
+        by: dict[str, float] = {}
+        for pid, (kind, cpu) in after.items():
+            used = cpu - (before[pid][1] if pid in before else 0.0)
+            by[kind] = by.get(kind, 0.0) + max(0.0, used)
+        return by
+
+    @staticmethod
+    def line(by: dict[str, float], seconds: float, n: int) -> str:
+        total = sum(by.values())
+        parts = " | ".join(f"{k} {v:.2f}" for k, v in sorted(by.items(), key=lambda kv: -kv[1]) if v >= 0.005)
+        return (f"CPU s by process: {parts} | all {total:.2f} s = {total / seconds:.2f} cores busy, "
+                f"{total / max(1, n) * 1e6:.0f} us/msg")
+
+
 # --------------------------------------------------------------------------- store helpers
 def seed_campaign(engine, name: str, n: int, ucs2: bool) -> int:
     from sqlalchemy import text
@@ -636,6 +685,9 @@ def main() -> int:
                     help="KannelGateway.batch_size for (b) (default: the gateway's default, 2000)")
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="sys.setswitchinterval for this process (default Python's 0.005 s; diagnostic)")
+    ap.add_argument("--gateway-alone", action="store_true",
+                    help="(g) every round: KannelGateway.submit of N ready messages in batch_size calls, no store "
+                         "(the gateway's own cost against (a); diagnostic)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, store)")
     ap.add_argument("--database-url", default=None,
                     help="PostgreSQL server for the store (a new database for the run, dropped after); default: SQLite")
@@ -675,7 +727,7 @@ def main() -> int:
                            sender_id="SMSFLOW", timeout_s=10, concurrency=conc,
                            **({"batch_size": a.batch_size} if a.batch_size else {}))
         R: dict[str, list[float]] = {k: [] for k in ("raw", "raw_e2e", "null", "null_us", "send", "e2e", "ratio", "book",
-                                                     "smpp", "smpp_vs_b", "smpp_rcpt")}
+                                                     "smpp", "smpp_vs_b", "smpp_rcpt", "alone")}
         smpp_gw = None
         if a.smpp:
             smpp_gw, why = smpp_gateway(stack, tmp, a.receipt_timeout)
@@ -689,11 +741,14 @@ def main() -> int:
             reqs = raw_requests(stack, service.url, a.n, run, a.ucs2)
             log(f"round {rnd} (a) raw client: {a.n} requests, {conc} keep-alive connections")
             t_raw0 = time.perf_counter()
+            cpu0 = CpuByProcess.snapshot()
             ok, bad, t_raw = run_raw(stack, reqs, conc)
+            cpu_raw = CpuByProcess.between(cpu0, CpuByProcess.snapshot())
             raw_rate = ok / t_raw
             print(f"(a) raw keep-alive client : {ok}/{a.n} accepted in {t_raw:.2f} s -> {raw_rate:,.0f} msg/s")
             if bad:
                 print(f"    not accepted: {len(bad)}, first: {bad[:3]}")
+            print("    " + CpuByProcess.line(cpu_raw, t_raw, a.n))
             try:
                 wait_for(lambda: final_receipts(engine, "bench-raw", run) >= ok, "raw receipts", a.receipt_timeout, 0.2)
                 raw_e2e = time.perf_counter() - t_raw0
@@ -706,6 +761,28 @@ def main() -> int:
             R["raw"].append(raw_rate)
             if raw_e2e:
                 R["raw_e2e"].append(ok / raw_e2e)
+
+            if a.gateway_alone:  # (g) the gateway alone: the same messages, no claim, no record
+                from blocks.gateway import OutgoingMessage
+
+                msgs = [OutgoingMessage(f"g{rnd}-{run}-{i}", phone_for(i), text_for(i, f"g{rnd}-{i}", a.ucs2),
+                                        "UCS-2" if a.ucs2 else "GSM-7", 1) for i in range(a.n)]
+                cpu0 = CpuByProcess.snapshot()
+                t_g0 = time.perf_counter()
+                acc = 0
+                for k in range(0, a.n, gw.batch_size):
+                    acc += sum(r.accepted for r in gw.submit(msgs[k : k + gw.batch_size]))
+                t_g = time.perf_counter() - t_g0
+                cpu_g = CpuByProcess.between(cpu0, CpuByProcess.snapshot())
+                print(f"(g) KannelGateway.submit alone: {acc}/{a.n} accepted in {t_g:.2f} s -> {acc / t_g:,.0f} msg/s "
+                      f"= {acc / t_g / raw_rate * 100:.0f}% of (a)")
+                print("    " + CpuByProcess.line(cpu_g, t_g, a.n))
+                try:
+                    wait_for(lambda: final_receipts(engine, gw.gateway_name, f"g{rnd}-{run}-") >= acc, "(g) receipts",
+                             a.receipt_timeout, 0.2)
+                except TimeoutError:
+                    print("    (g) receipts not all stored in time")
+                R["alone"].append(acc / t_g / raw_rate)
 
             # (b0) bookkeeping alone: the same send_messages through a no-op gateway (no receipt traffic)
             cid0 = seed_campaign(engine, f"bench-send-null-{rnd}", a.n, a.ucs2)
@@ -722,7 +799,9 @@ def main() -> int:
             log(f"round {rnd} (b) send_messages: {a.n} outbox rows, batch_size={gw.batch_size}, TokenBucket(100_000)")
             t_start = time.perf_counter()
             lw0 = lockwait.snapshot()
+            cpu0 = CpuByProcess.snapshot()
             stats, t_send, bd = project_send(engine, cid, gw, a.n)
+            cpu_send = CpuByProcess.between(cpu0, CpuByProcess.snapshot())
             lw1 = lockwait.snapshot()
             send_rate = stats.submitted / t_send
             done, st, passes = wait_reconciled(engine, cid, a.n, a.receipt_timeout)
@@ -737,6 +816,7 @@ def main() -> int:
             print(f"    breakdown (main thread): gateway.submit {bd.t['submit']:.3f} s ({bd.n['submit']} calls; raw took "
                   f"{t_raw:.3f} s for as many) | bucket {bd.t['bucket']:.3f} s | waiting for the store thread {wait:.3f} s "
                   f"({book * 100:.0f}% of the send time)")
+            print("    " + CpuByProcess.line(cpu_send, t_send, a.n))
             print(f"    store thread, overlapped with the submits: claim {bd.t['claim']:.3f} s ({bd.n['claim']} calls) | "
                   f"record_results {bd.t['record']:.3f} s ({bd.n['record']} calls)")
             print(f"    SQLite write lock (BEGIN IMMEDIATE) during the send: sender waited {lw1[0]['sender'] - lw0[0]['sender']:.3f} s "

@@ -42,6 +42,7 @@ __all__ = [
     "PHONE_STATUSES",
     "SMS_CAPABLE_TYPES",
     "PhoneClassifier",
+    "fast_path_mobiles",
     "normalize_phones",
     "normalize_phones_parallel",
 ]
@@ -298,6 +299,8 @@ def _build_fast_path() -> tuple[_FastPath | None, str]:
 _FAST, FAST_PATH_DISABLED_REASON = _build_fast_path()
 #: True when the vectorised RU-mobile fast path is active.
 FAST_PATH_ENABLED: bool = _FAST is not None
+#: The country calling code of the fast path's numbers (7), None when it is off.
+FAST_PATH_COUNTRY_CODE: int | None = int(_FAST.country_code) if _FAST is not None else None
 
 
 def _as_text(raw: pd.Series) -> pd.Series:
@@ -402,6 +405,24 @@ def _fast_path(cleaned: pd.Series, default_region: str | None) -> tuple[np.ndarr
     for pat in spec.excluded:
         narrow(pat, full=True, want=False)
     return idx[ok], sub.to_numpy(dtype=object)[ok]
+
+
+def fast_path_mobiles(numbers: Sequence[str | None]) -> np.ndarray:
+    """For each string, whether phonenumbers provably parses it (with no default region) as a
+    mobile number of the fast path's region (``+7`` RU): the same vectorised proof as
+    :func:`normalize_phones`, without calling phonenumbers. False for anything else (which may
+    still be a mobile: the caller asks phonenumbers about those)."""
+    out = np.zeros(len(numbers), dtype=bool)
+    if _FAST is None or not len(numbers):
+        return out
+    text = pd.Series(list(numbers), dtype=object).astype("str")
+    simple = (text.str.fullmatch(_SIMPLE_RE).to_numpy(dtype=bool, na_value=False)
+              & (text.str.len() <= _MAX_INPUT_LEN).to_numpy(dtype=bool, na_value=False))
+    if simple.any():
+        idx = np.flatnonzero(simple)
+        pos, _nsn = _fast_path(text.iloc[idx].reset_index(drop=True), None)
+        out[idx[pos]] = True
+    return out
 
 
 # ---------------------------------------------------------------------------

@@ -127,11 +127,58 @@ def zone_from_number(e164: str | None) -> str | None:
     return zones[0] if len(zones) == 1 else None
 
 
-def resolve_timezone(crm_tz: str | None, e164: str | None, default: str) -> tuple[str, str]:
-    """(zone, where it came from: crm | number | default)."""
+@lru_cache(maxsize=1)
+def _fast_path_mobile_zone() -> tuple[bool, str | None]:
+    """(usable, zone) for every number on ``smsflow.phones``' fast path (mobiles of its one country code).
+    phonenumbers gives a mobile number the zones of its country code unless that country's mobiles are
+    geographical, so all of them get the answer of any one of them; not usable otherwise."""
+    import phonenumbers
+    from phonenumbers import PhoneNumberType
+
+    from smsflow.phones import FAST_PATH_COUNTRY_CODE, fast_path_mobiles
+
+    cc = FAST_PATH_COUNTRY_CODE
+    if cc is None or phonenumbers.is_number_type_geographical(PhoneNumberType.MOBILE, cc):
+        return False, None
+    sample = f"+{cc}9161234567"
+    if not fast_path_mobiles([sample])[0]:
+        return False, None
+    return True, zone_from_number.__wrapped__(sample)
+
+
+def zones_from_numbers(numbers: Sequence[str | None]) -> list[str | None]:
+    """``zone_from_number`` of each number, the same answers: the mobiles of ``smsflow.phones``' fast
+    path (RU) are recognised at once (vectorised, no phonenumbers call: all share one answer), the
+    rest go to ``zone_from_number``."""
+    out: list[str | None] = [None] * len(numbers)
+    usable, mobile_zone = _fast_path_mobile_zone()
+    fast = None
+    if usable and len(numbers) > 1:
+        from smsflow.phones import fast_path_mobiles
+
+        fast = fast_path_mobiles(numbers)
+    for i, e164 in enumerate(numbers):
+        out[i] = mobile_zone if fast is not None and fast[i] else zone_from_number(e164)
+    return out
+
+
+def by_number_zone(numbers: Sequence[str | None], crm_zones: Sequence[str | None]) -> list[str | None | Literal[False]]:
+    """For ``decide(number_zone=...)``: each number's zone where the CRM's zone is not valid (found
+    at once by ``zones_from_numbers``), False (not needed) where it is."""
+    need = [i for i, z in enumerate(crm_zones) if not valid_zone(z)]
+    out: list[str | None | Literal[False]] = [False] * len(numbers)
+    for i, z in zip(need, zones_from_numbers([numbers[i] for i in need])):
+        out[i] = z
+    return out
+
+
+def resolve_timezone(crm_tz: str | None, e164: str | None, default: str, *,
+                     number_zone: str | None | Literal[False] = False) -> tuple[str, str]:
+    """(zone, where it came from: crm | number | default). ``number_zone``: the number's zone when the
+    caller already knows it (``zones_from_numbers``), else it is looked up here."""
     if valid_zone(crm_tz):
         return crm_tz.strip(), "crm"
-    z = zone_from_number(e164)
+    z = zone_from_number(e164) if number_zone is False else number_zone
     if z and valid_zone(z):
         return z, "number"
     return default, "default"
@@ -246,6 +293,12 @@ class Decision(BaseModel):
     timezone: str = ""
 
 
+def days_matter(window: SendWindow) -> bool:
+    """Whether the window excludes any day (a weekday or a holiday): only then does a contact's
+    agreement to messages on days off change anything."""
+    return window.skip_holidays or len(window.days) < 7
+
+
 def decide(
     *,
     now: datetime,
@@ -259,11 +312,17 @@ def decide(
     agreed_days_off: bool = False,
     history: Iterable[tuple[datetime, str]] = (),
     ends_at: datetime | None = None,
+    number_zone: str | None | Literal[False] = False,
+    moments: dict | None = None,
 ) -> Decision:
-    """Send now, defer to a later moment, hold back (never for this campaign), or expire."""
+    """Send now, defer to a later moment, hold back (never for this campaign), or expire.
+
+    For many decisions at the same ``now`` (a claimed batch, a preview): ``number_zone`` is the
+    number's zone found beforehand (``zones_from_numbers``), and ``moments`` a dict the caller keeps
+    for that ``now`` only, where each (zone, window, agreement) send moment is computed once."""
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
-    tz_name, _ = resolve_timezone(crm_tz, e164, policy.default_timezone)
+    tz_name, _ = resolve_timezone(crm_tz, e164, policy.default_timezone, number_zone=number_zone)
     if suppressed:
         return Decision(action="hold", rule="suppressed", timezone=tz_name)
     if kind == "marketing" or policy.transactional_respects_opt_out:
@@ -271,9 +330,16 @@ def decide(
             return Decision(action="hold", rule="opted_out", timezone=tz_name)
     if (kind == "marketing" or policy.transactional_requires_consent) and not consent:
         return Decision(action="hold", rule="no_consent", timezone=tz_name)
-    at, rule = next_allowed(now, tz_name, policy.window_for(kind), policy.holiday_country, agreed_days_off)
-    hist = list(history)
-    cap_until, cap_rule = cap_defer(at, hist, kind, policy)
+    window = policy.window_for(kind)
+    if moments is None:
+        at, rule = next_allowed(now, tz_name, window, policy.holiday_country, agreed_days_off)
+    else:
+        key = (tz_name, id(window), policy.holiday_country, agreed_days_off)
+        found = moments.get(key)
+        if found is None or found[0] is not window:  # the window object is kept: its id is never reused meanwhile
+            found = moments[key] = (window, *next_allowed(now, tz_name, window, policy.holiday_country, agreed_days_off))
+        at, rule = found[1], found[2]
+    cap_until, cap_rule = cap_defer(at, list(history), kind, policy) if policy.caps else (None, "")
     if cap_until is not None:
         # a capped contact is held back for this message (the cap protects them from the campaign)
         return Decision(action="hold", rule=cap_rule, timezone=tz_name)
@@ -357,22 +423,27 @@ def enforce_at_claim(conn, campaign_id: int, claimed, now: datetime) -> tuple[li
     send: list[int] = []
     counts: dict[str, int] = {}
     held, expired, deferred = [], [], []
-    variants = claimed["variant"] if "variant" in claimed else [None] * len(ids)
-    for oid, cid, phone, variant in zip(ids, claimed["contact_id"], claimed["phone_e164"], variants):
+    variants = claimed["variant"].tolist() if "variant" in claimed else [None] * len(ids)
+    cids = [int(c) if c is not None and c == c else None for c in claimed["contact_id"].tolist()]
+    found = [contacts.get(c) if c is not None else None for c in cids]
+    phones_all = claimed["phone_e164"].tolist()
+    number_zones = by_number_zone(phones_all, [c[2] if c is not None else None for c in found])
+    moments: dict = {}  # send moments at this ``now``, computed once per (zone, window, agreement)
+    for oid, cid, c, phone, variant, number_zone in zip(ids, cids, found, phones_all, variants, number_zones):
         pol = by_variant.get(variant, policy)
-        c = contacts.get(int(cid)) if cid is not None and cid == cid else None
         if c is None and kind == "marketing":
             d = Decision(action="hold", rule="no_contact")
         else:
             consent, opted_out_at, crm_tz, attrs = c if c is not None else (False, None, None, None)
-            agreed = agreed_to_days_off(attrs, pol)
+            agreed = agreed_to_days_off(attrs, pol) if days_matter(pol.window_for(kind)) else False
             d = decide(now=now, kind=kind, policy=pol, consent=bool(consent), opted_out=opted_out_at is not None,
                        suppressed=phone in suppressed, crm_tz=crm_tz, e164=phone, agreed_days_off=agreed,
-                       history=history.get(int(cid), []) if c is not None else [], ends_at=ends_at)
+                       history=history.get(cid, ()) if c is not None else (), ends_at=ends_at,
+                       number_zone=number_zone, moments=moments)
         if d.action == "send":
             send.append(oid)
-            if c is not None:
-                history.setdefault(int(cid), []).append((now, kind))  # a second message in this batch counts it
+            if c is not None and policy.caps:  # (A/B arms differ only in their windows)
+                history.setdefault(cid, []).append((now, kind))  # a second message in this batch counts it
             continue
         counts[d.rule] = counts.get(d.rule, 0) + 1
         if d.action == "hold":
@@ -452,12 +523,16 @@ def preview_plan(engine, campaign_id: int, now: datetime) -> list[dict]:
                 history.setdefault(int(cid), []).append((t.to_pydatetime().replace(tzinfo=UTC), k))
         suppressed = {r[0] for r in conn.execute(text("SELECT phone_hash FROM suppression_list"))}
     rows = []
-    for r in df.itertuples(index=False):
-        agreed = agreed_to_days_off(r.attributes, policy)
+    number_zones = by_number_zone(df["phone_e164"].tolist(), df["timezone"].tolist())
+    moments: dict = {}
+    days = days_matter(policy.window_for(kind))
+    for r, number_zone in zip(df.itertuples(index=False), number_zones):
+        agreed = agreed_to_days_off(r.attributes, policy) if days else False
         opted_out = r.opted_out_at is not None and r.opted_out_at == r.opted_out_at
         d = decide(now=now, kind=kind, policy=policy, consent=bool(r.sms_consent), opted_out=opted_out,
                    suppressed=bool(suppressed) and phone_hash(r.phone_e164) in suppressed, crm_tz=r.timezone,
-                   e164=r.phone_e164, agreed_days_off=agreed, history=history.get(int(r.id), []), ends_at=ends_at)
+                   e164=r.phone_e164, agreed_days_off=agreed, history=history.get(int(r.id), ()), ends_at=ends_at,
+                   number_zone=number_zone, moments=moments)
         if r.oid is None or r.oid != r.oid:  # not planned: only policy reasons can explain it here
             if d.action in ("send", "defer"):
                 d = Decision(action="hold", rule="render_error", timezone=d.timezone)

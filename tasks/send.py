@@ -42,6 +42,11 @@ log = logging.getLogger("smsflow.send")
 # that a dead holder loses after GATEWAY_LEASE_S.
 CLAIM_LEASE_S = 60.0
 CLAIM_SECONDS = 5.0
+# The first claim is small, so the first message goes out soon (that claim cannot overlap anything);
+# each later one up to RAMP times the one before: it is claimed while the previous batch is sent,
+# which takes longer than claiming RAMP times as many (a claim costs ~30 us a message, sending ~200 us)
+FIRST_CLAIM = 1000
+RAMP = 4
 GATEWAY_LEASE_S = 30.0
 # a claim's sender is alive while it holds a store lease named after its claimer (send_task holds the
 # gateway lease, holder "host:pid:<claimer>", for as long as it has claims); ``row``: the outbox alias
@@ -344,6 +349,7 @@ class _SendLoop:
         self.ahead: Future | None = None  # the claim of the next batch, not yet taken
         self.unrecorded: deque[Future] = deque()  # record jobs not yet known to have committed
         self.unsent: tuple[_Batch, list[OutgoingMessage]] | None = None  # never handed to the gateway
+        self.next_claim = FIRST_CLAIM  # grows by RAMP per claim up to the gateway's batch_size
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> SendStats:
@@ -397,13 +403,15 @@ class _SendLoop:
 
     # ------------------------------------------------------------------ store jobs
     def _launch_claim(self, skip_contacts: Collection[int] = ()) -> Future | None:
-        """Claim the next batch in the store thread: up to ``gateway.batch_size``, and no more than
+        """Claim the next batch in the store thread: up to ``gateway.batch_size`` (the first ones smaller:
+        FIRST_CLAIM, then RAMP times the one before), and no more than
         CLAIM_SECONDS of sending at the bucket's rate, so a crash leaves few messages claimed (those
         wait for their lease and, without an authoritative lookup, for evidence before they go again)."""
         per_claim = max(1, int(self.bucket.rate * CLAIM_SECONDS))
-        limit = min(self.gateway.batch_size, per_claim, self.max_messages - self.taken)
+        limit = min(self.gateway.batch_size, per_claim, self.max_messages - self.taken, self.next_claim)
         if limit <= 0:
             return None
+        self.next_claim *= RAMP
         return self.store.submit(_claim_batch, self.engine, self.campaign_id, limit, self.claimer, self.lease_s,
                                  now=self.now, skip_contacts=skip_contacts)
 

@@ -161,3 +161,50 @@ def test_bad_windows_are_refused():
         SendWindow(start=time(22), end=time(8))
     with pytest.raises(ValueError):
         ContactPolicy(default_timezone="Nowhere/Land")
+
+
+NUMBERS = ["+79161234567", "+79031112233", "+79991234567", "+74951234567", "+74232123456", "+73432123456",
+           "+77012345678", "+77172123456", "+4915112345678", "+493012345678", "+12025550123", "+442071234567",
+           "+37255512345", "+8613812345678", "+5511912345678", "+79161234567", "", None, "garbage", "+7916",
+           "+7916123456789", "79161234567", "+78001234567", "+79001234567"]
+
+
+def test_zones_for_many_numbers_are_those_of_each_number_alone():
+    """The batch lookup (RU mobiles recognised at once, without phonenumbers) gives every number the
+    answer zone_from_number gives it alone: landlines with one zone, mobiles of many-zone and of
+    one-zone countries, Kazakhstan inside +7, invalid and missing numbers."""
+    from tasks.policy import zone_from_number, zones_from_numbers
+
+    expected = [zone_from_number.__wrapped__(n) for n in NUMBERS]
+    assert zones_from_numbers(NUMBERS) == expected
+    assert "Asia/Vladivostok" in expected and "Europe/Berlin" in expected  # the cases are not all None
+
+
+def test_ru_mobiles_in_a_batch_skip_phonenumbers():
+    from tasks.policy import zone_from_number, zones_from_numbers
+
+    mobiles = [f"+7916{i:07d}" for i in range(500)]
+    zone_from_number.cache_clear()
+    zones = zones_from_numbers(mobiles)
+    assert zones == [zone_from_number.__wrapped__(mobiles[0])] * 500
+    assert zone_from_number.cache_info().currsize == 0  # none of them went through phonenumbers
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(now=clocks, window=windows, cases=st.lists(st.tuples(st.sampled_from(ZONES + [None, "Mars/Olympus"]),
+                                                            st.sampled_from(NUMBERS), st.booleans()),
+                                                  min_size=1, max_size=12))
+def test_decisions_of_a_batch_equal_decisions_one_by_one(now, window, cases):
+    """enforce_at_claim's shortcuts (number zones found beforehand, one send moment per zone,
+    window and agreement at one clock) change no decision."""
+    from tasks.policy import by_number_zone
+
+    p = ContactPolicy(marketing_window=window)
+    moments: dict = {}
+    zones = by_number_zone([c[1] for c in cases], [c[0] for c in cases])
+    for (tz, phone, agreed), number_zone in zip(cases, zones):
+        alone = decide(now=now, kind="marketing", policy=p, consent=True, opted_out=False, crm_tz=tz, e164=phone,
+                       agreed_days_off=agreed)
+        batch = decide(now=now, kind="marketing", policy=p, consent=True, opted_out=False, crm_tz=tz, e164=phone,
+                       agreed_days_off=agreed, number_zone=number_zone, moments=moments)
+        assert batch == alone

@@ -70,3 +70,33 @@ def test_send_path_never_breaks_the_policy(tmp_path_factory, contacts, clock, st
             assert sum(1 for u in times if t - timedelta(days=1) < u <= t) <= 1
             assert sum(1 for u in times if t - timedelta(days=7) < u <= t) <= 2
     engine.dispose()
+
+
+def test_claim_lifts_holidays_only_for_contacts_who_agreed(engine):
+    """On a public holiday a window that skips holidays defers everyone except the contacts whose CRM
+    attribute says they agreed (parsed only when the window excludes a day); on both stores."""
+    from tasks.send import claim
+
+    holiday = datetime(2027, 1, 1, 9, 0)  # 12:00 in Moscow, New Year's Day
+    policy = ContactPolicy()  # marketing 10:00-21:00, skips Russian holidays
+    people = [("yes", '{"sms_on_holidays": "да"}'), ("no", '{"sms_on_holidays": "no"}'), ("none", None)]
+    with engine.begin() as c:
+        bulk_insert(c, "contacts", ("source", "crm_id", "phone_e164", "sms_consent", "status", "timezone", "attributes"),
+                    [("s", crm, f"+791600000{i:02d}", True, "valid", "Europe/Moscow", attrs)
+                     for i, (crm, attrs) in enumerate(people)])
+        c.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status, "
+                       "policy) VALUES ('hol', 's', 'all', 't', 'marketing', 0, 'running', :p)"),
+                  {"p": policy.model_dump_json()})
+        cid = c.execute(text("SELECT id FROM campaigns WHERE name = 'hol'")).scalar()
+        rows = c.execute(text("SELECT id, crm_id, phone_e164 FROM contacts ORDER BY id")).fetchall()
+        bulk_insert(c, "outbox", ("idempotency_key", "campaign_id", "contact_id", "step", "phone_e164", "text", "encoding",
+                                  "segments", "cost", "state", "attempts", "planned_at", "updated_at"),
+                    [(f"h:{r[1]}", cid, r[0], "main", r[2], "hi", "GSM-7", 1, 0, "planned", 0, holiday, holiday)
+                     for r in rows])
+    got = claim(engine, cid, 10, "t", now=holiday.replace(tzinfo=UTC))
+    assert got["idempotency_key"].tolist() == ["h:yes"]
+    assert got.attrs["policy"] == {"holiday": 2}
+    with engine.begin() as c:
+        deferred = dict(c.execute(text("SELECT idempotency_key, send_after FROM outbox WHERE state = 'planned'")).fetchall())
+    assert sorted(deferred) == ["h:no", "h:none"]
+    assert all(str(v).startswith("2027-01-09 07:00") for v in deferred.values()), deferred  # after the New Year break

@@ -205,3 +205,25 @@ def test_policy_at_send_time_defers_holds_and_reports(engine, tmp_path):
     held = {(h["rule"], h["outcome"]): h["count"] for h in rep.held}
     assert held == {("quiet_hours", "deferred, then sent"): 5, ("opted_out", "held back"): 1}
     assert "Held back by contact policy" in rep.markdown()
+
+
+def test_claims_start_small_and_grow_to_the_batch_size(engine, tmp_path, monkeypatch):
+    """The first claim cannot overlap anything, so it is small; each later one (claimed while the
+    previous batch is sent) up to RAMP times larger, capped by the gateway's batch_size."""
+    import tasks.send as send_mod
+
+    monkeypatch.setattr(send_mod, "FIRST_CLAIM", 3)
+    monkeypatch.setattr(send_mod, "RAMP", 2)
+    limits: list[int] = []
+    real = send_mod.claim
+
+    def spy(engine_, campaign_id, limit, *a, **kw):
+        limits.append(limit)
+        return real(engine_, campaign_id, limit, *a, **kw)
+
+    monkeypatch.setattr(send_mod, "claim", spy)
+    cid, _ = _planned(engine, tmp_path, 30)
+    gw = _gw(tmp_path, rejected_rate=0.0, batch_size=10)
+    stats = send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="t", max_messages=10_000)
+    assert stats.submitted == 30 and set(gw.sent_count_by_reference().values()) == {1}
+    assert limits[:4] == [3, 6, 10, 10] and set(limits[4:]) == {10}, limits  # then what is left (1), then nothing

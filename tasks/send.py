@@ -44,9 +44,11 @@ CLAIM_LEASE_S = 60.0
 CLAIM_SECONDS = 5.0
 # The first claim is small, so the first message goes out soon (that claim cannot overlap anything);
 # each later one up to RAMP times the one before: it is claimed while the previous batch is sent,
-# which takes longer than claiming RAMP times as many (a claim costs ~30 us a message, sending ~200 us)
+# which must take longer than claiming RAMP times as many: a claim costs ~30 us a message when quiet and
+# up to ~130 us beside Kannel on 2 cores, sending ~200-250 us (bench/send.py: RAMP 4 left the sender
+# waiting for the store 5-17 % of the time, RAMP 2 2-11 %)
 FIRST_CLAIM = 1000
-RAMP = 4
+RAMP = 2
 GATEWAY_LEASE_S = 30.0
 # a claim's sender is alive while it holds a store lease named after its claimer (send_task holds the
 # gateway lease, holder "host:pid:<claimer>", for as long as it has claims); ``row``: the outbox alias

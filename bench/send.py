@@ -727,7 +727,7 @@ def main() -> int:
                            sender_id="SMSFLOW", timeout_s=10, concurrency=conc,
                            **({"batch_size": a.batch_size} if a.batch_size else {}))
         R: dict[str, list[float]] = {k: [] for k in ("raw", "raw_e2e", "null", "null_us", "send", "e2e", "ratio", "book",
-                                                     "smpp", "smpp_vs_b", "smpp_rcpt", "alone")}
+                                                     "smpp", "smpp_vs_b", "smpp_rcpt")}
         smpp_gw = None
         if a.smpp:
             smpp_gw, why = smpp_gateway(stack, tmp, a.receipt_timeout)
@@ -782,7 +782,6 @@ def main() -> int:
                              a.receipt_timeout, 0.2)
                 except TimeoutError:
                     print("    (g) receipts not all stored in time")
-                R["alone"].append(acc / t_g / raw_rate)
 
             # (b0) bookkeeping alone: the same send_messages through a no-op gateway (no receipt traffic)
             cid0 = seed_campaign(engine, f"bench-send-null-{rnd}", a.n, a.ucs2)

@@ -150,16 +150,12 @@ def zones_from_numbers(numbers: Sequence[str | None]) -> list[str | None]:
     """``zone_from_number`` of each number, the same answers: the mobiles of ``smsflow.phones``' fast
     path (RU) are recognised at once (vectorised, no phonenumbers call: all share one answer), the
     rest go to ``zone_from_number``."""
-    out: list[str | None] = [None] * len(numbers)
     usable, mobile_zone = _fast_path_mobile_zone()
-    fast = None
-    if usable and len(numbers) > 1:
-        from smsflow.phones import fast_path_mobiles
+    if not usable or len(numbers) < 2:
+        return [zone_from_number(e164) for e164 in numbers]
+    from smsflow.phones import fast_path_mobiles
 
-        fast = fast_path_mobiles(numbers)
-    for i, e164 in enumerate(numbers):
-        out[i] = mobile_zone if fast is not None and fast[i] else zone_from_number(e164)
-    return out
+    return [mobile_zone if fast else zone_from_number(e164) for e164, fast in zip(numbers, fast_path_mobiles(numbers))]
 
 
 def by_number_zone(numbers: Sequence[str | None], crm_zones: Sequence[str | None]) -> list[str | None | Literal[False]]:
@@ -336,7 +332,7 @@ def decide(
     else:
         key = (tz_name, id(window), policy.holiday_country, agreed_days_off)
         found = moments.get(key)
-        if found is None or found[0] is not window:  # the window object is kept: its id is never reused meanwhile
+        if found is None:  # the window is kept in the value, so its id is not reused while ``moments`` lives
             found = moments[key] = (window, *next_allowed(now, tz_name, window, policy.holiday_country, agreed_days_off))
         at, rule = found[1], found[2]
     cap_until, cap_rule = cap_defer(at, list(history), kind, policy) if policy.caps else (None, "")

@@ -174,7 +174,7 @@ class SegmentMembership(Base):
 class Outbox(Base):
     __tablename__ = "outbox"
     __table_args__ = (
-        Index("ix_outbox_campaign_state", "campaign_id", "state"),
+        Index("ix_outbox_campaign_state", "campaign_id", "state", "id"),  # the claim: ORDER BY id LIMIT n
         Index("ix_outbox_campaign_contact", "campaign_id", "contact_id"),
         Index("ix_outbox_gateway_message_id", "gateway_message_id"),
     )

@@ -83,6 +83,10 @@ class SmsGateway(Block, ABC):
     # True when submit(messages, on_results=fn) hands over results in chunks as they come (fn is
     # called from the gateway's threads, each result once, before submit returns them all)
     streams_results: ClassVar[bool] = False
+    # True when submit(messages, on_results=fn, more=next_part) also takes more messages while it runs:
+    # when the messages it has are all handed out, one of its threads calls next_part() for the next
+    # ones (an empty list: no more), so a stream of batches goes out without waiting at each batch's end
+    takes_more: ClassVar[bool] = False
 
     @property
     def gateway_name(self) -> str:

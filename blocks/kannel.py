@@ -313,6 +313,7 @@ class KannelGateway(SmsGateway):
 
     _block_type_name = "Kannel SMS Gateway"
     streams_results: ClassVar[bool] = True
+    takes_more: ClassVar[bool] = True
     _description = "Kannel sendsms HTTP interface; delivery receipts arrive at the smsflow callback service."
 
     sendsms_url: str = Field(default="http://127.0.0.1:13013/cgi-bin/sendsms", description="Kannel smsbox sendsms URL.")
@@ -432,20 +433,30 @@ class KannelGateway(SmsGateway):
 
     # ------------------------------------------------------------------ interface
     def submit(self, messages: list[OutgoingMessage],
-               on_results: Callable[[list[SubmitResult]], None] | None = None) -> list[SubmitResult]:
+               on_results: Callable[[list[SubmitResult]], None] | None = None,
+               more: Callable[[], list[OutgoingMessage]] | None = None) -> list[SubmitResult]:
         """Submit a batch; one result per message, in order. Raises ``GatewayUnavailable``
         (with nothing of the batch sent) when smsbox does not answer the probe.
 
         ``on_results``: called (from the worker threads) with chunks of results as they come, each
-        reference once, so the caller can record them while the rest of the batch is in flight."""
+        reference once, so the caller can record them while the rest of the batch is in flight.
+
+        ``more`` (only with ``on_results``): when every message is handed out, the next worker calls it
+        (one at a time, the others waiting) for more messages to send in the same call, until it returns
+        an empty list; never once Kannel stopped answering (the call ends, the next one probes). The
+        results of those messages follow (returned in order after the first ones); an exception raised
+        by ``more`` ends the call and is raised once every result has been handed to ``on_results``."""
         if not messages:
             return []
+        if more is not None and on_results is None:
+            raise ValueError("submit(more=...) needs on_results: the extra messages' results are streamed")
         t0 = time.perf_counter()
         host, port, tls, _path = self._target()
         fixed, probe = self._fixed()
+        messages = list(messages)  # grows when ``more`` gives more
         prepared = self._repeats(messages)  # each request is built by the thread that sends it: no wait
         n = len(messages)
-        workers = min(self.concurrency, n)
+        workers = self.concurrency if more is not None else min(self.concurrency, n)
         reused = _IDLE.take(host, port, tls, workers - 1)
         first = self._probe(reused, probe)
         results: list[SubmitResult | None] = [None] * n
@@ -455,13 +466,35 @@ class KannelGateway(SmsGateway):
         connecting = threading.BoundedSemaphore(CONNECT_BURST)
         stream = _ResultStream(on_results, n)
 
+        state = {"n": n, "more": more, "error": None}
+
+        def extend() -> None:
+            """Under ``lock``: ask ``more`` for the next messages (the caller's index is the first new one).
+            The results so far are handed over first: a part boundary is when the caller records."""
+            stream.flush()
+            try:
+                extra = state["more"]()
+            except BaseException as exc:  # noqa: BLE001 - raised by submit once the results are handed over
+                state["error"], extra = exc, []
+            if not extra:
+                state["more"] = None
+                return
+            base = len(messages)
+            stream.chunk = max(stream.chunk, len(extra) // 8)
+            messages.extend(extra)
+            prepared.extend(None if r is None else base + r for r in self._repeats(extra))
+            results.extend([None] * len(extra))
+            state["n"] = len(messages)
+
         def work(conn: _Connection) -> None:
             done = False
             try:
                 while True:
                     with lock:
                         i = next(counter)
-                    if i >= n:
+                        if i >= state["n"] and state["more"] is not None and not down.is_set():
+                            extend()
+                    if i >= state["n"]:
                         done = True
                         return
                     m = messages[i]
@@ -524,6 +557,7 @@ class KannelGateway(SmsGateway):
         _IDLE.give_back(host, port, tls, conns)
         stream.flush()
 
+        n = state["n"]
         for i, req in enumerate(prepared):
             if isinstance(req, int):
                 results[i] = results[req]
@@ -531,6 +565,8 @@ class KannelGateway(SmsGateway):
         if len(out) != n:  # a worker died on an unexpected error: never report fewer results
             raise RuntimeError(f"kannel submit lost track of {n - len(out)} of {n} messages")
         self._log_batch(messages, out, time.perf_counter() - t0)
+        if state["error"] is not None:
+            raise state["error"]
         return out
 
     def _probe(self, reused: list[_Connection], probe: bytes) -> _Connection:

@@ -15,6 +15,7 @@ the bookkeeping; the docstring of ``_SendLoop`` says why that keeps every guaran
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection
@@ -49,6 +50,10 @@ CLAIM_SECONDS = 5.0
 # waiting for the store 5-17 % of the time, RAMP 2 2-11 %)
 FIRST_CLAIM = 1000
 RAMP = 2
+# streaming (a gateway that takes more parts while it runs): records of result chunks that may still be
+# uncommitted when the next part is handed out (a chunk is an eighth of a part or the results so far at
+# a part boundary); more and the gateway waits for the store
+RECORDS_AHEAD = 8
 GATEWAY_LEASE_S = 30.0
 # a claim's sender is alive while it holds a store lease named after its claimer (send_task holds the
 # gateway lease, holder "host:pid:<claimer>", for as long as it has claims); ``row``: the outbox alias
@@ -276,16 +281,18 @@ class _Batch:
     attempts: dict[str, int]
     contacts: frozenset[int]
     claimed_at: float  # time.monotonic() of the claim (or of the last lease renewal)
+    contact_by_ref: dict[str, int | None] = field(default_factory=dict)
 
     @classmethod
     def from_frame(cls, df: pd.DataFrame) -> "_Batch":
         keys = df["idempotency_key"].tolist()  # columns as lists first: cheaper than iterating Series
         msgs = [OutgoingMessage(k, p, t, e, int(s)) for k, p, t, e, s in zip(
             keys, df["phone_e164"].tolist(), df["text"].tolist(), df["encoding"].tolist(), df["segments"].tolist())]
-        contacts = frozenset(int(c) for c in df["contact_id"].tolist() if c is not None and c == c)
+        contact_of = [int(c) if c is not None and c == c else None for c in df["contact_id"].tolist()]
         return cls(msgs, dict(zip(keys, df["id"].astype(int).tolist())),
-                   dict(zip(keys, df["attempts"].astype(int).tolist())), contacts,
-                   df.attrs.get("claimed_at", time.monotonic()))
+                   dict(zip(keys, df["attempts"].astype(int).tolist())),
+                   frozenset(c for c in contact_of if c is not None),
+                   df.attrs.get("claimed_at", time.monotonic()), dict(zip(keys, contact_of)))
 
     def ids(self, msgs: list[OutgoingMessage]) -> list[int]:
         return [self.ids_by_ref[m.reference] for m in msgs]
@@ -309,35 +316,40 @@ class _SendLoop:
     """The send loop, pipelined: the gateway waits for the store only for the first claim (and the
     last record), and the store work stays strictly ordered.
 
-    The main thread takes tokens and calls ``gateway.submit`` (plus the rare lease renewal and the
-    outage handling). One store thread does the claims and records of the loop, in submission
-    order (a single-worker executor is FIFO):
+    Parts (``_next_part``: up to a tenth of a second of sending at the rate, tokens taken) come from the
+    batch being sent, then from the next claimed batch. The main thread submits them; a gateway that
+    ``takes_more`` (Kannel) is handed ONE part by the main thread and asks for the next ones itself
+    (``more``) when it has handed out the last message, so the batches follow one another without
+    waiting at each batch's end for its slowest answer. One store thread does the claims and records,
+    in the order they were asked for (a single-worker executor is FIFO):
 
     * claim-ahead: while the last part of batch k is being submitted, batch k+1 is claimed
       (planned -> queued with our lease, policy checked) so it is ready when the gateway is free;
-    * record-behind: the results of part j are recorded while part j+1 is being submitted; a
-      gateway that streams its results (Kannel) has them recorded in chunks while the rest of the
-      same part is still in flight, so only the last chunk is recorded after the last submit.
+    * record-behind: results are recorded while the next ones are in flight; a gateway that streams
+      its results (Kannel) has them recorded in chunks (and at every part boundary), the rest of the
+      stream still in flight.
 
     Why this is still at most once per idempotency key, also under kill -9:
 
     * A message is submitted only from a batch this loop claimed ('queued', claimed_by us), exactly
-      once: each part is handed to ``gateway.submit`` once, and a part is resubmitted only after
+      once: each part is handed to the gateway once, and a part is handed again only after
       ``GatewayUnavailable`` (the gateway raises it before sending anything) and only while our
       lease is renewed and still ours. Claims older than half the lease are renewed before a part
-      is submitted, so a claimed-ahead batch never goes out on a lease another sender may take over.
-    * At most two parts are submitted-but-unrecorded at any moment: before part j+2 is submitted
-      every record of part j (and of the chunks streamed before) must have committed
-      (``_settle``); if one failed, nothing more is submitted. A crash leaves those parts 'queued' under our claim, exactly like a crash between
-      submit and record in the serial loop: ``recover_in_flight`` settles them (``lookup``, stored
-      receipts) before any of them can be planned again.
-    * What provably never reached the gateway (the claimed-ahead batch, the parts after the one in
-      progress) goes back to 'planned' when the loop stops on an error; a crash leaves it 'queued'
-      and recovery re-plans it (nothing was sent). Results already returned by the gateway are
-      always recorded before the loop returns or raises.
+      is handed out, so a claimed-ahead batch never goes out on a lease another sender may take over.
+    * Few results wait to be recorded: before a part is handed out, every record but the last
+      ``RECORDS_AHEAD`` (streamed chunks) has committed (``_settle``); if one failed, nothing more is
+      handed out. A crash leaves what was not recorded 'queued' under our claim, exactly like a
+      crash between submit and record in a serial loop: ``recover_in_flight`` settles them
+      (``lookup``, stored receipts) before any of them can be planned again.
+    * What provably never reached the gateway (the claimed-ahead batch, the parts not handed out)
+      goes back to 'planned' when the loop stops on an error; a crash leaves it 'queued' and recovery
+      re-plans it (nothing was sent). Results already returned by the gateway are always recorded
+      before the loop returns or raises.
     * Transitions stay guarded on 'queued' (``update_if_queued``): a receipt recorded first wins.
-    * Policy is decided at claim time; the claim-ahead skips contacts of the batch in flight,
-      whose caps could not count the message not yet recorded (see ``claim``).
+    * Policy is decided at claim time: a claim skips the contacts of the batch being sent and of every
+      message handed out whose result is not yet handed to the store thread (frequency caps count
+      what is recorded as submitted, and the store thread records, in order, everything handed to it
+      before the claim).
     """
 
     def __init__(self, engine, *, campaign_id: int, gateway: SmsGateway, bucket: TokenBucket, claimer: str,
@@ -352,17 +364,27 @@ class _SendLoop:
         self.unrecorded: deque[Future] = deque()  # record jobs not yet known to have committed
         self.unsent: tuple[_Batch, list[OutgoingMessage]] | None = None  # never handed to the gateway
         self.next_claim = FIRST_CLAIM  # grows by RAMP per claim up to the gateway's batch_size
+        self.step = max(1, int(self.bucket.rate // 10) or 1)  # messages per part
+        # the part cursor: the batch being handed out, its messages still ours, the index of the next one
+        self.batch: _Batch | None = None
+        self.msgs: list[OutgoingMessage] = []
+        self.i = 0
+        self.streaming = bool(getattr(gateway, "streams_results", False) and getattr(gateway, "takes_more", False))
+        # streaming: reference -> (outbox id, attempts, contact) of each message handed out whose result
+        # is not yet handed to the store thread; the lock makes "hand results over + queue their record"
+        # and "see what is in flight + queue a claim" atomic with respect to each other
+        self.live: dict[str, tuple[int, int, int | None]] = {}
+        self.live_lock = threading.Lock()
+        self.stopping = False
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> SendStats:
         error: BaseException | None = None
         try:
-            first = self._launch_claim()
+            self.ahead = self._launch_claim()
             self._warm_up()  # overlaps the first claim, which nothing else can
-            batch = self._take(first)
-            while batch is not None:
-                self._send(batch)
-                batch = self._take(self.ahead if self.ahead is not None else self._launch_claim())
+            while (got := self._next_part()) is not None:
+                self._send_part(*got)
         except BaseException as exc:  # noqa: BLE001 - also KeyboardInterrupt / task cancellation
             error = exc
             raise
@@ -370,30 +392,57 @@ class _SendLoop:
             self._stop(error)
         return self.stats
 
-    def _send(self, batch: _Batch) -> None:
-        """Submit one batch part by part (one token bucket acquisition per part)."""
-        step = max(1, int(self.bucket.rate // 10) or 1)
-        msgs, i = batch.msgs, 0
-        while i < len(msgs):
-            self.unsent = (batch, msgs[i:])
-            msgs = self._keep_lease(batch, msgs, i)
-            if i >= len(msgs):
-                break
-            if i + step >= len(msgs) and self.ahead is None:
-                self.ahead = self._launch_claim(batch.contacts)  # overlaps the last part's submit
-            part = msgs[i : i + step]
-            self.bucket.acquire(len(part))
-            self.unsent = (batch, msgs[i + len(part) :])  # from here on, ``part`` may have reached the gateway
-            try:
-                results = self._submit(batch, part)
-            except GatewayUnavailable as exc:
-                self.unsent = (batch, msgs[i:])  # raised before anything was sent
-                msgs = self._outage(exc, batch, msgs, i)
+    def _next_part(self) -> tuple[_Batch, list[OutgoingMessage]] | None:
+        """The next part to submit, its tokens taken: from the batch being sent, else from the next claimed
+        one; None when nothing more is due. Called by the main thread, or by a gateway thread (``more``)."""
+        while not self.stopping:
+            if self.batch is None or self.i >= len(self.msgs):
+                self.unsent, self.batch = None, None
+                batch = self._take(self.ahead if self.ahead is not None else self._claim_next())
+                if batch is None:
+                    return None
+                self.batch, self.msgs, self.i = batch, batch.msgs, 0
+            batch, i = self.batch, self.i
+            self.unsent = (batch, self.msgs[i:])
+            self.msgs = self._keep_lease(batch, self.msgs, i)
+            if i >= len(self.msgs):
                 continue
-            self.breaker.success()
-            self._record(batch, results)
-            i += step
-        self.unsent = None
+            if i + self.step >= len(self.msgs) and self.ahead is None:
+                self.ahead = self._claim_next(batch.contacts)  # overlaps the last part's submit
+            part = self.msgs[i : i + self.step]
+            self._settle(keep=RECORDS_AHEAD if self.streaming else 1)
+            if self.streaming:
+                with self.live_lock:
+                    for m in part:
+                        ref = m.reference
+                        self.live[ref] = (batch.ids_by_ref[ref], batch.attempts[ref], batch.contact_by_ref.get(ref))
+            self.bucket.acquire(len(part))
+            self.i = i + len(part)
+            self.unsent = (batch, self.msgs[self.i :])  # from here on, ``part`` may reach the gateway
+            return batch, part
+        return None
+
+    def _more(self) -> list[OutgoingMessage]:
+        """For a gateway that ``takes_more``: the next part, or [] (no more: the call ends)."""
+        got = self._next_part()
+        return got[1] if got is not None else []
+
+    def _send_part(self, batch: _Batch, part: list[OutgoingMessage]) -> None:
+        start = self.i - len(part)
+        try:
+            results = self._submit(batch, part)
+        except GatewayUnavailable as exc:
+            # raised by the probe, before anything was sent and before ``more`` was asked for anything
+            assert self.batch is batch and self.msgs[start : self.i] == part, "outage after the part was handed on"
+            with self.live_lock:
+                for m in part:
+                    self.live.pop(m.reference, None)
+            self.i = start
+            self.unsent = (batch, self.msgs[start:])
+            self.msgs = self._outage(exc, batch, self.msgs, start)
+            return
+        self.breaker.success()
+        self._record(batch, results)
 
     def _warm_up(self) -> None:
         warm_up = getattr(self.gateway, "warm_up", None)
@@ -417,6 +466,12 @@ class _SendLoop:
         return self.store.submit(_claim_batch, self.engine, self.campaign_id, limit, self.claimer, self.lease_s,
                                  now=self.now, skip_contacts=skip_contacts)
 
+    def _claim_next(self, contacts: frozenset[int] = frozenset()) -> Future | None:
+        """``_launch_claim`` skipping ``contacts`` and the contacts of every message in flight."""
+        with self.live_lock:
+            flying = {c for _id, _attempts, c in self.live.values() if c is not None}
+            return self._launch_claim(contacts | flying if flying else contacts)
+
     def _take(self, fut: Future | None) -> _Batch | None:
         """The next batch to send, None when nothing more is due (or ``max_messages`` is reached).
         A claim whose messages were all held back by the policy is followed by another claim."""
@@ -429,21 +484,28 @@ class _SendLoop:
             for rule, n in df.attrs.get("policy", {}).items():
                 self.stats.held[rule] = self.stats.held.get(rule, 0) + n
             if df.empty and not blocked and not df.attrs.get("lost"):
-                if not df.attrs.get("skipped_contacts"):
+                if not df.attrs.get("skipped_contacts") or self.live:
+                    # nothing due; or (streaming) only messages of contacts still in flight: this stream
+                    # ends, and the main thread claims them once their results are recorded
                     return None
-                fut = self._launch_claim()  # what is left may belong to the contacts skipped: claim it now
+                fut = self._claim_next()  # what is left may belong to the contacts skipped: claim it now
                 continue
             self.stats.claimed += len(df) + blocked
             self.taken += len(df) + blocked
             if batch is not None:
                 return batch
-            fut = self._launch_claim()
+            fut = self._claim_next()
         return None
 
     def _submit(self, batch: _Batch, part: list[OutgoingMessage]) -> list[SubmitResult]:
         """``gateway.submit``. A gateway that streams its results (``streams_results``) has them
-        recorded chunk by chunk while the rest of the part is still in flight; only the results not
-        recorded that way are returned (each reference is recorded once)."""
+        recorded chunk by chunk while the rest is still in flight, and one that ``takes_more`` asks for
+        the next parts itself; only the results not recorded that way are returned (each reference is
+        recorded once)."""
+        if self.streaming:
+            results = self.gateway.submit(part, on_results=self._hand_over, more=self._more)
+            with self.live_lock:
+                return [r for r in results if r.reference in self.live]
         if not getattr(self.gateway, "streams_results", False):
             return self.gateway.submit(part)
         streamed: set[str] = set()
@@ -455,6 +517,19 @@ class _SendLoop:
         results = self.gateway.submit(part, on_results=on_results)
         return [r for r in results if r.reference not in streamed]
 
+    def _hand_over(self, chunk: list[SubmitResult]) -> None:
+        """Streaming: record a chunk of results of messages handed out (from any batch); runs in the
+        gateway's threads. Each reference is recorded once (a repeat is dropped)."""
+        with self.live_lock:
+            found = [(r, self.live.pop(r.reference, None)) for r in chunk]
+            rs = [r for r, e in found if e is not None]
+            if not rs:
+                return
+            ids = {r.reference: e[0] for r, e in found if e is not None}
+            attempts = {r.reference: e[1] for r, e in found if e is not None}
+            self.unrecorded.append(self.store.submit(record_results, self.engine, ids, rs, self.max_attempts,
+                                                     attempts, self.stats, now=self.now))
+
     def _record_job(self, batch: _Batch, results: list[SubmitResult]) -> Future:
         return self.store.submit(record_results, self.engine, batch.ids_by_ref, results, self.max_attempts,
                                  batch.attempts, self.stats, now=self.now)
@@ -462,7 +537,10 @@ class _SendLoop:
     def _record(self, batch: _Batch, results: list[SubmitResult]) -> None:
         """Hand the results to the store thread; then make sure every record before it committed."""
         if results:
-            self.unrecorded.append(self._record_job(batch, results))
+            if self.streaming:
+                self._hand_over(results)
+            else:
+                self.unrecorded.append(self._record_job(batch, results))
         self._settle(keep=1)
 
     def _settle(self, keep: int) -> None:
@@ -507,6 +585,7 @@ class _SendLoop:
     def _stop(self, error: BaseException | None) -> None:
         """Record every result the gateway returned, give back what was claimed but never
         submitted, stop the store thread. The loop's own error wins over one found here."""
+        self.stopping = True  # a gateway thread still asking for more gets nothing
         first: BaseException | None = None
         try:
             while self.unrecorded:

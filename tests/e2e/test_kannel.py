@@ -432,6 +432,69 @@ def test_same_reference_twice_in_a_batch_is_sent_once():
     assert sorted(q.get("to", "") for q in fake.requests) == ["", "+79160000001", "+79160000002"]
 
 
+def test_more_takes_further_messages_into_the_same_call():
+    """``more``: when every message is handed out, the call asks for more (one caller at a time) until it
+    gets none; every message is sent once, every result is handed to ``on_results`` once and returned
+    in order, and a message of a later part may repeat an earlier reference only within its part."""
+    fake = FakeSmsbox()
+    parts = [[OutgoingMessage(f"p{k}-{i}", f"+791600{k:02d}{i:03d}", "hi") for i in range(n)]
+             for k, n in enumerate((5, 1, 40, 3))]
+    asked: list[int] = []
+    handed: list[str] = []
+    lock = threading.Lock()
+
+    def more():
+        asked.append(len(parts))
+        return parts.pop(0) if parts else []
+
+    def on_results(chunk):
+        with lock:
+            handed.extend(r.reference for r in chunk)
+
+    try:
+        gw = KannelGateway(sendsms_url=f"http://127.0.0.1:{fake.port}/cgi-bin/sendsms", password="pw", concurrency=4)
+        first = [OutgoingMessage("first-0", "+79160000001", "hi"), OutgoingMessage("first-1", "+79160000002", "hi")]
+        res = gw.submit(first, on_results=on_results, more=more)
+    finally:
+        fake.close()
+    refs = ["first-0", "first-1"] + [f"p{k}-{i}" for k, n in enumerate((5, 1, 40, 3)) for i in range(n)]
+    assert [r.reference for r in res] == refs and all(r.accepted for r in res)
+    assert sorted(handed) == sorted(refs)  # each once
+    assert asked == [4, 3, 2, 1, 0]  # until it got nothing, and not after
+    assert sorted(q["to"] for q in fake.requests if "to" in q) == sorted(
+        ["+79160000001", "+79160000002"] + [f"+791600{k:02d}{i:03d}" for k, n in enumerate((5, 1, 40, 3)) for i in range(n)])
+    assert len(fake.requests) == len(refs) + 1  # the probe, then each message exactly once
+
+
+def test_more_is_not_asked_once_smsbox_is_lost_and_its_errors_come_after_the_results():
+    fake = FakeSmsbox(stop_listening_on_silent=True)
+    asked: list[int] = []
+    try:
+        gw = KannelGateway(sendsms_url=f"http://127.0.0.1:{fake.port}/cgi-bin/sendsms", password="pw",
+                           concurrency=1, timeout_s=2)
+        msgs = [OutgoingMessage(f"m{i}", p, "hi") for i, p in enumerate(["+79160000001", "+79160000666", "+79160000002"])]
+        res = gw.submit(msgs, on_results=lambda chunk: None, more=lambda: asked.append(1) or [msgs[0]])
+    finally:
+        fake.close()
+    assert asked == []  # Kannel stopped answering: the call ends, the caller's next call probes
+    assert [r.error_code for r in res] == [None, NO_ANSWER, NOT_SENT]
+
+    fake = FakeSmsbox()
+    handed: list[str] = []
+
+    def broken():
+        raise RuntimeError("the store is gone")
+
+    try:
+        gw = KannelGateway(sendsms_url=f"http://127.0.0.1:{fake.port}/cgi-bin/sendsms", password="pw", concurrency=3)
+        msgs = [OutgoingMessage(f"e{i}", f"+7916000{i:04d}", "hi") for i in range(7)]
+        with pytest.raises(RuntimeError, match="the store is gone"):
+            gw.submit(msgs, on_results=lambda chunk: handed.extend(r.reference for r in chunk), more=broken)
+    finally:
+        fake.close()
+    assert sorted(handed) == sorted(m.reference for m in msgs)  # every result handed over before the error
+
+
 def test_smsbox_lost_mid_batch():
     """The probe is answered, then smsbox vanishes: the request written but unanswered is never
     resent (at most once); what was never written is transient (safe to retry)."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import ClassVar
 
 import pytest
 from sqlalchemy import text
@@ -227,3 +228,64 @@ def test_claims_start_small_and_grow_to_the_batch_size(engine, tmp_path, monkeyp
     stats = send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="t", max_messages=10_000)
     assert stats.submitted == 30 and set(gw.sent_count_by_reference().values()) == {1}
     assert limits[:4] == [3, 6, 10, 10] and set(limits[4:]) == {10}, limits  # then what is left (1), then nothing
+
+
+class _StreamingSandbox(SandboxGateway):
+    """A sandbox that takes more parts while it runs (as KannelGateway does), and hands a part's results
+    over only after it has taken the next part: the part before is still 'in flight' meanwhile."""
+
+    streams_results: ClassVar[bool] = True
+    takes_more: ClassVar[bool] = True
+
+    def submit(self, messages, on_results=None, more=None):
+        CALLS.append(len(messages))
+        out, part = [], list(messages)
+        while part:
+            results = super().submit(part)
+            part = more() if more is not None else []
+            on_results(results)
+            out += results
+        return out
+
+
+CALLS: list[int] = []
+
+
+def test_a_streaming_gateway_sends_every_batch_in_one_call_and_caps_see_messages_in_flight(engine, tmp_path, monkeypatch):
+    """Parts of later batches go to the running submit call (``more``), and a claim made while earlier
+    results are not yet recorded skips those contacts: with a cap of one a day, a contact's second message
+    (claimed two batches after the first) is held back, not sent; each message is sent at most once."""
+    import tasks.send as send_mod
+    from store.db import bulk_insert
+    from tasks.policy import FrequencyCap
+
+    monkeypatch.setattr(send_mod, "FIRST_CLAIM", 2)
+    monkeypatch.setattr(send_mod, "RAMP", 2)
+    CALLS.clear()
+    policy = always_open().model_copy(update={"caps": [FrequencyCap(period="day", limit=1)]})
+    with engine.begin() as c:
+        bulk_insert(c, "contacts", ("source", "crm_id", "phone_e164", "sms_consent", "status"),
+                    [("stream", str(i), f"+7916555{i:04d}", True, "valid") for i in range(10)])
+        ids = [r[0] for r in c.execute(text("SELECT id FROM contacts WHERE source = 'stream' ORDER BY id"))]
+        c.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status, "
+                       "policy) VALUES ('stream', 'stream', 'all', 't', 'marketing', 0, 'running', :p)"),
+                  {"p": policy.model_dump_json()})
+        cid = c.execute(text("SELECT id FROM campaigns WHERE name = 'stream'")).scalar()
+        # ids 1-2: A of contacts 0-1 (batch 1); 3-6: A of contacts 2-5 (batch 2); then B of contacts 0-1
+        # (batch 3, claimed while batch 1's results are still in flight), then the rest
+        order = [("A", k) for k in range(6)] + [("B", 0), ("B", 1)] + [("A", k) for k in range(6, 10)]
+        now = utcnow()
+        bulk_insert(c, "outbox", ("idempotency_key", "campaign_id", "contact_id", "step", "phone_e164", "text",
+                                  "encoding", "segments", "cost", "state", "attempts", "planned_at", "updated_at"),
+                    [(f"s{cid}-{step}{k}", cid, ids[k], step, f"+7916555{k:04d}", "hi", "GSM-7", 1, 0, "planned", 0,
+                      now, now) for step, k in order])
+    gw = _StreamingSandbox(state_path=str(tmp_path / "gw.sqlite"), min_delay_s=0.0, max_delay_s=0.0, rejected_rate=0.0,
+                           batch_size=4)
+    stats = send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="s", max_messages=100)
+    assert CALLS == [2]  # one call: every later part was taken by the running call
+    assert set(gw.sent_count_by_reference().values()) == {1}
+    with engine.begin() as c:
+        rows = c.execute(text("SELECT contact_id, state, hold_rule FROM outbox WHERE campaign_id = :c"), {"c": cid}).fetchall()
+    sent = [r[0] for r in rows if r[1] == "submitted"]
+    assert sorted(sent) == sorted(ids) and stats.submitted == 10  # one each: the cap held the second back
+    assert sorted(r[2] for r in rows if r[1] != "submitted") == ["cap_day", "cap_day"], rows

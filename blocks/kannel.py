@@ -68,6 +68,7 @@ import re
 import select
 import socket
 import ssl
+import string
 import threading
 import time
 from datetime import datetime, timezone
@@ -114,6 +115,15 @@ class _NotSent(Exception):
 
 class _NoAnswer(Exception):
     """The request was written but no complete answer came back: outcome unknown."""
+
+
+# ``urllib.parse.quote(s, safe="")`` as one table lookup per UTF-8 byte done in C (``map``): half its
+# time on a message's text, which every request quotes (urllib joins a Python-level list of bytes)
+_QUOTED = {b: chr(b) if chr(b) in string.ascii_letters + string.digits + "_.-~" else f"%{b:02X}" for b in range(256)}
+
+
+def _quote(value: str) -> str:
+    return "".join(map(_QUOTED.__getitem__, value.encode("utf-8")))
 
 
 def _header(lower_head: str, name: str) -> str | None:
@@ -398,12 +408,11 @@ class KannelGateway(SmsGateway):
         if parts > self.max_parts:
             return SubmitResult(m.reference, False, None, TOO_LONG,
                                 f"{parts} segments > max_parts={self.max_parts}: Kannel would truncate it")
-        req = head + "&to=" + quote(m.phone_e164, safe="") + "&text=" + quote(m.text, safe="")
+        req = head + "&to=" + _quote(m.phone_e164) + "&text=" + _quote(m.text)
         if self._is_ucs2(m):
             req += "&coding=2"
         if dlr_before is not None:
-            ref = quote(m.reference, safe="-._~").replace("%", "%%")
-            req += dlr_before + quote(ref, safe="") + dlr_after
+            req += dlr_before + _quote(_quote(m.reference).replace("%", "%%")) + dlr_after
         return (req + tail).encode("ascii")
 
     @staticmethod

@@ -25,10 +25,12 @@ import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 from urllib.request import urlopen
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from blocks.gateway import GatewayUnavailable, OutgoingMessage
 from blocks.kannel import NO_ANSWER, NOT_SENT, TOO_LONG, KannelGateway
@@ -540,6 +542,20 @@ def test_parse_dlr_variants():
             p(bad)
     raw = p({"ref": "r7", "type": "1", "password": "leak"}).raw
     assert "password" not in raw
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_request_quoting_is_urllib_quote(value):
+    from blocks.kannel import _quote
+
+    try:
+        expected = quote(value, safe="")
+    except UnicodeEncodeError:  # a lone surrogate: neither can encode it
+        with pytest.raises(UnicodeEncodeError):
+            _quote(value)
+        return
+    assert _quote(value) == expected
 
 
 def test_dlr_url_is_one_encoded_value():

@@ -341,10 +341,9 @@ class KannelGateway(SmsGateway):
     sender: str | None = Field(default=None, description="Sender (from); default: sender_id.")
     smsc: str | None = Field(default=None, description="Route through this smsc-id (Kannel's smsc parameter).")
     concurrency: int = Field(default=32, ge=1, le=512, description="HTTP requests in flight (one keep-alive connection each).")
-    batch_size: int = Field(default=10000, ge=1, description="Messages per submit call. Every call ends waiting for "
-                            "its slowest answer while the other connections idle (~50 ms measured on loopback under "
-                            "load), so fewer, larger calls keep Kannel busier (the send loop claims and records around "
-                            "them in the background, and claims no more than 5 s of sending at the rate).")
+    batch_size: int = Field(default=10000, ge=1, description="Most messages the send loop claims at once (and no more "
+                            "than 5 s of sending at the rate). The claimed batches follow one another through one "
+                            "streaming submit call (takes_more), claimed and recorded in the background.")
     timeout_s: float = Field(default=10.0, gt=0, description="Connect / answer timeout per request, seconds.")
     max_parts: int = Field(default=10, ge=1, le=255, description="Longest message in segments; must not exceed the "
                            "sendsms-user's max-messages in kannel.conf (Kannel would truncate silently).")

@@ -369,7 +369,8 @@ class _SendLoop:
         self.batch: _Batch | None = None
         self.msgs: list[OutgoingMessage] = []
         self.i = 0
-        self.streaming = bool(getattr(gateway, "streams_results", False) and getattr(gateway, "takes_more", False))
+        self.streaming = bool(getattr(gateway, "streams_results", False))
+        self.takes_more = self.streaming and bool(getattr(gateway, "takes_more", False))
         # streaming: reference -> (outbox id, attempts, contact) of each message handed out whose result
         # is not yet handed to the store thread; the lock makes "hand results over + queue their record"
         # and "see what is in flight + queue a claim" atomic with respect to each other
@@ -502,20 +503,12 @@ class _SendLoop:
         recorded chunk by chunk while the rest is still in flight, and one that ``takes_more`` asks for
         the next parts itself; only the results not recorded that way are returned (each reference is
         recorded once)."""
-        if self.streaming:
-            results = self.gateway.submit(part, on_results=self._hand_over, more=self._more)
-            with self.live_lock:
-                return [r for r in results if r.reference in self.live]
-        if not getattr(self.gateway, "streams_results", False):
+        if not self.streaming:
             return self.gateway.submit(part)
-        streamed: set[str] = set()
-
-        def on_results(chunk: list[SubmitResult]) -> None:  # runs in the gateway's threads
-            streamed.update(r.reference for r in chunk)
-            self.unrecorded.append(self._record_job(batch, chunk))
-
-        results = self.gateway.submit(part, on_results=on_results)
-        return [r for r in results if r.reference not in streamed]
+        more = {"more": self._more} if self.takes_more else {}
+        results = self.gateway.submit(part, on_results=self._hand_over, **more)
+        with self.live_lock:
+            return [r for r in results if r.reference in self.live]
 
     def _hand_over(self, chunk: list[SubmitResult]) -> None:
         """Streaming: record a chunk of results of messages handed out (from any batch); runs in the

@@ -192,7 +192,7 @@ def recover_in_flight(engine, campaign_id: int, gateway: SmsGateway, run_id: str
 
 
 def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = CLAIM_LEASE_S,
-          now: datetime | None = None, skip_contacts: Collection[int] = ()) -> pd.DataFrame:
+          now: datetime | None = None, skip_contacts: Collection[int] = (), after: int = 0) -> pd.DataFrame:
     """Atomically take up to ``limit`` due planned messages (FOR UPDATE SKIP LOCKED on PostgreSQL;
     SQLite's single writer with BEGIN IMMEDIATE), then apply the contact policy as it is now
     (``tasks.policy.enforce_at_claim``): only messages allowed this moment are returned;
@@ -201,7 +201,15 @@ def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = C
     ``skip_contacts``: contacts whose messages are being submitted right now and not yet recorded
     (the send loop claims the next batch while submitting the current one). Their other messages
     stay 'planned' for a later claim, because frequency caps count what is recorded as submitted
-    and would not see the message in flight yet."""
+    and would not see the message in flight yet.
+
+    ``after``: only messages with a greater id (a sender's cursor: ``attrs['last_id']`` is the greatest
+    id this claim took, policy-blocked ones included). It keeps every claim of a long campaign reading
+    about ``limit`` rows whichever index PostgreSQL picks: with the statistics of a freshly planned
+    campaign (every row 'planned') it walks the primary key in id order, and without a cursor each
+    claim would step over every message claimed before it (quadratic in the campaign's size). What a
+    cursor passes by (retries, contacts skipped, messages deferred) is claimed by a claim from 0, which
+    the send loop makes before it concludes that nothing is due."""
 
     started = time.monotonic()  # the lease runs from (at the latest) here
     clock = now or datetime.now(timezone.utc)  # the policy's clock (may be injected: dry runs, tests)
@@ -219,17 +227,19 @@ def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = C
             "UPDATE outbox SET state = 'queued', queued_at = :wall, claimed_by = :who, claim_expires_at = :exp, "
             "attempts = attempts + 1, updated_at = :wall "
             "WHERE id IN (SELECT id FROM outbox WHERE campaign_id = :c AND state = 'planned' "
-            f"AND (send_after IS NULL OR send_after <= :now) {skip}ORDER BY id LIMIT :n{lock}) "
+            f"AND (send_after IS NULL OR send_after <= :now) AND id > :after {skip}ORDER BY id LIMIT :n{lock}) "
             "RETURNING id, idempotency_key, contact_id, phone_e164, text, encoding, segments, attempts, variant",
-            {"now": naive, "wall": wall, "who": claimer, "exp": expires, "c": campaign_id, "n": int(limit)},
+            {"now": naive, "wall": wall, "who": claimer, "exp": expires, "c": campaign_id, "n": int(limit),
+             "after": int(after)},
             objects=True,  # plain Python values: no Arrow round trip for what is only iterated
         )
-        claimed.attrs["skipped_contacts"] = bool(skip_contacts)
+        claimed.attrs.update(skipped_contacts=bool(skip_contacts), after=int(after), last_id=int(after))
         if claimed.empty:
             return claimed
+        last_id = int(max(claimed["id"]))
         send_ids, counts = enforce_at_claim(conn, campaign_id, claimed, clock)
     out = claimed[claimed["id"].astype(int).isin(set(send_ids))].reset_index(drop=True)
-    out.attrs["skipped_contacts"] = bool(skip_contacts)
+    out.attrs.update(skipped_contacts=bool(skip_contacts), after=int(after), last_id=last_id)
     out.attrs["policy_blocked"] = len(claimed) - len(out)
     out.attrs["policy"] = counts
     out.attrs["claimed_at"] = started
@@ -364,6 +374,7 @@ class _SendLoop:
         self.unrecorded: deque[Future] = deque()  # record jobs not yet known to have committed
         self.unsent: tuple[_Batch, list[OutgoingMessage]] | None = None  # never handed to the gateway
         self.next_claim = FIRST_CLAIM  # grows by RAMP per claim up to the gateway's batch_size
+        self.after = 0  # the claim cursor (``claim(after=...)``): the greatest id claimed so far
         self.step = max(1, int(self.bucket.rate // 10) or 1)  # messages per part
         # the part cursor: the batch being handed out, its messages still ours, the index of the next one
         self.batch: _Batch | None = None
@@ -465,7 +476,7 @@ class _SendLoop:
             return None
         self.next_claim *= RAMP
         return self.store.submit(_claim_batch, self.engine, self.campaign_id, limit, self.claimer, self.lease_s,
-                                 now=self.now, skip_contacts=skip_contacts)
+                                 now=self.now, skip_contacts=skip_contacts, after=self.after)
 
     def _claim_next(self, contacts: frozenset[int] = frozenset()) -> Future | None:
         """``_launch_claim`` skipping ``contacts`` and the contacts of every message in flight."""
@@ -475,15 +486,21 @@ class _SendLoop:
 
     def _take(self, fut: Future | None) -> _Batch | None:
         """The next batch to send, None when nothing more is due (or ``max_messages`` is reached).
-        A claim whose messages were all held back by the policy is followed by another claim."""
+        A claim whose messages were all held back by the policy is followed by another claim; one that
+        found nothing past the cursor by a claim from the start (what the cursor passed by)."""
         while fut is not None:
             if fut is self.ahead:
                 self.ahead = None
             df, batch = fut.result()
+            self.after = df.attrs.get("last_id", self.after)
             blocked = df.attrs.get("policy_blocked", 0)
             self.stats.policy_blocked += blocked
             for rule, n in df.attrs.get("policy", {}).items():
                 self.stats.held[rule] = self.stats.held.get(rule, 0) + n
+            if df.empty and not blocked and not df.attrs.get("lost") and df.attrs.get("after", 0) > 0:
+                self.after = 0
+                fut = self._claim_next()  # nothing past the cursor: look again from the first message
+                continue
             if df.empty and not blocked and not df.attrs.get("lost"):
                 if not df.attrs.get("skipped_contacts") or self.live:
                     # nothing due; or (streaming) only messages of contacts still in flight: this stream

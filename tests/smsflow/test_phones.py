@@ -298,3 +298,37 @@ def test_phone_classifier_streams_batches_like_normalize_phones():
             pd.testing.assert_frame_equal(df, normalize_phones(b))
 
 
+
+
+def _vectorised_fast_mobiles(numbers: list) -> list[bool]:
+    """fast_path_mobiles as it was built before: normalize_phones' vectorised proof over the simple strings."""
+    text = pd.Series(numbers, dtype=object).astype("str")
+    simple = text.str.fullmatch(v._SIMPLE_RE).to_numpy(dtype=bool, na_value=False) & (text.str.len() <= v._MAX_INPUT_LEN).to_numpy()
+    out = np.zeros(len(numbers), dtype=bool)
+    if simple.any():
+        idx = np.flatnonzero(simple)
+        pos, _ = v._fast_path(text.iloc[idx].reset_index(drop=True), None)
+        out[idx[pos]] = True
+    return out.tolist()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(phone_strings(), st.tuples(st.sampled_from(["+7", "7", "8", "+77", "+8", "", "+"]), _nsn).map("".join), _nsn.map(lambda n: "+7" + n), st.none()),
+                min_size=1, max_size=40))
+def test_fast_path_mobiles_is_the_vectorised_proof_in_one_pattern(numbers):
+    """The one-pattern check a claim uses answers as the vectorised proof of normalize_phones, and
+    what it accepts phonenumbers parses (no default region) as a valid RU mobile of the same number."""
+    got = v.fast_path_mobiles(numbers).tolist()
+    assert got == _vectorised_fast_mobiles(numbers)
+    for n, fast in zip(numbers, got):
+        if fast:
+            p = phonenumbers.parse(n, None)
+            assert phonenumbers.is_valid_number(p) and phonenumbers.region_code_for_number(p) == "RU"
+            assert phonenumbers.number_type(p) == phonenumbers.PhoneNumberType.MOBILE
+            assert phonenumbers.format_number(p, phonenumbers.PhoneNumberFormat.E164) == n
+
+
+def test_fast_path_mobiles_takes_clean_ru_mobiles_only():
+    got = v.fast_path_mobiles(["+79161234567", "+7 9161234567", "+77011234567", "+74951234567", "+7916123456",
+                                "+791612345678", "79161234567", None, "+79161234567\n", "+7٩161234567"]).tolist()
+    assert got == [True, False, False, False, False, False, False, False, False, False]

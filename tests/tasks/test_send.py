@@ -227,6 +227,65 @@ def test_claims_start_small_and_grow_to_the_batch_size(engine, tmp_path, monkeyp
     assert limits[:4] == [3, 6, 10, 10] and set(limits[4:]) == {10}, limits  # then what is left (1), then nothing
 
 
+def test_claims_follow_a_cursor_and_look_again_from_the_start_before_the_run_ends(engine, tmp_path, monkeypatch):
+    """Each claim of a run takes only ids past the greatest it took before (so a claim of a long campaign
+    reads about its limit of rows, whatever index the database picks); what the cursor passed by (here a
+    message throttled once, planned again below it) is claimed from the start before the run ends."""
+    import tasks.send as send_mod
+    from blocks.gateway import SubmitResult
+
+    monkeypatch.setattr(send_mod, "FIRST_CLAIM", 10)
+    monkeypatch.setattr(send_mod, "RAMP", 1)
+    seen: list[tuple[int, list[int], int]] = []
+    real = send_mod.claim
+
+    def spy(*a, **kw):
+        df = real(*a, **kw)
+        seen.append((kw.get("after", 0), sorted(int(i) for i in df["id"]), df.attrs["last_id"]))
+        return df
+
+    monkeypatch.setattr(send_mod, "claim", spy)
+    cid, _ = _planned(engine, tmp_path, 30)
+    first = q(engine, f"SELECT MIN(id) FROM outbox WHERE campaign_id = {cid}")
+    throttled: list[str] = []
+
+    plain = SandboxGateway.submit
+
+    def throttles_once(self, messages):
+        if throttled:
+            return plain(self, messages)
+        throttled.append(messages[0].reference)  # the run's first message: planned again, below the cursor
+        return [SubmitResult(messages[0].reference, False, None, "THROTTLED", "slow down", transient=True),
+                *plain(self, messages[1:])]
+
+    monkeypatch.setattr(SandboxGateway, "submit", throttles_once)
+    gw = _gw(tmp_path, rejected_rate=0.0, batch_size=10)
+    stats = send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="t", max_messages=10_000)
+    assert stats.submitted == 30 and stats.retry_later == 1
+    assert set(gw.sent_count_by_reference().values()) == {1} and len(gw.sent_count_by_reference()) == 30
+    assert [after for after, _ids, _last in seen[:3]] == [0, first + 9, first + 19]
+    for after, ids, last in seen:
+        assert all(i > after for i in ids) and last == (max(ids) if ids else after)
+    # past the last id nothing is left: the next claim starts again from 0 and takes the throttled one
+    again = q(engine, f"SELECT id FROM outbox WHERE idempotency_key = '{throttled[0]}'")
+    assert (seen[3][0], seen[3][1]) == (first + 29, []) and (seen[4][0], seen[4][1]) == (0, [again])
+    assert seen[-1][1] == []
+
+
+def test_claim_after_takes_only_later_ids_and_reports_the_last_one_policy_blocked_included(engine, tmp_path):
+    cid, _ = _planned(engine, tmp_path, 12)
+    with engine.begin() as c:
+        ids = [int(r[0]) for r in c.execute(text(f"SELECT id FROM outbox WHERE campaign_id = {cid} ORDER BY id"))]
+    with engine.begin() as c:  # the two last messages' contacts opted out: held back at the claim
+        c.execute(text(f"UPDATE contacts SET opted_out_at = CURRENT_TIMESTAMP WHERE id IN "
+                       f"(SELECT contact_id FROM outbox WHERE id IN ({ids[-1]}, {ids[-2]}))"))
+    got = claim(engine, cid, 100, "t", after=ids[5])
+    assert sorted(int(i) for i in got["id"]) == ids[6:-2]
+    assert got.attrs["last_id"] == ids[-1] and got.attrs["policy_blocked"] == 2
+    assert claim(engine, cid, 100, "t", after=ids[-1]).attrs["last_id"] == ids[-1]
+    assert sorted(int(i) for i in claim(engine, cid, 100, "t")["id"]) == ids[:6]
+
+
 class _StreamingSandbox(SandboxGateway):
     """A sandbox that takes more parts while it runs (as KannelGateway does), and hands a part's results
     over only after it has taken the next part: the part before is still 'in flight' meanwhile."""

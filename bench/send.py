@@ -396,6 +396,20 @@ def seed_campaign(engine, name: str, n: int, ucs2: bool) -> int:
     return cid
 
 
+def maintenance_runs(engine) -> int:
+    """PostgreSQL: autovacuum + autoanalyze runs on the store's tables so far (0 on SQLite)."""
+    from sqlalchemy import text
+
+    from store.db import is_postgres
+
+    with engine.begin() as c:
+        if not is_postgres(c):
+            return 0
+        c.execute(text("SELECT pg_stat_clear_snapshot()"))
+        return int(c.execute(text("SELECT COALESCE(SUM(autovacuum_count + autoanalyze_count), 0) "
+                                  "FROM pg_stat_user_tables")).scalar())
+
+
 def states(engine, cid: int) -> dict[str, int]:
     from sqlalchemy import text
 
@@ -798,10 +812,13 @@ def main() -> int:
             log(f"round {rnd} (b) send_messages: {a.n} outbox rows, batch_size={gw.batch_size}, TokenBucket(100_000)")
             t_start = time.perf_counter()
             lw0 = lockwait.snapshot()
+            av0 = maintenance_runs(engine)
             cpu0 = CpuByProcess.snapshot()
             stats, t_send, bd = project_send(engine, cid, gw, a.n)
             cpu_send = CpuByProcess.between(cpu0, CpuByProcess.snapshot())
             lw1 = lockwait.snapshot()
+            time.sleep(0.6)  # statistics reach the cumulative view within PGSTAT_MIN_INTERVAL (1 s)
+            av = maintenance_runs(engine) - av0
             send_rate = stats.submitted / t_send
             done, st, passes = wait_reconciled(engine, cid, a.n, a.receipt_timeout)
             all_done = all_done and done
@@ -815,7 +832,8 @@ def main() -> int:
             print(f"    breakdown (main thread): gateway.submit {bd.t['submit']:.3f} s ({bd.n['submit']} calls; raw took "
                   f"{t_raw:.3f} s for as many) | bucket {bd.t['bucket']:.3f} s | waiting for the store thread {wait:.3f} s "
                   f"({book * 100:.0f}% of the send time)")
-            print("    " + CpuByProcess.line(cpu_send, t_send, a.n))
+            print("    " + CpuByProcess.line(cpu_send, t_send, a.n) + (f" | autovacuum/autoanalyze runs that ended meanwhile: {av}"
+                                                                          if av else ""))
             print(f"    store thread, overlapped with the submits: claim {bd.t['claim']:.3f} s ({bd.n['claim']} calls) | "
                   f"record_results {bd.t['record']:.3f} s ({bd.n['record']} calls)")
             print(f"    SQLite write lock (BEGIN IMMEDIATE) during the send: sender waited {lw1[0]['sender'] - lw0[0]['sender']:.3f} s "

@@ -23,6 +23,7 @@ from sqlalchemy import (
     UniqueConstraint,
     func,
 )
+from sqlalchemy import text as sql_text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -290,7 +291,12 @@ class CrmEvent(Base):
     """A CRM webhook event, stored before the 2xx; the dedup key makes a repeated delivery harmless."""
 
     __tablename__ = "crm_events"
-    __table_args__ = (UniqueConstraint("source", "dedup_key", name="uq_crm_events_source_key"),)
+    __table_args__ = (
+        UniqueConstraint("source", "dedup_key", name="uq_crm_events_source_key"),
+        # the journey engine's poll (``processed_at IS NULL ORDER BY id LIMIT n``) reads only what is left to do
+        Index("ix_crm_events_unprocessed", "id", postgresql_where=sql_text("processed_at IS NULL"),
+              sqlite_where=sql_text("processed_at IS NULL")),
+    )
 
     id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
     source: Mapped[str] = mapped_column(String(100))

@@ -79,13 +79,16 @@ def archive_campaign(engine, name: str, *, batch: int = 10_000, older_than_days:
         with engine.begin() as conn:  # first: from now on the campaign cannot be reopened (and resent)
             conn.execute(text("UPDATE campaigns SET status = 'archived', params = :p WHERE id = :c"),
                          {"p": json.dumps(params, default=str), "c": cid})
+    after = 0  # past the batches deleted: a batch does not step over the dead rows of the ones before
     while True:
         with engine.begin() as conn:
             ids = [int(r[0]) for r in conn.execute(text(
-                "SELECT id FROM outbox WHERE campaign_id = :c ORDER BY id LIMIT :n"), {"c": cid, "n": int(batch)})]
+                "SELECT id FROM outbox WHERE campaign_id = :c AND id > :after ORDER BY id LIMIT :n"),
+                {"c": cid, "after": after, "n": int(batch)})]
             if not ids:
                 break
             lo, hi = ids[0], ids[-1]  # one id range per batch: index range scans, no long IN lists
+            after = hi
             rng = {"c": cid, "lo": lo, "hi": hi}
             result.receipts += conn.execute(text(
                 "DELETE FROM delivery_receipts WHERE outbox_id IN (SELECT id FROM outbox WHERE campaign_id = :c "

@@ -174,3 +174,30 @@ def test_bulk_tables_have_no_row_lock_key_checks_on_postgresql(engine):
         assert "contact_id" in keys["quarantine"]  # small tables keep theirs
     else:
         assert {"contact_id", "segment"} <= keys["segment_memberships"] and "contact_id" in keys["outbox"]
+
+
+def test_the_journey_poll_reads_only_unprocessed_events_through_a_partial_index(engine):
+    """Processed CRM events stay in the table; the poll (``tasks.journey.process_events``) must not read
+    them again each time (migration 0015): its plan uses ``ix_crm_events_unprocessed`` on both stores."""
+    from store.db import is_postgres
+
+    with engine.begin() as c:
+        pg = is_postgres(c)
+        if pg:
+            c.execute(text("INSERT INTO crm_events (source, dedup_key, event_type, payload, received_at, processed_at) "
+                           "SELECT 'crm', 'k' || g, 'order.created', '{}', now(), CASE WHEN g <= 20000 THEN now() END "
+                           "FROM generate_series(1, 20050) g"))
+        else:
+            c.execute(text("WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 20050) "
+                           "INSERT INTO crm_events (source, dedup_key, event_type, payload, received_at, processed_at) "
+                           "SELECT 'crm', 'k' || n, 'order.created', '{}', CURRENT_TIMESTAMP, "
+                           "CASE WHEN n <= 20000 THEN CURRENT_TIMESTAMP END FROM g"))
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        c.execute(text("ANALYZE crm_events" if pg else "ANALYZE"))
+    poll = "SELECT id FROM crm_events WHERE processed_at IS NULL ORDER BY id LIMIT 500"
+    with engine.begin() as c:
+        plan = " ".join(str(r[-1]) for r in c.execute(text(("EXPLAIN " if pg else "EXPLAIN QUERY PLAN ") + poll)))
+        assert "ix_crm_events_unprocessed" in plan, plan
+        got = [int(r[0]) for r in c.execute(text(poll))]
+        first = c.execute(text("SELECT MIN(id) FROM crm_events WHERE processed_at IS NULL")).scalar()
+    assert len(got) == 50 and got == sorted(got) and got[0] == first

@@ -233,13 +233,13 @@ def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = C
              "after": int(after)},
             objects=True,  # plain Python values: no Arrow round trip for what is only iterated
         )
-        claimed.attrs.update(skipped_contacts=bool(skip_contacts), after=int(after), last_id=int(after))
+        claimed.attrs.update(skipped_contacts=bool(skip_contacts), last_id=int(after))
         if claimed.empty:
             return claimed
         last_id = int(max(claimed["id"]))
         send_ids, counts = enforce_at_claim(conn, campaign_id, claimed, clock)
     out = claimed[claimed["id"].astype(int).isin(set(send_ids))].reset_index(drop=True)
-    out.attrs.update(skipped_contacts=bool(skip_contacts), after=int(after), last_id=last_id)
+    out.attrs.update(skipped_contacts=bool(skip_contacts), last_id=last_id)
     out.attrs["policy_blocked"] = len(claimed) - len(out)
     out.attrs["policy"] = counts
     out.attrs["claimed_at"] = started
@@ -497,11 +497,11 @@ class _SendLoop:
             self.stats.policy_blocked += blocked
             for rule, n in df.attrs.get("policy", {}).items():
                 self.stats.held[rule] = self.stats.held.get(rule, 0) + n
-            if df.empty and not blocked and not df.attrs.get("lost") and df.attrs.get("after", 0) > 0:
-                self.after = 0
-                fut = self._claim_next()  # nothing past the cursor: look again from the first message
-                continue
             if df.empty and not blocked and not df.attrs.get("lost"):
+                if self.after > 0:  # nothing past the cursor (an empty claim's last_id is its cursor)
+                    self.after = 0
+                    fut = self._claim_next()  # look again from the first message
+                    continue
                 if not df.attrs.get("skipped_contacts") or self.live:
                     # nothing due; or (streaming) only messages of contacts still in flight: this stream
                     # ends, and the main thread claims them once their results are recorded

@@ -178,6 +178,9 @@ class Outbox(Base):
         Index("ix_outbox_campaign_state", "campaign_id", "state", "id"),  # the claim: ORDER BY id LIMIT n
         Index("ix_outbox_campaign_contact", "campaign_id", "contact_id"),
         Index("ix_outbox_gateway_message_id", "gateway_message_id"),
+        # frequency caps at claim time: a contact's messages submitted lately, across all campaigns
+        Index("ix_outbox_contact_submitted", "contact_id", "submitted_at",
+              postgresql_where=sql_text("submitted_at IS NOT NULL"), sqlite_where=sql_text("submitted_at IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)

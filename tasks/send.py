@@ -181,12 +181,12 @@ def recover_in_flight(engine, campaign_id: int, gateway: SmsGateway, run_id: str
         update_if_queued(
             conn,
             [("submitted", known[k], now, None, now, int(i)) for i, k in zip(sub["id"], sub["idempotency_key"])],
-            "state = ?, gateway_message_id = ?, submitted_at = ?, claimed_by = ?, updated_at = ?",
+            "state = ?, gateway_message_id = ?, submitted_at = ?, claimed_by = ?, updated_at = ?", campaign_id,
         )
         update_if_queued(
             conn,
             [("planned", None, None, now, int(i)) for i in rest["id"]],
-            "state = ?, claimed_by = ?, claim_expires_at = ?, updated_at = ?",
+            "state = ?, claimed_by = ?, claim_expires_at = ?, updated_at = ?", campaign_id,
         )
     return len(df) - len(still) + len(sub), len(rest)
 
@@ -220,14 +220,17 @@ def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = C
     skip = ""
     if skip_contacts:
         skip = f"AND (contact_id IS NULL OR contact_id NOT IN ({','.join(str(int(c)) for c in sorted(skip_contacts))})) "
+    pick = ("SELECT id FROM outbox WHERE campaign_id = :c AND state = 'planned' "
+            f"AND (send_after IS NULL OR send_after <= :now) AND id > :after {skip}ORDER BY id LIMIT :n")
     with engine.begin() as conn:
-        lock = " FOR UPDATE SKIP LOCKED" if is_postgres(conn) else ""
+        # PostgreSQL: the ids as an array, so each is found through the primary key; as ``id IN (subquery)``
+        # the planner hashed them against a sequential scan of the whole outbox (EXPLAIN ANALYZE at 250,000
+        # rows: 82 ms per claim of 2,500 instead of 30, growing with the outbox)
+        which = f"id = ANY(ARRAY({pick} FOR UPDATE SKIP LOCKED))" if is_postgres(conn) else f"id IN ({pick})"
         claimed = read_frame(
             conn,
             "UPDATE outbox SET state = 'queued', queued_at = :wall, claimed_by = :who, claim_expires_at = :exp, "
-            "attempts = attempts + 1, updated_at = :wall "
-            "WHERE id IN (SELECT id FROM outbox WHERE campaign_id = :c AND state = 'planned' "
-            f"AND (send_after IS NULL OR send_after <= :now) AND id > :after {skip}ORDER BY id LIMIT :n{lock}) "
+            f"attempts = attempts + 1, updated_at = :wall WHERE {which} "
             "RETURNING id, idempotency_key, contact_id, phone_e164, text, encoding, segments, attempts, variant",
             {"now": naive, "wall": wall, "who": claimer, "exp": expires, "c": campaign_id, "n": int(limit),
              "after": int(after)},
@@ -247,9 +250,11 @@ def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = C
 
 
 def record_results(engine, ids_by_ref: dict[str, int], results: list[SubmitResult], max_attempts: int,
-                   attempts_by_ref: dict[str, int], stats: SendStats, now: datetime | None = None) -> None:
+                   attempts_by_ref: dict[str, int], stats: SendStats, now: datetime | None = None,
+                   campaign_id: int | None = None) -> None:
     """Record one submit's results in one transaction: queued -> submitted | rejected | failed |
-    planned again (transient, attempt counted); in doubt stays queued for recovery to settle."""
+    planned again (transient, attempt counted); in doubt stays queued for recovery to settle.
+    ``campaign_id``: the campaign of every result (``update_if_queued``)."""
     now = now.astimezone(timezone.utc).replace(tzinfo=None) if now is not None else utcnow()
     sub, rej, again, failed, doubt = [], [], [], [], []
     for r in results:
@@ -271,11 +276,11 @@ def record_results(engine, ids_by_ref: dict[str, int], results: list[SubmitResul
             stats.errors[r.error_code or "rejected"] = stats.errors.get(r.error_code or "rejected", 0) + 1
     with engine.begin() as conn:
         # every transition is guarded on the current state: a receipt that arrived first wins
-        update_if_queued(conn, sub, "state = ?, gateway_message_id = ?, submitted_at = ?, claimed_by = ?, updated_at = ?")
-        update_if_queued(conn, rej, "state = ?, error_code = ?, last_error = ?, final_at = ?, claimed_by = ?, updated_at = ?")
-        update_if_queued(conn, failed, "state = ?, error_code = ?, last_error = ?, final_at = ?, claimed_by = ?, updated_at = ?")
-        update_if_queued(conn, again, "state = ?, error_code = ?, last_error = ?, claimed_by = ?, updated_at = ?")
-        update_if_queued(conn, doubt, "error_code = ?, last_error = ?, claim_expires_at = ?, updated_at = ?")
+        update_if_queued(conn, sub, "state = ?, gateway_message_id = ?, submitted_at = ?, claimed_by = ?, updated_at = ?", campaign_id)
+        update_if_queued(conn, rej, "state = ?, error_code = ?, last_error = ?, final_at = ?, claimed_by = ?, updated_at = ?", campaign_id)
+        update_if_queued(conn, failed, "state = ?, error_code = ?, last_error = ?, final_at = ?, claimed_by = ?, updated_at = ?", campaign_id)
+        update_if_queued(conn, again, "state = ?, error_code = ?, last_error = ?, claimed_by = ?, updated_at = ?", campaign_id)
+        update_if_queued(conn, doubt, "error_code = ?, last_error = ?, claim_expires_at = ?, updated_at = ?", campaign_id)
     stats.submitted += len(sub)
     stats.rejected += len(rej)
     stats.failed += len(failed)
@@ -538,11 +543,11 @@ class _SendLoop:
             ids = {r.reference: e[0] for r, e in found if e is not None}
             attempts = {r.reference: e[1] for r, e in found if e is not None}
             self.unrecorded.append(self.store.submit(record_results, self.engine, ids, rs, self.max_attempts,
-                                                     attempts, self.stats, now=self.now))
+                                                     attempts, self.stats, now=self.now, campaign_id=self.campaign_id))
 
     def _record_job(self, batch: _Batch, results: list[SubmitResult]) -> Future:
         return self.store.submit(record_results, self.engine, batch.ids_by_ref, results, self.max_attempts,
-                                 batch.attempts, self.stats, now=self.now)
+                                 batch.attempts, self.stats, now=self.now, campaign_id=self.campaign_id)
 
     def _record(self, batch: _Batch, results: list[SubmitResult]) -> None:
         """Hand the results to the store thread; then make sure every record before it committed."""

@@ -201,3 +201,61 @@ def test_the_journey_poll_reads_only_unprocessed_events_through_a_partial_index(
         got = [int(r[0]) for r in c.execute(text(poll))]
         first = c.execute(text("SELECT MIN(id) FROM crm_events WHERE processed_at IS NULL")).scalar()
     assert len(got) == 50 and got == sorted(got) and got[0] == first
+
+
+def test_recording_results_reads_each_queued_message_once_whatever_the_statistics_say(engine):
+    """The statistics of a busy outbox show (almost) nothing 'queued': messages are queued only while in
+    flight. ``update_if_queued`` must still apply a few hundred results without a plan that reads the
+    result list once per queued message (PostgreSQL: no nested loop; on both stores only the messages still
+    queued change)."""
+    from store.db import is_postgres
+    from store.outbox import update_if_queued
+
+    now = utcnow()
+    with engine.begin() as c:
+        pg = is_postgres(c)
+        for k in range(3):
+            c.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status) "
+                           "VALUES (:n, 's', 'all', 't', 'marketing', 0, 'running')"), {"n": f"r{k}"})
+        cids = [r[0] for r in c.execute(text("SELECT id FROM campaigns ORDER BY id"))]
+        gen = ("SELECT g AS n FROM generate_series(0, 29999) g" if pg else
+               "WITH RECURSIVE s(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM s WHERE n < 29999) SELECT n FROM s")
+        c.execute(text(f"INSERT INTO outbox (idempotency_key, campaign_id, step, phone_e164, text, encoding, segments, cost, "
+                       f"state, attempts, planned_at, updated_at) SELECT 'q' || n, CASE WHEN n < 10000 THEN :a "
+                       f"WHEN n < 20000 THEN :b ELSE :c END, 'main', '+7916', 'hi', 'GSM-7', 1, 0, 'planned', 0, :t, :t "
+                       f"FROM ({gen}) AS q"), {"a": cids[0], "b": cids[1], "c": cids[2], "t": now})
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        c.execute(text("ANALYZE outbox" if pg else "ANALYZE"))  # nothing queued in the statistics
+    with engine.begin() as c:
+        c.execute(text("UPDATE outbox SET state = 'queued' WHERE campaign_id = :c"), {"c": cids[2]})
+        ids = [int(r[0]) for r in c.execute(text("SELECT id FROM outbox WHERE campaign_id = :c ORDER BY id LIMIT 400"),
+                                            {"c": cids[2]})]
+        c.execute(text("UPDATE outbox SET state = 'delivered' WHERE id = :i"), {"i": ids[0]})  # a receipt came first
+    rows = [("submitted", f"gw-{i}", now, None, now, i) for i in ids]
+    clause = "state = ?, gateway_message_id = ?, submitted_at = ?, claimed_by = ?, updated_at = ?"
+    plans: list[str] = []
+    with engine.begin() as c:
+        if pg:
+            drv = c.connection.driver_connection
+            base = type(drv.cursor())
+
+            class Explaining(base):  # each UPDATE is explained first, under the same settings
+                def execute(self, query, params=None, **kw):
+                    if str(query).startswith("UPDATE"):
+                        plans.append(" ".join(r[0] for r in base.execute(self, "EXPLAIN " + query, params).fetchall()))
+                    return base.execute(self, query, params, **kw)
+
+            drv.cursor_factory = Explaining
+            try:
+                update_if_queued(c, rows, clause, cids[2])
+            finally:
+                drv.cursor_factory = base
+        else:
+            update_if_queued(c, rows, clause, cids[2])
+        got = dict(c.execute(text("SELECT state, COUNT(*) FROM outbox WHERE campaign_id = :c GROUP BY state"),
+                             {"c": cids[2]}).fetchall())
+        gw = c.execute(text("SELECT gateway_message_id FROM outbox WHERE id = :i"), {"i": ids[1]}).scalar()
+    assert got == {"delivered": 1, "submitted": 399, "queued": 9600}, got
+    assert gw == f"gw-{ids[1]}"
+    if pg:
+        assert len(plans) == 1 and "Nested Loop" not in plans[0], plans

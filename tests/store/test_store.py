@@ -210,6 +210,7 @@ def test_recording_results_reads_each_queued_message_once_whatever_the_statistic
     not the queued ones through the state index; on both stores only the messages still queued change)."""
     from store.db import is_postgres
     from store.outbox import update_if_queued
+    from tests.helpers import numbers_sql
 
     now = utcnow()
     with engine.begin() as c:
@@ -218,12 +219,10 @@ def test_recording_results_reads_each_queued_message_once_whatever_the_statistic
             c.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status) "
                            "VALUES (:n, 's', 'all', 't', 'marketing', 0, 'running')"), {"n": f"r{k}"})
         cids = [r[0] for r in c.execute(text("SELECT id FROM campaigns ORDER BY id"))]
-        gen = ("SELECT g AS n FROM generate_series(0, 29999) g" if pg else
-               "WITH RECURSIVE s(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM s WHERE n < 29999) SELECT n FROM s")
         c.execute(text(f"INSERT INTO outbox (idempotency_key, campaign_id, step, phone_e164, text, encoding, segments, cost, "
                        f"state, attempts, planned_at, updated_at) SELECT 'q' || n, CASE WHEN n < 10000 THEN :a "
                        f"WHEN n < 20000 THEN :b ELSE :c END, 'main', '+7916', 'hi', 'GSM-7', 1, 0, 'planned', 0, :t, :t "
-                       f"FROM ({gen}) AS q"), {"a": cids[0], "b": cids[1], "c": cids[2], "t": now})
+                       f"FROM ({numbers_sql(pg, 30000)}) AS q"), {"a": cids[0], "b": cids[1], "c": cids[2], "t": now})
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
         c.execute(text("ANALYZE outbox" if pg else "ANALYZE"))  # nothing queued in the statistics
     with engine.begin() as c:

@@ -106,10 +106,9 @@ def test_a_capped_claim_reads_the_contacts_history_through_an_index(engine):
     """Frequency caps count what each claimed contact was sent lately in any campaign: that read must go
     through ``ix_outbox_contact_submitted`` (migration 0016), not scan the whole outbox once per claim;
     and the cap still holds: the contact sent a message an hour ago is deferred, the other one is sent."""
-    from sqlalchemy import event
-
     from store.db import is_postgres
     from tasks.send import claim
+    from tests.helpers import numbers_sql, plan_of, statements_run
 
     clock = datetime(2027, 3, 10, 12, 0, tzinfo=UTC)
     naive = clock.replace(tzinfo=None)
@@ -125,12 +124,10 @@ def test_a_capped_claim_reads_the_contacts_history_through_an_index(engine):
                     [("s", f"p{i}", f"+7916{i:07d}", True, "valid", "Europe/Moscow") for i in range(2000)])
         first = c.execute(text("SELECT MIN(id) FROM contacts")).scalar()
         # a long history: 20,000 messages of the old campaign, all sent 60 days ago ...
-        gen = ("SELECT g AS n FROM generate_series(0, 19999) g" if pg else
-               "WITH RECURSIVE s(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM s WHERE n < 19999) SELECT n FROM s")
         c.execute(text(f"INSERT INTO outbox (idempotency_key, campaign_id, contact_id, step, phone_e164, text, encoding, "
                        f"segments, cost, state, attempts, planned_at, updated_at, submitted_at) "
                        f"SELECT 'h' || n, :old, :first + n % 2000, 'main', '+7916', 'hi', 'GSM-7', 1, 0, 'delivered', 1, "
-                       f":t, :t, :t FROM ({gen}) AS q"), {"old": old, "first": first, "t": naive - timedelta(days=60)})
+                       f":t, :t, :t FROM ({numbers_sql(pg, 20000)}) AS q"), {"old": old, "first": first, "t": naive - timedelta(days=60)})
         # ... and one sent an hour ago to the first contact
         c.execute(text("UPDATE outbox SET submitted_at = :t WHERE idempotency_key = 'h0'"), {"t": naive - timedelta(hours=1)})
         bulk_insert(c, "outbox", ("idempotency_key", "campaign_id", "contact_id", "step", "phone_e164", "text", "encoding",
@@ -140,21 +137,11 @@ def test_a_capped_claim_reads_the_contacts_history_through_an_index(engine):
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
         c.execute(text("ANALYZE outbox" if pg else "ANALYZE"))
 
-    seen: list[tuple[str, object]] = []
-
-    def capture(conn, cursor, statement, parameters, context, executemany):
-        seen.append((statement, parameters))
-
-    event.listen(engine, "before_cursor_execute", capture)
-    try:
+    with statements_run(engine) as seen:
         got = claim(engine, cid, 10, "t", now=clock)
-    finally:
-        event.remove(engine, "before_cursor_execute", capture)
     assert got["idempotency_key"].tolist() == ["cap:1"]
     assert got.attrs["policy"] == {"cap_day": 1}
     history = [(s, p) for s, p in seen if "submitted_at >" in s]
     assert len(history) == 1, [s[:80] for s, _ in seen]
-    with engine.begin() as c:
-        plan = " ".join(str(r[-1]) for r in c.exec_driver_sql(("EXPLAIN " if pg else "EXPLAIN QUERY PLAN ") + history[0][0],
-                                                               history[0][1]))
+    plan = plan_of(engine, *history[0])
     assert "ix_outbox_contact_submitted" in plan, plan

@@ -81,10 +81,9 @@ def test_receipts_without_our_reference_find_their_message_through_the_gateway_i
     """Migration 0017 makes ``ix_outbox_gateway_message_id`` partial (only messages that have a gateway id):
     the join of receipts that name only the gateway's id must still use it, on both stores, among many
     messages that have none yet."""
-    from sqlalchemy import event
-
     from blocks.gateway import Receipt
     from store.db import is_postgres
+    from tests.helpers import numbers_sql, plan_of, statements_run
 
     now = utcnow()
     with engine.begin() as c:
@@ -92,28 +91,17 @@ def test_receipts_without_our_reference_find_their_message_through_the_gateway_i
         c.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status) "
                        "VALUES ('g', 's', 'all', 't', 'marketing', 0, 'running')"))
         cid = c.execute(text("SELECT id FROM campaigns WHERE name = 'g'")).scalar()
-        gen = ("SELECT g AS n FROM generate_series(0, 19999) g" if pg else
-               "WITH RECURSIVE s(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM s WHERE n < 19999) SELECT n FROM s")
         # 20,000 messages: the even ones submitted with a gateway id, the odd ones still planned (none)
         c.execute(text(f"INSERT INTO outbox (idempotency_key, campaign_id, step, phone_e164, text, encoding, segments, cost, "
                        f"state, attempts, planned_at, updated_at, gateway_message_id) SELECT 'm' || n, :c, 'main', '+7916', "
                        f"'hi', 'GSM-7', 1, 0, CASE WHEN n % 2 = 0 THEN 'submitted' ELSE 'planned' END, 0, :t, :t, "
-                       f"CASE WHEN n % 2 = 0 THEN 'gw' || n END FROM ({gen}) AS q"), {"c": cid, "t": now})
+                       f"CASE WHEN n % 2 = 0 THEN 'gw' || n END FROM ({numbers_sql(pg, 20000)}) AS q"), {"c": cid, "t": now})
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
         c.execute(text("ANALYZE outbox" if pg else "ANALYZE"))
     store_receipts(engine, "sandbox", [Receipt(f"gw{n}", None, "delivered", "000", now, {}) for n in (0, 2, 4)])
-    seen: list = []
-
-    def capture(conn, cursor, statement, parameters, context, executemany):
-        seen.append((statement, parameters))
-
-    event.listen(engine, "before_cursor_execute", capture)
-    try:
+    with statements_run(engine) as seen:
         assert apply_receipts(engine).applied == 3
-    finally:
-        event.remove(engine, "before_cursor_execute", capture)
     assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state = 'delivered'") == 3
     (stmt, params), = [(s, p) for s, p in seen if "o.gateway_message_id = r.gateway_message_id" in s]
-    with engine.begin() as c:
-        plan = " ".join(str(r[-1]) for r in c.exec_driver_sql(("EXPLAIN " if pg else "EXPLAIN QUERY PLAN ") + stmt, params))
+    plan = plan_of(engine, stmt, params)
     assert "ix_outbox_gateway_message_id" in plan, plan

@@ -353,10 +353,9 @@ def test_campaigns_to_send_probes_each_campaign_instead_of_reading_the_whole_out
     (campaign_id, state) index on both stores, not by reading every outbox row."""
     from datetime import timedelta
 
-    from sqlalchemy import event
-
     from store.db import bulk_insert, is_postgres
     from tasks.send import campaigns_to_send
+    from tests.helpers import numbers_sql, plan_of, statements_run
 
     now = utcnow()
     kinds = {"due": ("planned", None, None), "later": ("planned", now + timedelta(hours=2), None),
@@ -373,25 +372,14 @@ def test_campaigns_to_send_probes_each_campaign_instead_of_reading_the_whole_out
                                   "cost", "state", "attempts", "planned_at", "updated_at", "send_after", "claim_expires_at"),
                     [(f"k-{name}", ids[name], "main", "+7916", "hi", "GSM-7", 1, 0, st, 0, now, now, after, exp)
                      for name, (st, after, exp) in kinds.items()])
-        gen = ("SELECT g AS n FROM generate_series(0, 19999) g" if pg else
-               "WITH RECURSIVE s(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM s WHERE n < 19999) SELECT n FROM s")
         c.execute(text(f"INSERT INTO outbox (idempotency_key, campaign_id, step, phone_e164, text, encoding, segments, cost, "
                        f"state, attempts, planned_at, updated_at) SELECT 'd' || n, :d, 'main', '+7916', 'hi', 'GSM-7', 1, 0, "
-                       f"'delivered', 1, :t, :t FROM ({gen}) AS q"), {"d": ids["done"], "t": now})
+                       f"'delivered', 1, :t, :t FROM ({numbers_sql(pg, 20000)}) AS q"), {"d": ids["done"], "t": now})
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
         c.execute(text("ANALYZE outbox" if pg else "ANALYZE"))
-    seen: list = []
-
-    def capture(conn, cursor, statement, parameters, context, executemany):
-        seen.append((statement, parameters))
-
-    event.listen(engine, "before_cursor_execute", capture)
-    try:
+    with statements_run(engine) as seen:
         got = campaigns_to_send(engine, None, now)
-    finally:
-        event.remove(engine, "before_cursor_execute", capture)
     assert [name for _id, name, _gw in got] == ["due", "dead"]
     (stmt, params), = [(s, p) for s, p in seen if "outbox" in s]
-    with engine.begin() as c:
-        plan = " ".join(str(r[-1]) for r in c.exec_driver_sql(("EXPLAIN " if pg else "EXPLAIN QUERY PLAN ") + stmt, params))
+    plan = plan_of(engine, stmt, params)
     assert "ix_outbox_campaign_state" in plan and "Seq Scan on outbox" not in plan and "SCAN o " not in plan + " ", plan

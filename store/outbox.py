@@ -75,8 +75,8 @@ def update_if_queued(conn, rows: list[tuple], set_clause: str) -> None:
         # ANALYZE). The state to match comes with the list (a join condition, not an estimate) and only nested
         # loops are allowed, so the one plan left reads the list once and finds each id through the primary
         # key (4.4 and 32 ms for the same, whatever the statistics say).
-        src += ", unnest(%s::text[]) AS want"
-        params.append(["queued"] * len(rows))
+        src += ", unnest(array_fill('queued'::text, ARRAY[%s::int])) AS want"
+        params.append(len(rows))
         with conn.connection.driver_connection.cursor() as cur:
             cur.execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
             cur.execute(f"UPDATE outbox SET {sets} FROM (SELECT {src}) AS v WHERE outbox.id = v.id "

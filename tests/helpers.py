@@ -167,3 +167,11 @@ def plan_of(engine, statement: str, parameters) -> str:
     with engine.begin() as c:
         explain = "EXPLAIN " if c.dialect.name == "postgresql" else "EXPLAIN QUERY PLAN "
         return " ".join(str(r[-1]) for r in c.exec_driver_sql(explain + statement, parameters))
+
+
+def analyze(engine, table: str) -> None:
+    """Fresh planner statistics (PostgreSQL: of ``table``; SQLite: ANALYZE of the whole store)."""
+    from sqlalchemy import text
+
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        c.execute(text(f"ANALYZE {table}" if c.dialect.name == "postgresql" else "ANALYZE"))

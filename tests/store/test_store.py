@@ -180,24 +180,17 @@ def test_the_journey_poll_reads_only_unprocessed_events_through_a_partial_index(
     """Processed CRM events stay in the table; the poll (``tasks.journey.process_events``) must not read
     them again each time (migration 0015): its plan uses ``ix_crm_events_unprocessed`` on both stores."""
     from store.db import is_postgres
+    from tests.helpers import analyze, numbers_sql, plan_of
 
     with engine.begin() as c:
-        pg = is_postgres(c)
-        if pg:
-            c.execute(text("INSERT INTO crm_events (source, dedup_key, event_type, payload, received_at, processed_at) "
-                           "SELECT 'crm', 'k' || g, 'order.created', '{}', now(), CASE WHEN g <= 20000 THEN now() END "
-                           "FROM generate_series(1, 20050) g"))
-        else:
-            c.execute(text("WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 20050) "
-                           "INSERT INTO crm_events (source, dedup_key, event_type, payload, received_at, processed_at) "
-                           "SELECT 'crm', 'k' || n, 'order.created', '{}', CURRENT_TIMESTAMP, "
-                           "CASE WHEN n <= 20000 THEN CURRENT_TIMESTAMP END FROM g"))
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.execute(text("ANALYZE crm_events" if pg else "ANALYZE"))
+        c.execute(text("INSERT INTO crm_events (source, dedup_key, event_type, payload, received_at, processed_at) "
+                       "SELECT 'crm', 'k' || n, 'order.created', '{}', :t, CASE WHEN n < 20000 THEN :t END "
+                       f"FROM ({numbers_sql(is_postgres(c), 20050)}) AS q"), {"t": utcnow()})
+    analyze(engine, "crm_events")
     poll = "SELECT id FROM crm_events WHERE processed_at IS NULL ORDER BY id LIMIT 500"
+    plan = plan_of(engine, poll, {})
+    assert "ix_crm_events_unprocessed" in plan, plan
     with engine.begin() as c:
-        plan = " ".join(str(r[-1]) for r in c.execute(text(("EXPLAIN " if pg else "EXPLAIN QUERY PLAN ") + poll)))
-        assert "ix_crm_events_unprocessed" in plan, plan
         got = [int(r[0]) for r in c.execute(text(poll))]
         first = c.execute(text("SELECT MIN(id) FROM crm_events WHERE processed_at IS NULL")).scalar()
     assert len(got) == 50 and got == sorted(got) and got[0] == first
@@ -210,7 +203,7 @@ def test_recording_results_reads_each_queued_message_once_whatever_the_statistic
     not the queued ones through the state index; on both stores only the messages still queued change)."""
     from store.db import is_postgres
     from store.outbox import update_if_queued
-    from tests.helpers import numbers_sql
+    from tests.helpers import analyze, numbers_sql
 
     now = utcnow()
     with engine.begin() as c:
@@ -223,8 +216,7 @@ def test_recording_results_reads_each_queued_message_once_whatever_the_statistic
                        f"state, attempts, planned_at, updated_at) SELECT 'q' || n, CASE WHEN n < 10000 THEN :a "
                        f"WHEN n < 20000 THEN :b ELSE :c END, 'main', '+7916', 'hi', 'GSM-7', 1, 0, 'planned', 0, :t, :t "
                        f"FROM ({numbers_sql(pg, 30000)}) AS q"), {"a": cids[0], "b": cids[1], "c": cids[2], "t": now})
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.execute(text("ANALYZE outbox" if pg else "ANALYZE"))  # nothing queued in the statistics
+    analyze(engine, "outbox")  # nothing queued in the statistics
     with engine.begin() as c:
         c.execute(text("UPDATE outbox SET state = 'queued' WHERE campaign_id = :c"), {"c": cids[2]})
         ids = [int(r[0]) for r in c.execute(text("SELECT id FROM outbox WHERE campaign_id = :c ORDER BY id LIMIT 400"),

@@ -108,7 +108,7 @@ def test_a_capped_claim_reads_the_contacts_history_through_an_index(engine):
     and the cap still holds: the contact sent a message an hour ago is deferred, the other one is sent."""
     from store.db import is_postgres
     from tasks.send import claim
-    from tests.helpers import numbers_sql, plan_of, statements_run
+    from tests.helpers import analyze, numbers_sql, plan_of, statements_run
 
     clock = datetime(2027, 3, 10, 12, 0, tzinfo=UTC)
     naive = clock.replace(tzinfo=None)
@@ -134,8 +134,7 @@ def test_a_capped_claim_reads_the_contacts_history_through_an_index(engine):
                                   "segments", "cost", "state", "attempts", "planned_at", "updated_at"),
                     [(f"cap:{k}", cid, first + k, "main", f"+7916{k:07d}", "hi", "GSM-7", 1, 0, "planned", 0, naive, naive)
                      for k in (0, 1)])
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.execute(text("ANALYZE outbox" if pg else "ANALYZE"))
+    analyze(engine, "outbox")
 
     with statements_run(engine) as seen:
         got = claim(engine, cid, 10, "t", now=clock)

@@ -83,7 +83,7 @@ def test_receipts_without_our_reference_find_their_message_through_the_gateway_i
     messages that have none yet."""
     from blocks.gateway import Receipt
     from store.db import is_postgres
-    from tests.helpers import numbers_sql, plan_of, statements_run
+    from tests.helpers import analyze, numbers_sql, plan_of, statements_run
 
     now = utcnow()
     with engine.begin() as c:
@@ -96,8 +96,7 @@ def test_receipts_without_our_reference_find_their_message_through_the_gateway_i
                        f"state, attempts, planned_at, updated_at, gateway_message_id) SELECT 'm' || n, :c, 'main', '+7916', "
                        f"'hi', 'GSM-7', 1, 0, CASE WHEN n % 2 = 0 THEN 'submitted' ELSE 'planned' END, 0, :t, :t, "
                        f"CASE WHEN n % 2 = 0 THEN 'gw' || n END FROM ({numbers_sql(pg, 20000)}) AS q"), {"c": cid, "t": now})
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.execute(text("ANALYZE outbox" if pg else "ANALYZE"))
+    analyze(engine, "outbox")
     store_receipts(engine, "sandbox", [Receipt(f"gw{n}", None, "delivered", "000", now, {}) for n in (0, 2, 4)])
     with statements_run(engine) as seen:
         assert apply_receipts(engine).applied == 3

@@ -355,7 +355,7 @@ def test_campaigns_to_send_probes_each_campaign_instead_of_reading_the_whole_out
 
     from store.db import bulk_insert, is_postgres
     from tasks.send import campaigns_to_send
-    from tests.helpers import numbers_sql, plan_of, statements_run
+    from tests.helpers import analyze, numbers_sql, plan_of, statements_run
 
     now = utcnow()
     kinds = {"due": ("planned", None, None), "later": ("planned", now + timedelta(hours=2), None),
@@ -375,8 +375,7 @@ def test_campaigns_to_send_probes_each_campaign_instead_of_reading_the_whole_out
         c.execute(text(f"INSERT INTO outbox (idempotency_key, campaign_id, step, phone_e164, text, encoding, segments, cost, "
                        f"state, attempts, planned_at, updated_at) SELECT 'd' || n, :d, 'main', '+7916', 'hi', 'GSM-7', 1, 0, "
                        f"'delivered', 1, :t, :t FROM ({numbers_sql(pg, 20000)}) AS q"), {"d": ids["done"], "t": now})
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.execute(text("ANALYZE outbox" if pg else "ANALYZE"))
+    analyze(engine, "outbox")
     with statements_run(engine) as seen:
         got = campaigns_to_send(engine, None, now)
     assert [name for _id, name, _gw in got] == ["due", "dead"]

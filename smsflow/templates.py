@@ -737,7 +737,7 @@ def init_render_worker(template: MessageTemplate, price_per_segment: float, extr
     _WORKER_STATE["args"] = (template, price_per_segment, extra)
 
 
-def render_chunk(contacts: list[dict]) -> tuple[list[dict], list[dict]]:
-    """:func:`render_batch` with the template set by :func:`init_render_worker`."""
-    template, price, extra = _WORKER_STATE["args"]
-    return render_batch(contacts, template, price_per_segment=price, extra=extra)
+def worker_args() -> tuple[MessageTemplate, float, dict | None]:
+    """(template, price per segment, extra) set by :func:`init_render_worker` in this worker."""
+    return _WORKER_STATE["args"]
+

@@ -7,7 +7,6 @@ a template that fails for one contact quarantines that message with the reason.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections import deque
 from datetime import datetime, timezone
 from concurrent.futures import ProcessPoolExecutor
@@ -17,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, text
 
-from smsflow.templates import MessageTemplate, init_render_worker, load_template, render_batch, render_chunk  # noqa: F401
+from smsflow.templates import MessageTemplate, init_render_worker, load_template, render_batch, worker_args  # noqa: F401
 from store.db import Columns, bulk_insert, get_engine, read_frame, refresh_statistics, utcnow
 from store.quarantine import write_quarantine
 from tasks.accounting import ensure_campaign
@@ -173,37 +172,58 @@ def _plain(col) -> list:
     return col.astype(object).where(col.notna(), None).tolist()
 
 
-def _pages(engine, campaign_id: int, source: str, segment: str, page_size: int, stats: PlanStats,
-           ids: tuple[int, int] | None = None, marketing: bool = False):
-    """Consenting candidates, page by page (bounded memory), in id order (only ids lo..hi when given).
-    Marketing leaves out the global holdout (setting SMSFLOW_GLOBAL_HOLDOUT, smsflow/abtest.py)."""
-    from smsflow.abtest import in_global_holdout
+def _holdout(marketing: bool) -> tuple[float, str]:
+    """The global holdout's share (0 outside marketing) and salt (setting SMSFLOW_GLOBAL_HOLDOUT)."""
     from smsflow.settings import get_settings
 
     s = get_settings()
-    share = s.global_holdout if marketing else 0.0
+    return (s.global_holdout if marketing else 0.0), s.global_holdout_salt
+
+
+def _ranges(engine, segment: str, page_size: int, ids: tuple[int, int] | None = None):
+    """(lo, hi) id ranges of ``page_size`` segment members each, in id order (only ids lo..hi when given);
+    the last range's ``hi`` is None when no upper id bound was given."""
     lo = ids[0] - 1 if ids else -1
     upto = ids[1] if ids else None
     while True:
         end = _page_end(engine, segment, lo, page_size)
-        last = end is None or (upto is not None and end >= upto)
-        hi = upto if last else end
-        df = _contacts_for(engine, campaign_id, source, segment, lo=lo, hi=hi)
-        n_raw = len(df)
-        stats.candidates += n_raw
-        if n_raw:
-            consent = df["sms_consent"].astype(bool) & df["opted_out_at"].isna()
-            stats.no_consent += int((~consent).sum())
-            df = df[consent.to_numpy()]
-        if share and len(df):
-            keep = [not in_global_holdout(share, s.global_holdout_salt, p) for p in df["phone_e164"]]
-            stats.global_holdout += len(keep) - sum(keep)
-            df = df[keep]
-        if len(df):
-            yield _records(df)
-        if last:
+        if end is None or (upto is not None and end >= upto):
+            yield lo, upto
             return
-        lo = hi
+        yield lo, end
+        lo = end
+
+
+def _page(engine, campaign_id: int, source: str, segment: str, lo: int, hi: int | None, stats: PlanStats,
+          holdout: tuple[float, str]) -> list[dict[str, Any]]:
+    """The consenting candidates with ids in (``lo``, ``hi``] as render records (counted in ``stats``);
+    marketing leaves out the global holdout (smsflow/abtest.py)."""
+    from smsflow.abtest import in_global_holdout
+
+    share, salt = holdout
+    df = _contacts_for(engine, campaign_id, source, segment, lo=lo, hi=hi)
+    n_raw = len(df)
+    stats.candidates += n_raw
+    if n_raw:
+        consent = df["sms_consent"].astype(bool) & df["opted_out_at"].isna()
+        stats.no_consent += int((~consent).sum())
+        df = df[consent.to_numpy()]
+    if share and len(df):
+        keep = [not in_global_holdout(share, salt, p) for p in df["phone_e164"]]
+        stats.global_holdout += len(keep) - sum(keep)
+        df = df[keep]
+    return _records(df) if len(df) else []
+
+
+def _pages(engine, campaign_id: int, source: str, segment: str, page_size: int, stats: PlanStats,
+           ids: tuple[int, int] | None = None, marketing: bool = False):
+    """Consenting candidates, page by page (bounded memory), in id order (only ids lo..hi when given).
+    Marketing leaves out the global holdout (setting SMSFLOW_GLOBAL_HOLDOUT, smsflow/abtest.py)."""
+    holdout = _holdout(marketing)
+    for lo, hi in _ranges(engine, segment, page_size, ids):
+        records = _page(engine, campaign_id, source, segment, lo, hi, stats, holdout)
+        if records:
+            yield records
 
 
 candidate_pages = _pages  # A/B campaigns (tasks/abtest.py) split the same pages by arm
@@ -234,53 +254,71 @@ def _plan_messages(engine, campaign_id, source, segment, template, price_per_seg
     stats = PlanStats()
     extra = extra or {}
     page_size = max(1, int(batch_size))
-    pages = _pages(engine, campaign_id, source, segment, page_size, stats, marketing=template.kind == "marketing")
-
-    def store(rendered, failed, records) -> None:
-        phones = {int(r["contact_id"]): r["phone_e164"] for r in records}
-        _store_chunk(engine, rendered, failed, stats, campaign_id, source, segment, template, gateway, phones)
-        if on_batch:
-            on_batch(stats)
-
-    # look ahead until it is clear whether a worker pool pays off (> 20,000 contacts to render)
-    ahead: list[list[dict[str, Any]]] = []
-    seen = 0
-    for page in pages:
-        ahead.append(page)
-        seen += len(page)
-        if seen > 20_000:
-            break
-    if processes > 1 and seen > 20_000:
-        # CPU-bound: spread fixed-size chunks over processes (spawn: safe beside Prefect's threads); at most
-        # 2 chunks per worker in flight, so memory does not grow with the campaign
-        per = max(1_000, min(page_size, 10_000))
-
-        def chunks():
-            for page in itertools.chain(ahead, pages):
-                for i in range(0, len(page), per):
-                    yield page[i : i + per]
-
+    holdout = _holdout(template.kind == "marketing")
+    if processes > 1 and _page_end(engine, segment, -1, _POOL_FROM + 1) is not None:
+        # CPU-bound and big enough for a worker pool (spawn: safe beside Prefect's threads). Each worker reads,
+        # renders and writes whole pages of members (id ranges) on its own connection: this process only hands
+        # out the ranges, so nothing is pickled but the range and the page's counts, and reading and writing run
+        # in every worker at once instead of one after the other here (1M contacts on PostgreSQL: the main
+        # process read, pickled and COPYed every page while the workers rendered, ~1.4 of 2 cores busy).
+        # At most 2 pages per worker in flight, so memory does not grow with the campaign.
+        url = engine.url.render_as_string(hide_password=False)
         with ProcessPoolExecutor(max_workers=processes, mp_context=get_context("spawn"),
                                  initializer=init_render_worker,
                                  initargs=(template, price_per_segment, extra)) as pool:
             inflight: deque = deque()
-            for c in chunks():
-                inflight.append((pool.submit(render_chunk, c), c))
+            for lo, hi in _ranges(engine, segment, page_size):
+                inflight.append(pool.submit(plan_range, url, campaign_id, source, segment, gateway, holdout, lo, hi))
                 if len(inflight) >= 2 * processes:
-                    fut, recs = inflight.popleft()
-                    store(*fut.result(), recs)
+                    _merge(stats, inflight.popleft().result(), on_batch)
             while inflight:
-                fut, recs = inflight.popleft()
-                store(*fut.result(), recs)
+                _merge(stats, inflight.popleft().result(), on_batch)
     else:
-        for page in itertools.chain(ahead, pages):
-            for i in range(0, len(page), page_size):
-                c = page[i : i + page_size]
+        for lo, hi in _ranges(engine, segment, page_size):
+            c = _page(engine, campaign_id, source, segment, lo, hi, stats, holdout)
+            if c:
                 rendered, failed = _render_chunk((c, template, price_per_segment, extra))
-                store(rendered, failed, c)
+                _store_chunk(engine, rendered, failed, stats, campaign_id, source, segment, template, gateway,
+                             _phones(c))
+                if on_batch:
+                    on_batch(stats)
     if stats.planned or stats.render_failed:
         refresh_statistics(engine, "outbox", "quarantine")
     return stats
+
+
+_POOL_FROM = 20_000  # segment members from which a worker pool pays off
+
+
+def plan_range(url: str, campaign_id: int, source: str, segment: str, gateway: str | None,
+               holdout: tuple[float, str], lo: int, hi: int | None) -> PlanStats:
+    """Worker process (set up by ``init_render_worker``): read, render and write the candidates with ids in
+    (``lo``, ``hi``]; the page's counts."""
+    template, price, extra = worker_args()
+    engine = get_engine(url)
+    stats = PlanStats()
+    with gc_paused():
+        records = _page(engine, campaign_id, source, segment, lo, hi, stats, holdout)
+        per = 10_000  # a transaction per 10,000 messages, as on one process
+        for i in range(0, len(records), per):
+            c = records[i : i + per]
+            rendered, failed = render_batch(c, template, price_per_segment=price, extra=extra)
+            _store_chunk(engine, rendered, failed, stats, campaign_id, source, segment, template, gateway, _phones(c))
+    return stats
+
+
+def _phones(records: list[dict[str, Any]]) -> dict[int, str]:
+    return {int(r["contact_id"]): r["phone_e164"] for r in records}
+
+
+def _merge(stats: PlanStats, part: PlanStats, on_batch) -> None:
+    """Add a worker's page counts to the run's (failures: the first 20 kept)."""
+    for f in ("candidates", "no_consent", "planned", "already_planned", "render_failed", "global_holdout",
+              "segments", "cost"):
+        setattr(stats, f, getattr(stats, f) + getattr(part, f))
+    stats.failures.extend(part.failures[: max(0, 20 - len(stats.failures))])
+    if on_batch:
+        on_batch(stats)
 
 
 def _store_chunk(engine, rendered, failed, stats, campaign_id, source, segment, template, gateway, phones) -> None:

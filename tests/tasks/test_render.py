@@ -78,3 +78,45 @@ def test_pages_cover_each_candidate_once_in_bounded_id_ranges(engine, tmp_path):
     stats = PlanStats()
     pages = [[r["contact_id"] for r in p] for p in _pages(engine, cid, "test", "all", 3, stats, ids=(lo, hi))]
     assert [i for p in pages for i in p] == [i for i in ids[::3] if lo <= i <= hi]
+
+
+def test_worker_processes_read_render_and_write_their_pages_with_the_same_result(engine, tmp_path, monkeypatch):
+    """processes > 1: each worker reads, renders and writes whole pages (id ranges) itself, and the campaign
+    ends up with the same messages, quarantine and counts as rendered in one process."""
+    import tasks.render as render
+
+    tpl = MessageTemplate(name="t", variants={"ru": "Привет, {{ first_name }}! Баллы: {{ orders_count }}"})
+    load_csv(engine, _base(tmp_path, 60, {0: {"sms_consent": "false"}, 1: {"sms_consent": "нет"},
+                                          2: {"first_name": ""}, 41: {"first_name": ""}}))
+    build_membership(engine, "test", ALL, utcnow())
+    runs = {}
+    for name, processes in (("one", 1), ("pool", 2)):
+        cid = ensure_campaign(engine, name=name, source="test", segment="all", template_name=tpl.name, kind=tpl.kind,
+                              gateway="sandbox", price_per_segment=2.0, policy=always_open().model_dump(mode="json"))
+        seen = []
+        if processes > 1:
+            monkeypatch.setattr(render, "_POOL_FROM", 10)  # a pool from 10 members on (20,000 by default)
+
+            def not_here(*a, **k):
+                raise AssertionError("the pool's pages are written by the workers, not by this process")
+
+            monkeypatch.setattr(render, "_store_chunk", not_here)
+        stats = plan_messages(engine, campaign_id=cid, source="test", segment="all", template=tpl,
+                              price_per_segment=2.0, gateway="sandbox", batch_size=7, processes=processes,
+                              on_batch=lambda s: seen.append(s.planned + s.render_failed))
+        with engine.begin() as conn:
+            rows = sorted(tuple(r) for r in conn.execute(text(
+                "SELECT contact_id, text, encoding, segments, cost, state FROM outbox WHERE campaign_id = :c"), {"c": cid}))
+            failed = sorted(conn.execute(text("SELECT contact_id FROM quarantine WHERE step = 'render' "
+                                              "AND campaign_id = :c"), {"c": cid}).scalars())
+        runs[name] = (stats, rows, failed, seen)
+    one, pool = runs["one"], runs["pool"]
+    assert (pool[0].candidates, pool[0].no_consent, pool[0].planned, pool[0].render_failed) == (60, 2, 56, 2)
+    for f in ("candidates", "no_consent", "planned", "render_failed", "segments"):
+        assert getattr(pool[0], f) == getattr(one[0], f), f
+    assert pool[0].cost == pytest.approx(one[0].cost)
+    assert pool[1] == one[1] and len(pool[1]) == 56  # the same messages, each once
+    assert pool[2] == one[2] and len(pool[2]) == 2
+    assert len(pool[0].failures) == 2
+    # progress after every page (60 members, 7 a page: 9 pages), ending at the total
+    assert len(pool[3]) == 9 and pool[3] == sorted(pool[3]) and pool[3][-1] == 58

@@ -1,24 +1,17 @@
 """tasks/render.py: templates over a segment into planned outbox messages."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta
-
 import pytest
 from sqlalchemy import bindparam, text
 
-from blocks.gateway import SandboxGateway, SubmitResult
 from store.db import utcnow
 from tasks.accounting import campaign_accounting, ensure_campaign
 from tasks.render import plan_messages
 from tasks.policy import always_open
-from tasks.reconcile import apply_receipts, expire_stale, store_receipts
 from smsflow.templates import MessageTemplate
-from tasks.segment import ALL, AttributeFilter, Range, RfmRule, SegmentDefinition, build_membership, evaluate
-from smsflow.ratelimit import TokenBucket
-from tasks.send import claim, recover_in_flight, send_messages
-from tasks.validate import ExtractCheckFailed, validate_new_contacts
-from tests.helpers import contact, load_csv, write_csv
-from tests.pipeline import TPL, _base, _gw, _planned, _submitted, q  # noqa: F401
+from tasks.segment import ALL, build_membership
+from tests.helpers import load_csv
+from tests.pipeline import TPL, _base, _planned, q
 
 
 def test_plan_renders_skips_no_consent_and_quarantines_failures(engine, tmp_path):

@@ -39,6 +39,36 @@ def test_migrate_is_idempotent(any_store):
     dispose_engines()
 
 
+
+def test_a_store_at_the_newest_revision_opens_without_alembic_and_an_older_one_is_upgraded(any_store, monkeypatch):
+    """``migrate`` recognises a store at head with one query (the head read from the migration files, the
+    same as Alembic's); a store one revision behind still goes through Alembic's upgrade."""
+    import alembic.command
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from store.db import MIGRATIONS_DIR, _head_revision, dispose_engines, migrate
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    script = ScriptDirectory.from_config(cfg)
+    head = script.get_current_head()
+    assert _head_revision() == head
+    eng = get_engine(any_store)
+    upgrades = []
+    real = alembic.command.upgrade
+    monkeypatch.setattr(alembic.command, "upgrade", lambda *a, **k: (upgrades.append(a[1]), real(*a, **k)))
+    migrate(eng)
+    assert upgrades == []  # at head: Alembic not run
+    previous = script.get_revision(head).down_revision
+    with eng.begin() as c:  # one revision behind (the newest step, an index swap, runs again)
+        c.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": previous})
+    migrate(eng)
+    assert upgrades == ["head"]
+    with eng.connect() as c:
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == head
+    dispose_engines()
+
 def _campaign(conn) -> int:
     conn.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status) "
                       "VALUES ('c', 's', 'all', 't', 'marketing', 0, 'running')"))

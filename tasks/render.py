@@ -275,13 +275,9 @@ def _plan_messages(engine, campaign_id, source, segment, template, price_per_seg
                 _merge(stats, inflight.popleft().result(), on_batch)
     else:
         for lo, hi in _ranges(engine, segment, page_size):
-            c = _page(engine, campaign_id, source, segment, lo, hi, stats, holdout)
-            if c:
-                rendered, failed = _render_chunk((c, template, price_per_segment, extra))
-                _store_chunk(engine, rendered, failed, stats, campaign_id, source, segment, template, gateway,
-                             _phones(c))
-                if on_batch:
-                    on_batch(stats)
+            if _plan_page(engine, campaign_id, source, segment, template, price_per_segment, extra, gateway, holdout,
+                          lo, hi, stats, per=page_size) and on_batch:
+                on_batch(stats)
     if stats.planned or stats.render_failed:
         refresh_statistics(engine, "outbox", "quarantine")
     return stats
@@ -295,27 +291,31 @@ def plan_range(url: str, campaign_id: int, source: str, segment: str, gateway: s
     """Worker process (set up by ``init_render_worker``): read, render and write the candidates with ids in
     (``lo``, ``hi``]; the page's counts."""
     template, price, extra = worker_args()
-    engine = get_engine(url)
     stats = PlanStats()
     with gc_paused():
-        records = _page(engine, campaign_id, source, segment, lo, hi, stats, holdout)
-        per = 10_000  # a transaction per 10,000 messages, as on one process
-        for i in range(0, len(records), per):
-            c = records[i : i + per]
-            rendered, failed = render_batch(c, template, price_per_segment=price, extra=extra)
-            _store_chunk(engine, rendered, failed, stats, campaign_id, source, segment, template, gateway, _phones(c))
+        # a transaction per 10,000 messages, as the pool of render-only workers stored them
+        _plan_page(get_engine(url), campaign_id, source, segment, template, price, extra, gateway, holdout, lo, hi,
+                   stats, per=10_000)
     return stats
 
 
-def _phones(records: list[dict[str, Any]]) -> dict[int, str]:
-    return {int(r["contact_id"]): r["phone_e164"] for r in records}
+def _plan_page(engine, campaign_id, source, segment, template, price, extra, gateway, holdout, lo: int,
+               hi: int | None, stats: PlanStats, per: int) -> int:
+    """Read, render and store the page (``lo``, ``hi``], ``per`` messages a transaction; its consenting candidates."""
+    records = _page(engine, campaign_id, source, segment, lo, hi, stats, holdout)
+    for i in range(0, len(records), per):
+        c = records[i : i + per]
+        rendered, failed = _render_chunk((c, template, price, extra))
+        phones = {int(r["contact_id"]): r["phone_e164"] for r in c}
+        _store_chunk(engine, rendered, failed, stats, campaign_id, source, segment, template, gateway, phones)
+    return len(records)
 
 
 def _merge(stats: PlanStats, part: PlanStats, on_batch) -> None:
     """Add a worker's page counts to the run's (failures: the first 20 kept)."""
-    for f in ("candidates", "no_consent", "planned", "already_planned", "render_failed", "global_holdout",
-              "segments", "cost"):
-        setattr(stats, f, getattr(stats, f) + getattr(part, f))
+    for f in dataclasses.fields(PlanStats):
+        if f.name != "failures":
+            setattr(stats, f.name, getattr(stats, f.name) + getattr(part, f.name))
     stats.failures.extend(part.failures[: max(0, 20 - len(stats.failures))])
     if on_batch:
         on_batch(stats)

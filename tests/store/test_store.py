@@ -39,7 +39,6 @@ def test_migrate_is_idempotent(any_store):
     dispose_engines()
 
 
-
 def test_a_store_at_the_newest_revision_opens_without_alembic_and_an_older_one_is_upgraded(any_store, monkeypatch):
     """``migrate`` recognises a store at head with one query (the head read from the migration files, the
     same as Alembic's); a store one revision behind still goes through Alembic's upgrade."""
@@ -68,6 +67,7 @@ def test_a_store_at_the_newest_revision_opens_without_alembic_and_an_older_one_i
     with eng.connect() as c:
         assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == head
     dispose_engines()
+
 
 def _campaign(conn) -> int:
     conn.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status) "

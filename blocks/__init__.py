@@ -1,5 +1,5 @@
-"""Prefect Blocks: each external system is one abstract interface with real and sandbox implementations."""
-from blocks.crm import CrmSource, CsvCrm, SqlCrm
-from blocks.gateway import SandboxGateway, SmsGateway
+"""Prefect Blocks: each external system is one abstract interface with real and sandbox implementations.
 
-__all__ = ["CrmSource", "CsvCrm", "SqlCrm", "SandboxGateway", "SmsGateway"]
+Import the module you need (``blocks.crm``, ``blocks.gateway``, ...): this package imports none of them, so
+that a module importing a leaf of it (or ``smsflow.exports``' plain export reader) does not import Prefect.
+"""

@@ -9,28 +9,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from pathlib import Path
 from typing import ClassVar, Optional
 
 import pandas as pd
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from smsflow.exports import (EXCEL_SUFFIXES, PARQUET_SUFFIXES, ExportError, ExportFormat, delimiter_option,
-                             encoding_option, read_csv_chunks, read_export, repeated_values, sniff)
+# CONTACT_COLUMNS and CrmSourceError live beside the export reader (no Prefect) and are this module's too
+from smsflow.exports import CONTACT_COLUMNS, CrmSourceError, ExportFormat, ExportSource
 
-CONTACT_COLUMNS = (
-    "id",
-    "first_name",
-    "last_name",
-    "phone",
-    "email",
-    "language",
-    "timezone",
-    "sms_consent",
-    "consent_at",
-    "updated_at",
-)
+__all__ = ["CONTACT_COLUMNS", "CrmSource", "CrmSourceError", "CsvCrm", "SqlCrm"]
 
 
 def _log():
@@ -44,10 +32,6 @@ def _log():
         return get_run_logger()
     except MissingContextError:
         return logging.getLogger("smsflow.crm")
-
-
-class CrmSourceError(RuntimeError):
-    """A CRM source that cannot be read (bad URL, missing file, broken query)."""
 
 
 class CrmSource(Block, ABC):
@@ -199,10 +183,10 @@ def _records_frame(rows: list[tuple], cols: list[str]) -> pd.DataFrame:
 
 class CsvCrm(CrmSource):
     """A CRM export: CSV (any usual encoding and delimiter, detected when not given), XLSX or
-    Parquet; every value is read as text, nothing is coerced."""
+    Parquet; every value is read as text, nothing is coerced (``smsflow.exports.ExportSource`` reads it)."""
 
     _block_type_name = "CSV CRM"
-    ordered_by_updated_at: ClassVar[bool] = False
+    ordered_by_updated_at: ClassVar[bool] = ExportSource.ordered_by_updated_at
 
     path: str = Field(description="Path of the CSV, XLSX or Parquet file.")
     delimiter: Optional[str] = Field(default=None, description="CSV delimiter (',', ';', tab); empty: detect.")
@@ -212,100 +196,27 @@ class CsvCrm(CrmSource):
         default=None, description="Orders/deals export (CSV in any usual encoding, XLSX or Parquet) with order_id, "
         "contact_id (the CRM's contact id), amount, status, ordered_at[, updated_at, currency]; empty: no orders.")
 
+    def export_source(self) -> ExportSource:
+        """The plain reader of this Block's file (logging to the run's log inside a flow)."""
+        return ExportSource(path=self.path, source_name=self.source_name, column_map=dict(self.column_map),
+                            delimiter=self.delimiter, encoding=self.encoding, sheet=self.sheet,
+                            orders_path=self.orders_path, logger=_log())
+
     @property
     def has_orders(self) -> bool:
         return bool(self.orders_path)
 
     def fetch_orders(self, since: str | None = None, batch_size: int = 50_000) -> Iterator[pd.DataFrame] | None:
-        """The orders export (its encoding and delimiter detected on their own), one batch; re-read whole each
-        time (the upsert by order id makes that idempotent; a refund re-exported turns revenue off)."""
-        if not self.orders_path:
-            return None
-        p = Path(self.orders_path)
-        if not p.is_file():
-            raise CrmSourceError(f"CSV CRM '{self.source_name}': orders file not found: {p}")
-        try:
-            df = read_export(p, sniff(p))
-        except ExportError as exc:
-            raise CrmSourceError(f"CSV CRM '{self.source_name}': orders: {exc}") from None
-        df.columns = [str(c).strip() for c in df.columns]
-        if "updated_at" not in df.columns and "ordered_at" in df.columns:
-            df["updated_at"] = df["ordered_at"]
-        return self._since(df, since)
+        return self.export_source().fetch_orders(since, batch_size)
 
     def export_format(self) -> ExportFormat:
-        """What the file is, as given or detected (raises CrmSourceError)."""
-        try:
-            return sniff(self.path, encoding=encoding_option(self.encoding), delimiter=delimiter_option(self.delimiter),
-                         sheet=self.sheet or None)
-        except ExportError as exc:
-            raise CrmSourceError(f"CSV CRM '{self.source_name}': {exc}") from None
+        return self.export_source().export_format()
 
     def estimate_rows(self, since: str | None = None) -> int | None:
-        """Lines in the file (Parquet: rows in its metadata); ``since`` is ignored (an upper bound)."""
-        p = Path(self.path)
-        try:
-            if p.suffix.lower() in PARQUET_SUFFIXES:
-                import pyarrow.parquet as pq
-
-                return int(pq.ParquetFile(p).metadata.num_rows)
-            if p.suffix.lower() in EXCEL_SUFFIXES:
-                return None
-            with open(p, "rb") as f:
-                return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-        except Exception:  # noqa: BLE001 - only a hint
-            return None
+        return self.export_source().estimate_rows(since)
 
     def read_all(self, nrows: int | None = None) -> pd.DataFrame:
-        """The export, renamed to our columns (``nrows``: only its first rows, for a quick check)."""
-        p, fmt = self._open(announce=nrows is None)
-        return self._read(p, fmt, nrows)
-
-    def _open(self, announce: bool) -> tuple[Path, ExportFormat]:
-        """The file and its format (as given or detected); ``announce``: say in the run's log what is read."""
-        p = Path(self.path)
-        if not p.is_file():
-            raise CrmSourceError(f"CSV CRM '{self.source_name}': file not found: {p}")
-        fmt = self.export_format()
-        if announce:
-            _log().info("reading %s: %s", p.name, fmt.describe())
-        return p, fmt
-
-    def _read(self, p: Path, fmt: ExportFormat, nrows: int | None = None) -> pd.DataFrame:
-        try:
-            return self._rename(read_export(p, fmt, nrows=nrows))
-        except ExportError as exc:
-            raise CrmSourceError(f"CSV CRM '{self.source_name}': {exc}") from None
+        return self.export_source().read_all(nrows)
 
     def fetch(self, since: str | None = None, batch_size: int = 50_000) -> Iterator[pd.DataFrame]:
-        """The export in batches of ``batch_size`` rows (CSV; XLSX and Parquet: one batch). The rows of
-        a CRM id that appears more than once are held back and come together in the last batch, so the
-        extract sees them side by side (the latest wins, the others are quarantined as merged)."""
-        p, fmt = self._open(announce=True)
-        if fmt.kind != "csv":
-            yield from self._since(self._read(p, fmt), since)
-            return
-        id_column = self.column_map.get("id", "id")
-        try:
-            repeated = repeated_values(p, fmt, id_column)
-            held: list[pd.DataFrame] = []
-            for chunk in read_csv_chunks(p, fmt, max(1, int(batch_size))):
-                mask = repeated[chunk.index.to_numpy()]
-                if mask.any():
-                    held.append(chunk[mask])
-                    chunk = chunk[~mask]
-                yield from self._since(self._rename(chunk), since)
-        except ExportError as exc:
-            raise CrmSourceError(f"CSV CRM '{self.source_name}': {exc}") from None
-        if held:
-            yield from self._since(self._rename(pd.concat(held)), since)
-
-    @staticmethod
-    def _since(df: pd.DataFrame, since: str | None) -> Iterator[pd.DataFrame]:
-        if since is not None and "updated_at" in df.columns:
-            ts = pd.to_datetime(df["updated_at"], errors="coerce", utc=True, format="mixed")
-            mark = pd.to_datetime(since, utc=True, format="mixed")
-            # rows without a parseable updated-at are always taken (the upsert is idempotent)
-            df = df[ts.isna() | (ts >= mark)]
-        if len(df):
-            yield df
+        return self.export_source().fetch(since, batch_size)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from prefect.blocks.core import Block
 from pydantic import Field
-from smsflow.settings import get_settings
+from smsflow.settings import DEFAULT_CURRENCY, DEFAULT_SENDER_ID, SANDBOX_PRICE_PER_SEGMENT, get_settings
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,8 @@ class SmsGateway(Block, ABC):
     rate_per_second: float = Field(default=50.0, gt=0, description="Provider rate limit, messages per second.")
     batch_size: int = Field(default=500, ge=1, description="Messages per submit call.")
     price_per_segment: float = Field(default=0.0, ge=0, description="Price of one SMS part (segment), for costs.")
-    currency: str = Field(default="RUB", pattern=r"^[A-Z]{3}$", description="ISO 4217 currency of the price (RUB, USD, EUR).")
-    sender_id: str = Field(default="SMSFLOW", description="Alphanumeric sender name or number.")
+    currency: str = Field(default=DEFAULT_CURRENCY, pattern=r"^[A-Z]{3}$", description="ISO 4217 currency of the price (RUB, USD, EUR).")
+    sender_id: str = Field(default=DEFAULT_SENDER_ID, description="Alphanumeric sender name or number.")
     senders: int = Field(
         default=1, ge=1, le=32,
         description="Senders that may use this gateway at once (one per bind or connection the provider allows; "
@@ -151,7 +151,7 @@ class SandboxGateway(SmsGateway):
     seed: int = 7
     rate_per_second: float = 2000.0
     batch_size: int = 1000
-    price_per_segment: float = 2.5
+    price_per_segment: float = SANDBOX_PRICE_PER_SEGMENT
 
     # ------------------------------------------------------------------ state
     def _path(self) -> Path:

@@ -297,29 +297,29 @@ def _exit_now(code: int = 0) -> None:
 
 
 def _dry_run(source, template, name, gateway_block, segment, segments_file, policy, end) -> dict:
-    from blocks.gateway import SandboxGateway
+    from smsflow.settings import DEFAULT_CURRENCY, DEFAULT_SENDER_ID, SANDBOX_PRICE_PER_SEGMENT
     from store.db import get_engine
     from tasks.dry_run import dry_run_campaign
     from tasks.policy import ContactPolicy
 
-    if gateway_block == "sandbox" and not os.environ.get("PREFECT_API_URL"):
-        gw = SandboxGateway()  # the built-in sandbox's price; no Prefect API to start for it
-    else:  # its price, currency and sender live in the Block: Prefect's block store
-        from blocks.registry import load_gateway
+    # the built-in sandbox's price: no Prefect to import or start for it
+    price, sender, currency = SANDBOX_PRICE_PER_SEGMENT, DEFAULT_SENDER_ID, DEFAULT_CURRENCY
+    if gateway_block != "sandbox" or os.environ.get("PREFECT_API_URL"):
+        from blocks.registry import load_gateway  # its price, currency and sender live in Prefect's block store
 
         with _prefect_session():
             try:
                 gw = load_gateway(gateway_block)
+                price, sender, currency = gw.price_per_segment, gw.sender_id, getattr(gw, "currency", DEFAULT_CURRENCY)
             except ValueError:
                 if gateway_block != "sandbox":
                     _fail(f"no gateway block named '{gateway_block}'")
-                gw = SandboxGateway()
     try:
         return dry_run_campaign(get_engine(), source, name=name, template=str(template.resolve()), segment=segment,
                                 segments_file=str(segments_file.resolve()) if segments_file else None,
-                                gateway_name=gateway_block, price_per_segment=gw.price_per_segment,
-                                sender_name=gw.sender_id, currency=getattr(gw, "currency", "RUB"),
-                                policy=policy if policy is not None else ContactPolicy(), ends_at=end)
+                                gateway_name=gateway_block, price_per_segment=price, sender_name=sender,
+                                currency=currency, policy=policy if policy is not None else ContactPolicy(),
+                                ends_at=end)
     except Exception as exc:  # noqa: BLE001 - one clear line (SMSFLOW_TRACEBACKS=1 shows the traceback)
         if os.environ.get("SMSFLOW_TRACEBACKS"):
             raise
@@ -328,7 +328,7 @@ def _dry_run(source, template, name, gateway_block, segment, segments_file, poli
 
 
 def _column_map(columns: list[str], phone_column: Optional[str]) -> dict[str, str]:
-    from blocks.crm import CONTACT_COLUMNS
+    from smsflow.exports import CONTACT_COLUMNS
 
     out: dict[str, str] = {}
     for item in columns:
@@ -344,12 +344,13 @@ def _column_map(columns: list[str], phone_column: Optional[str]) -> dict[str, st
 
 
 def _export_source(path: Path, fmt, column_map: dict[str, str]):
-    """The CsvCrm source of a CLI export; its name (the contacts' source key) is stable per file path."""
-    from blocks.crm import CsvCrm
+    """The CLI export as a CRM source (plain: a preview reads it without Prefect; a Prefect run saves it as a
+    CsvCrm Block, ``_campaign``); its name (the contacts' source key) is stable per file path."""
+    from smsflow.exports import ExportSource
 
     path = path.resolve()
-    return CsvCrm(path=str(path), source_name=_export_source_name(path), column_map=column_map,
-                  encoding=fmt.encoding, delimiter=fmt.delimiter, sheet=fmt.sheet)
+    return ExportSource(path=str(path), source_name=_export_source_name(path), column_map=column_map,
+                        encoding=fmt.encoding, delimiter=fmt.delimiter, sheet=fmt.sheet)
 
 
 def _export_source_name(path: Path) -> str:
@@ -360,8 +361,7 @@ def _export_source_name(path: Path) -> str:
 def _check_export(source) -> None:
     """Bad input fails here, at once and in one line, before any Prefect run starts (a run would
     only fail later with the same error)."""
-    from blocks.crm import CrmSourceError
-    from smsflow.exports import missing_columns_hint
+    from smsflow.exports import CrmSourceError, missing_columns_hint
     from tasks.extract import REQUIRED_COLUMNS
 
     try:
@@ -381,7 +381,11 @@ def _campaign(source, template, name, gateway_block, segment, segments_file, rat
               plan_out, quarantine_out, ab=None, windows=(None, None)) -> None:
     # One Block per CLI run, removed afterwards (the UI keeps no csv-* Blocks); the name, the
     # contacts' source key, is the same on every run over the same file.
+    from blocks.crm import CsvCrm
+
     block_name = source.source_name
+    source = CsvCrm(path=source.path, source_name=block_name, column_map=source.column_map, encoding=source.encoding,
+                    delimiter=source.delimiter, sheet=source.sheet)
     source.save(block_name, overwrite=True)
     try:
         _save_gateway_if_missing(gateway_block)

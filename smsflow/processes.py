@@ -64,6 +64,8 @@ class _NoTraceback(logging.Formatter):
 def console_without_tracebacks() -> None:
     """Console log handlers (Prefect's included) print one line per record: a command that fails
     says why in its last line, not under 200 lines of tracebacks."""
+    import prefect.main  # noqa: F401 - Prefect installs its console handlers when its API is first imported
+
     for name in ("", "prefect"):
         for h in logging.getLogger(name).handlers:
             if isinstance(h, logging.StreamHandler) and not isinstance(h.formatter, _NoTraceback):

@@ -14,6 +14,11 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# The built-in sandbox gateway's price and sender (blocks.gateway.SandboxGateway's defaults; here so that a
+# preview can price with them without importing Prefect for the Block)
+SANDBOX_PRICE_PER_SEGMENT = 2.5
+DEFAULT_CURRENCY = "RUB"
+DEFAULT_SENDER_ID = "SMSFLOW"
 
 
 class Settings(BaseSettings):

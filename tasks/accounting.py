@@ -137,14 +137,16 @@ def log_event(engine, kind: str, *, campaign_id: int | None = None, payload: dic
     """Append to the store's event log and emit the same as a Prefect event (``smsflow.<kind>``),
     so automations and deployment triggers can react to it."""
     import json
+    import sys
 
     flow_run_id = None
-    try:
-        from prefect.runtime import flow_run
+    if "prefect" in sys.modules:  # else no flow run can be on (a preview does not import Prefect at all)
+        try:
+            from prefect.runtime import flow_run
 
-        flow_run_id = flow_run.id
-    except Exception:  # noqa: BLE001 - outside a flow run
-        pass
+            flow_run_id = flow_run.id
+        except Exception:  # noqa: BLE001 - outside a flow run
+            pass
     with engine.begin() as conn:
         conn.execute(
             text("INSERT INTO event_log (ts, kind, campaign_id, flow_run_id, payload) VALUES (:ts, :k, :c, :f, :p)"),

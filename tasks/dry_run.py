@@ -14,9 +14,8 @@ The campaign flow prints the same progress lines (``smsflow.progress``).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from blocks.crm import CrmSource
 from smsflow import progress
 from smsflow.settings import get_settings
 from store.db import utcnow
@@ -25,6 +24,9 @@ from tasks.extract import extract_source
 from tasks.render import open_campaign, plan_messages, render_extra
 from tasks.segment import build_membership, resolve_segment
 from tasks.validate import validate_new_contacts
+
+if TYPE_CHECKING:  # or smsflow.exports.ExportSource, the same interface without Prefect
+    from blocks.crm import CrmSource
 
 
 def dry_run_campaign(engine, source: CrmSource, *, name: str, template: str, segment: str = "all",

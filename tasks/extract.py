@@ -7,14 +7,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from blocks.crm import CONTACT_COLUMNS, CrmSource
+from smsflow.exports import CONTACT_COLUMNS
 from store.db import Columns, bulk_insert, json_text, read_chunks, refresh_statistics, utcnow
 from store.quarantine import write_quarantine
 from smsflow.values import truthy
@@ -24,6 +24,9 @@ from tasks.expectations import ExtractSchemaError
 from tasks.validate import BatchValidation, apply_verdicts, check_values
 from smsflow.settings import get_settings
 from store.db import executemany, get_engine, is_postgres
+
+if TYPE_CHECKING:  # a Block; the preview reads an export through smsflow.exports.ExportSource, without Prefect
+    from blocks.crm import CrmSource
 
 REQUIRED_COLUMNS = ("id", "phone")
 _CONTACT_FIELDS = (
@@ -671,14 +674,13 @@ def gc_paused():
 
 
 # --------------------------------------------------------------------------- Prefect task
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
+from smsflow.lazy_task import prefect_task  # noqa: E402 - Prefect itself only when a flow runs the task
 
 from tasks.retrying import retry_if_transient  # noqa: E402
 
 
-@task(name="extract-crm-batches", retries=2, retry_delay_seconds=[5, 30],
-      retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
+@prefect_task(name="extract-crm-batches", retries=2, retry_delay_seconds=[5, 30],
+      retry_condition_fn=retry_if_transient)
 def extract_task(source: CrmSource, full_refresh: bool, batch_size: int, database_url: str | None,
                  default_region: str | None = None, processes: int | None = None) -> ExtractStats:
     """All new CRM batches into the store (one task run per source pull, not per row), each contact

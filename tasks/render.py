@@ -436,14 +436,13 @@ def _has_render_quarantine(conn, campaign_id: int) -> bool:
 
 
 # --------------------------------------------------------------------------- Prefect task
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
+from smsflow.lazy_task import prefect_task  # noqa: E402 - Prefect itself only when a flow runs the task
 
 from tasks.retrying import retry_if_transient  # noqa: E402
 
 
-@task(name="render-into-outbox", retries=1, retry_delay_seconds=5,
-      retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
+@prefect_task(name="render-into-outbox", retries=1, retry_delay_seconds=5,
+      retry_condition_fn=retry_if_transient)
 def plan_task(campaign_id: int, source: str, segment: str, template: MessageTemplate, price_per_segment: float,
               gateway: str | None, batch_size: int, processes: int, database_url: str | None,
               extra: dict[str, Any] | None = None) -> PlanStats:

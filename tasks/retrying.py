@@ -13,8 +13,6 @@ import socket
 import httpx
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from blocks.gateway import GatewayUnavailable
-
 TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 
 
@@ -34,6 +32,8 @@ def _transient_itself(exc: BaseException) -> bool:
         return exc.response.status_code in TRANSIENT_HTTP
     if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
         return True
+    from blocks.gateway import GatewayUnavailable  # here: only a failed task run asks, with Prefect loaded
+
     return isinstance(exc, GatewayUnavailable)
 
 

@@ -266,14 +266,13 @@ def build_membership(engine, source: str, seg: SegmentDefinition, now: datetime)
 
 
 # --------------------------------------------------------------------------- Prefect task
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
+from smsflow.lazy_task import prefect_task  # noqa: E402 - Prefect itself only when a flow runs the task
 
 from tasks.retrying import retry_if_transient  # noqa: E402
 
 
-@task(name="build-segment", retries=1, retry_delay_seconds=5,
-      retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
+@prefect_task(name="build-segment", retries=1, retry_delay_seconds=5,
+      retry_condition_fn=retry_if_transient)
 def segment_task(source: str, segment: SegmentDefinition, database_url: str | None) -> int:
 
     return build_membership(get_engine(database_url), source, segment, utcnow())

@@ -301,14 +301,13 @@ def _apply_suppression(engine, norm: pd.DataFrame) -> None:
 
 
 # --------------------------------------------------------------------------- Prefect task
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
+from smsflow.lazy_task import prefect_task  # noqa: E402 - Prefect itself only when a flow runs the task
 
 from tasks.retrying import retry_if_transient  # noqa: E402
 
 
-@task(name="validate-and-dedup-contacts", retries=1, retry_delay_seconds=5,
-      retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
+@prefect_task(name="validate-and-dedup-contacts", retries=1, retry_delay_seconds=5,
+      retry_condition_fn=retry_if_transient)
 def validate_task(source: str, default_region: str, processes: int, database_url: str | None) -> ValidateStats:
     from prefect.artifacts import create_markdown_artifact
 

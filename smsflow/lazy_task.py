@@ -16,8 +16,7 @@ class LazyTask:
     """A function that becomes ``prefect.task(fn, **options)`` when first called or inspected."""
 
     def __init__(self, fn: Callable, options: dict[str, Any]):
-        functools.update_wrapper(self, fn)
-        self._fn = fn
+        functools.update_wrapper(self, fn)  # __wrapped__, __name__, __doc__, __module__ of the function
         self._options = options
         self._task = None
 
@@ -28,7 +27,7 @@ class LazyTask:
             from prefect import task
             from prefect.cache_policies import NO_CACHE
 
-            self._task = task(self._fn, **{"cache_policy": NO_CACHE, **self._options})
+            self._task = task(self.__wrapped__, **{"cache_policy": NO_CACHE, **self._options})
         return self._task
 
     def __call__(self, *args, **kwargs):

@@ -680,7 +680,7 @@ from tasks.retrying import retry_if_transient  # noqa: E402
 
 
 @prefect_task(name="extract-crm-batches", retries=2, retry_delay_seconds=[5, 30],
-      retry_condition_fn=retry_if_transient)
+              retry_condition_fn=retry_if_transient)
 def extract_task(source: CrmSource, full_refresh: bool, batch_size: int, database_url: str | None,
                  default_region: str | None = None, processes: int | None = None) -> ExtractStats:
     """All new CRM batches into the store (one task run per source pull, not per row), each contact

@@ -442,7 +442,7 @@ from tasks.retrying import retry_if_transient  # noqa: E402
 
 
 @prefect_task(name="render-into-outbox", retries=1, retry_delay_seconds=5,
-      retry_condition_fn=retry_if_transient)
+              retry_condition_fn=retry_if_transient)
 def plan_task(campaign_id: int, source: str, segment: str, template: MessageTemplate, price_per_segment: float,
               gateway: str | None, batch_size: int, processes: int, database_url: str | None,
               extra: dict[str, Any] | None = None) -> PlanStats:

@@ -272,7 +272,7 @@ from tasks.retrying import retry_if_transient  # noqa: E402
 
 
 @prefect_task(name="build-segment", retries=1, retry_delay_seconds=5,
-      retry_condition_fn=retry_if_transient)
+              retry_condition_fn=retry_if_transient)
 def segment_task(source: str, segment: SegmentDefinition, database_url: str | None) -> int:
 
     return build_membership(get_engine(database_url), source, segment, utcnow())

@@ -307,7 +307,7 @@ from tasks.retrying import retry_if_transient  # noqa: E402
 
 
 @prefect_task(name="validate-and-dedup-contacts", retries=1, retry_delay_seconds=5,
-      retry_condition_fn=retry_if_transient)
+              retry_condition_fn=retry_if_transient)
 def validate_task(source: str, default_region: str, processes: int, database_url: str | None) -> ValidateStats:
     from prefect.artifacts import create_markdown_artifact
 

@@ -568,6 +568,11 @@ def _fetch_raw(conn: Connection, sql: str, params: dict[str, Any] | None) -> tup
         res.close()
 
 
+def fetch_tuples(conn: Connection, sql: str, params: dict[str, Any] | None = None) -> list[tuple]:
+    """A query's rows as the DBAPI's plain tuples (no SQLAlchemy Row objects)."""
+    return _fetch_raw(conn, sql, params)[1]
+
+
 def read_chunks(conn: Connection, sql: str, params: dict[str, Any] | None = None, size: int = 100_000):
     """A query's rows in lists of at most ``size`` tuples, from a server-side cursor on PostgreSQL (memory
     bounded by one chunk, whatever the table's size)."""

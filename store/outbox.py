@@ -66,8 +66,8 @@ def update_if_queued(conn, rows: list[tuple], set_clause: str) -> None:
         sets = ", ".join(f"{c} = %s" if same[j] else f"{c} = v.c{j}" for j, c in enumerate(cols))
         src = ", ".join([f"unnest(%s::{_PG_ARRAY.get(cols[j], 'text[]')}) AS c{j}" for j in varying]
                         + ["unnest(%s::bigint[]) AS id"])
-        params = ([first[j] for j in range(len(cols)) if same[j]] + [[r[j] for r in rows] for j in varying]
-                  + [[int(r[-1]) for r in rows]])
+        params = ([first[j] for j in range(len(cols)) if same[j]] + [_pg_array([r[j] for r in rows]) for j in varying]
+                  + ["{" + ",".join([str(int(r[-1])) for r in rows]) + "}"])
         # The statistics never see many messages 'queued' (a message is queued only while it is in flight): with
         # ``outbox.state = 'queued'`` the planner estimated one queued row and, for lists of a few hundred, took it
         # as the outer side of a nested loop reading the whole list once per queued message: quadratic (357
@@ -85,7 +85,7 @@ def update_if_queued(conn, rows: list[tuple], set_clause: str) -> None:
         return
     varying = [j for j in range(len(cols)) if not same[j]] + [len(cols)]  # the id comes last
     sets = ", ".join(f"{c} = ?" if same[j] else f"{c} = v.column{varying.index(j) + 1}" for j, c in enumerate(cols))
-    consts = [_sqlite_param(first[j]) for j in range(len(cols)) if same[j]]
+    consts = [_store_text(first[j]) for j in range(len(cols)) if same[j]]
     width = len(varying)
     cur = conn.connection.driver_connection.cursor()
     try:
@@ -95,13 +95,28 @@ def update_if_queued(conn, rows: list[tuple], set_clause: str) -> None:
             values = ",".join(["(" + ",".join("?" * width) + ")"] * len(chunk))
             cur.execute(f"UPDATE outbox SET {sets} FROM (VALUES {values}) AS v "
                         f"WHERE outbox.id = v.column{width} AND outbox.state = 'queued'",
-                        consts + [_sqlite_param(row[j]) for row in chunk for j in varying])
+                        consts + [_store_text(row[j]) for row in chunk for j in varying])
     finally:
         cur.close()
 
 
-def _sqlite_param(value):
-    """Datetimes in the store's SQLite text format (as ``store.db`` binds them); the rest as is."""
+def _pg_array(values: list) -> str:
+    """A list as a PostgreSQL array literal, cast by the statement: psycopg's list dumper runs Python code
+    per element (10,000 gateway ids and ids: 23 ms against 8 ms for this, in the sender's store thread).
+    Every value double-quoted with backslash escapes, None as NULL, datetimes as naive UTC (the store's)."""
+    parts = []
+    for v in values:
+        if v is None:
+            parts.append("NULL")
+            continue
+        if isinstance(v, datetime):
+            v = _store_text(v)  # naive UTC, ISO format
+        parts.append('"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"')
+    return "{" + ",".join(parts) + "}"
+
+
+def _store_text(value):
+    """Datetimes as the store keeps them in text (naive UTC, ISO format, as ``store.db`` binds them); the rest as is."""
     if isinstance(value, datetime):
         if value.tzinfo is not None:
             value = value.astimezone(timezone.utc).replace(tzinfo=None)

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from smsflow.privacy import mask_phone, phone_hash
-from store.db import executemany, is_postgres, read_frame
+from store.db import executemany, fetch_tuples, is_postgres, read_frame
 from smsflow.values import truthy
 
 UTC = timezone.utc
@@ -404,8 +404,9 @@ def enforce_at_claim(conn, campaign_id: int, claimed, now: datetime) -> tuple[li
     else:
         parts = [(f"IN ({','.join(map(str, contact_ids[i : i + 900]))})", {}) for i in range(0, len(contact_ids), 900)]
     for where, params in parts:
-        rows = conn.execute(text(f"SELECT id, {columns} FROM contacts WHERE id {where}"), params).fetchall()
-        contacts.update((int(row[0]), tuple(row[1:])) for row in rows)
+        # plain DBAPI tuples (SQLAlchemy Rows cost ~6 us a message here, in the thread that competes with the send)
+        rows = fetch_tuples(conn, f"SELECT id, {columns} FROM contacts WHERE id {where}", params)
+        contacts.update((row[0], row[1:]) for row in rows)
         if policy.caps:
             since = naive_now - timedelta(days=max(PERIOD_DAYS[c.period] for c in policy.caps))
             for cid, sub_at, k in conn.execute(text(

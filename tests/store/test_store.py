@@ -226,6 +226,37 @@ def test_the_journey_poll_reads_only_unprocessed_events_through_a_partial_index(
     assert len(got) == 50 and got == sorted(got) and got[0] == first
 
 
+def test_recorded_results_keep_every_value_exactly(engine):
+    """``update_if_queued`` passes each varying column as one array (PostgreSQL: a literal it builds itself):
+    quotes, backslashes, braces, commas, NULL, Cyrillic and an aware timestamp must arrive as given."""
+    from datetime import datetime, timedelta, timezone
+
+    from store.outbox import update_if_queued
+
+    now = utcnow().replace(microsecond=123456)
+    aware = datetime(2026, 3, 1, 15, 30, 0, 500000, tzinfo=timezone(timedelta(hours=3)))  # 12:30:00.5 UTC
+    errors = ['say "hi"', "back\\slash \\\"", "{a,b}", None, "Ошибка, шлюз: 'нет'", "", "NULL", " padded "]
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status) "
+                       "VALUES ('v', 's', 'all', 't', 'marketing', 0, 'running')"))
+        camp = c.execute(text("SELECT MAX(id) FROM campaigns")).scalar()
+        for k in range(len(errors)):
+            c.execute(text("INSERT INTO outbox (idempotency_key, campaign_id, step, phone_e164, text, encoding, segments, "
+                           "cost, state, attempts, planned_at, updated_at) VALUES (:k, :c, 'main', '+7916', 'hi', 'GSM-7', "
+                           "1, 0, 'queued', 1, :t, :t)"), {"k": f"v{k}", "c": camp, "t": now})
+        ids = [int(r[0]) for r in c.execute(text("SELECT id FROM outbox WHERE campaign_id = :c ORDER BY id"), {"c": camp})]
+        rows = [("rejected", f"E{k}", err, aware if k % 2 else now, None, now, i)
+                for k, (err, i) in enumerate(zip(errors, ids))]
+        update_if_queued(c, rows, "state = ?, error_code = ?, last_error = ?, final_at = ?, claimed_by = ?, updated_at = ?")
+        got = c.execute(text("SELECT state, error_code, last_error, final_at FROM outbox WHERE campaign_id = :c ORDER BY id"),
+                        {"c": camp}).fetchall()
+    want_at = [aware.astimezone(timezone.utc).replace(tzinfo=None) if k % 2 else now for k in range(len(errors))]
+    assert [r[0] for r in got] == ["rejected"] * len(errors)
+    assert [r[1] for r in got] == [f"E{k}" for k in range(len(errors))]
+    assert [r[2] for r in got] == errors
+    assert [r[3] if isinstance(r[3], datetime) else datetime.fromisoformat(r[3]) for r in got] == want_at
+
+
 def test_recording_results_reads_each_queued_message_once_whatever_the_statistics_say(engine):
     """The statistics of a busy outbox show (almost) nothing 'queued': messages are queued only while in
     flight. ``update_if_queued`` must still apply a few hundred results without a plan that reads the

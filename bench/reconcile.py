@@ -1,8 +1,10 @@
 """Benchmark: apply N delivery receipts to N submitted messages (SQLite by default).
 
-    python bench/reconcile.py [--n 1000000] [--database-url URL]
+    python bench/reconcile.py [--n 1000000] [--database-url URL] [--explain]
 
-Prints seconds to store the receipts (as received) and to apply them, and receipts/s.
+Prints seconds to store the receipts (as received) and to apply them, and receipts/s. ``--explain``
+(PostgreSQL) also prints ``EXPLAIN (ANALYZE, BUFFERS)`` of the apply's joins and bulk updates as they run
+(the updates are run by the EXPLAIN itself; the times then include the plans' instrumentation).
 """
 from __future__ import annotations
 
@@ -30,9 +32,34 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--database-url", default=None,
                     help="PostgreSQL server (a new database for the run, dropped after); default: SQLite")
+    ap.add_argument("--explain", action="store_true", help="PostgreSQL: print the apply's plans as they run")
     a = ap.parse_args()
+    if a.explain:
+        explain_apply_statements()
     with fresh_store(a.database_url, Path(tempfile.mkdtemp())) as url:
         run(a, get_engine(url))
+
+
+def explain_apply_statements() -> None:
+    """Wrap psycopg's cursor: each join of the apply is explained (then run), each bulk update is run by
+    ``EXPLAIN ANALYZE`` itself (only once, as the apply runs it)."""
+    import psycopg
+
+    execute = psycopg.Cursor.execute
+
+    def explaining(self, query, params=None, **kw):
+        q = str(query)
+        is_update = q.startswith("UPDATE") and "FROM _upd_" in q
+        if is_update or q.startswith("SELECT r.id AS rid"):
+            t0 = time.perf_counter()
+            plan = execute(self, "EXPLAIN (ANALYZE, BUFFERS) " + q, params).fetchall()
+            print(f"\n-- {time.perf_counter() - t0:.2f} s: {q[:110]}...")
+            print("\n".join("    " + r[0] for r in plan))
+            if is_update:
+                return self
+        return execute(self, query, params, **kw)
+
+    psycopg.Cursor.execute = explaining
 
 
 def run(a, engine) -> None:

@@ -104,3 +104,45 @@ def test_receipts_without_our_reference_find_their_message_through_the_gateway_i
     (stmt, params), = [(s, p) for s, p in seen if "o.gateway_message_id = r.gateway_message_id" in s]
     plan = plan_of(engine, stmt, params)
     assert "ix_outbox_gateway_message_id" in plan, plan
+
+
+def test_the_unapplied_receipts_are_found_through_a_partial_index_and_applying_checks_no_key(engine):
+    """Migration 0018: ``ix_receipts_unapplied`` holds only unapplied receipts and the apply's join reads
+    them through it on both stores (not every receipt ever stored); on PostgreSQL ``outbox_id`` carries no
+    foreign key (a FOR KEY SHARE row lock per applied receipt), SQLite keeps it. Applied receipts keep
+    their message's id."""
+    from sqlalchemy import inspect
+
+    from blocks.gateway import Receipt
+    from store.db import is_postgres
+    from tests.helpers import analyze, numbers_sql, plan_of, statements_run
+
+    now = utcnow()
+    with engine.begin() as c:
+        pg = is_postgres(c)
+        c.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status) "
+                       "VALUES ('u', 's', 'all', 't', 'marketing', 0, 'running')"))
+        cid = c.execute(text("SELECT id FROM campaigns WHERE name = 'u'")).scalar()
+        c.execute(text(f"INSERT INTO outbox (idempotency_key, campaign_id, step, phone_e164, text, encoding, segments, cost, "
+                       f"state, attempts, planned_at, updated_at, gateway_message_id) SELECT 'm' || n, :c, 'main', '+7916', "
+                       f"'hi', 'GSM-7', 1, 0, 'submitted', 1, :t, :t, 'gw' || n FROM ({numbers_sql(pg, 20000)}) AS q"),
+                  {"c": cid, "t": now})
+        # 20,000 receipts already applied (the history), 3 new ones
+        c.execute(text(f"INSERT INTO delivery_receipts (gateway, gateway_message_id, reference, status, received_at, "
+                       f"applied_at) SELECT 'sandbox', 'old' || n, 'm' || n, 'enroute', :t, :t "
+                       f"FROM ({numbers_sql(pg, 20000)}) AS q"), {"t": now})
+    analyze(engine, "delivery_receipts")
+    store_receipts(engine, "sandbox", [Receipt(f"gw{n}", f"m{n}", "delivered", "000", now, {}) for n in (5, 6, 7)])
+    with statements_run(engine) as seen:
+        assert apply_receipts(engine).applied == 3
+    (stmt, params), = [(s, p) for s, p in seen if "o.idempotency_key = r.reference" in s]
+    assert "ix_receipts_unapplied" in plan_of(engine, stmt, params)
+    with engine.begin() as c:
+        got = c.execute(text("SELECT r.reference, o.idempotency_key FROM delivery_receipts r JOIN outbox o "
+                             "ON o.id = r.outbox_id WHERE r.gateway_message_id LIKE 'gw%' ORDER BY r.id")).fetchall()
+        index_sql = c.execute(text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_receipts_unapplied'") if pg else
+                              text("SELECT sql FROM sqlite_master WHERE name = 'ix_receipts_unapplied'")).scalar()
+    assert [tuple(r) for r in got] == [("m5", "m5"), ("m6", "m6"), ("m7", "m7")]
+    assert "applied_at IS NULL" in index_sql, index_sql
+    keys = {fk["constrained_columns"][0] for fk in inspect(engine).get_foreign_keys("delivery_receipts")}
+    assert ("outbox_id" in keys) is (not pg), keys

@@ -1,6 +1,6 @@
 """Distributed mode vs the single process, on the commands users run.
 
-    python bench/cluster.py --contacts 200000 --shard-size 50000 --workers 1 3 \
+    python bench/cluster.py --contacts 1000000 [--shard-size 200000] --workers 1 3 \
         [--database-url postgresql+psycopg://postgres@127.0.0.1/postgres]
 
 For the same demo export (write_crm_csv) and a fresh PostgreSQL store each time:
@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:
 
 from bench.cli import run_cli  # noqa: E402 - after the path
 from bench.stores import fresh_store  # noqa: E402
+from smsflow.settings import Settings  # noqa: E402
 
 NOW = "2026-12-08T09:00:00+00:00"  # Tuesday 12:00 Moscow: inside the marketing window
 TEMPLATE = ROOT / "templates" / "demo_promo.yaml"
@@ -167,7 +168,8 @@ def _p95(xs: list[float]) -> float:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--contacts", type=int, default=200_000)
-    ap.add_argument("--shard-size", type=int, default=50_000)
+    ap.add_argument("--shard-size", type=int, default=Settings.model_fields["shard_size"].default,
+                    help="contacts per render shard (default: the product's, SMSFLOW_SHARD_SIZE)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 3])
     ap.add_argument("--dask-workers", type=int, default=2)
     ap.add_argument("--database-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")

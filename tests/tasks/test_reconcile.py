@@ -77,6 +77,18 @@ def test_ttl_expiry_and_a_real_receipt_still_wins(engine, tmp_path):
     assert q(engine, "SELECT COUNT(*) FROM outbox WHERE error_code='TTL'") == 0
 
 
+def _messages(c, campaign: str, numbers: str, now, state: str, gateway_id: str) -> int:
+    """A campaign and one message per row ``n`` of ``numbers`` (key 'm<n>'), with SQL for its state and
+    gateway id; the campaign's id."""
+    c.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status) "
+                   "VALUES (:n, 's', 'all', 't', 'marketing', 0, 'running')"), {"n": campaign})
+    cid = c.execute(text("SELECT id FROM campaigns WHERE name = :n"), {"n": campaign}).scalar()
+    c.execute(text(f"INSERT INTO outbox (idempotency_key, campaign_id, step, phone_e164, text, encoding, segments, cost, "
+                   f"state, attempts, planned_at, updated_at, gateway_message_id) SELECT 'm' || n, :c, 'main', '+7916', "
+                   f"'hi', 'GSM-7', 1, 0, {state}, 0, :t, :t, {gateway_id} FROM ({numbers}) AS q"), {"c": cid, "t": now})
+    return cid
+
+
 def test_receipts_without_our_reference_find_their_message_through_the_gateway_id_index(engine):
     """Migration 0017 makes ``ix_outbox_gateway_message_id`` partial (only messages that have a gateway id):
     the join of receipts that name only the gateway's id must still use it, on both stores, among many
@@ -88,14 +100,9 @@ def test_receipts_without_our_reference_find_their_message_through_the_gateway_i
     now = utcnow()
     with engine.begin() as c:
         pg = is_postgres(c)
-        c.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status) "
-                       "VALUES ('g', 's', 'all', 't', 'marketing', 0, 'running')"))
-        cid = c.execute(text("SELECT id FROM campaigns WHERE name = 'g'")).scalar()
         # 20,000 messages: the even ones submitted with a gateway id, the odd ones still planned (none)
-        c.execute(text(f"INSERT INTO outbox (idempotency_key, campaign_id, step, phone_e164, text, encoding, segments, cost, "
-                       f"state, attempts, planned_at, updated_at, gateway_message_id) SELECT 'm' || n, :c, 'main', '+7916', "
-                       f"'hi', 'GSM-7', 1, 0, CASE WHEN n % 2 = 0 THEN 'submitted' ELSE 'planned' END, 0, :t, :t, "
-                       f"CASE WHEN n % 2 = 0 THEN 'gw' || n END FROM ({numbers_sql(pg, 20000)}) AS q"), {"c": cid, "t": now})
+        _messages(c, "g", numbers_sql(pg, 20000), now, state="CASE WHEN n % 2 = 0 THEN 'submitted' ELSE 'planned' END",
+                  gateway_id="CASE WHEN n % 2 = 0 THEN 'gw' || n END")
     analyze(engine, "outbox")
     store_receipts(engine, "sandbox", [Receipt(f"gw{n}", None, "delivered", "000", now, {}) for n in (0, 2, 4)])
     with statements_run(engine) as seen:
@@ -120,13 +127,7 @@ def test_the_unapplied_receipts_are_found_through_a_partial_index_and_applying_c
     now = utcnow()
     with engine.begin() as c:
         pg = is_postgres(c)
-        c.execute(text("INSERT INTO campaigns (name, source, segment, template_name, kind, price_per_segment, status) "
-                       "VALUES ('u', 's', 'all', 't', 'marketing', 0, 'running')"))
-        cid = c.execute(text("SELECT id FROM campaigns WHERE name = 'u'")).scalar()
-        c.execute(text(f"INSERT INTO outbox (idempotency_key, campaign_id, step, phone_e164, text, encoding, segments, cost, "
-                       f"state, attempts, planned_at, updated_at, gateway_message_id) SELECT 'm' || n, :c, 'main', '+7916', "
-                       f"'hi', 'GSM-7', 1, 0, 'submitted', 1, :t, :t, 'gw' || n FROM ({numbers_sql(pg, 20000)}) AS q"),
-                  {"c": cid, "t": now})
+        _messages(c, "u", numbers_sql(pg, 20000), now, state="'submitted'", gateway_id="'gw' || n")
         # 20,000 receipts already applied (the history), 3 new ones
         c.execute(text(f"INSERT INTO delivery_receipts (gateway, gateway_message_id, reference, status, received_at, "
                        f"applied_at) SELECT 'sandbox', 'old' || n, 'm' || n, 'enroute', :t, :t "

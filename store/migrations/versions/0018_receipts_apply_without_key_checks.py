@@ -10,7 +10,8 @@ Messages are deleted only by the archive job, which deletes their receipts first
 
 ``ix_receipts_unapplied`` indexed ``applied_at`` of every receipt ever stored; only the unapplied ones are
 looked up (``WHERE applied_at IS NULL``). Partial now: an applied receipt's new row version writes nothing
-into it, and it stays as small as the backlog.
+into it, and it stays as small as the backlog. Building it reads the whole table and locks writes to it (the
+callback service waits meanwhile): run the migration outside a send.
 
 Revision ID: 0018
 Revises: 0017

@@ -485,7 +485,7 @@ class Breakdown:
     def install(self):
         import tasks.send as ts
 
-        self._orig = (ts.claim, ts.record_results)
+        self._orig = (ts.claim_columns, ts.record_results)
         c0, r0 = self._orig
 
         def claim(*a, **k):
@@ -504,13 +504,13 @@ class Breakdown:
                 self.t["record"] += time.perf_counter() - t
                 self.n["record"] += 1
 
-        ts.claim, ts.record_results = claim, record
+        ts.claim_columns, ts.record_results = claim, record
         return self
 
     def uninstall(self):
         import tasks.send as ts
 
-        ts.claim, ts.record_results = self._orig
+        ts.claim_columns, ts.record_results = self._orig
 
     def store_wait(self, t_send: float) -> float:
         """Main-thread time not spent in the bucket or in gateway.submit: waiting for the store thread."""

@@ -375,6 +375,8 @@ def load_policy(raw) -> ContactPolicy:
 def enforce_at_claim(conn, campaign_id: int, claimed, now: datetime) -> tuple[list[int], dict[str, int]]:
     """Decide every claimed message against the policy as it is NOW (consent, opt-out, erasure,
     window in the contact's local time, caps over what was actually submitted, campaign end).
+    ``claimed``: the claimed messages' columns (``tasks.send.Claimed`` or a DataFrame): id, contact_id,
+    phone_e164 and, for A/B tests, variant.
     Held-back messages end 'rejected' (POLICY_<RULE>), expired ones 'expired' (CAMPAIGN_ENDED),
     deferred ones go back to 'planned' with ``send_after``. Returns (ids to send, counts by rule)."""
 
@@ -390,7 +392,8 @@ def enforce_at_claim(conn, campaign_id: int, claimed, now: datetime) -> tuple[li
     if isinstance(ends_at, str):
         ends_at = datetime.fromisoformat(ends_at)
     ids = [int(i) for i in claimed["id"]]
-    contact_ids = sorted({int(c) for c in claimed["contact_id"].dropna()})
+    cids = [int(c) if c is not None and c == c else None for c in claimed["contact_id"]]  # (NaN: a frame's None)
+    contact_ids = sorted({c for c in cids if c is not None})
     contacts: dict[int, tuple] = {}
     history: dict[int, list[tuple[datetime, str]]] = {}
     # the CRM attributes (JSON) matter only for the agreement to messages on days off
@@ -429,22 +432,23 @@ def enforce_at_claim(conn, campaign_id: int, claimed, now: datetime) -> tuple[li
     send: list[int] = []
     counts: dict[str, int] = {}
     held, expired, deferred = [], [], []
-    variants = claimed["variant"].tolist() if "variant" in claimed else [None] * len(ids)
-    cids = [int(c) if c is not None and c == c else None for c in claimed["contact_id"].tolist()]
+    variants = list(claimed["variant"]) if "variant" in claimed else [None] * len(ids)
     found = [contacts.get(c) if c is not None else None for c in cids]
-    phones_all = claimed["phone_e164"].tolist()
+    phones_all = list(claimed["phone_e164"])
     number_zones = by_number_zone(phones_all, [c[2] if c is not None else None for c in found])
     moments: dict = {}  # send moments at this ``now``, computed once per (zone, window, agreement)
     # without caps a decision depends only on these inputs (``number_zone`` stands for the number: it is
     # False only where the CRM zone is valid, and then the number is not looked at): decided once each
     decided: dict[tuple, Decision] | None = None if policy.caps else {}
+    days_default = days_matter(policy.window_for(kind))
+    days_by_variant = {v: days_matter(p.window_for(kind)) for v, p in by_variant.items()}
     for oid, cid, c, phone, variant, number_zone in zip(ids, cids, found, phones_all, variants, number_zones):
         pol = by_variant.get(variant, policy)
         if c is None and kind == "marketing":
             d = Decision(action="hold", rule="no_contact")
         else:
             consent, opted_out_at, crm_tz, attrs = c if c is not None else (False, None, None, None)
-            agreed = agreed_to_days_off(attrs, pol) if days_matter(pol.window_for(kind)) else False
+            agreed = agreed_to_days_off(attrs, pol) if days_by_variant.get(variant, days_default) else False
             key = (variant, bool(consent), opted_out_at is not None, phone in suppressed, crm_tz, number_zone, agreed)
             d = decided.get(key) if decided is not None else None
             if d is None:

@@ -213,13 +213,13 @@ def test_claims_start_small_and_grow_to_the_batch_size(engine, tmp_path, monkeyp
     monkeypatch.setattr(send_mod, "FIRST_CLAIM", 3)
     monkeypatch.setattr(send_mod, "RAMP", 2)
     limits: list[int] = []
-    real = send_mod.claim
+    real = send_mod.claim_columns
 
     def spy(engine_, campaign_id, limit, *a, **kw):
         limits.append(limit)
         return real(engine_, campaign_id, limit, *a, **kw)
 
-    monkeypatch.setattr(send_mod, "claim", spy)
+    monkeypatch.setattr(send_mod, "claim_columns", spy)
     cid, _ = _planned(engine, tmp_path, 30)
     gw = _gw(tmp_path, rejected_rate=0.0, batch_size=10)
     stats = send_messages(engine, campaign_id=cid, gateway=gw, bucket=TokenBucket(10_000), claimer="t", max_messages=10_000)
@@ -237,14 +237,14 @@ def test_claims_follow_a_cursor_and_look_again_from_the_start_before_the_run_end
     monkeypatch.setattr(send_mod, "FIRST_CLAIM", 10)
     monkeypatch.setattr(send_mod, "RAMP", 1)
     seen: list[tuple[int, list[int], int]] = []
-    real = send_mod.claim
+    real = send_mod.claim_columns
 
     def spy(*a, **kw):
         df = real(*a, **kw)
         seen.append((kw.get("after", 0), sorted(int(i) for i in df["id"]), df.attrs["last_id"]))
         return df
 
-    monkeypatch.setattr(send_mod, "claim", spy)
+    monkeypatch.setattr(send_mod, "claim_columns", spy)
     cid, _ = _planned(engine, tmp_path, 30)
     first = q(engine, f"SELECT MIN(id) FROM outbox WHERE campaign_id = {cid}")
     throttled: list[str] = []

@@ -221,7 +221,7 @@ class DeliveryReceipt(Base):
 
     __tablename__ = "delivery_receipts"
     __table_args__ = (
-        Index("ix_receipts_unapplied", "applied_at",  # only the backlog (migration 0018)
+        Index("ix_receipts_unapplied", "received_at",  # only the backlog (migrations 0018, 0019), oldest first
               postgresql_where=sql_text("applied_at IS NULL"), sqlite_where=sql_text("applied_at IS NULL")),
         Index("ix_receipts_gateway_msg", "gateway", "gateway_message_id"),
     )

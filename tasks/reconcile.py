@@ -3,7 +3,8 @@
 Receipts arrive out of order, twice, and sometimes before the submit is recorded. A rank
 on states makes applying them idempotent and monotonic: a late 'accepted' never
 overwrites 'delivered'. A receipt whose message is not known yet stays unapplied and is
-tried again on the next run. Messages with no final receipt after a TTL expire; a real
+tried again on the next run; one that still names no message ORPHAN_AFTER after it arrived never
+will and is parked (applied, without a message), so later runs do not join it again. Messages with no final receipt after a TTL expire; a real
 final receipt arriving later still wins over that TTL expiry.
 """
 from __future__ import annotations
@@ -21,6 +22,10 @@ from store.db import get_engine
 RECEIPT_RANK = {"accepted": 2, "enroute": 2, "unknown": 2, "delivered": 3, "undelivered": 3, "expired": 3, "rejected": 3}
 STATE_RANK = {"planned": 0, "queued": 1, "submitted": 2, "delivered": 3, "undelivered": 3, "expired": 3, "rejected": 3, "failed": 3}
 TTL_CODE = "TTL"
+# A reference is the key of a message planned before it was sent, and a gateway id is recorded seconds after
+# the submit: a receipt that names neither an hour after it arrived is for a message we do not have (another
+# sender on the same gateway, a message sent by hand, an erased one). Unparked, every apply pass joined it again.
+ORPHAN_AFTER = timedelta(hours=1)
 
 
 @dataclass
@@ -29,6 +34,7 @@ class ReconcileStats:
     applied: int = 0
     ignored: int = 0
     pending: int = 0
+    orphaned: int = 0  # parked this run: no message ORPHAN_AFTER after arriving
     expired: int = 0
     by_status: dict[str, int] = field(default_factory=dict)
 
@@ -68,6 +74,12 @@ def apply_receipts(engine, limit: int = 500_000) -> ReconcileStats:
     stats = ReconcileStats()
     now = utcnow()
     with engine.begin() as conn:
+        stats.orphaned = int(conn.execute(text(
+            "UPDATE delivery_receipts SET applied_at = :now WHERE applied_at IS NULL AND received_at < :cut "
+            "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.idempotency_key = delivery_receipts.reference) "
+            "AND (reference IS NOT NULL OR NOT EXISTS "
+            "(SELECT 1 FROM outbox o WHERE o.gateway_message_id = delivery_receipts.gateway_message_id))"),
+            {"now": now, "cut": now - ORPHAN_AFTER}).rowcount or 0)
         by_ref = read_frame(
             conn,
             "SELECT r.id AS rid, r.status, r.error_code AS rcode, r.event_at, r.gateway_message_id AS gmid, "

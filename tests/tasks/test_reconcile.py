@@ -1,6 +1,7 @@
 """tasks/reconcile.py: receipts to final states."""
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta
 
 import pytest
@@ -147,3 +148,47 @@ def test_the_unapplied_receipts_are_found_through_a_partial_index_and_applying_c
     assert "applied_at IS NULL" in index_sql, index_sql
     keys = {fk["constrained_columns"][0] for fk in inspect(engine).get_foreign_keys("delivery_receipts")}
     assert ("outbox_id" in keys) is (not pg), keys
+
+
+def test_receipts_that_name_no_message_an_hour_after_arriving_are_parked(engine):
+    """A receipt that names no message (by our reference, or by the gateway's id when it has no reference)
+    ORPHAN_AFTER after it arrived is parked: applied, without a message, so no later pass joins it again.
+    Younger ones wait (their message's gateway id may not be recorded yet); old ones that do name a message
+    are applied as usual. The parking finds them through ``ix_receipts_unapplied`` (migration 0019), on both
+    stores, among many applied receipts."""
+    from store.db import is_postgres
+    from tasks.reconcile import ORPHAN_AFTER
+    from tests.helpers import analyze, numbers_sql, plan_of, statements_run
+
+    now = utcnow()
+    old = now - ORPHAN_AFTER - timedelta(minutes=5)
+    with engine.begin() as c:
+        pg = is_postgres(c)
+        _messages(c, "o", numbers_sql(pg, 3), now, state="'submitted'", gateway_id="'gw' || n")
+        c.execute(text(f"INSERT INTO delivery_receipts (gateway, gateway_message_id, reference, status, received_at, "
+                       f"applied_at) SELECT 'sandbox', 'old' || n, 'm' || n, 'enroute', :t, :t "
+                       f"FROM ({numbers_sql(pg, 20000)}) AS q"), {"t": old})
+        for gid, ref, at in [("x1", "someone-else-1", old), (None, None, old), ("gw-unknown", None, old),
+                             ("x2", "m1", old), ("gw2", None, old), ("x3", "someone-else-2", now),
+                             ("gw-not-yet", None, now)]:
+            c.execute(text("INSERT INTO delivery_receipts (gateway, gateway_message_id, reference, status, received_at) "
+                           "VALUES ('sandbox', :g, :r, 'delivered', :t)"), {"g": gid, "r": ref, "t": at})
+    analyze(engine, "delivery_receipts")
+    with statements_run(engine) as seen:
+        s = apply_receipts(engine)
+    assert (s.orphaned, s.applied, s.pending) == (3, 2, 2), s
+    (stmt, params), = [(st, p) for st, p in seen if st.startswith("UPDATE delivery_receipts SET applied_at = ")]
+    plan = plan_of(engine, stmt, params)
+    # the index is searched by age (PostgreSQL: "Index Cond: (received_at < ...)", SQLite: "(received_at<?)")
+    assert "ix_receipts_unapplied" in plan and re.search(r"Index Cond: \(received_at <|\(received_at<\?\)", plan), plan
+    with engine.connect() as c:
+        rows = {(g, r): (a is not None, o) for g, r, a, o in c.execute(text(
+            "SELECT gateway_message_id, reference, applied_at, outbox_id FROM delivery_receipts "
+            "WHERE gateway_message_id NOT LIKE 'old%' OR gateway_message_id IS NULL"))}
+        ids = {k: i for k, i in c.execute(text("SELECT idempotency_key, id FROM outbox"))}
+    assert rows == {("x1", "someone-else-1"): (True, None), (None, None): (True, None), ("gw-unknown", None): (True, None),
+                    ("x2", "m1"): (True, ids["m1"]), ("gw2", None): (True, ids["m2"]),
+                    ("x3", "someone-else-2"): (False, None), ("gw-not-yet", None): (False, None)}, rows
+    assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state = 'delivered'") == 2
+    again = apply_receipts(engine)
+    assert (again.orphaned, again.applied, again.pending) == (0, 0, 2), again

@@ -14,6 +14,7 @@ the bookkeeping; the docstring of ``_SendLoop`` says why that keeps every guaran
 """
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -437,6 +438,14 @@ class _SendLoop:
     # ------------------------------------------------------------------ the loop
     def run(self) -> SendStats:
         error: BaseException | None = None
+        # The objects alive now (modules, Prefect, pandas: most of this process's heap) stay out of the cyclic
+        # collector's full passes while we send: each pass walked all of them, ~4 us a message of the CPU the
+        # gateway's threads need (bench/send.py's no-op gateway on PostgreSQL: this process 0.27-0.32 -> 0.18-0.27
+        # CPU s per 10,000 messages). Unfrozen at the end, so nothing is kept from the collector for good; left
+        # alone when something else froze objects already (a forking server, another send loop of this process).
+        freeze = gc.isenabled() and gc.get_freeze_count() == 0
+        if freeze:
+            gc.freeze()
         try:
             self.ahead = self._launch_claim()
             self._warm_up()  # overlaps the first claim, which nothing else can
@@ -446,7 +455,11 @@ class _SendLoop:
             error = exc
             raise
         finally:
-            self._stop(error)
+            try:
+                self._stop(error)
+            finally:
+                if freeze:
+                    gc.unfreeze()
         return self.stats
 
     def _next_part(self) -> tuple[_Batch, list[OutgoingMessage]] | None:

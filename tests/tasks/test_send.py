@@ -382,3 +382,51 @@ def test_campaigns_to_send_probes_each_campaign_instead_of_reading_the_whole_out
     (stmt, params), = [(s, p) for s, p in seen if "outbox" in s]
     plan = plan_of(engine, stmt, params)
     assert "ix_outbox_campaign_state" in plan and "Seq Scan on outbox" not in plan and "SCAN o " not in plan + " ", plan
+
+
+def test_the_send_loop_keeps_the_heap_out_of_full_collections_only_while_it_sends(engine, tmp_path, monkeypatch):
+    """While a send runs, the objects alive at its start are frozen (``gc.freeze``: full collections skip
+    them); afterwards, also after an error, the collector sees them again. A freeze made by someone else is
+    left as it was."""
+    import gc
+
+    seen: list[int] = []
+    plain = SandboxGateway.submit
+
+    def counting(self, messages):
+        seen.append(gc.get_freeze_count())
+        return plain(self, messages)
+
+    monkeypatch.setattr(SandboxGateway, "submit", counting)
+    cid, _ = _planned(engine, tmp_path, 5)
+    assert gc.get_freeze_count() == 0
+    stats = send_messages(engine, campaign_id=cid, gateway=_gw(tmp_path, rejected_rate=0.0), bucket=TokenBucket(10_000),
+                          claimer="t", max_messages=10_000)
+    assert stats.submitted == 5 and seen and min(seen) > 0, seen
+    assert gc.get_freeze_count() == 0
+
+    def failing(self, messages):
+        seen.append(gc.get_freeze_count())
+        raise RuntimeError("boom")
+
+    def replan() -> None:
+        with engine.begin() as c:
+            c.execute(text("UPDATE outbox SET state = 'planned', claimed_by = NULL WHERE campaign_id = :c"), {"c": cid})
+
+    monkeypatch.setattr(SandboxGateway, "submit", failing)
+    replan()
+    seen.clear()
+    with pytest.raises(RuntimeError):
+        send_messages(engine, campaign_id=cid, gateway=_gw(tmp_path, rejected_rate=0.0), bucket=TokenBucket(10_000),
+                      claimer="t2", max_messages=10_000)
+    assert seen and min(seen) > 0 and gc.get_freeze_count() == 0
+    replan()
+    gc.freeze()  # someone else's freeze: kept as it was
+    try:
+        frozen = gc.get_freeze_count()
+        with pytest.raises(RuntimeError):
+            send_messages(engine, campaign_id=cid, gateway=_gw(tmp_path, rejected_rate=0.0), bucket=TokenBucket(10_000),
+                          claimer="t3", max_messages=10_000)
+        assert frozen > 0 and gc.get_freeze_count() > 0  # (frozen objects freed meanwhile leave the count)
+    finally:
+        gc.unfreeze()

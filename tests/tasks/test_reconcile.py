@@ -90,6 +90,13 @@ def _messages(c, campaign: str, numbers: str, now, state: str, gateway_id: str) 
     return cid
 
 
+def _applied_history(c, numbers: str, at) -> None:
+    """Receipts already applied (gateway id 'old<n>'), one per row ``n`` of ``numbers``, received at ``at``."""
+    c.execute(text(f"INSERT INTO delivery_receipts (gateway, gateway_message_id, reference, status, received_at, "
+                   f"applied_at) SELECT 'sandbox', 'old' || n, 'm' || n, 'enroute', :t, :t FROM ({numbers}) AS q"),
+              {"t": at})
+
+
 def test_receipts_without_our_reference_find_their_message_through_the_gateway_id_index(engine):
     """Migration 0017 makes ``ix_outbox_gateway_message_id`` partial (only messages that have a gateway id):
     the join of receipts that name only the gateway's id must still use it, on both stores, among many
@@ -129,10 +136,7 @@ def test_the_unapplied_receipts_are_found_through_a_partial_index_and_applying_c
     with engine.begin() as c:
         pg = is_postgres(c)
         _messages(c, "u", numbers_sql(pg, 20000), now, state="'submitted'", gateway_id="'gw' || n")
-        # 20,000 receipts already applied (the history), 3 new ones
-        c.execute(text(f"INSERT INTO delivery_receipts (gateway, gateway_message_id, reference, status, received_at, "
-                       f"applied_at) SELECT 'sandbox', 'old' || n, 'm' || n, 'enroute', :t, :t "
-                       f"FROM ({numbers_sql(pg, 20000)}) AS q"), {"t": now})
+        _applied_history(c, numbers_sql(pg, 20000), now)  # 3 new ones below
     analyze(engine, "delivery_receipts")
     store_receipts(engine, "sandbox", [Receipt(f"gw{n}", f"m{n}", "delivered", "000", now, {}) for n in (5, 6, 7)])
     with statements_run(engine) as seen:
@@ -165,9 +169,7 @@ def test_receipts_that_name_no_message_an_hour_after_arriving_are_parked(engine)
     with engine.begin() as c:
         pg = is_postgres(c)
         _messages(c, "o", numbers_sql(pg, 3), now, state="'submitted'", gateway_id="'gw' || n")
-        c.execute(text(f"INSERT INTO delivery_receipts (gateway, gateway_message_id, reference, status, received_at, "
-                       f"applied_at) SELECT 'sandbox', 'old' || n, 'm' || n, 'enroute', :t, :t "
-                       f"FROM ({numbers_sql(pg, 20000)}) AS q"), {"t": old})
+        _applied_history(c, numbers_sql(pg, 20000), old)
         for gid, ref, at in [("x1", "someone-else-1", old), (None, None, old), ("gw-unknown", None, old),
                              ("x2", "m1", old), ("gw2", None, old), ("x3", "someone-else-2", now),
                              ("gw-not-yet", None, now)]:

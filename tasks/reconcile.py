@@ -4,8 +4,9 @@ Receipts arrive out of order, twice, and sometimes before the submit is recorded
 on states makes applying them idempotent and monotonic: a late 'accepted' never
 overwrites 'delivered'. A receipt whose message is not known yet stays unapplied and is
 tried again on the next run; one that still names no message ORPHAN_AFTER after it arrived never
-will and is parked (applied, without a message), so later runs do not join it again. Messages with no final receipt after a TTL expire; a real
-final receipt arriving later still wins over that TTL expiry.
+will and is parked (applied, without a message), so later runs do not join it again. Messages with
+no final receipt after a TTL expire; a real final receipt arriving later still wins over that TTL
+expiry.
 """
 from __future__ import annotations
 

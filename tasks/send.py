@@ -254,8 +254,6 @@ def claim_columns(engine, campaign_id: int, limit: int, claimer: str, lease_s: f
                   now: datetime | None = None, skip_contacts: Collection[int] = (), after: int = 0) -> Claimed:
     """:func:`claim` as plain column lists: what the send loop's store thread uses (a DataFrame built and
     taken apart again cost ~10 us a message of the CPU that the gateway's threads compete for)."""
-
-
     started = time.monotonic()  # the lease runs from (at the latest) here
     clock = now or datetime.now(timezone.utc)  # the policy's clock (may be injected: dry runs, tests)
     naive = clock.astimezone(timezone.utc).replace(tzinfo=None)
@@ -549,25 +547,25 @@ class _SendLoop:
         while fut is not None:
             if fut is self.ahead:
                 self.ahead = None
-            df, batch = fut.result()  # a Claimed
-            self.after = df.attrs.get("last_id", self.after)
-            blocked = df.attrs.get("policy_blocked", 0)
+            claimed, batch = fut.result()
+            self.after = claimed.attrs.get("last_id", self.after)
+            blocked = claimed.attrs.get("policy_blocked", 0)
             self.stats.policy_blocked += blocked
-            for rule, n in df.attrs.get("policy", {}).items():
+            for rule, n in claimed.attrs.get("policy", {}).items():
                 self.stats.held[rule] = self.stats.held.get(rule, 0) + n
-            if df.empty and not blocked and not df.attrs.get("lost"):
+            if claimed.empty and not blocked and not claimed.attrs.get("lost"):
                 if self.after > 0:  # nothing past the cursor (an empty claim's last_id is its cursor)
                     self.after = 0
                     fut = self._claim_next()  # look again from the first message
                     continue
-                if not df.attrs.get("skipped_contacts") or self.live:
+                if not claimed.attrs.get("skipped_contacts") or self.live:
                     # nothing due; or (streaming) only messages of contacts still in flight: this stream
                     # ends, and the main thread claims them once their results are recorded
                     return None
                 fut = self._claim_next()  # what is left may belong to the contacts skipped: claim it now
                 continue
-            self.stats.claimed += len(df) + blocked
-            self.taken += len(df) + blocked
+            self.stats.claimed += len(claimed) + blocked
+            self.taken += len(claimed) + blocked
             if batch is not None:
                 return batch
             fut = self._claim_next()

@@ -10,14 +10,14 @@ expiry.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-import pandas as pd
 from sqlalchemy import text
 
 from blocks.gateway import Receipt
-from store.db import bulk_insert, bulk_update, read_frame, utcnow
+from store.db import bulk_insert, is_postgres, utcnow
 from store.db import get_engine
 
 RECEIPT_RANK = {"accepted": 2, "enroute": 2, "unknown": 2, "delivered": 3, "undelivered": 3, "expired": 3, "rejected": 3}
@@ -70,8 +70,38 @@ def decide(current_state: str, current_code: str | None, receipt_status: str) ->
     return None
 
 
+def _rank_sql(column: str, ranks: dict[str, int], default: int) -> str:
+    """A rank table as a SQL CASE (the constants above are the one source of both the SQL and ``decide``)."""
+    return f"(CASE {column} " + " ".join(f"WHEN '{k}' THEN {v}" for k, v in ranks.items()) + f" ELSE {default} END)"
+
+
+# ``decide`` in SQL, for the best receipt ``b`` of the outbox row ``o`` (NULL: leave the message as it is)
+_NEW_STATE = (f"(CASE WHEN b.rank = 3 AND ({_rank_sql('o.state', STATE_RANK, 0)} < 3 "
+              f"OR (o.state = 'expired' AND o.error_code = '{TTL_CODE}')) THEN b.status "
+              f"WHEN b.rank < 3 AND {_rank_sql('o.state', STATE_RANK, 0)} < 2 THEN 'submitted' END)")
+_CANDIDATES = (
+    "INSERT INTO _receipts_apply (rid, oid, status, rcode, event_at, gmid, rank) "
+    "SELECT r.id, o.id, r.status, r.error_code, r.event_at, r.gateway_message_id, "
+    + _rank_sql("r.status", RECEIPT_RANK, 2) +
+    " FROM delivery_receipts r JOIN outbox o ON {join} WHERE r.applied_at IS NULL AND r.reference IS {null} LIMIT :n"
+)
+_APPLY = (
+    f"UPDATE outbox AS o SET state = {_NEW_STATE}, "
+    "error_code = CASE WHEN b.status = 'delivered' THEN NULL WHEN b.rank = 3 THEN b.rcode ELSE o.error_code END, "
+    "final_at = CASE WHEN b.rank = 3 THEN COALESCE(b.event_at, :now) END, "
+    "gateway_message_id = COALESCE(NULLIF(o.gateway_message_id, ''), b.gmid), updated_at = :now "
+    # the best receipt per message: a final one beats an intermediate one; the earliest final wins
+    "FROM (SELECT * FROM (SELECT c.*, ROW_NUMBER() OVER (PARTITION BY c.oid "
+    "ORDER BY c.rank DESC, c.event_at IS NULL, c.event_at, c.rid) AS nth FROM _receipts_apply c) AS ranked "
+    "WHERE nth = 1) AS b "
+    f"WHERE o.id = b.oid AND {_NEW_STATE} IS NOT NULL RETURNING state"  # unqualified: SQLite
+)
+
+
 def apply_receipts(engine, limit: int = 500_000) -> ReconcileStats:
-    """Apply unapplied receipts in one pass (set-based: a join, a sort, two bulk updates)."""
+    """Apply unapplied receipts in one pass, set-based in the store (nothing is read into this process but
+    the new states): up to ``limit`` receipts matched by reference and as many by gateway id are staged, the
+    best of each message's receipts moves it (``decide``, as SQL), and every staged receipt is marked applied."""
     stats = ReconcileStats()
     now = utcnow()
     with engine.begin() as conn:
@@ -81,48 +111,27 @@ def apply_receipts(engine, limit: int = 500_000) -> ReconcileStats:
             "AND (reference IS NOT NULL OR NOT EXISTS "
             "(SELECT 1 FROM outbox o WHERE o.gateway_message_id = delivery_receipts.gateway_message_id))"),
             {"now": now, "cut": now - ORPHAN_AFTER}).rowcount or 0)
-        by_ref = read_frame(
-            conn,
-            "SELECT r.id AS rid, r.status, r.error_code AS rcode, r.event_at, r.gateway_message_id AS gmid, "
-            "o.id AS oid, o.state, o.error_code AS ocode, o.gateway_message_id AS ogmid "
-            "FROM delivery_receipts r JOIN outbox o ON o.idempotency_key = r.reference "
-            "WHERE r.applied_at IS NULL AND r.reference IS NOT NULL LIMIT :n",
-            {"n": limit},
-        )
-        by_gid = read_frame(
-            conn,
-            "SELECT r.id AS rid, r.status, r.error_code AS rcode, r.event_at, r.gateway_message_id AS gmid, "
-            "o.id AS oid, o.state, o.error_code AS ocode, o.gateway_message_id AS ogmid "
-            "FROM delivery_receipts r JOIN outbox o ON o.gateway_message_id = r.gateway_message_id "
-            "WHERE r.applied_at IS NULL AND r.reference IS NULL LIMIT :n",
-            {"n": limit},
-        )
-        df = pd.concat([by_ref, by_gid], ignore_index=True) if len(by_gid) else by_ref
+        conn.execute(text("CREATE TEMP TABLE IF NOT EXISTS _receipts_apply (rid BIGINT, oid BIGINT, status VARCHAR, "
+                          "rcode VARCHAR, event_at TIMESTAMP, gmid VARCHAR, rank INTEGER)"))
+        conn.execute(text("DELETE FROM _receipts_apply"))
+        staged = 0
+        for join, null in (("o.idempotency_key = r.reference", "NOT NULL"),
+                           ("o.gateway_message_id = r.gateway_message_id", "NULL")):
+            staged += int(conn.execute(text(_CANDIDATES.format(join=join, null=null)), {"n": limit}).rowcount or 0)
         stats.pending = int(
             conn.execute(text("SELECT COUNT(*) FROM delivery_receipts WHERE applied_at IS NULL")).scalar() or 0
-        ) - len(df)
-        if df.empty:
+        ) - staged
+        if not staged:
             return stats
-        df["rank"] = df["status"].map(RECEIPT_RANK).fillna(2)
-        df["event_at"] = pd.to_datetime(df["event_at"], errors="coerce", format="mixed")
-        # the best receipt per message: a final one beats an intermediate one; the earliest final wins
-        best = df.sort_values(["oid", "rank", "event_at"], ascending=[True, False, True]).drop_duplicates("oid")
-        updates = []
-        for oid, state, ocode, ogmid, status, rcode, ev, gmid in zip(
-            best["oid"], best["state"], best["ocode"], best["ogmid"], best["status"], best["rcode"], best["event_at"], best["gmid"]
-        ):
-            new = decide(state, ocode, status)
-            if new is None:
-                continue
-            final_at = (ev.to_pydatetime() if not pd.isna(ev) else now) if RECEIPT_RANK.get(status, 2) == 3 else None
-            code = None if status == "delivered" else (rcode if new != "submitted" else ocode)
-            updates.append((new, code, final_at, ogmid if isinstance(ogmid, str) and ogmid else gmid, now, int(oid)))
-            stats.by_status[new] = stats.by_status.get(new, 0) + 1
-        bulk_update(conn, "outbox", "id", ("state", "error_code", "final_at", "gateway_message_id", "updated_at"), updates)
-        bulk_update(conn, "delivery_receipts", "id", ("applied_at", "outbox_id"),
-                    zip([now] * len(df), df["oid"].astype(int), df["rid"].astype(int)))
-        stats.applied = len(updates)
-        stats.ignored = len(df) - len(updates)
+        if is_postgres(conn):
+            conn.execute(text("ANALYZE _receipts_apply"))  # a temp table has no statistics of its own
+        new_states = Counter(s for (s,) in conn.execute(text(_APPLY), {"now": now}))
+        conn.execute(text("UPDATE delivery_receipts SET applied_at = :now, outbox_id = c.oid "
+                          "FROM _receipts_apply c WHERE delivery_receipts.id = c.rid"), {"now": now})
+        conn.execute(text("DELETE FROM _receipts_apply"))
+        stats.by_status = dict(new_states)
+        stats.applied = sum(new_states.values())
+        stats.ignored = staged - stats.applied
     return stats
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from datetime import datetime, timedelta
 
 import pytest
@@ -117,7 +118,7 @@ def test_receipts_without_our_reference_find_their_message_through_the_gateway_i
         assert apply_receipts(engine).applied == 3
     assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state = 'delivered'") == 3
     (stmt, params), = [(s, p) for s, p in seen if "o.gateway_message_id = r.gateway_message_id" in s]
-    plan = plan_of(engine, stmt, params)
+    plan = plan_of(engine, stmt[stmt.index("SELECT"):], params)  # the staging's join (its temp table is the run's)
     assert "ix_outbox_gateway_message_id" in plan, plan
 
 
@@ -142,7 +143,7 @@ def test_the_unapplied_receipts_are_found_through_a_partial_index_and_applying_c
     with statements_run(engine) as seen:
         assert apply_receipts(engine).applied == 3
     (stmt, params), = [(s, p) for s, p in seen if "o.idempotency_key = r.reference" in s]
-    assert "ix_receipts_unapplied" in plan_of(engine, stmt, params)
+    assert "ix_receipts_unapplied" in plan_of(engine, stmt[stmt.index("SELECT"):], params)
     with engine.begin() as c:
         got = c.execute(text("SELECT r.reference, o.idempotency_key FROM delivery_receipts r JOIN outbox o "
                              "ON o.id = r.outbox_id WHERE r.gateway_message_id LIKE 'gw%' ORDER BY r.id")).fetchall()
@@ -179,7 +180,8 @@ def test_receipts_that_name_no_message_an_hour_after_arriving_are_parked(engine)
     with statements_run(engine) as seen:
         s = apply_receipts(engine)
     assert (s.orphaned, s.applied, s.pending) == (3, 2, 2), s
-    (stmt, params), = [(st, p) for st, p in seen if st.startswith("UPDATE delivery_receipts SET applied_at = ")]
+    (stmt, params), = [(st, p) for st, p in seen 
+                      if st.startswith("UPDATE delivery_receipts SET applied_at = ") and "received_at" in st]
     plan = plan_of(engine, stmt, params)
     # the index is searched by age (PostgreSQL: "Index Cond: (received_at < ...)", SQLite: "(received_at<?)")
     assert "ix_receipts_unapplied" in plan and re.search(r"Index Cond: \(received_at <|\(received_at<\?\)", plan), plan
@@ -194,3 +196,55 @@ def test_receipts_that_name_no_message_an_hour_after_arriving_are_parked(engine)
     assert q(engine, "SELECT COUNT(*) FROM outbox WHERE state = 'delivered'") == 2
     again = apply_receipts(engine)
     assert (again.orphaned, again.applied, again.pending) == (0, 0, 2), again
+
+
+def test_the_stores_apply_decides_every_state_and_receipt_as_decide_does(engine):
+    """The apply decides in SQL: for every outbox state (with and without our TTL code) and every receipt
+    status (and one no table knows), the message ends as ``decide`` says, with its error code, final time
+    and gateway id as the apply's rules say, on both stores. Each message gets one receipt by reference
+    (with a gateway id of its own) and one other receipt of lower rank that must not win."""
+    from itertools import product
+
+    from blocks.gateway import Receipt
+    from tasks.reconcile import RECEIPT_RANK, STATE_RANK, TTL_CODE, decide
+
+    now = utcnow()
+    event = now - timedelta(minutes=3)
+    cases = [(st, code, status) for (st, code), status in product(
+        [(s, None) for s in STATE_RANK] + [("expired", TTL_CODE), ("undelivered", "E1")],
+        [*RECEIPT_RANK, "strange"])]
+    with engine.begin() as c:
+        _messages(c, "every", " UNION ALL ".join(f"SELECT {i} AS n" for i in range(len(cases))), now,
+                  state="'planned'", gateway_id="NULL")
+        for i, (st, code, _) in enumerate(cases):
+            c.execute(text("UPDATE outbox SET state = :s, error_code = :e, gateway_message_id = :g "
+                           "WHERE idempotency_key = :k"),
+                      {"s": st, "e": code, "g": f"ours{i}" if i % 2 else None, "k": f"m{i}"})
+    receipts = []
+    for i, (_, _, status) in enumerate(cases):
+        receipts.append(Receipt(f"theirs{i}", f"m{i}", status, f"R{i}", event, {}))
+        if RECEIPT_RANK.get(status, 2) == 3:  # a later intermediate receipt: lower rank, never the best
+            receipts.append(Receipt(f"theirs{i}", f"m{i}", "enroute", "000", event + timedelta(seconds=1), {}))
+    store_receipts(engine, "sandbox", receipts[::-1])
+    s = apply_receipts(engine)
+    with engine.connect() as c:
+        got = {k: (st, e, f, g) for k, st, e, f, g in c.execute(text(
+            "SELECT idempotency_key, state, error_code, final_at, gateway_message_id FROM outbox"))}
+    expected = {}
+    for i, (st, code, status) in enumerate(cases):
+        new = decide(st, code, status)
+        gid = f"ours{i}" if i % 2 else None
+        if new is None:
+            expected[f"m{i}"] = (st, code, None, gid)
+            continue
+        final = RECEIPT_RANK.get(status, 2) == 3
+        expected[f"m{i}"] = (new, None if status == "delivered" else (f"R{i}" if final else code),
+                             event if final else None, gid or f"theirs{i}")
+    def when(f):  # SQLite hands back text
+        return None if f is None else (datetime.fromisoformat(f) if isinstance(f, str) else f).replace(tzinfo=None)
+
+    got = {k: (st, e, when(f), g) for k, (st, e, f, g) in got.items()}
+    assert got == expected
+    assert s.applied == sum(decide(st, code, status) is not None for st, code, status in cases)
+    assert s.by_status == dict(Counter(new for new in (decide(*case) for case in cases) if new is not None))
+    assert s.ignored == len(receipts) - s.applied and s.pending == 0

@@ -889,7 +889,7 @@ def archive_cmd(
     except ArchiveRefused as exc:
         _fail(str(exc))
     typer.echo(f"archived {campaign}: {res.messages} messages, {res.receipts} receipts, {res.quarantine} quarantine rows "
-               f"in {res.batches} transactions", err=True)
+               f"in {res.batches} transactions; {res.parked_receipts} parked receipts past the retention", err=True)
     typer.echo(json.dumps(res.as_dict(), ensure_ascii=False, default=str))
 
 

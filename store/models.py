@@ -223,6 +223,9 @@ class DeliveryReceipt(Base):
     __table_args__ = (
         Index("ix_receipts_unapplied", "received_at",  # only the backlog (migrations 0018, 0019), oldest first
               postgresql_where=sql_text("applied_at IS NULL"), sqlite_where=sql_text("applied_at IS NULL")),
+        Index("ix_receipts_parked", "received_at",  # parked: naming no message (migration 0020), for retention
+              postgresql_where=sql_text("applied_at IS NOT NULL AND outbox_id IS NULL"),
+              sqlite_where=sql_text("applied_at IS NOT NULL AND outbox_id IS NULL")),
         Index("ix_receipts_gateway_msg", "gateway", "gateway_message_id"),
     )
 

@@ -11,6 +11,9 @@ Safety: the outbox is what makes a rerun send nothing twice and what frequency c
 - so is one whose last message changed less than ``older_than_days`` ago (default: 30, the longest
   frequency-cap period), so caps never lose a send they must count;
 - an archived campaign cannot be reopened by name (``ensure_campaign`` refuses it).
+Receipts that reconcile parked (naming no message: another sender on the gateway, a message sent by hand) belong
+to no campaign: each archive run also deletes those that arrived more than ``older_than_days`` ago, oldest first,
+in transactions of ``batch`` rows (``purge_parked_receipts``).
 An archive run that dies half-way (kill -9 between batches) is finished by running it again: the
 campaign is marked archived, with its totals, before the first batch goes.
 """
@@ -39,12 +42,14 @@ class ArchiveResult:
     messages: int = 0
     receipts: int = 0
     quarantine: int = 0
+    parked_receipts: int = 0  # receipts naming no message, past the retention (any campaign's run removes them)
     batches: int = 0
     summary: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"campaign": self.campaign, "messages": self.messages, "receipts": self.receipts,
-                "quarantine": self.quarantine, "batches": self.batches, "summary": self.summary}
+                "quarantine": self.quarantine,
+                "parked_receipts": self.parked_receipts, "batches": self.batches, "summary": self.summary}
 
 
 def archive_campaign(engine, name: str, *, batch: int = 10_000, older_than_days: float = max(PERIOD_DAYS.values()),
@@ -99,5 +104,23 @@ def archive_campaign(engine, name: str, *, batch: int = 10_000, older_than_days:
     with engine.begin() as conn:
         result.quarantine = conn.execute(text("DELETE FROM quarantine WHERE step = 'render' AND campaign_id = :c"),
                                          {"c": cid}).rowcount or 0
+    result.parked_receipts = purge_parked_receipts(engine, older_than_days, batch=batch, now=now)
     log_event(engine, "campaign.archived", campaign_id=cid, emit=False, payload=result.as_dict())
     return result
+
+
+def purge_parked_receipts(engine, older_than_days: float, *, batch: int = 10_000, now: datetime | None = None) -> int:
+    """Delete the receipts reconcile parked (applied, naming no message) that arrived more than
+    ``older_than_days`` ago, oldest first, ``batch`` at a time (one short transaction each, through
+    ``ix_receipts_parked``); how many went."""
+    cut = (now or utcnow()) - timedelta(days=older_than_days)
+    gone = 0
+    while True:
+        with engine.begin() as conn:
+            n = conn.execute(text(
+                "DELETE FROM delivery_receipts WHERE id IN (SELECT id FROM delivery_receipts WHERE applied_at IS NOT NULL "
+                "AND outbox_id IS NULL AND received_at < :cut ORDER BY received_at LIMIT :n)"),
+                {"cut": cut, "n": int(batch)}).rowcount or 0
+        gone += n
+        if n < batch:
+            return gone

@@ -60,8 +60,12 @@ def test_a_store_at_the_newest_revision_opens_without_alembic_and_an_older_one_i
     migrate(eng)
     assert upgrades == []  # at head: Alembic not run
     previous = script.get_revision(head).down_revision
-    with eng.begin() as c:  # one revision behind (the newest step, an index swap, runs again)
-        c.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": previous})
+    with eng.connect() as c:  # one revision behind: the newest step undone by Alembic
+        cfg.attributes["connection"] = c
+        alembic.command.downgrade(cfg, previous)
+        c.commit()
+    with eng.connect() as c:
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == previous
     migrate(eng)
     assert upgrades == ["head"]
     with eng.connect() as c:

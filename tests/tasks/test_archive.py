@@ -96,3 +96,41 @@ def test_an_archive_run_that_died_half_way_is_finished_by_the_next(engine, monke
     assert _count(engine, "SELECT COUNT(*) FROM outbox") == 0
     with pytest.raises(ArchiveRefused, match="archived already"):
         archive_campaign(engine, "half")
+
+
+def test_archive_also_deletes_parked_receipts_past_the_retention(engine):
+    """Receipts that reconcile parked (applied, naming no message) belong to no campaign: an archive run
+    deletes those that arrived more than ``older_than_days`` ago, oldest first, in batches, through the
+    partial ``ix_receipts_parked`` (migration 0020) on both stores, among many receipts of messages.
+    Younger parked ones, unapplied ones and receipts of messages stay."""
+    from store.db import is_postgres
+    from tests.helpers import analyze, numbers_sql, plan_of, statements_run
+
+    _campaign(engine, "done", ["delivered"] * 3, age_days=40)
+    kept = _campaign(engine, "kept", ["delivered"], age_days=40)
+    now = utcnow()
+    with engine.begin() as c:
+        pg = is_postgres(c)
+        oid = c.execute(text("SELECT id FROM outbox WHERE campaign_id = :c"), {"c": kept}).scalar()
+        c.execute(text(f"INSERT INTO delivery_receipts (gateway, gateway_message_id, status, received_at, applied_at, "
+                       f"outbox_id) SELECT 'sandbox', 'many' || n, 'enroute', :t, :t, :o FROM ({numbers_sql(pg, 20000)}) AS q"),
+                  {"t": now - timedelta(days=60), "o": oid})
+        for gid, age, applied in [("p1", 45, True), ("p2", 44, True), ("p3", 43, True), ("p4", 42, True), ("p5", 31, True),
+                                  ("young", 29, True), ("waiting", 50, False)]:
+            at = now - timedelta(days=age)
+            c.execute(text("INSERT INTO delivery_receipts (gateway, gateway_message_id, status, received_at, applied_at) "
+                           "VALUES ('sandbox', :g, 'delivered', :t, :a)"), {"g": gid, "t": at, "a": at if applied else None})
+    analyze(engine, "delivery_receipts")
+    with statements_run(engine) as seen:
+        res = archive_campaign(engine, "done", batch=2, now=now)
+    assert (res.messages, res.receipts, res.parked_receipts) == (3, 3, 5)
+    purges = [(s, p) for s, p in seen if "outbox_id IS NULL" in s and s.startswith("DELETE")]
+    assert len(purges) == 3  # 2 + 2 + 1: short transactions
+    plan = plan_of(engine, *purges[0])
+    assert "ix_receipts_parked" in plan, plan
+    with engine.begin() as c:
+        left = {r[0] for r in c.execute(text("SELECT gateway_message_id FROM delivery_receipts "
+                                             "WHERE gateway_message_id NOT LIKE 'many%'"))}
+    assert left == {"kept-m0", "young", "waiting"}, left
+    assert _count(engine, "SELECT COUNT(*) FROM delivery_receipts WHERE gateway_message_id LIKE 'many%'") == 20000
+    assert res.as_dict()["parked_receipts"] == 5

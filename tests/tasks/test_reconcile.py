@@ -5,22 +5,13 @@ import re
 from collections import Counter
 from datetime import datetime, timedelta
 
-import pytest
 from sqlalchemy import text
 
-from blocks.gateway import SandboxGateway, SubmitResult
+from blocks.gateway import SubmitResult
 from store.db import utcnow
-from tasks.accounting import campaign_accounting, ensure_campaign
-from tasks.render import plan_messages
-from tasks.policy import always_open
 from tasks.reconcile import apply_receipts, expire_stale, store_receipts
-from smsflow.templates import MessageTemplate
-from tasks.segment import ALL, AttributeFilter, Range, RfmRule, SegmentDefinition, build_membership, evaluate
-from smsflow.ratelimit import TokenBucket
-from tasks.send import claim, recover_in_flight, send_messages
-from tasks.validate import ExtractCheckFailed, validate_new_contacts
-from tests.helpers import contact, load_csv, write_csv
-from tests.pipeline import TPL, _base, _gw, _planned, _submitted, q  # noqa: F401
+from tasks.send import claim
+from tests.pipeline import _planned, _submitted, q
 
 
 def test_receipts_out_of_order_and_twice_end_in_the_right_state(engine, tmp_path):

@@ -16,7 +16,7 @@ from tests.helpers import load_csv
 from tasks.policy import always_open
 from smsflow.ratelimit import TokenBucket
 from tasks.send import claim, recover_in_flight, send_messages
-from tests.pipeline import TPL, _base, _gw, _planned, _submitted, q  # noqa: F401
+from tests.pipeline import TPL, _base, _gw, _planned, q
 
 
 class FakeClock:

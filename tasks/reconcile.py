@@ -55,7 +55,8 @@ def store_receipts(engine, gateway_name: str, receipts: list[Receipt]) -> int:
 
 
 def decide(current_state: str, current_code: str | None, receipt_status: str) -> str | None:
-    """The new outbox state for a receipt, or None to leave the message as it is."""
+    """The new outbox state for a receipt, or None to leave the message as it is: the rule ``_NEW_STATE``
+    applies in the store (the apply no longer calls this; the tests check the SQL against it)."""
     r_rank = RECEIPT_RANK.get(receipt_status, 2)
     c_rank = STATE_RANK.get(current_state, 0)
     if r_rank == 3:

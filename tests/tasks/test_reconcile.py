@@ -171,7 +171,7 @@ def test_receipts_that_name_no_message_an_hour_after_arriving_are_parked(engine)
     with statements_run(engine) as seen:
         s = apply_receipts(engine)
     assert (s.orphaned, s.applied, s.pending) == (3, 2, 2), s
-    (stmt, params), = [(st, p) for st, p in seen 
+    (stmt, params), = [(st, p) for st, p in seen
                       if st.startswith("UPDATE delivery_receipts SET applied_at = ") and "received_at" in st]
     plan = plan_of(engine, stmt, params)
     # the index is searched by age (PostgreSQL: "Index Cond: (received_at < ...)", SQLite: "(received_at<?)")
@@ -231,6 +231,7 @@ def test_the_stores_apply_decides_every_state_and_receipt_as_decide_does(engine)
         final = RECEIPT_RANK.get(status, 2) == 3
         expected[f"m{i}"] = (new, None if status == "delivered" else (f"R{i}" if final else code),
                              event if final else None, gid or f"theirs{i}")
+
     def when(f):  # SQLite hands back text
         return None if f is None else (datetime.fromisoformat(f) if isinstance(f, str) else f).replace(tzinfo=None)
 

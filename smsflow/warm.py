@@ -1,7 +1,8 @@
 """Worker processes started at the very beginning of a command, warming up in the background.
 
 A small preview (``smsflow campaign --dry-run`` on 1,000 contacts) spends most of its time importing:
-Great Expectations alone takes ~1.1 s, and it is needed only to check the extract. ``start()`` spawns the
+Great Expectations alone takes 1-2.5 s (about half of that in the worker, where ``tasks.expectations``
+defers what the checks never use), and it is needed only to check the extract. ``start()`` spawns the
 worker that will run those checks right away and has it import and run a tiny check
 while this process imports Prefect, reads the export and opens the store, so the two overlap on two
 cores. ``smsflow.phones.PhoneClassifier`` then runs the extract checks in it (the phones' slow path keeps
@@ -53,8 +54,11 @@ def stop(kill: bool = False) -> None:
     """Shut the pool down; ``kill``: also kill its worker now (the command is about to ``os._exit``)."""
     global _pool
     if _pool is not None:
-        procs = list((getattr(_pool, "_processes", None) or {}).values()) if kill else []
-        _pool.shutdown(wait=False, cancel_futures=True)
-        for p in procs:
-            p.kill()
-        _pool = None
+        pool, _pool = _pool, None
+        if kill:
+            for p in list((getattr(pool, "_processes", None) or {}).values()):
+                p.kill()
+        # after a kill the wait is for the pool's thread to see it (~5 ms); the pool's queues are then freed with
+        # it, which unlinks their named semaphores: left to os._exit, multiprocessing's resource tracker warned of
+        # "leaked semaphore objects" at the end of every preview
+        pool.shutdown(wait=kill, cancel_futures=True)

@@ -317,11 +317,36 @@ def _checked_count(result: dict) -> int | None:
     return int(result["element_count"]) - int(result.get("missing_count") or 0)
 
 
+# imported by Great Expectations, never used by these checks (one expectation's chart, two distribution tests)
+GX_UNUSED_IMPORTS = ("altair", "scipy.stats")
+
+
+def _in_worker_process() -> bool:
+    """A process of ours started for the checks (smsflow.warm, the phones pool), with no other thread."""
+    import multiprocessing
+    import threading
+
+    return multiprocessing.parent_process() is not None and threading.active_count() == 1
+
+
 def _import_gx():
     import logging
+    import sys
 
     # Keep GE quiet: no usage statistics, no INFO chatter.
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    if "great_expectations" not in sys.modules and _in_worker_process():
+        import threading
+
+        from tqdm import tqdm
+
+        from smsflow.lazy_imports import defer
+
+        defer(*GX_UNUSED_IMPORTS)  # ~1 s of the import on a slow machine (smsflow/lazy_imports.py)
+        # GE's (disabled) progress bars would give tqdm its default lock, a named semaphore shared with other
+        # processes; a worker killed at the end of a preview never unlinks it, and multiprocessing's resource
+        # tracker then warns of a "leaked semaphore" on the user's terminal. No bar is shown here: a plain lock.
+        tqdm.set_lock(threading.RLock())
     import great_expectations as gx
 
     gx_logger = logging.getLogger("great_expectations")

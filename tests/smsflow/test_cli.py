@@ -158,7 +158,8 @@ if __name__ == "__main__":  # spawned workers import this script too
 
 def test_a_small_dry_run_checks_in_its_warmed_worker_with_the_same_verdicts(tmp_path):
     """A small export: the command starts its checks worker first (smsflow.warm), Great Expectations is imported
-    there, never in the command's process; the preview is the same as with one process (no worker)."""
+    there, never in the command's process; the preview is the same as with one process (no worker), and it ends
+    without a warning on the terminal."""
     from tests.e2e.test_crash_cli import cli_env
     from tests.helpers import contact
 
@@ -183,6 +184,16 @@ def test_a_small_dry_run_checks_in_its_warmed_worker_with_the_same_verdicts(tmp_
     keys = ("contacts", "planned", "quarantined", "bad_phone", "duplicates", "no_consent", "parts", "cost_planned")
     assert {k: warm.get(k) for k in keys} == {k: single.get(k) for k in keys}
     assert warm["planned"] > 0 and warm["planned"] < 300
+    # the console command (it ends with os._exit, its worker killed): the same preview, and no named semaphore
+    # left behind for multiprocessing's resource tracker to warn of ("leaked semaphore objects") on the terminal
+    env = {**cli_env(tmp_path / "console"), "SMSFLOW_WORKERS": "2"}
+    r = subprocess.run([sys.executable, "-m", "smsflow.cli", "campaign", "--source", str(src), "--template", str(tpl),
+                        "--dry-run", "--name", "preview"], env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    console = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {k: console.get(k) for k in keys} == {k: single.get(k) for k in keys}
+    assert "Warning" not in r.stderr and "leaked" not in r.stderr, r.stderr[-2000:]
+
 
 def test_archive_command_prints_one_json_object_and_refuses_clearly(tmp_path):
     """`smsflow archive`: a campaign with messages not yet final is refused in one line (exit 2);

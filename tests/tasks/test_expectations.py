@@ -130,3 +130,34 @@ def test_batch_after_batch_reuses_one_suite_and_leaves_no_cyclic_garbage():
     assert verdicts == [True, False, True, False, True]
     assert expectations._SUITES == suites  # the same suite objects, none built again
     assert left < 1_000, left
+
+
+_MIXED = ([str(i % 170) for i in range(200)],
+          [("+7 916 123-45-67", None, "abc", "12", "8(916)1234567", "")[i % 6] for i in range(200)],
+          [("ru", "en", "de", None)[i % 4] for i in range(200)])
+
+
+def _check_in_worker(ids, phones, languages) -> tuple[dict, dict]:
+    """Runs in a spawned worker: the verdict, and which of GE's unused imports ran or stayed deferred."""
+    import sys
+
+    from smsflow.lazy_imports import deferred
+
+    result = check_values(ids, phones, languages).to_dict()
+    return result, {name: ("deferred" if deferred(name) else "ran" if name in sys.modules else "absent")
+                    for name in v.GX_UNUSED_IMPORTS}
+
+
+def test_a_checks_worker_defers_what_ge_imports_but_never_uses_with_the_same_verdict():
+    """In a worker process of ours (smsflow.warm, the phones pool) Great Expectations is imported with altair
+    and scipy.stats deferred (~1 s of its import on a slow machine: a small preview waits for it); the verdict
+    is the one this process (not a worker: nothing deferred) computes, expectation by expectation."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        there, modules = pool.submit(_check_in_worker, *_MIXED).result(timeout=120)
+    assert modules == {"altair": "deferred", "scipy.stats": "deferred"}
+    here = check_values(*_MIXED).to_dict()
+    assert there == here
+    assert not there["success"] and any(r["unexpected_count"] for r in there["results"])

@@ -185,8 +185,10 @@ def _read_error(exc: BaseException, p: Path, fmt: ExportFormat) -> ExportError:
 
 
 def _read_csv(p: Path, fmt: ExportFormat, **options) -> pd.DataFrame | Iterator[pd.DataFrame]:
-    """pandas' CSV reader as every export is read: all text, empty cells ``""``, no index column."""
-    return pd.read_csv(p, dtype=str, keep_default_na=False, na_filter=False, sep=fmt.delimiter, encoding=fmt.encoding,
+    """pandas' CSV reader as every export is read: all text, empty cells ``""``, no index column. ``object``, not
+    ``str``: the same Python strings, without pandas 3's detour through Arrow strings and back (1M rows of the
+    demo export: 2.8-4.4 s instead of 5.7-8.0 s)."""
+    return pd.read_csv(p, dtype=object, keep_default_na=False, na_filter=False, sep=fmt.delimiter, encoding=fmt.encoding,
                        index_col=False, **options)
 
 

@@ -20,7 +20,7 @@ from store.quarantine import write_quarantine
 from smsflow.values import truthy
 from smsflow.keyflags import KeyFlags
 from smsflow.phones import PhoneClassifier
-from tasks.expectations import ExtractSchemaError
+from tasks.expectations import ExtractSchemaError, warm_up
 from tasks.validate import BatchValidation, apply_verdicts, check_values
 from smsflow.settings import get_settings
 from store.db import executemany, get_engine, is_postgres
@@ -489,6 +489,9 @@ def _reader_process(out, source: CrmSource, since, batch_size: int, region: str,
 
     try:
         with gc_paused(), PhoneClassifier(region, processes, workers=max(1, processes - 1)) as classifier:
+            # the workers import Great Expectations now, while this process scans the export and reads its first
+            # batch: the first batch's checks no longer wait for that import (~2 s at the start of 1M contacts)
+            classifier.call(warm_up)
             for job in _read_batches(source, since, batch_size, classifier, suppressed):
                 out.put(("batch", job))
         out.put(("end", None))

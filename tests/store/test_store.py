@@ -315,3 +315,48 @@ def test_recording_results_reads_each_queued_message_once_whatever_the_statistic
     assert gw == f"gw-{ids[1]}"
     if pg:
         assert len(plans) == 1 and "outbox_pkey" in plans[0] and "ix_outbox_campaign_state" not in plans[0], plans
+
+
+def test_bulk_insert_of_columns_keeps_every_value_exactly(engine):
+    """Rows given column by column (COPY on PostgreSQL): quotes, backslashes, COPY's end marker, commas, newlines,
+    '' vs NULL, Cyrillic, booleans, JSON, naive and aware timestamps, NaT, a mixed column arrive as given."""
+    import json
+    from datetime import datetime, timedelta, timezone
+
+    import numpy as np
+
+    from store.db import Columns
+
+    names = ['say "hi"', "back\\slash \\\"", "\\.", "a,b\nc", "", "NULL", "Анна-Мария", None, " padded "]
+    n = len(names)
+    aware = datetime(2026, 3, 1, 15, 30, 0, 500000, tzinfo=timezone(timedelta(hours=3)))
+    naive = datetime(2025, 12, 31, 23, 59, 59, 999999)
+    stamps = np.array(["2020-02-23T02:40:15.123456", "NaT"] * 4 + ["1999-01-01"], dtype="datetime64[us]")
+    cols = ("source", "crm_id", "first_name", "sms_consent", "consent_at", "crm_updated_at", "attributes", "status")
+
+    def columns(src: str, first: list) -> Columns:
+        return Columns([[src] * n, [f"C{i}" for i in range(n)], first, [i % 2 == 0 for i in range(n)], stamps,
+                        [aware if i % 2 else naive for i in range(n)],
+                        [{"city": "Пермь", "n": i, "x": 1.5, "q": 'a"b'} if i % 3 else None for i in range(n)],
+                        ["valid"] * n])
+
+    with engine.begin() as c:
+        bulk_insert(c, "contacts", cols, columns("plain", names), json_columns=("attributes",))
+        # a number among a text column's strings
+        bulk_insert(c, "contacts", cols, columns("mixed", names[:-1] + [7]), json_columns=("attributes",))
+        got = {src: c.execute(text("SELECT first_name, sms_consent, consent_at, crm_updated_at, attributes "
+                                   "FROM contacts WHERE source = :s ORDER BY id"), {"s": src}).fetchall()
+               for src in ("plain", "mixed")}
+    want_at = [aware.astimezone(timezone.utc).replace(tzinfo=None) if i % 2 else naive for i in range(n)]
+
+    def at(v):
+        return v if v is None or isinstance(v, datetime) else datetime.fromisoformat(v)
+
+    for src, first in (("plain", names), ("mixed", names[:-1] + ["7"])):
+        rows = got[src]
+        assert [r[0] for r in rows] == first
+        assert [bool(r[1]) for r in rows] == [i % 2 == 0 for i in range(n)]
+        assert [at(r[2]) for r in rows] == [None if np.isnat(s) else s.astype(datetime) for s in stamps]
+        assert [at(r[3]) for r in rows] == want_at
+        assert [r[4] if r[4] is None or isinstance(r[4], dict) else json.loads(r[4]) for r in rows] == \
+            [{"city": "Пермь", "n": i, "x": 1.5, "q": 'a"b'} if i % 3 else None for i in range(n)]

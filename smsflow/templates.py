@@ -270,6 +270,20 @@ class MessageTemplate:
 
     # ---------------------------------------------------------------- helpers
     @property
+    def variables(self) -> frozenset[str]:
+        """Every name a variant reads from its context: Jinja's own analysis of the source (variables, filters'
+        arguments, ``link`` ...; not the names a variant assigns itself), plus the Jinja globals it uses
+        (``range`` ...: a contact's value of that name would hide them)."""
+        from jinja2 import meta, nodes
+
+        names: set[str] = set()
+        for src in self.variants.values():
+            ast = _ENV.parse(src)
+            names |= meta.find_undeclared_variables(ast)
+            names |= {n.name for n in ast.find_all(nodes.Name) if n.name in _ENV.globals}
+        return frozenset(names)
+
+    @property
     def uses_links(self) -> bool:
         """Whether a variant calls ``link(...)`` (a tracked short link: smsflow/links.py)."""
         return any(re.search(r"\blink\s*\(", src) for src in self.variants.values())

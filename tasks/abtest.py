@@ -18,7 +18,7 @@ from sqlalchemy import text
 from smsflow.abtest import (HOLDOUT, ROLLOUT, ABTest, ab_size, ab_stats, assign, diff_ci, more_needed,
                             sequential_look)
 from store.db import bulk_insert, read_frame, utcnow
-from tasks.render import PlanStats, candidate_pages, campaign_template, render_batch, write_chunk
+from tasks.render import PlanStats, candidate_pages, campaign_template, needs_attributes, render_batch, write_chunk
 
 STEP = "ab"
 METRIC_WORDS = {"click_rate": "clicks", "conversion_rate": "conversions", "reply_rate": "replies"}
@@ -76,7 +76,8 @@ def plan_ab(engine, *, campaign_id: int, campaign: str, source: str, segment: st
     arms: dict[str, int] = {}
     now = utcnow()
     for records in candidate_pages(engine, campaign_id, source, segment, batch_size, stats,
-                                   marketing=tpl[test.control_name].kind == "marketing"):
+                                   marketing=tpl[test.control_name].kind == "marketing",
+                                   attributes=needs_attributes(*tpl.values())):
         groups: dict[str, list[dict]] = {}
         for r, arm in zip(records, assign(test, campaign, [r["phone_e164"] for r in records])):
             if arm != HOLDOUT and phase == "rollout":

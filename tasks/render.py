@@ -118,7 +118,7 @@ def _render_chunk(args: tuple[list[dict[str, Any]], MessageTemplate, float, dict
 
 _CANDIDATES_SQL = (
     "SELECT c.id AS contact_id, c.first_name, c.last_name, c.email, c.language, c.timezone, "
-    "c.phone_e164, c.sms_consent, c.opted_out_at, c.attributes "
+    "c.phone_e164, c.sms_consent, c.opted_out_at, {attributes} AS attributes "
     "FROM segment_memberships m JOIN contacts c ON c.id = m.contact_id "
     "WHERE m.segment = :g AND c.source = :s AND c.status = 'valid' "
     "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.campaign_id = :cid AND o.contact_id = c.id) "
@@ -137,11 +137,28 @@ def _page_end(engine, segment: str, lo: int, page_size: int) -> int | None:
         return conn.execute(text(_PAGE_END_SQL), {"g": segment, "lo": lo, "skip": page_size - 1}).scalar()
 
 
-def _contacts_for(engine, campaign_id: int, source: str, segment: str, lo: int = -1, hi: int | None = None):
+# names a template can read that never come from a contact's CRM attributes: the extract keeps its contact
+# columns out of them (tasks.extract._attributes); contact_id and phone_e164 of a candidate are never empty, so
+# they always win over an attribute of that name; link() is set after the contact's keys
+_NEVER_ATTRIBUTES = frozenset({"first_name", "last_name", "email", "language", "timezone", "contact_id",
+                               "phone_e164", "link"})
+
+
+def needs_attributes(*templates: MessageTemplate) -> bool:
+    """Whether rendering these templates can read a contact's CRM attributes (any name outside
+    ``_NEVER_ATTRIBUTES``, ``attributes`` itself included). When not, the candidates are read without them:
+    the JSON is neither sent by the store nor parsed here (1M contacts, a first-name template: ~1.5 CPU s per
+    render worker in JSON parsing alone)."""
+    return any(not t.variables <= _NEVER_ATTRIBUTES for t in templates)
+
+
+def _contacts_for(engine, campaign_id: int, source: str, segment: str, lo: int = -1, hi: int | None = None,
+                  attributes: bool = True):
     """Candidates of the campaign with ids in (``lo``, ``hi``], in id order. Both bounds apply to the
     membership key and to the contacts' key: each page reads its id range from both indexes (with only a
-    lower bound and a LIMIT, PostgreSQL scanned the segment's whole membership once per page: quadratic)."""
-    sql = _CANDIDATES_SQL
+    lower bound and a LIMIT, PostgreSQL scanned the segment's whole membership once per page: quadratic).
+    Without ``attributes`` (see :func:`needs_attributes`) their column is NULL."""
+    sql = _CANDIDATES_SQL.format(attributes="c.attributes" if attributes else "NULL")
     params: dict[str, Any] = {"g": segment, "s": source, "cid": campaign_id, "lo": lo}
     if hi is not None:
         sql += "AND m.contact_id <= :hi AND c.id <= :hi "
@@ -195,13 +212,13 @@ def _ranges(engine, segment: str, page_size: int, ids: tuple[int, int] | None = 
 
 
 def _page(engine, campaign_id: int, source: str, segment: str, lo: int, hi: int | None, stats: PlanStats,
-          holdout: tuple[float, str]) -> list[dict[str, Any]]:
+          holdout: tuple[float, str], attributes: bool = True) -> list[dict[str, Any]]:
     """The consenting candidates with ids in (``lo``, ``hi``] as render records (counted in ``stats``);
     marketing leaves out the global holdout (smsflow/abtest.py)."""
     from smsflow.abtest import in_global_holdout
 
     share, salt = holdout
-    df = _contacts_for(engine, campaign_id, source, segment, lo=lo, hi=hi)
+    df = _contacts_for(engine, campaign_id, source, segment, lo=lo, hi=hi, attributes=attributes)
     n_raw = len(df)
     stats.candidates += n_raw
     if n_raw:
@@ -216,12 +233,13 @@ def _page(engine, campaign_id: int, source: str, segment: str, lo: int, hi: int 
 
 
 def _pages(engine, campaign_id: int, source: str, segment: str, page_size: int, stats: PlanStats,
-           ids: tuple[int, int] | None = None, marketing: bool = False):
+           ids: tuple[int, int] | None = None, marketing: bool = False, attributes: bool = True):
     """Consenting candidates, page by page (bounded memory), in id order (only ids lo..hi when given).
-    Marketing leaves out the global holdout (setting SMSFLOW_GLOBAL_HOLDOUT, smsflow/abtest.py)."""
+    Marketing leaves out the global holdout (setting SMSFLOW_GLOBAL_HOLDOUT, smsflow/abtest.py).
+    ``attributes``: :func:`needs_attributes` of the templates the pages are rendered with."""
     holdout = _holdout(marketing)
     for lo, hi in _ranges(engine, segment, page_size, ids):
-        records = _page(engine, campaign_id, source, segment, lo, hi, stats, holdout)
+        records = _page(engine, campaign_id, source, segment, lo, hi, stats, holdout, attributes)
         if records:
             yield records
 
@@ -302,7 +320,7 @@ def plan_range(url: str, campaign_id: int, source: str, segment: str, gateway: s
 def _plan_page(engine, campaign_id, source, segment, template, price, extra, gateway, holdout, lo: int,
                hi: int | None, stats: PlanStats, per: int) -> int:
     """Read, render and store the page (``lo``, ``hi``], ``per`` messages a transaction; its consenting candidates."""
-    records = _page(engine, campaign_id, source, segment, lo, hi, stats, holdout)
+    records = _page(engine, campaign_id, source, segment, lo, hi, stats, holdout, needs_attributes(template))
     for i in range(0, len(records), per):
         c = records[i : i + per]
         rendered, failed = _render_chunk((c, template, price, extra))

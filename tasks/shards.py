@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import text
 
 from store.db import utcnow
-from tasks.render import PlanStats, _pages, _render_chunk, write_chunk
+from tasks.render import PlanStats, _pages, _render_chunk, needs_attributes, write_chunk
 
 log = logging.getLogger("smsflow.shards")
 
@@ -110,7 +110,8 @@ def render_shard(engine, campaign_id: int, shard: int, template, extra: dict[str
     stats = PlanStats()
     chunks = []
     for records in _pages(engine, campaign_id, row.source, row.segment, page_size, stats,
-                          ids=(int(row.lo_id), int(row.hi_id)), marketing=template.kind == "marketing"):
+                          ids=(int(row.lo_id), int(row.hi_id)), marketing=template.kind == "marketing",
+                          attributes=needs_attributes(template)):
         rendered, failed = _render_chunk((records, template, float(row.price_per_segment or 0.0), extra or {}))
         chunks.append((rendered, failed, {int(r["contact_id"]): r["phone_e164"] for r in records}))
     try:

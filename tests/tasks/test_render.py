@@ -1,6 +1,8 @@
 """tasks/render.py: templates over a segment into planned outbox messages."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from sqlalchemy import bindparam, text
 
@@ -113,3 +115,40 @@ def test_worker_processes_read_render_and_write_their_pages_with_the_same_result
     assert len(pool[0].failures) == 2
     # progress after every page (60 members, 7 a page: 9 pages), ending at the total
     assert len(pool[3]) == 9 and pool[3] == sorted(pool[3]) and pool[3][-1] == 58
+
+
+def test_the_page_query_reads_crm_attributes_only_for_templates_that_can_use_them(engine, tmp_path, monkeypatch):
+    """A template that reads only contact columns is rendered without the contacts' CRM attributes (their JSON
+    is neither sent nor parsed); one that may read an attribute gets them, and renders the attribute's value."""
+    import tasks.render as render
+    from tasks.render import needs_attributes
+
+    def tpl(name: str, body: str) -> MessageTemplate:
+        return MessageTemplate(name=name, variants={"ru": body})
+
+    assert not needs_attributes(tpl("a", "{{ first_name | default('Клиент') }} {{ last_name }} {{ link('x') }}"))
+    for body in ("{{ orders_count }}", "{{ attributes.city }}", "{% for i in range(2) %}{{ i }}{% endfor %}",
+                 "{{ opted_out_at }}", "{% set x = 1 %}{{ x }}{{ city }}"):
+        assert needs_attributes(tpl("b", body)), body
+    assert needs_attributes(tpl("a", "{{ first_name }}"), tpl("b", "{{ city }}"))
+
+    queries = []
+    real = render.read_frame
+    monkeypatch.setattr(render, "read_frame", lambda conn, sql, *a, **k: queries.append(sql) or real(conn, sql, *a, **k))
+    _, stats = _planned(engine, tmp_path, 12, template=tpl("plain", "{{ first_name | default('Клиент') }}, скидка 20%"))
+    assert stats.planned == 12 and queries and all("NULL AS attributes" in s for s in queries)
+    assert q(engine, "SELECT text FROM outbox o JOIN contacts c ON c.id = o.contact_id WHERE c.crm_id = 'C00004'"
+             ).startswith("Анна, скидка 20%")
+
+    queries.clear()
+    body = "{{ first_name }}: баллы {{ orders_count }}"
+    cid = ensure_campaign(engine, name="camp2", source="test", segment="all", template_name="attr", kind="marketing",
+                          gateway="sandbox", price_per_segment=2.0, policy=always_open().model_dump(mode="json"))
+    stats = plan_messages(engine, campaign_id=cid, source="test", segment="all", template=tpl("attr", body),
+                          price_per_segment=2.0, gateway="sandbox")
+    assert stats.planned == 12 and queries and all("c.attributes AS attributes" in s for s in queries)
+    with engine.connect() as c:
+        attrs, got = c.execute(text("SELECT c.attributes, o.text FROM outbox o JOIN contacts c ON c.id = o.contact_id "
+                                    "WHERE o.campaign_id = :c AND c.crm_id = 'C00004'"), {"c": cid}).one()
+    attrs = attrs if isinstance(attrs, dict) else json.loads(attrs)
+    assert got.startswith(f"Анна: баллы {attrs['orders_count']}")

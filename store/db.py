@@ -575,10 +575,15 @@ def fetch_tuples(conn: Connection, sql: str, params: dict[str, Any] | None = Non
 
 def read_chunks(conn: Connection, sql: str, params: dict[str, Any] | None = None, size: int = 100_000):
     """A query's rows in lists of at most ``size`` tuples, from a server-side cursor on PostgreSQL (memory
-    bounded by one chunk, whatever the table's size)."""
+    bounded by one chunk, whatever the table's size).
+
+    The streaming options are the statement's, not the connection's: SQLAlchemy 2 changes a connection's
+    ``execution_options`` in place, and every later query on it then streamed too; :func:`_fetch_raw`, which
+    reads the DBAPI cursor directly, missed the rows SQLAlchemy had already buffered from such a cursor
+    (the validate step's dedup read no current duplicate after its chunked read, on PostgreSQL)."""
     from sqlalchemy import text
 
-    result = conn.execution_options(stream_results=True, max_row_buffer=size).execute(text(sql), params or {})
+    result = conn.execute(text(sql).execution_options(stream_results=True, max_row_buffer=size), params or {})
     for part in result.partitions(size):
         yield [tuple(r) for r in part]
 

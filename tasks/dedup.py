@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import bindparam, text
-
 from smsflow.duplicates import find_duplicates
-from store.db import bulk_update, read_chunks, read_columns
+from store.db import bulk_update, read_columns
 
 __all__ = ["dedup_source"]
 
@@ -17,24 +15,15 @@ def dedup_source(engine, source: str) -> int:
     """Merge contacts of one source sharing an E.164 number: the most recently updated CRM record
     is kept (status valid), the others become 'duplicate' pointing at it. Returns the duplicates.
 
-    Only numbers held by more than one contact can have duplicates, so the whole source is read as
-    (id, number hash) pairs only, in chunks, and the numbers, timestamps and current state are read for
-    the contacts that may share a number (and the current duplicates, which may have to become valid
-    again). Two numbers with the same 64-bit hash only make both contacts candidates: the merge itself
-    compares the numbers. (10M numbers read whole as text held ~1.5 GB.)"""
+    Only numbers held by more than one contact can have duplicates: the store finds them (one GROUP BY,
+    a hash aggregate on PostgreSQL) and returns those contacts and the current duplicates (which may have to
+    become valid again); nothing else of the source is read here. 1M contacts (27k duplicates), the
+    candidates: 1.4-1.6 s on either store, where reading every (id, number) pair and hashing the numbers
+    here, then the candidates 500 ids a query, took ~4 s."""
     with engine.begin() as conn:
-        id_parts, hash_parts = [], []
-        for part in read_chunks(conn, "SELECT id, phone_e164 FROM contacts WHERE source = :s "
-                                "AND status IN ('valid', 'duplicate') AND phone_e164 IS NOT NULL", {"s": source}):
-            id_parts.append(np.fromiter((r[0] for r in part), dtype=np.int64, count=len(part)))
-            hash_parts.append(pd.util.hash_array(np.array([r[1] for r in part], dtype=object), categorize=False))
-        current = read_columns(conn, "SELECT id FROM contacts WHERE source = :s AND status = 'duplicate'", {"s": source})["id"]
-        all_ids = np.concatenate(id_parts) if id_parts else np.zeros(0, dtype=np.int64)
-        shared = pd.Series(np.concatenate(hash_parts) if hash_parts else [], dtype="uint64").duplicated(keep=False).to_numpy()
-        ids = np.union1d(all_ids[shared], np.asarray(current, dtype=np.int64))  # sorted
-        if not len(ids):
+        df = _dedup_candidates(conn, source)
+        if not len(df):
             return 0
-        df = _dedup_candidates(conn, ids.tolist())
         kept = find_duplicates(df["phone_e164"], df["crm_updated_at"])
         is_dup = kept.notna().to_numpy(dtype=bool)
         new_dup = kept.fillna(-1).to_numpy(dtype=np.int64)
@@ -61,18 +50,25 @@ def dedup_source(engine, source: str) -> int:
         return int(is_dup.sum())
 
 
-def _dedup_candidates(conn, ids: list[int], chunk: int = 500) -> pd.DataFrame:
-    """Number, CRM updated-at, status and keeper of the given contacts, indexed by id in id order."""
-    sql = text("SELECT id, phone_e164, crm_updated_at, status, duplicate_of FROM contacts WHERE id IN :ids").bindparams(
-        bindparam("ids", expanding=True))
-    rows = []
-    for i in range(0, len(ids), chunk):
-        rows.extend(conn.execute(sql, {"ids": ids[i : i + chunk]}).all())
-    rows.sort(key=lambda r: r[0])
-    id_col, phone, updated, status, dup_of = (list(c) for c in zip(*rows))
+_MERGEABLE = "source = :s AND status IN ('valid', 'duplicate') AND phone_e164 IS NOT NULL"
+# Two queries joined by UNION, not one WHERE with "status = 'duplicate' OR phone_e164 IN (...)": PostgreSQL
+# runs such an OR'd IN as a subplan per row (> 10 min at 1M contacts). Plans at 1M: bench/notes/postgresql-plans.md.
+_CANDIDATES_SQL = (
+    f"SELECT id, phone_e164, crm_updated_at, status, duplicate_of FROM contacts WHERE {_MERGEABLE} "
+    f"AND phone_e164 IN (SELECT phone_e164 FROM contacts WHERE {_MERGEABLE} GROUP BY phone_e164 HAVING COUNT(*) > 1) "
+    "UNION SELECT id, phone_e164, crm_updated_at, status, duplicate_of FROM contacts "
+    "WHERE source = :s AND status = 'duplicate' ORDER BY 1"
+)
+
+
+def _dedup_candidates(conn, source: str) -> pd.DataFrame:
+    """Number, CRM updated-at, status and keeper of the contacts that share a number and of the current
+    duplicates, indexed by id in id order."""
+    cols = read_columns(conn, _CANDIDATES_SQL, {"s": source})
     return pd.DataFrame({
-        "phone_e164": pd.Series(phone, dtype=object),
-        "crm_updated_at": pd.to_datetime(pd.Series(updated, dtype=object), errors="coerce", format="mixed"),
-        "status": pd.Series(status, dtype=object),
-        "duplicate_of": pd.Series(dup_of, dtype=object),
-    }).set_axis(pd.Index(np.asarray(id_col, dtype=np.int64)))
+        "phone_e164": pd.Series(cols["phone_e164"], dtype=object),
+        "crm_updated_at": pd.to_datetime(pd.Series(cols["crm_updated_at"], dtype=object), errors="coerce",
+                                         format="mixed"),
+        "status": pd.Series(cols["status"], dtype=object),
+        "duplicate_of": pd.Series(cols["duplicate_of"], dtype=object),
+    }).set_axis(pd.Index(np.asarray(cols["id"], dtype=np.int64)))

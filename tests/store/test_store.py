@@ -360,3 +360,17 @@ def test_bulk_insert_of_columns_keeps_every_value_exactly(engine):
         assert [at(r[3]) for r in rows] == want_at
         assert [r[4] if r[4] is None or isinstance(r[4], dict) else json.loads(r[4]) for r in rows] == \
             [{"city": "Пермь", "n": i, "x": 1.5, "q": 'a"b'} if i % 3 else None for i in range(n)]
+
+
+def test_a_chunked_read_leaves_the_connection_as_it_was(engine):
+    """``read_chunks`` streams from a server-side cursor on PostgreSQL; the next queries on the same connection
+    must not: a plain read after it got no row of a small result (SQLAlchemy had buffered it)."""
+    from store.db import fetch_tuples, read_chunks, read_columns
+
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO watermarks (source, mark, rows_seen, updated_at) VALUES "
+                       "('a', '1', 1, :t), ('b', '2', 2, :t), ('c', '3', 3, :t)"), {"t": utcnow()})
+        parts = list(read_chunks(c, "SELECT source FROM watermarks ORDER BY source", size=2))
+        assert parts == [[("a",), ("b",)], [("c",)]]
+        assert read_columns(c, "SELECT source FROM watermarks WHERE source = 'b'") == {"source": ["b"]}
+        assert fetch_tuples(c, "SELECT rows_seen FROM watermarks ORDER BY source") == [(1,), (2,), (3,)]

@@ -42,6 +42,42 @@ def test_validate_quarantines_with_reason_and_merges_duplicates(engine, tmp_path
     assert q(engine, "SELECT phone_e164 FROM contacts WHERE crm_id='C00004'") == "+79161000005"
 
 
+def test_dedup_follows_the_crm_when_numbers_change(engine, tmp_path):
+    """Re-dedup after numbers change: the newest holder keeps a shared number, a duplicate whose number is no
+    longer shared becomes valid again, a number no longer shared frees its holders; only the source's
+    mergeable contacts count (a quarantined contact with the number changes nothing)."""
+    from tasks.dedup import dedup_source
+
+    load_csv(engine, _base(tmp_path, 6))
+    ids = {crm: q(engine, "SELECT id FROM contacts WHERE crm_id = :c", c=crm) for crm in ("C00001", "C00002", "C00003")}
+
+    def number(crm, phone, day):
+        with engine.begin() as c:
+            c.execute(text("UPDATE contacts SET phone_e164 = :p, crm_updated_at = :t WHERE crm_id = :c"),
+                      {"p": phone, "t": datetime(2026, 1, day), "c": crm})
+
+    def state():
+        return {r[0]: (r[1], r[2]) for r in _rows(engine, "SELECT crm_id, status, duplicate_of FROM contacts "
+                                                  "WHERE crm_id IN ('C00001', 'C00002', 'C00003', 'C00004')")}
+
+    for crm, day in (("C00001", 3), ("C00002", 2), ("C00003", 1)):
+        number(crm, "+79160000001", day)
+    with engine.begin() as c:  # quarantined: not mergeable, whatever its number
+        c.execute(text("UPDATE contacts SET status = 'quarantined', phone_e164 = '+79160000001', "
+                       "crm_updated_at = :t WHERE crm_id = 'C00004'"), {"t": datetime(2026, 1, 9)})
+    assert dedup_source(engine, "test") == 2
+    assert state() == {"C00001": ("valid", None), "C00002": ("duplicate", ids["C00001"]),
+                       "C00003": ("duplicate", ids["C00001"]), "C00004": ("quarantined", None)}
+    number("C00001", "+79160000009", 4)  # the keeper's new number: the next newest keeps the old one
+    assert dedup_source(engine, "test") == 1
+    assert state()["C00002"] == ("valid", None) and state()["C00003"] == ("duplicate", ids["C00002"])
+    assert state()["C00001"] == ("valid", None)
+    number("C00002", "+79160000008", 5)  # nobody shares C00003's number now: valid again
+    assert dedup_source(engine, "test") == 0
+    assert {k: v for k, v in state().items() if k != "C00004"} == {c: ("valid", None) for c in ids}
+    assert dedup_source(engine, "test") == 0  # nothing changes twice
+
+
 def _rows(engine, sql, **p):
     with engine.begin() as c:
         return c.execute(text(sql), p).fetchall()

@@ -19,7 +19,7 @@ from sqlalchemy import bindparam, text
 from smsflow.keyflags import KeyFlags
 from smsflow.phones import normalize_phones_parallel
 from smsflow.privacy import phone_hash
-from store.db import bulk_update, executemany, get_engine, is_postgres, read_chunks, read_frame, utcnow
+from store.db import bulk_update, executemany, fetch_tuples, get_engine, is_postgres, read_chunks, read_frame, utcnow
 from store.quarantine import write_quarantine
 from tasks.dedup import dedup_source
 from tasks.erasure import suppressed_hashes
@@ -107,10 +107,18 @@ def check_batch(rows) -> ExtractCheckResult:
 
 
 def _contact_ids(conn, source: str, crm_ids: list[str], chunk: int = 500) -> dict[str, int]:
-    """Store ids of the given CRM ids (unique index lookups, a few hundred per statement)."""
+    """Store ids of the given CRM ids (unique index lookups). PostgreSQL: the CRM ids as one array, joined (one
+    statement per batch; 1M contacts: 255 statements of 500 parameters each took 1.4 s in the server and as
+    much here building them, see ``tasks.policy`` for the same form); SQLite: a few hundred per statement."""
+    out: dict[str, int] = {}
+    if is_postgres(conn):
+        if crm_ids:
+            sql = ("SELECT crm_id, id FROM contacts WHERE source = :s AND crm_id IN "
+                   "(SELECT unnest(CAST(:ids AS text[])))")
+            out.update((r[0], int(r[1])) for r in fetch_tuples(conn, sql, {"s": source, "ids": list(crm_ids)}))
+        return out
     sql = text("SELECT crm_id, id FROM contacts WHERE source = :s AND crm_id IN :ids").bindparams(
         bindparam("ids", expanding=True))
-    out: dict[str, int] = {}
     for i in range(0, len(crm_ids), chunk):
         out.update((r[0], int(r[1])) for r in conn.execute(sql, {"s": source, "ids": crm_ids[i : i + chunk]}))
     return out

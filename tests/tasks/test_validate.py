@@ -34,6 +34,9 @@ def test_validate_quarantines_with_reason_and_merges_duplicates(engine, tmp_path
     assert stats.quarantined == 3
     assert stats.duplicates == 1
     assert q(engine, "SELECT COUNT(*) FROM quarantine WHERE step='validate'") == 3
+    # each row points at its contact (found by CRM id in the batch's transaction)
+    assert q(engine, "SELECT COUNT(*) FROM quarantine x JOIN contacts c ON c.id = x.contact_id AND c.crm_id = x.row_key "
+                     "WHERE x.step = 'validate'") == 3
     reasons = {r: c for r, c in _rows(engine, "SELECT reason_code, COUNT(*) FROM quarantine WHERE step='validate' GROUP BY reason_code")}
     assert reasons == {"not_mobile": 1, "invalid": 1, "missing": 1}
     kept = q(engine, "SELECT id FROM contacts WHERE crm_id='C00004'")

@@ -41,7 +41,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -269,11 +269,12 @@ class MessageTemplate:
         }
 
     # ---------------------------------------------------------------- helpers
-    @property
+    @cached_property
     def variables(self) -> frozenset[str]:
         """Every name a variant reads from its context: Jinja's own analysis of the source (variables, filters'
         arguments, ``link`` ...; not the names a variant assigns itself), plus the Jinja globals it uses
-        (``range`` ...: a contact's value of that name would hide them)."""
+        (``range`` ...: a contact's value of that name would hide them). Parsed once per template (the render
+        asks for every page)."""
         from jinja2 import meta, nodes
 
         names: set[str] = set()

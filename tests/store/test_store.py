@@ -1,6 +1,7 @@
 """The store on SQLite and PostgreSQL: migrations, bulk writes, safe concurrent claims."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -360,6 +361,59 @@ def test_bulk_insert_of_columns_keeps_every_value_exactly(engine):
         assert [at(r[3]) for r in rows] == want_at
         assert [r[4] if r[4] is None or isinstance(r[4], dict) else json.loads(r[4]) for r in rows] == \
             [{"city": "Пермь", "n": i, "x": 1.5, "q": 'a"b'} if i % 3 else None for i in range(n)]
+
+
+def test_bulk_insert_copies_in_binary_where_every_value_fits_and_as_text_where_not(engine, monkeypatch):
+    """PostgreSQL: a chunk whose columns hold only the values their types take as they are goes as a binary
+    COPY, a chunk with a misfit (a number in a text column, a pandas Timestamp) as text; the COPY switches
+    format between chunks of one call. On both stores every value arrives as given, JSON as objects."""
+    from datetime import datetime
+
+    import pandas as pd
+    import psycopg
+
+    import store.db as db
+    from store.db import Columns
+
+    monkeypatch.setattr(db, "COPY_CHUNK", 4)
+    statements: list[str] = []
+    real_copy = psycopg.Cursor.copy
+
+    def spy(self, statement, *a, **kw):
+        statements.append(str(statement))
+        return real_copy(self, statement, *a, **kw)
+
+    monkeypatch.setattr(psycopg.Cursor, "copy", spy)
+    n = 12
+    first = [f"Имя {i}" for i in range(n)]
+    first[5] = 55  # chunk 2 (rows 4-7): a number among the strings
+    stamps: list = [datetime(2026, 1, 2, 3, 4, 5, i) for i in range(n)]
+    stamps[6] = pd.Timestamp("2026-01-02 03:04:05.000006")  # and a pandas Timestamp; chunk 3 fits again
+    cols = ("source", "crm_id", "first_name", "sms_consent", "consent_at", "attributes", "duplicate_of", "status")
+    with engine.begin() as c:
+        bulk_insert(c, "contacts", ("source", "crm_id", "sms_consent", "status"), [("keep", "K1", True, "valid")])
+        keeper = c.execute(text("SELECT id FROM contacts WHERE source = 'keep'")).scalar()
+    rows = Columns([["bin"] * n, [f"B{i}" for i in range(n)], first, [i % 2 == 0 for i in range(n)], stamps,
+                    ['{"city": "Пермь", "n": %d}' % i if i % 3 else None for i in range(n)],
+                    [None] * (n - 1) + [keeper], ["valid"] * n])
+    with engine.begin() as c:
+        assert bulk_insert(c, "contacts", cols, rows, json_columns=("attributes",)) == n
+        got = c.execute(text("SELECT first_name, sms_consent, consent_at, attributes, duplicate_of FROM contacts "
+                             "WHERE source = 'bin' ORDER BY id")).fetchall()
+    order = range(n)
+    assert [r[0] for r in got] == [str(first[i]) for i in order]
+    assert [bool(r[1]) for r in got] == [i % 2 == 0 for i in order]
+    at = [r[2] if isinstance(r[2], datetime) or r[2] is None else datetime.fromisoformat(r[2]) for r in got]
+    assert at == [pd.Timestamp(stamps[i]).to_pydatetime() for i in order]
+    assert [r[3] if r[3] is None or isinstance(r[3], dict) else json.loads(r[3]) for r in got] == \
+        [{"city": "Пермь", "n": i} if i % 3 else None for i in order]
+    assert [r[4] for r in got] == [keeper if i == 11 else None for i in order]
+    if engine.dialect.name == "postgresql":
+        copies = [s for s in statements if s.startswith("COPY ")]  # into the staging table
+        assert [s.endswith("(FORMAT BINARY)") for s in copies] == [True, False, True], copies
+        with engine.connect() as c:
+            assert c.execute(text("SELECT COUNT(*) FROM contacts WHERE source = 'bin' "
+                                  "AND jsonb_typeof(attributes) = 'object'")).scalar() == 8
 
 
 def test_a_chunked_read_leaves_the_connection_as_it_was(engine):

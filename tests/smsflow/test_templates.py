@@ -390,3 +390,89 @@ def test_marketing_messages_carry_the_sender_name_per_language():
     assert render_batch([{"contact_id": 1}], already)[0][0]["text"].startswith("Ромашка: скидка")
     tx = MessageTemplate(name="t", kind="transactional", variants={"ru": "Заказ готов"}, sender_name="Ромашка")
     assert render_batch([{"contact_id": 1}], tx)[0][0]["text"] == "Заказ готов"
+
+
+# ------------------------------------------------------------------ reusing texts
+
+
+def _count_renders(monkeypatch):
+    import smsflow.templates as templates
+
+    calls = []
+    real = templates._Renderer._render
+
+    def counting(self, contact):
+        calls.append(contact.get("contact_id"))
+        return real(self, contact)
+
+    monkeypatch.setattr(templates._Renderer, "_render", counting)
+    return calls
+
+
+def test_a_deterministic_template_renders_each_distinct_set_of_values_once(monkeypatch):
+    """Contacts with the same variant and the same cleaned values of the template's names get the text rendered
+    for the first of them; every text equals a render of that contact on its own (types are told apart:
+    True, 1, 1.0 and "1" render differently; " Анна " and "Анна" the same; "", None and a missing key alike)."""
+    t = MessageTemplate(name="m", variants={"ru": "{{ first_name | default('клиент') }}: {{ n | default('-') }}",
+                                            "en": "{{ first_name | default('customer') }}, {{ n | default('-') }}"},
+                        kind="transactional")
+    assert t.deterministic
+    names = ["Анна", " Анна ", "Anna", "", None]
+    ns = [True, 1, 1.0, "1", None, float("nan")]
+    langs = ["ru", "RU", "en-GB", None, "de"]
+    contacts = []
+    for i in range(600):
+        c = {"contact_id": i, "first_name": names[i % 5], "language": langs[(i // 5) % 5], "attributes": None}
+        if i % 7:
+            c["n"] = ns[(i // 25) % 6]
+        contacts.append(c)
+    singles = [render_contact(c, t) for c in contacts]  # one renderer per contact: nothing reused
+    calls = _count_renders(monkeypatch)
+    ok, bad = render_batch(contacts, t)
+    assert not bad
+    assert [(r["language"], r["text"]) for r in ok] == singles
+    assert {r["text"] for r in ok} >= {"Анна: True", "Анна: 1", "Анна: 1.0", "клиент: -", "Anna, 1", "customer, True"}
+
+    def missing(v):
+        return v is None or v == "" or (isinstance(v, float) and math.isnan(v))
+
+    def values(c):  # what the text depends on: the variant, and each name's value with its type, or missing
+        n, first = c.get("n"), c["first_name"]
+        return (t.choose_language(c["language"]), None if missing(first) else first.strip(),
+                None if missing(n) else (type(n), str(n)))
+
+    assert len(calls) == len({values(c) for c in contacts}) == 30
+
+
+def test_texts_are_not_reused_for_links_random_lipsum_or_contacts_with_attributes(monkeypatch):
+    link = MessageTemplate(name="l", kind="transactional", variants={"ru": "{{ first_name }} {{ link('https://e.ru/a') }}"})
+    rnd = MessageTemplate(name="r", kind="transactional", variants={"ru": "{{ first_name }} {{ range(10**5) | random }}"})
+    lip = MessageTemplate(name="p", kind="transactional", variants={"ru": "{{ first_name }} {{ lipsum(1, False, 3, 5) }}"})
+    assert not (link.deterministic or rnd.deterministic or lip.deterministic)
+    same = [{"contact_id": i, "first_name": "Анна", "attributes": None} for i in range(50)]
+    ok, bad = render_batch(same, rnd)
+    assert not bad and len({r["text"] for r in ok}) > 40
+    ok, bad = render_batch(same, link, extra={"link_base": "https://s.example"})
+    assert not bad and len({r["text"] for r in ok}) == 50
+    # a template name that comes from the CRM attributes: each contact's own value, even with equal top-level fields
+    city = MessageTemplate(name="c", kind="transactional", variants={"ru": "{{ first_name }} из {{ city }}"})
+    assert city.deterministic
+    calls = _count_renders(monkeypatch)
+    ok, bad = render_batch([{"contact_id": i, "first_name": "Анна", "attributes": {"city": f"Город {i % 3}"}}
+                            for i in range(9)], city)
+    assert not bad and [r["text"] for r in ok] == [f"Анна из Город {i % 3}" for i in range(9)]
+    assert len(calls) == 9
+
+
+def test_reusing_stops_when_values_are_mostly_distinct(monkeypatch):
+    import smsflow.templates as templates
+
+    monkeypatch.setattr(templates, "_MEMO_TRIAL", 50)
+    t = MessageTemplate(name="o", kind="transactional", variants={"ru": "Заказ {{ order_id }} отправлен"})
+    r = templates._Renderer(t, None)
+    texts = [r.render({"contact_id": i, "order_id": f"A-{i}", "attributes": None})[1] for i in range(200)]
+    assert texts == [f"Заказ A-{i} отправлен" for i in range(200)]
+    assert r._memo is None  # 50 distinct, no reuse: stopped keeping them
+    r = templates._Renderer(t, None)
+    texts = [r.render({"contact_id": i, "order_id": f"A-{i % 3}", "attributes": None})[1] for i in range(200)]
+    assert texts == [f"Заказ A-{i % 3} отправлен" for i in range(200)] and len(r._memo) == 3

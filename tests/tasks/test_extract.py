@@ -261,3 +261,33 @@ def test_sql_crm_estimates_its_rows(tmp_path):
     assert total == sum(len(b) for b in src.fetch())
     assert src.estimate_rows("2999-01-01") == 0
     assert SqlCrm(url=f"sqlite:///{tmp_path / 'nope' / 'x.sqlite'}", source_name="d").estimate_rows() is None
+
+
+def test_attributes_are_the_json_of_the_crm_columns_we_do_not_map():
+    """The attributes JSON text is built column by column when every value is text (CSV exports): the same text,
+    key for key, as dumping each contact's dict, for awkward text; other values take the dict path."""
+    import json
+
+    import pandas as pd
+
+    from store.db import json_text
+    from tasks.extract import _attributes, prepare_contacts
+
+    awkward = ['Пермь', 'say "hi"', "back\\slash", "tab\tnew\nline", "\x01ctl", "line\u2028sep", "  padded  ", "",
+               "   ", None, "emoji 🙂", "{\"not\": json}"]
+    n = len(awkward)
+    df = pd.DataFrame({"id": [f"C{i}" for i in range(n)], "phone": ["+79161234567"] * n, "city": awkward,
+                       "note": list(reversed(awkward)), "тег": ["x" if i % 2 else None for i in range(n)]}, dtype=object)
+    rows, _ = prepare_contacts(df, "crm")
+    want = [json_text(a) for a in _attributes(df, lambda v: v, n)]
+    assert rows["attributes"] == want
+    parsed = [json.loads(t) for t in rows["attributes"]]
+    assert parsed[0] == {"city": "Пермь", "note": "{\"not\": json}"}
+    assert parsed[3]["city"] == "tab\tnew\nline" and parsed[6]["city"] == "  padded  "  # kept as given, not stripped
+    assert all("city" not in p for p in (parsed[7], parsed[8], parsed[9]))  # blank and missing: left out
+    assert [p.get("тег") for p in parsed] == ["x" if i % 2 else None for i in range(n)]
+    # a column of numbers (a SQL CRM): the dict path, the same JSON as before
+    df2 = df.assign(orders=[i if i % 3 else None for i in range(n)], total=[1.5] * (n - 1) + [float("nan")])
+    rows2, _ = prepare_contacts(df2, "crm")
+    assert rows2["attributes"] == [json_text(a) for a in _attributes(df2, lambda v: v, n)]
+    assert json.loads(rows2["attributes"][1])["orders"] == 1 and "total" not in json.loads(rows2["attributes"][-1])
